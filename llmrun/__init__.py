@@ -1,0 +1,13 @@
+"""llmrun: run LLaMA-family GGUF models on the CPU, in Python."""
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy so that `import llmrun.gguf` does not pay for numba/jinja imports.
+    if name == "Llama":
+        from .api import Llama
+        return Llama
+    raise AttributeError(name)
+
+
+__all__ = ["Llama", "__version__"]

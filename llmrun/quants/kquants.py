@@ -1,0 +1,3 @@
+"""Placeholder: implemented in its own issue work."""
+QUANTIZE: dict = {}
+DEQUANTIZE: dict = {}
