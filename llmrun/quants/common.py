@@ -1,0 +1,41 @@
+"""Small helpers shared by the block formats (fp16 scale fields, ggml's integer rounding rules).
+
+The scalar functions are Numba-compiled so that other `@njit` kernels can call them; they also work
+from plain Python on numpy float32 scalars.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+# Work on this many weights at a time where numpy needs temporaries, to keep memory bounded on big tensors.
+CHUNK_WEIGHTS = 1 << 22
+
+
+def fp16_bytes(values: np.ndarray) -> np.ndarray:
+    """float32 values -> their IEEE half bytes (little-endian), shape [..., 2].
+
+    numpy rounds to nearest-even like ggml's F16C path (GGML_FP32_TO_FP16)."""
+    return np.ascontiguousarray(values, dtype=np.float32).astype("<f2").view(np.uint8).reshape(*np.shape(values), 2)
+
+
+def fp16_values(raw: np.ndarray) -> np.ndarray:
+    """IEEE half bytes [..., 2] (uint8, any strides) -> float32 [...]."""
+    return np.ascontiguousarray(raw).view("<f2")[..., 0].astype(np.float32)
+
+
+@njit(cache=True)
+def roundf(v):
+    """C's roundf (half away from zero) for a float32 v, returned as int.
+
+    Done in float64, where |v| + 0.5 is exact for any float32 below 2**29, so no double rounding."""
+    a = math.floor(abs(np.float64(v)) + 0.5)
+    return int(a) if v >= 0 else -int(a)
+
+
+@njit(cache=True)
+def nearest_int(v):
+    """ggml's nearest_int: round half to even (the 1.5*2**23 trick), valid for |v| <= 2**22."""
+    return int(np.rint(np.float64(v)))
