@@ -1,0 +1,148 @@
+"""Token samplers: pick the next token from one row of logits.
+
+The chain follows llama.cpp's default order:
+
+    penalties (repeat / frequency / presence)  ->  top-k  ->  top-p  ->  min-p  ->  temperature  ->  draw
+
+Truncation (top-k/top-p/min-p) happens *before* temperature, as in llama.cpp, so the temperature only reshapes
+the probabilities of the surviving candidates. ``temperature <= 0`` means greedy: the arg-max of the penalised
+logits (ties go to the lowest id), no random draw at all.
+
+Every random draw comes from a ``numpy.random.Generator``; the same seed and settings give the same tokens.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .errors import LlmrunError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8
+    top_k: int = 40           # <= 0: off
+    top_p: float = 0.95       # >= 1: off
+    min_p: float = 0.05       # <= 0: off
+    repeat_penalty: float = 1.0   # 1: off
+    repeat_last_n: int = 64   # window of previous tokens the three penalties look at (0: off, -1: all)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+
+    def __post_init__(self):
+        # Catch nonsense early with one readable line instead of NaNs later.
+        if not np.isfinite(self.temperature):
+            raise LlmrunError(f"temperature must be a finite number, got {self.temperature}")
+        if not 0.0 <= self.top_p <= 1.0 or not np.isfinite(self.top_p):
+            raise LlmrunError(f"top_p must be between 0 and 1, got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0 or not np.isfinite(self.min_p):
+            raise LlmrunError(f"min_p must be between 0 and 1, got {self.min_p}")
+        if not self.repeat_penalty > 0 or not np.isfinite(self.repeat_penalty):
+            raise LlmrunError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+
+
+# --- the individual steps. Candidates are (ids, logits) pairs so steps compose like llama.cpp's chain. ---------
+
+def apply_penalties(logits: np.ndarray, previous: Sequence[int], repeat_penalty: float = 1.0,
+                    frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                    last_n: int = 64) -> np.ndarray:
+    """Return a penalised copy of a full logits row (llama.cpp semantics).
+
+    For each distinct token among the last ``last_n`` previous tokens: a positive logit is divided by
+    ``repeat_penalty`` and a negative one multiplied (so the penalty always pushes *down*), then
+    ``count * frequency_penalty + presence_penalty`` is subtracted.
+    """
+    out = np.array(logits, dtype=np.float32, copy=True)
+    if last_n == 0 or not len(previous):
+        return out
+    if repeat_penalty == 1.0 and frequency_penalty == 0.0 and presence_penalty == 0.0:
+        return out
+    window = previous if last_n < 0 else previous[-last_n:]
+    counts = Counter(int(t) for t in window)
+    ids = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+    n = np.fromiter(counts.values(), dtype=np.float32, count=len(counts))
+    ids_ok = (ids >= 0) & (ids < out.shape[0])
+    ids, n = ids[ids_ok], n[ids_ok]
+    v = out[ids]
+    v = np.where(v <= 0, v * repeat_penalty, v / repeat_penalty)
+    v = v - n * frequency_penalty - presence_penalty
+    out[ids] = v
+    return out
+
+
+def top_k(ids: np.ndarray, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the k largest logits, returned sorted from most to least likely."""
+    if k <= 0 or k >= len(logits):
+        order = np.argsort(-logits, kind="stable")
+    else:
+        part = np.argpartition(-logits, k - 1)[:k]
+        order = part[np.argsort(-logits[part], kind="stable")]
+    return ids[order], logits[order]
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - np.max(logits)
+    p = np.exp(z)
+    return p / p.sum()
+
+
+def top_p(ids: np.ndarray, logits: np.ndarray, p: float, min_keep: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Nucleus: keep the smallest prefix (of candidates sorted by logit, descending) whose mass reaches p."""
+    if p >= 1.0:
+        return ids, logits
+    cum = np.cumsum(_softmax(logits))
+    # first index where the cumulative mass reaches p is the last token kept
+    keep = int(np.searchsorted(cum, p, side="left")) + 1
+    keep = max(min_keep, min(keep, len(ids)))
+    return ids[:keep], logits[:keep]
+
+
+def min_p(ids: np.ndarray, logits: np.ndarray, p: float, min_keep: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Keep tokens whose probability is at least p times the most likely token's (order preserved)."""
+    if p <= 0.0 or len(ids) == 0:
+        return ids, logits
+    # p_i >= p * p_max  <=>  logit_i >= logit_max + log(p)
+    mask = logits >= np.max(logits) + np.log(p)
+    if mask.sum() < min_keep:
+        return ids[:min_keep], logits[:min_keep]
+    return ids[mask], logits[mask]
+
+
+def draw(ids: np.ndarray, logits: np.ndarray, temperature: float, rng: np.random.Generator) -> int:
+    """Sample one id from softmax(logits / temperature)."""
+    probs = _softmax(logits / temperature)
+    cum = np.cumsum(probs)
+    i = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
+    return int(ids[min(i, len(ids) - 1)])
+
+
+class Sampler:
+    """One sampling chain with its own random generator (so parallel Llama objects never share state)."""
+
+    def __init__(self, params: SamplingParams | None = None, seed: int | None = None,
+                 rng: np.random.Generator | None = None):
+        self.params = params or SamplingParams()
+        self.rng = rng if rng is not None else np.random.default_rng(seed)
+
+    def candidates(self, logits: np.ndarray, previous: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """The (ids, penalised logits) that survive truncation, most likely first (before temperature)."""
+        p = self.params
+        row = apply_penalties(logits, previous, p.repeat_penalty, p.frequency_penalty, p.presence_penalty,
+                              p.repeat_last_n)
+        ids = np.arange(row.shape[0])
+        ids, row = top_k(ids, row, p.top_k)
+        ids, row = top_p(ids, row, p.top_p)
+        ids, row = min_p(ids, row, p.min_p)
+        return ids, row
+
+    def sample(self, logits: np.ndarray, previous: Sequence[int] = ()) -> int:
+        p = self.params
+        if p.temperature <= 0:
+            row = apply_penalties(logits, previous, p.repeat_penalty, p.frequency_penalty, p.presence_penalty,
+                                  p.repeat_last_n)
+            return int(np.argmax(row))
+        ids, row = self.candidates(logits, previous)
+        return draw(ids, row, p.temperature, self.rng)

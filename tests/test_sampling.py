@@ -1,0 +1,124 @@
+"""Samplers: statistics against the softmax formula, truncation rules, llama.cpp penalty semantics, seeds."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llmrun.errors import LlmrunError
+from llmrun.sampling import Sampler, SamplingParams, apply_penalties
+
+OFF = dict(top_k=0, top_p=1.0, min_p=0.0)   # no truncation
+
+
+def _draws(sampler, logits, n):
+    counts = np.zeros(len(logits), dtype=np.int64)
+    for _ in range(n):
+        counts[sampler.sample(logits)] += 1
+    return counts
+
+
+def _chi2(counts, probs):
+    n = counts.sum()
+    exp = probs * n
+    return float(((counts - exp) ** 2 / exp).sum())
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 1.7])
+def test_frequencies_follow_softmax_at_temperature(temperature):
+    logits = np.array([1.2, 0.3, -0.5, 2.0, 0.0, -1.5, 0.9, 1.1], dtype=np.float32)
+    expected = np.exp(logits.astype(np.float64) / temperature)
+    expected /= expected.sum()
+    s = Sampler(SamplingParams(temperature=temperature, **OFF), seed=1234)
+    counts = _draws(s, logits, 20000)
+    # chi-square with 7 degrees of freedom: 24.3 is the 0.1% critical value
+    assert _chi2(counts, expected) < 24.3
+    assert np.abs(counts / counts.sum() - expected).max() < 0.015
+
+
+def test_top_k_never_picks_excluded_and_renormalises():
+    logits = np.array([0.5, 3.0, 2.5, -1.0, 2.0, 1.0], dtype=np.float32)
+    s = Sampler(SamplingParams(temperature=1.0, top_k=3, top_p=1.0, min_p=0.0), seed=7)
+    counts = _draws(s, logits, 12000)
+    allowed = [1, 2, 4]
+    assert counts[[0, 3, 5]].sum() == 0
+    p = np.exp(logits[allowed].astype(np.float64))
+    p /= p.sum()
+    assert _chi2(counts[allowed], p) < 13.8  # df=2, 0.1%
+
+
+def _logits_for(probs):
+    return np.log(np.asarray(probs, dtype=np.float64)).astype(np.float32)
+
+
+@pytest.mark.parametrize("top_p,allowed", [(0.45, {0}), (0.75, {0, 1}), (0.81, {0, 1, 2}), (1.0, {0, 1, 2, 3})])
+def test_top_p_keeps_smallest_nucleus(top_p, allowed):
+    logits = _logits_for([0.5, 0.3, 0.15, 0.05])
+    s = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=top_p, min_p=0.0), seed=3)
+    seen = set(np.nonzero(_draws(s, logits, 3000))[0].tolist())
+    assert seen == allowed
+
+
+@pytest.mark.parametrize("min_p,allowed", [(0.2, {0, 1, 2}), (0.5, {0, 1}), (0.9, {0}), (0.0, {0, 1, 2, 3})])
+def test_min_p_relative_to_best(min_p, allowed):
+    logits = _logits_for([0.5, 0.3, 0.15, 0.05])  # thresholds: p >= min_p * 0.5
+    s = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=min_p), seed=5)
+    seen = set(np.nonzero(_draws(s, logits, 3000))[0].tolist())
+    assert seen == allowed
+
+
+def test_truncation_happens_before_temperature():
+    # llama.cpp order: min-p decides on the untempered distribution, so a high temperature cannot revive
+    # a token min-p removed.
+    logits = _logits_for([0.6, 0.3, 0.1])
+    s = Sampler(SamplingParams(temperature=5.0, top_k=0, top_p=1.0, min_p=0.3), seed=11)
+    counts = _draws(s, logits, 4000)
+    assert counts[2] == 0 and counts[0] > 0 and counts[1] > 0
+
+
+def test_repeat_penalty_llama_cpp_semantics():
+    logits = np.array([2.0, -2.0, 1.0, 0.5], dtype=np.float32)
+    out = apply_penalties(logits, [0, 1, 1], repeat_penalty=2.0)
+    # positive logits divided, negative multiplied; each distinct token once, however often it occurred
+    np.testing.assert_allclose(out, [1.0, -4.0, 1.0, 0.5])
+    np.testing.assert_allclose(logits, [2.0, -2.0, 1.0, 0.5])  # input untouched
+
+
+def test_frequency_and_presence_penalties():
+    logits = np.array([2.0, -2.0, 1.0, 0.5], dtype=np.float32)
+    out = apply_penalties(logits, [0, 1, 1], repeat_penalty=1.0, frequency_penalty=0.5, presence_penalty=0.25)
+    np.testing.assert_allclose(out, [2.0 - 0.5 - 0.25, -2.0 - 1.0 - 0.25, 1.0, 0.5])
+
+
+def test_penalty_window_is_last_n():
+    logits = np.array([2.0, 2.0, 2.0], dtype=np.float32)
+    out = apply_penalties(logits, [0, 1, 2], repeat_penalty=2.0, last_n=1)
+    np.testing.assert_allclose(out, [2.0, 2.0, 1.0])
+    assert np.array_equal(apply_penalties(logits, [0, 1], repeat_penalty=2.0, last_n=0), logits)
+
+
+def test_greedy_is_argmax_after_penalties():
+    logits = np.array([0.1, 3.0, 2.9, -1.0], dtype=np.float32)
+    g = Sampler(SamplingParams(temperature=0.0), seed=0)
+    assert g.sample(logits) == 1
+    g2 = Sampler(SamplingParams(temperature=0.0, repeat_penalty=1.5), seed=0)
+    assert g2.sample(logits, previous=[1]) == 2   # 3.0 / 1.5 = 2.0 < 2.9
+
+
+def test_same_seed_same_tokens_other_seed_differs():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=500).astype(np.float32)
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    a = [Sampler(params, seed=42).sample(logits) for _ in range(1)]
+    s1, s2, s3 = Sampler(params, seed=42), Sampler(params, seed=42), Sampler(params, seed=43)
+    seq1 = [s1.sample(logits) for _ in range(50)]
+    seq2 = [s2.sample(logits) for _ in range(50)]
+    seq3 = [s3.sample(logits) for _ in range(50)]
+    assert seq1 == seq2 and seq1[0] == a[0]
+    assert seq1 != seq3
+
+
+@pytest.mark.parametrize("kw", [dict(top_p=1.5), dict(min_p=-0.1), dict(repeat_penalty=0.0),
+                                dict(temperature=float("nan"))])
+def test_bad_parameters_are_one_line_errors(kw):
+    with pytest.raises(LlmrunError):
+        SamplingParams(**kw)
