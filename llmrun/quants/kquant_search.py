@@ -1,0 +1,266 @@
+"""ggml's scale searches for the K-quants, as Numba scalar kernels (formats.md §3.0, §3.2).
+
+Bit-exactness with ggml's C reference depends on doing what C does with float32:
+  * every constant and intermediate is np.float32 (numba promotes float32 * int to float64, so ints are
+    cast first), products are evaluated left to right, sums accumulate sequentially, no fastmath;
+  * nearest_int is the 1.5*2**23 trick *including* what it returns for out-of-range input (the searches
+    can feed it huge quotients, and ggml clamps whatever comes out);
+  * scales stored as fp16 are rounded to nearest-even and the rounded value is used for re-quantization.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+F32 = np.float32
+GROUP_MAX_EPS = np.float32(1e-15)
+_MAGIC = np.float32(12582912.0)  # 1.5 * 2**23
+_IN_RANGE = np.float32(4194303.0)
+
+
+@njit(cache=True, inline="always")
+def nearest_int(fval):
+    """ggml's nearest_int(float): low 23 mantissa bits of (fval + 1.5*2**23), minus 2**22.
+
+    In range (|fval| <= 2**22 - 1) that is round-half-even; outside it we reproduce the bit pattern."""
+    val = np.float32(fval + _MAGIC)
+    if abs(fval) <= _IN_RANGE:
+        return np.int64(val) - 12582912
+    return _nearest_int_slow(val)
+
+
+@njit(cache=True)
+def _nearest_int_slow(val):
+    # (bits(val) & 0x7fffff) - 0x400000, computed from the value instead of a bit cast.
+    if math.isnan(val):
+        return 0  # x86's default NaN is 0xFFC00000: mantissa 0x400000
+    if math.isinf(val):
+        return -0x400000
+    a = abs(np.float64(val))
+    if a == 0.0:
+        return -0x400000
+    mant, ex = math.frexp(a)  # a = mant * 2**ex, mant in [0.5, 1)
+    if ex <= -126:  # float32 subnormal: the mantissa field is a / 2**-149
+        field = np.int64(a * 2.0 ** 149)
+    else:
+        field = np.int64(mant * 2.0 ** 24) - 0x800000
+    return field - 0x400000
+
+
+@njit(cache=True)
+def fp16_bits(v):
+    """float32 -> IEEE half bits, round to nearest-even (same as numpy and ggml's F16C path)."""
+    f = np.float64(v)
+    sign = 0x8000 if math.copysign(1.0, f) < 0 else 0
+    if math.isnan(f):
+        return sign | 0x7E00
+    a = abs(f)
+    if a >= 65520.0:  # rounds to infinity
+        return sign | 0x7C00
+    if a < 2.0 ** -14:  # zero or subnormal: quantum 2**-24 (a 1024 rounds up into the first normal)
+        return sign | np.int64(np.rint(a * 2.0 ** 24))
+    mant, ex = math.frexp(a)  # a in [2**(ex-1), 2**ex): 11 significant bits -> quantum 2**(ex-11)
+    q = np.int64(np.rint(a * 2.0 ** (11 - ex)))  # 1024..2048; 2048 carries into the exponent
+    return sign | (((ex + 14) << 10) + q - 1024)
+
+
+@njit(cache=True)
+def fp16_value(h):
+    """IEEE half bits -> float32."""
+    e = (h >> 10) & 31
+    m = h & 1023
+    if e == 0:
+        r = math.ldexp(np.float64(m), -24)
+    elif e == 31:
+        r = math.inf if m == 0 else math.nan
+    else:
+        r = math.ldexp(np.float64(1024 + m), e - 25)
+    return np.float32(-r if h & 0x8000 else r)
+
+
+@njit(cache=True, inline="always")
+def put_fp16(out, off, v):
+    """Store float32 v as fp16 at out[off:off+2] (little-endian); return the rounded value as float32."""
+    h = fp16_bits(v)
+    out[off] = h & 0xFF
+    out[off + 1] = h >> 8
+    return fp16_value(h)
+
+
+@njit(cache=True)
+def make_qkx2_quants(n, nmax, x, w, L, Laux, rmin, rdelta, nstep, use_mad):
+    """Weighted search for (scale, min) of an asymmetric nmax-level grid; fills L. Returns (scale, -min)."""
+    fnmax = np.float32(nmax)
+    mn = x[0]
+    mx = x[0]
+    sum_w = w[0]
+    sum_x = np.float32(sum_w * x[0])
+    for i in range(1, n):
+        xi = x[i]
+        if xi < mn:
+            mn = xi
+        if xi > mx:
+            mx = xi
+        wi = w[i]
+        sum_w = np.float32(sum_w + wi)
+        sum_x = np.float32(sum_x + np.float32(wi * xi))
+    if mn > 0:
+        mn = F32(0.0)
+    if mx == mn:
+        for i in range(n):
+            L[i] = 0
+        return F32(0.0), np.float32(-mn)
+    iscale = np.float32(fnmax / np.float32(mx - mn))
+    scale = np.float32(F32(1.0) / iscale)
+    best_error = F32(0.0)
+    for i in range(n):
+        l = nearest_int(np.float32(iscale * np.float32(x[i] - mn)))
+        l = max(0, min(nmax, l))
+        L[i] = l
+        diff = np.float32(np.float32(np.float32(scale * np.float32(l)) + mn) - x[i])
+        diff = abs(diff) if use_mad else np.float32(diff * diff)
+        best_error = np.float32(best_error + np.float32(w[i] * diff))
+    if nstep < 1:
+        return scale, np.float32(-mn)
+    for step in range(nstep + 1):
+        iscale = np.float32(np.float32(np.float32(rmin + np.float32(rdelta * np.float32(step))) + fnmax)
+                            / np.float32(mx - mn))
+        sum_l = F32(0.0)
+        sum_l2 = F32(0.0)
+        sum_xl = F32(0.0)
+        for i in range(n):
+            l = nearest_int(np.float32(iscale * np.float32(x[i] - mn)))
+            l = max(0, min(nmax, l))
+            Laux[i] = l
+            fl = np.float32(l)
+            wl = np.float32(w[i] * fl)
+            sum_l = np.float32(sum_l + wl)
+            sum_l2 = np.float32(sum_l2 + np.float32(wl * fl))
+            sum_xl = np.float32(sum_xl + np.float32(wl * x[i]))
+        D = np.float32(np.float32(sum_w * sum_l2) - np.float32(sum_l * sum_l))
+        if D > 0:
+            this_scale = np.float32(np.float32(np.float32(sum_w * sum_xl) - np.float32(sum_x * sum_l)) / D)
+            this_min = np.float32(np.float32(np.float32(sum_l2 * sum_x) - np.float32(sum_l * sum_xl)) / D)
+            if this_min > 0:
+                this_min = F32(0.0)
+                this_scale = np.float32(sum_xl / sum_l2)
+            cur_error = F32(0.0)
+            for i in range(n):
+                diff = np.float32(np.float32(np.float32(this_scale * np.float32(Laux[i])) + this_min) - x[i])
+                diff = abs(diff) if use_mad else np.float32(diff * diff)
+                cur_error = np.float32(cur_error + np.float32(w[i] * diff))
+            if cur_error < best_error:
+                for i in range(n):
+                    L[i] = Laux[i]
+                best_error = cur_error
+                scale = this_scale
+                mn = this_min
+    return scale, np.float32(-mn)
+
+
+@njit(cache=True)
+def _signed_max(x, n):
+    """(value with the largest |x|, sign kept, first wins; that |x|)."""
+    amax = F32(0.0)
+    mx = F32(0.0)
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            mx = x[i]
+    return mx, amax
+
+
+@njit(cache=True)
+def make_qx_quants(n, nmax, x, L):
+    """Symmetric search with weights x**2 (ggml's rmse_type 1, no imatrix); fills L (offset +nmax)."""
+    mx, amax = _signed_max(x, n)
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return F32(0.0)
+    fnmax = np.float32(nmax)
+    iscale = np.float32(np.float32(-nmax) / mx)
+    sumlx = F32(0.0)
+    suml2 = F32(0.0)
+    for i in range(n):
+        xi = x[i]
+        l = nearest_int(np.float32(iscale * xi))
+        l = max(-nmax, min(nmax - 1, l))
+        L[i] = l + nmax
+        fl = np.float32(l)
+        w = np.float32(xi * xi)
+        sumlx = np.float32(sumlx + np.float32(np.float32(w * xi) * fl))
+        suml2 = np.float32(suml2 + np.float32(np.float32(w * fl) * fl))
+    scale = np.float32(sumlx / suml2) if suml2 != 0 else F32(0.0)
+    best = np.float32(scale * sumlx)
+    for k in range(-9, 10):
+        if k == 0:
+            continue
+        iscale = np.float32(np.float32(-np.float32(fnmax + np.float32(F32(0.1) * np.float32(k)))) / mx)
+        sumlx = F32(0.0)
+        suml2 = F32(0.0)
+        for i in range(n):
+            xi = x[i]
+            l = nearest_int(np.float32(iscale * xi))
+            fl = np.float32(max(-nmax, min(nmax - 1, l)))
+            w = np.float32(xi * xi)
+            sumlx = np.float32(sumlx + np.float32(np.float32(w * xi) * fl))
+            suml2 = np.float32(suml2 + np.float32(np.float32(w * fl) * fl))
+        if suml2 > 0 and np.float32(sumlx * sumlx) > np.float32(best * suml2):
+            for i in range(n):
+                l = nearest_int(np.float32(iscale * x[i]))
+                L[i] = nmax + max(-nmax, min(nmax - 1, l))
+            scale = np.float32(sumlx / suml2)
+            best = np.float32(scale * sumlx)
+    return scale
+
+
+@njit(cache=True)
+def make_q3_quants(n, nmax, x, L):
+    """Symmetric levels -nmax..nmax-1 refined one element at a time (ggml's do_rmse path); L gets +nmax."""
+    mx, amax = _signed_max(x, n)
+    if amax < GROUP_MAX_EPS:
+        for i in range(n):
+            L[i] = 0
+        return F32(0.0)
+    iscale = np.float32(np.float32(-nmax) / mx)
+    sumlx = F32(0.0)
+    suml2 = F32(0.0)
+    for i in range(n):
+        xi = x[i]
+        l = nearest_int(np.float32(iscale * xi))
+        l = max(-nmax, min(nmax - 1, l))
+        L[i] = l
+        fl = np.float32(l)
+        w = np.float32(xi * xi)
+        sumlx = np.float32(sumlx + np.float32(np.float32(w * xi) * fl))
+        suml2 = np.float32(suml2 + np.float32(np.float32(w * fl) * fl))
+    for _ in range(5):
+        n_changed = 0
+        for i in range(n):
+            xi = x[i]
+            w = np.float32(xi * xi)
+            fli = np.float32(L[i])
+            slx = np.float32(sumlx - np.float32(np.float32(w * xi) * fli))
+            if slx > 0:
+                sl2 = np.float32(suml2 - np.float32(np.float32(w * fli) * fli))
+                new_l = nearest_int(np.float32(np.float32(xi * sl2) / slx))
+                new_l = max(-nmax, min(nmax - 1, new_l))
+                if new_l != L[i]:
+                    fnl = np.float32(new_l)
+                    slx = np.float32(slx + np.float32(np.float32(w * xi) * fnl))
+                    sl2 = np.float32(sl2 + np.float32(np.float32(w * fnl) * fnl))
+                    if sl2 > 0 and np.float32(np.float32(slx * slx) * suml2) > np.float32(
+                            np.float32(sumlx * sumlx) * sl2):
+                        L[i] = new_l
+                        sumlx = slx
+                        suml2 = sl2
+                        n_changed += 1
+        if n_changed == 0:
+            break
+    for i in range(n):
+        L[i] += nmax
+    return np.float32(sumlx / suml2) if suml2 > 0 else F32(0.0)
