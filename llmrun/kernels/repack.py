@@ -1,0 +1,221 @@
+"""Load-time layouts: ggml's quantized rows -> row tiles the matmul kernels stream through.
+
+Every ggml type is reduced to one of four *families*, each holding weights as small integers (or raw
+floats) plus one float32 scale `d` and one float32 offset `m` per block of `bs` weights of a row, so
+that `w = d*q + m`:
+
+  U4   4-bit codes, two per byte (byte j of a 32-block: code j low, code j+16 high)   Q4_0 Q4_1 Q4_K
+  I8   int8 codes, one per byte, bs = 32 or 16                                         Q8_0 Q5_0 Q5_1
+                                                                                        Q5_K Q6_K Q3_K Q2_K IQ4_NL
+  H16  raw 16-bit floats (kind 0 = IEEE half, 1 = bfloat16), no scales                 F16 BF16
+  F32  raw float32, no scales                                                           F32
+
+Rows are grouped into tiles of TILE_ROWS; inside a tile the codes are stored *row-innermost*
+([tile, block, byte, row]) so that the kernels' innermost loop runs over TILE_ROWS independent output
+rows: long, contiguous and without reductions, which is what LLVM vectorizes well (kernels.md).
+Nothing is dequantized to a float32 copy: U4 keeps 4 bits per weight, I8 8 bits, H16 16 bits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ModelError
+
+TILE_ROWS = 32
+
+# ggml type codes (formats.md §2); kept as ints so this module does not depend on the container code.
+F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
+Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, BF16 = 10, 11, 12, 13, 14, 20, 30
+
+BLOCK = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22),
+         Q5_1: (32, 24), Q8_0: (32, 34), IQ4_NL: (32, 18), Q2_K: (256, 84), Q3_K: (256, 110),
+         Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210)}
+TYPE_NAMES = {F32: "f32", F16: "f16", BF16: "bf16", Q4_0: "q4_0", Q4_1: "q4_1", Q5_0: "q5_0",
+              Q5_1: "q5_1", Q8_0: "q8_0", IQ4_NL: "iq4_nl", Q2_K: "q2_k", Q3_K: "q3_k", Q4_K: "q4_k",
+              Q5_K: "q5_k", Q6_K: "q6_k"}
+IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                         dtype=np.int8)
+
+U4, I8, H16, FP32 = "u4", "i8", "h16", "f32"
+
+
+@dataclass
+class PackedMatrix:
+    """A weight matrix [n_rows, n_cols] in one family's tile layout (see module doc)."""
+    family: str
+    n_rows: int
+    n_cols: int
+    codes: np.ndarray          # U4 uint8 [tiles, nblk, 16, R]; I8 int8 [tiles, nblk, bs, R];
+                               # H16 uint16 [tiles, n_cols, R]; F32 float32 [tiles, n_cols, R]
+    d: np.ndarray | None       # float32 [tiles, nblk, R] (U4, I8)
+    m: np.ndarray | None       # float32 [tiles, nblk, R] (U4, I8)
+    bs: int = 1                # weights per scale block (U4: 32, I8: 32 or 16)
+    kind: int = 0              # H16: 0 = f16, 1 = bf16
+    src_type: int = -1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.codes, self.d, self.m) if a is not None)
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    """Little-endian half bytes [..., 2] -> float32 [...]."""
+    return np.ascontiguousarray(raw).view("<f2")[..., 0].astype(np.float32)
+
+
+def _split_blocks(raw: np.ndarray, n_cols: int, qtype: int) -> np.ndarray:
+    blck, size = BLOCK[qtype]
+    return raw.reshape(raw.shape[0], n_cols // blck, size)
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """Codes 0..15 [rows, nblk32, 32] -> bytes [rows, nblk32, 16] (low = code j, high = code j+16)."""
+    return (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
+
+
+def _kquant_scales_mins(sc: np.ndarray):
+    """Q4_K/Q5_K 12-byte 6-bit packing [..., 12] -> scales, mins [..., 8] (formats.md §3.2)."""
+    sc = sc.astype(np.uint8)
+    s = np.empty(sc.shape[:-1] + (8,), np.uint8)
+    mn = np.empty_like(s)
+    s[..., :4] = sc[..., 0:4] & 63
+    mn[..., :4] = sc[..., 4:8] & 63
+    s[..., 4:] = (sc[..., 8:12] & 15) | ((sc[..., 0:4] >> 6) << 4)
+    mn[..., 4:] = (sc[..., 8:12] >> 4) | ((sc[..., 4:8] >> 6) << 4)
+    return s.astype(np.float32), mn.astype(np.float32)
+
+
+def _two_bit_plane(qs: np.ndarray) -> np.ndarray:
+    """Q2_K/Q3_K low bits qs [..., 64] -> codes [..., 256]: weight 128h+32s+l = bits 2s.. of qs[32h+l]."""
+    q = qs.reshape(qs.shape[:-1] + (2, 1, 32))
+    shifts = np.array([0, 2, 4, 6], np.uint8).reshape(1, 4, 1)
+    return ((q >> shifts) & 3).reshape(qs.shape[:-1] + (256,))
+
+
+def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
+    """Raw rows of one type -> (family, codes [rows, nblk, ...], d, m, bs) before tiling."""
+    rows = raw.shape[0]
+    if qtype == F32:
+        return FP32, raw.view("<f4").reshape(rows, n_cols), None, None, 1
+    if qtype in (F16, BF16):
+        return H16, raw.view("<u2").reshape(rows, n_cols), None, None, 1
+    b = _split_blocks(raw, n_cols, qtype)
+    if qtype == Q4_0:
+        d = _f16(b[..., 0:2])
+        return U4, b[..., 2:18], d, -8.0 * d, 32
+    if qtype == Q4_1:
+        return U4, b[..., 4:20], _f16(b[..., 0:2]), _f16(b[..., 2:4]), 32
+    if qtype == Q8_0:
+        d = _f16(b[..., 0:2])
+        return I8, b[..., 2:34].view(np.int8), d, np.zeros_like(d), 32
+    if qtype == IQ4_NL:
+        d = _f16(b[..., 0:2])
+        qs = b[..., 2:18]
+        q = np.concatenate([qs & 15, qs >> 4], axis=-1)
+        return I8, IQ4_NL_VALUES[q], d, np.zeros_like(d), 32
+    if qtype in (Q5_0, Q5_1):
+        off = 2 if qtype == Q5_0 else 4
+        qh = np.ascontiguousarray(b[..., off:off + 4]).view("<u4")[..., 0]
+        qs = b[..., off + 4:off + 20]
+        high = ((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
+        q = np.concatenate([qs & 15, qs >> 4], axis=-1) | high
+        d = _f16(b[..., 0:2])
+        if qtype == Q5_0:
+            return I8, (q.astype(np.int16) - 16).astype(np.int8), d, np.zeros_like(d), 32
+        return I8, q.view(np.int8), d, _f16(b[..., 2:4]), 32
+    if qtype in (Q4_K, Q5_K):
+        d = _f16(b[..., 0:2])[..., None]
+        dmin = _f16(b[..., 2:4])[..., None]
+        sc, mn = _kquant_scales_mins(b[..., 4:16])
+        qs_off = 16 if qtype == Q4_K else 48
+        qs = b[..., qs_off:qs_off + 128].reshape(rows, -1, 4, 1, 32)
+        q = np.concatenate([qs & 15, qs >> 4], axis=3).reshape(rows, -1, 8, 32)  # sub-block 2c, 2c+1
+        if qtype == Q5_K:
+            qh = b[..., 16:48].reshape(rows, -1, 1, 32)
+            bits = ((qh >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1) << 4
+            q = q | bits
+        nblk = q.shape[1] * 8
+        dd = (d * sc).reshape(rows, nblk)
+        mm = (-(dmin * mn)).reshape(rows, nblk)
+        q = q.reshape(rows, nblk, 32)
+        if qtype == Q4_K:
+            return U4, _pack_nibbles(q), dd, mm, 32
+        return I8, q.view(np.int8), dd, mm, 32
+    if qtype == Q6_K:
+        ql = b[..., 0:128].reshape(rows, -1, 2, 2, 32)       # [h][half][l]: ql[64h + 32*half + l]
+        qh = b[..., 128:192].reshape(rows, -1, 2, 1, 32)     # qh[32h + l]
+        lo = np.concatenate([ql & 15, ql >> 4], axis=3)      # [h][quarter][l]: weights 128h + 32*quarter + l
+        hb = (qh >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)) & 3
+        q = (lo | (hb << 4)).astype(np.int16) - 32
+        sc = b[..., 192:208].view(np.int8).astype(np.float32)
+        d = _f16(b[..., 208:210])[..., None]
+        nblk = q.shape[1] * 16
+        return I8, q.astype(np.int8).reshape(rows, nblk, 16), (d * sc).reshape(rows, nblk), \
+            np.zeros((rows, nblk), np.float32), 16
+    if qtype == Q3_K:
+        hmask = b[..., 0:32]
+        low = _two_bit_plane(b[..., 32:96]).reshape(rows, -1, 8, 32)
+        hbit = (hmask[..., None, :] >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1  # [8][32]: weight 32k + l
+        q = (low | (hbit << 2)).astype(np.int16) - 4
+        s = b[..., 96:108]
+        low4 = np.concatenate([s[..., 0:8] & 15, s[..., 0:8] >> 4], axis=-1)            # codes j = 0..15
+        hi2 = (s[..., 8:12, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3             # [j%4][j/4]
+        hi2 = np.swapaxes(hi2, -1, -2).reshape(rows, -1, 16)                             # index j
+        c = (low4 | (hi2 << 4)).astype(np.float32) - 32.0
+        d = _f16(b[..., 108:110])[..., None]
+        nblk = q.shape[1] * 16
+        return I8, q.astype(np.int8).reshape(rows, nblk, 16), (d * c).reshape(rows, nblk), \
+            np.zeros((rows, nblk), np.float32), 16
+    if qtype == Q2_K:
+        sc = b[..., 0:16]
+        q = _two_bit_plane(b[..., 16:80])
+        d = _f16(b[..., 80:82])[..., None]
+        dmin = _f16(b[..., 82:84])[..., None]
+        nblk = q.shape[1] * 16
+        dd = (d * (sc & 15).astype(np.float32)).reshape(rows, nblk)
+        mm = (-(dmin * (sc >> 4).astype(np.float32))).reshape(rows, nblk)
+        return I8, q.view(np.int8).reshape(rows, nblk, 16), dd, mm, 16
+    raise ModelError(f"tensor type {qtype} is not supported by the engine")
+
+
+def _tile(a: np.ndarray, n_rows_padded: int) -> np.ndarray:
+    """[rows, nblk, ...] -> [tiles, nblk, ..., TILE_ROWS] (rows zero-padded to a whole tile)."""
+    if a.shape[0] != n_rows_padded:
+        pad = np.zeros((n_rows_padded - a.shape[0],) + a.shape[1:], a.dtype)
+        a = np.concatenate([a, pad], axis=0)
+    t = a.reshape((n_rows_padded // TILE_ROWS, TILE_ROWS) + a.shape[1:])
+    return np.ascontiguousarray(np.moveaxis(t, 1, -1))
+
+
+# Rows converted per step, to bound the temporaries numpy needs while unpacking a big tensor.
+_ROWS_PER_STEP = 2048
+
+
+def pack_matrix(raw: np.ndarray, qtype: int, n_cols: int) -> PackedMatrix:
+    """ggml rows (uint8 [n_rows, row_nbytes]) of type `qtype` -> PackedMatrix."""
+    qtype = int(qtype)
+    if qtype not in BLOCK:
+        raise ModelError(f"tensor type {qtype} is not supported by the engine")
+    blck, size = BLOCK[qtype]
+    if n_cols % blck:
+        raise ModelError(f"{TYPE_NAMES[qtype]} row length {n_cols} is not a multiple of {blck}")
+    n_rows = raw.shape[0]
+    n_pad = -(-n_rows // TILE_ROWS) * TILE_ROWS
+    parts: list[tuple] = []
+    family = bs = None
+    step = _ROWS_PER_STEP  # a multiple of TILE_ROWS, so tiles never straddle steps
+    for r0 in range(0, n_rows, step):
+        chunk = np.asarray(raw[r0:r0 + step])
+        family, codes, d, m, bs = _unpack(chunk, n_cols, qtype)
+        rows_here = min(step, n_pad - r0)
+        parts.append(tuple(None if a is None else _tile(np.ascontiguousarray(a), rows_here)
+                           for a in (codes, d, m)))
+    codes = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+    d = m = None
+    if parts[0][1] is not None:
+        d = np.ascontiguousarray(np.concatenate([p[1] for p in parts]), dtype=np.float32)
+        m = np.ascontiguousarray(np.concatenate([p[2] for p in parts]), dtype=np.float32)
+    return PackedMatrix(family, n_rows, n_cols, codes, d, m, bs,
+                        kind=1 if qtype == BF16 else 0, src_type=qtype)

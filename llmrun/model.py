@@ -1,0 +1,335 @@
+"""The LLaMA graph: weights from a GGUF file, float32 KV cache, batched prefill and incremental decode.
+
+Per layer (HF LlamaDecoderLayer semantics on GGUF's permuted Q/K, ggml NORM rope):
+  h = rmsnorm(x) ; q,k,v = h Wq, h Wk, h Wv (one fused product) ; rope(q, k) ; cache k, v
+  x += attention(q, K, V) Wo ; h = rmsnorm(x) ; x += (silu(h Wgate) * h Wup) Wdown
+The weights stay quantized (kernels/repack.py tiles); only the token_embd rows of the current tokens
+are ever turned into float32.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .errors import ContextFullError, ModelError
+from .kernels import ops
+from .kernels.matmul import dequantize_rows, matmul
+from .kernels.repack import PackedMatrix, pack_matrix
+
+ARCH = "llama"
+
+
+@dataclass
+class LlamaHParams:
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int           # key_length: width of one Q/K head
+    n_ff: int
+    rms_eps: float
+    rope_base: float
+    v_head_dim: int = 0     # value_length (defaults to head_dim)
+    n_rot: int = 0
+    n_ctx_train: int = 0
+    rope_scaling: str = "none"       # none | linear | yarn
+    rope_freq_scale: float = 1.0     # 1 / rope.scaling.factor
+    rope_orig_ctx: int = 0           # YaRN: original training context
+    yarn_ext_factor: float = 0.0
+    yarn_attn_factor: float = 1.0
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    tied_embeddings: bool = False
+    # per-layer values (equal to the scalars above unless the file stores per-layer arrays)
+    n_head_per_layer: list[int] = field(default_factory=list)
+    n_head_kv_per_layer: list[int] = field(default_factory=list)
+    n_ff_per_layer: list[int] = field(default_factory=list)
+
+
+def _meta(reader, key, default=None, required=False):
+    val = reader.metadata.get(key, None)
+    if val is None:
+        if required:
+            raise ModelError(f"{reader.path}: missing metadata key {key}")
+        return default
+    return val
+
+
+def _per_layer(reader, key, n_layer, default=None, required=False) -> list[int]:
+    """A u32 key or a per-layer array (llama.cpp's key-or-array hparams)."""
+    val = _meta(reader, key, default, required)
+    if isinstance(val, (list, np.ndarray)):
+        vals = [int(v) for v in val]
+        if len(vals) != n_layer:
+            raise ModelError(f"{reader.path}: {key} has {len(vals)} entries for {n_layer} layers")
+        return vals
+    return [int(val)] * n_layer
+
+
+def read_hparams(reader) -> LlamaHParams:
+    arch = reader.metadata.get("general.architecture")
+    if arch != ARCH:
+        raise ModelError(f"{reader.path}: architecture {arch!r} is not supported (only 'llama')")
+    p = ARCH + "."
+    n_embd = int(_meta(reader, p + "embedding_length", required=True))
+    n_layer = int(_meta(reader, p + "block_count", required=True))
+    heads = _per_layer(reader, p + "attention.head_count", n_layer, required=True)
+    heads_kv = _per_layer(reader, p + "attention.head_count_kv", n_layer, default=None) \
+        if p + "attention.head_count_kv" in reader.metadata else list(heads)
+    n_ffs = _per_layer(reader, p + "feed_forward_length", n_layer, required=True)
+    if n_layer <= 0 or n_embd <= 0 or min(heads) <= 0 or min(n_ffs) <= 0:
+        raise ModelError(f"{reader.path}: invalid model dimensions")
+    for h, hk in zip(heads, heads_kv):
+        if hk <= 0 or h % hk:
+            raise ModelError(f"{reader.path}: head_count {h} is not a multiple of head_count_kv {hk}")
+    head_dim = int(_meta(reader, p + "attention.key_length", n_embd // heads[0]))
+    v_head_dim = int(_meta(reader, p + "attention.value_length", head_dim))
+    n_rot = int(_meta(reader, p + "rope.dimension_count", head_dim))
+    if n_rot != head_dim:
+        raise ModelError(f"{reader.path}: rope.dimension_count {n_rot} must equal the head size {head_dim}")
+    if head_dim % 2:
+        raise ModelError(f"{reader.path}: odd head size {head_dim}")
+    eps = float(_meta(reader, p + "attention.layer_norm_rms_epsilon", required=True))
+    n_ctx_train = int(_meta(reader, p + "context_length", 0))
+
+    scaling = str(_meta(reader, p + "rope.scaling.type", "linear"))
+    factor = float(_meta(reader, p + "rope.scaling.factor", 0.0) or 0.0)
+    if factor == 0.0:  # older files: rope.scale_linear
+        factor = float(_meta(reader, p + "rope.scale_linear", 0.0) or 0.0)
+    if scaling not in ("none", "linear", "yarn"):
+        raise ModelError(f"{reader.path}: rope scaling type {scaling!r} is not supported")
+    freq_scale = 1.0 / factor if factor > 0 and scaling != "none" else 1.0
+    if freq_scale == 1.0 and scaling == "linear":
+        scaling = "none"
+    hp = LlamaHParams(
+        n_vocab=0, n_embd=n_embd, n_layer=n_layer, n_head=heads[0], n_head_kv=heads_kv[0],
+        head_dim=head_dim, n_ff=n_ffs[0], rms_eps=eps,
+        rope_base=float(_meta(reader, p + "rope.freq_base", 10000.0)), v_head_dim=v_head_dim,
+        n_rot=n_rot, n_ctx_train=n_ctx_train, rope_scaling=scaling, rope_freq_scale=freq_scale,
+        rope_orig_ctx=int(_meta(reader, p + "rope.scaling.original_context_length", n_ctx_train)),
+        n_head_per_layer=heads, n_head_kv_per_layer=heads_kv, n_ff_per_layer=n_ffs)
+    if scaling == "yarn":
+        hp.yarn_ext_factor = float(_meta(reader, p + "rope.scaling.yarn_ext_factor", 1.0))
+        hp.yarn_attn_factor = float(_meta(reader, p + "rope.scaling.attn_factor", 1.0))
+        hp.yarn_beta_fast = float(_meta(reader, p + "rope.scaling.yarn_beta_fast", 32.0))
+        hp.yarn_beta_slow = float(_meta(reader, p + "rope.scaling.yarn_beta_slow", 1.0))
+    return hp
+
+
+class _Weights:
+    """Fetches tensors by name, checking presence, shape and type with one-line ModelErrors."""
+
+    def __init__(self, reader):
+        self.reader = reader
+        self.used: set[str] = set()
+
+    def info(self, name, shape):
+        ti = self.reader.tensors.get(name)
+        if ti is None:
+            raise ModelError(f"{self.reader.path}: missing tensor {name}")
+        if tuple(ti.shape) != tuple(shape):
+            raise ModelError(f"{self.reader.path}: tensor {name} has shape {list(ti.shape)}, "
+                             f"expected {list(shape)}")
+        self.used.add(name)
+        return ti
+
+    def vector(self, name, n) -> np.ndarray:
+        ti = self.info(name, (n,))
+        try:
+            return np.array(ti.numpy(), dtype=np.float32).reshape(n)
+        except Exception as e:  # an unsupported type for a 1-D tensor
+            raise ModelError(f"{self.reader.path}: cannot read tensor {name}: {e}") from None
+
+    def matrix(self, names_shapes) -> list[PackedMatrix]:
+        """Pack one or more matrices that multiply the same input; consecutive tensors of the same
+        type are fused into one PackedMatrix (one kernel call for e.g. Q, K and V)."""
+        infos = [self.info(n, s) for n, s in names_shapes]
+        groups: list[list] = []
+        for ti in infos:
+            if groups and groups[-1][0].ggml_type == ti.ggml_type:
+                groups[-1].append(ti)
+            else:
+                groups.append([ti])
+        packed = []
+        for g in groups:
+            raw = g[0].data if len(g) == 1 else np.concatenate([ti.data for ti in g], axis=0)
+            packed.append(pack_matrix(raw, int(g[0].ggml_type), g[0].shape[-1]))
+        return packed
+
+
+def _matmul(parts: list[PackedMatrix], X: np.ndarray) -> np.ndarray:
+    if len(parts) == 1:
+        return matmul(parts[0], X)
+    return np.concatenate([matmul(p, X) for p in parts], axis=1)
+
+
+@dataclass
+class _Layer:
+    attn_norm: np.ndarray
+    ffn_norm: np.ndarray
+    qkv: list[PackedMatrix]
+    out: list[PackedMatrix]
+    gate_up: list[PackedMatrix]
+    down: list[PackedMatrix]
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    k_cache: np.ndarray   # [n_head_kv, n_ctx, head_dim]
+    v_cache: np.ndarray   # [n_head_kv, n_ctx, v_head_dim]
+
+
+class LlamaModel:
+    """A loaded LLaMA model with its KV cache (see common.md: forward / truncate / reset)."""
+
+    def __init__(self, hparams: LlamaHParams, n_ctx: int, n_threads: int | None):
+        self.hparams = hparams
+        self.n_ctx = int(n_ctx)
+        self.n_threads = n_threads
+        self.n_past = 0
+        self.layers: list[_Layer] = []
+        self.load_seconds = 0.0
+        self.weights_nbytes = 0
+
+    # ------------------------------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, reader, n_ctx: int = 4096, n_threads: int | None = None) -> "LlamaModel":
+        t0 = time.perf_counter()
+        if n_ctx <= 0:
+            raise ModelError(f"{reader.path}: context size must be positive, got {n_ctx}")
+        hp = read_hparams(reader)
+        w = _Weights(reader)
+        E = hp.n_embd
+        emb_ti = reader.tensors.get("token_embd.weight")
+        if emb_ti is None:
+            raise ModelError(f"{reader.path}: missing tensor token_embd.weight")
+        hp.n_vocab = int(emb_ti.shape[0])
+        self = cls(hp, n_ctx, n_threads)
+        self.tok_embd = w.matrix([("token_embd.weight", (hp.n_vocab, E))])[0]
+        if "output.weight" in reader.tensors:
+            self.output = w.matrix([("output.weight", (hp.n_vocab, E))])
+        else:
+            hp.tied_embeddings = True
+            self.output = [self.tok_embd]
+        self.output_norm = w.vector("output_norm.weight", E)
+        for il in range(hp.n_layer):
+            b = f"blk.{il}."
+            nh, nkv, nff = hp.n_head_per_layer[il], hp.n_head_kv_per_layer[il], hp.n_ff_per_layer[il]
+            qd, kd, vd = nh * hp.head_dim, nkv * hp.head_dim, nkv * hp.v_head_dim
+            layer = _Layer(
+                attn_norm=w.vector(b + "attn_norm.weight", E),
+                ffn_norm=w.vector(b + "ffn_norm.weight", E),
+                qkv=w.matrix([(b + "attn_q.weight", (qd, E)), (b + "attn_k.weight", (kd, E)),
+                              (b + "attn_v.weight", (vd, E))]),
+                out=w.matrix([(b + "attn_output.weight", (E, nh * hp.v_head_dim))]),
+                gate_up=w.matrix([(b + "ffn_gate.weight", (nff, E)), (b + "ffn_up.weight", (nff, E))]),
+                down=w.matrix([(b + "ffn_down.weight", (E, nff))]),
+                n_head=nh, n_head_kv=nkv, n_ff=nff,
+                # zeros: pages are only committed as the context fills
+                k_cache=np.zeros((nkv, self.n_ctx, hp.head_dim), np.float32),
+                v_cache=np.zeros((nkv, self.n_ctx, hp.v_head_dim), np.float32))
+            self.layers.append(layer)
+        self._rope_setup(reader, w)
+        extra = [n for n in reader.tensors if n not in w.used and n != "rope_freqs.weight"]
+        if extra:
+            raise ModelError(f"{reader.path}: unsupported tensor {extra[0]}"
+                             + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        mats = [self.tok_embd] + ([] if hp.tied_embeddings else self.output)
+        for layer in self.layers:
+            mats += layer.qkv + layer.out + layer.gate_up + layer.down
+        self.weights_nbytes = sum(p.nbytes for p in mats)
+        self.load_seconds = time.perf_counter() - t0
+        return self
+
+    def _rope_setup(self, reader, w: _Weights) -> None:
+        """Per-dimension rotation speeds: theta_i = pos * base^(-2i/n_rot) / rope_freqs_i (ggml NORM)."""
+        hp = self.hparams
+        half = hp.n_rot // 2
+        inv = hp.rope_base ** (-2.0 * np.arange(half, dtype=np.float64) / hp.n_rot)
+        if "rope_freqs.weight" in reader.tensors:
+            inv = inv / w.vector("rope_freqs.weight", half).astype(np.float64)
+        self._inv_freq = inv
+        self._yarn_mix = None
+        self._rope_mscale = 1.0
+        if hp.rope_scaling == "yarn":
+            # ggml's rope_yarn: blend interpolated and extrapolated angles per dimension with a linear
+            # ramp between the "correction dims", and scale cos/sin (hence q and k) by mscale.
+            def corr_dim(n_rot_turns):
+                return hp.n_rot * math.log(hp.rope_orig_ctx / (n_rot_turns * 2 * math.pi)) / \
+                    (2 * math.log(hp.rope_base))
+            low = max(0.0, math.floor(corr_dim(hp.yarn_beta_fast)))
+            high = min(hp.n_rot - 1.0, math.ceil(corr_dim(hp.yarn_beta_slow)))
+            y = (np.arange(half, dtype=np.float64) - low) / max(0.001, high - low)
+            ramp = 1.0 - np.clip(y, 0.0, 1.0)
+            self._yarn_mix = ramp * hp.yarn_ext_factor
+            mscale = hp.yarn_attn_factor
+            if hp.yarn_ext_factor != 0.0:
+                mscale *= 1.0 + 0.1 * math.log(1.0 / hp.rope_freq_scale)
+            self._rope_mscale = mscale
+
+    def _rope_tables(self, pos0: int, T: int):
+        hp = self.hparams
+        pos = np.arange(pos0, pos0 + T, dtype=np.float64)[:, None]
+        extrap = pos * self._inv_freq[None, :]
+        interp = extrap * hp.rope_freq_scale
+        theta = interp if self._yarn_mix is None else interp * (1 - self._yarn_mix) + extrap * self._yarn_mix
+        c = (np.cos(theta) * self._rope_mscale).astype(np.float32)
+        s = (np.sin(theta) * self._rope_mscale).astype(np.float32)
+        return c, s
+
+    # ------------------------------------------------------------------------------------- running
+    def truncate(self, n: int) -> None:
+        """Keep the first n cached positions (later ones are overwritten by the next forward)."""
+        if not 0 <= n <= self.n_past:
+            raise ModelError(f"cannot truncate the cache to {n} tokens: it holds {self.n_past}")
+        self.n_past = int(n)
+
+    def reset(self) -> None:
+        self.truncate(0)
+
+    def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        hp = self.hparams
+        ids = np.asarray(list(tokens) if not isinstance(tokens, np.ndarray) else tokens, dtype=np.int64)
+        T = int(ids.size)
+        if T == 0:
+            raise ModelError("forward() needs at least one token")
+        if self.n_past + T > self.n_ctx:
+            raise ContextFullError(f"context full: {self.n_past} cached + {T} new tokens > n_ctx {self.n_ctx}")
+        if ids.min() < 0 or ids.max() >= hp.n_vocab:
+            bad = int(ids[(ids < 0) | (ids >= hp.n_vocab)][0])
+            raise ModelError(f"token id {bad} is outside the vocabulary (0..{hp.n_vocab - 1})")
+        if self.n_threads:
+            import numba
+            numba.set_num_threads(min(int(self.n_threads), numba.config.NUMBA_NUM_THREADS))
+
+        pos0 = self.n_past
+        x = dequantize_rows(self.tok_embd, ids)
+        cos, sin = self._rope_tables(pos0, T)
+        h = np.empty_like(x)
+        eps = np.float32(hp.rms_eps)
+        scale = np.float32(1.0 / math.sqrt(hp.head_dim))
+        for L in self.layers:
+            ops.rmsnorm(x, L.attn_norm, eps, h)
+            qkv = _matmul(L.qkv, h)
+            q = np.empty((T, L.n_head, hp.head_dim), np.float32)
+            ops.rope_store(qkv, cos, sin, q, L.k_cache, L.v_cache, pos0, L.n_head, L.n_head_kv,
+                           hp.head_dim, hp.v_head_dim)
+            att = np.empty((T, L.n_head * hp.v_head_dim), np.float32)
+            ops.attention(q, L.k_cache, L.v_cache, pos0, scale, att)
+            x += _matmul(L.out, att)
+            ops.rmsnorm(x, L.ffn_norm, eps, h)
+            gu = _matmul(L.gate_up, h)
+            a = np.empty((T, L.n_ff), np.float32)
+            ops.swiglu(gu, L.n_ff, a)
+            x += _matmul(L.down, a)
+        self.n_past = pos0 + T
+        if not all_logits:
+            x = x[-1:]
+        hn = np.empty_like(x)
+        ops.rmsnorm(x, self.output_norm, eps, hn)
+        logits = _matmul(self.output, hn)
+        return logits if all_logits else logits[0]
