@@ -77,10 +77,13 @@ def _show_string(s: str, limit: int = _LONG_STRING) -> str:
 def _show_value(value, vtype: GGUFValueType, etype: GGUFValueType | None) -> str:
     if vtype is GGUFValueType.STRING:
         return _show_string(value)
+    if vtype is GGUFValueType.BOOL:
+        return "true" if value else "false"
     if vtype is not GGUFValueType.ARRAY:
         return str(_plain(value, vtype))
     items = _element_list(value[:_SHORT_ARRAY], etype)
-    shown = [_show_string(v, 24) if etype is GGUFValueType.STRING else str(v) for v in items]
+    shown = [_show_string(v, 24) if etype is GGUFValueType.STRING else
+             str(v).lower() if etype is GGUFValueType.BOOL else str(v) for v in items]
     if len(value) <= _SHORT_ARRAY:
         return "[" + ", ".join(shown) + "]"
     return "[" + ", ".join(shown[:3]) + f", …] ({len(value)} items)"

@@ -18,7 +18,11 @@ from .constants import (GGML_BLOCK, GGML_MAX_DIMS, GGML_MAX_NAME, GGUF_DEFAULT_A
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _HEADER = struct.Struct("<IIQQ")  # magic, version, tensor_count, kv_count
-_SCALAR_STRUCTS = {t: struct.Struct("<" + np.dtype(d).char) for t, d in VALUE_DTYPES.items()}
+# struct codes with standard sizes ("<"): numpy's dtype chars would be platform-sized ('L' is 4 bytes here)
+_SCALAR_STRUCTS = {t: struct.Struct("<" + c) for t, c in {
+    GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H", GGUFValueType.INT16: "h",
+    GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i", GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "B",
+    GGUFValueType.UINT64: "Q", GGUFValueType.INT64: "q", GGUFValueType.FLOAT64: "d"}.items()}
 
 # Smallest possible records, used to reject absurd counts before looping over them:
 # KV = key length (8) + 1 key byte + value type (4) + 1 value byte;
