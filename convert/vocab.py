@@ -1,0 +1,371 @@
+"""Hugging Face tokenizer folder -> GGUF ``tokenizer.*`` metadata, the way llama.cpp's converter
+writes it for LLaMA models (convert_hf_to_gguf.py: LlamaModel.set_vocab, _set_vocab_sentencepiece,
+_set_vocab_gpt2 / get_vocab_base, gguf-py's SpecialVocab).
+
+* ``tokenizer.model`` present -> SentencePiece vocabulary, ``tokenizer.ggml.model = "llama"``.
+* else a byte-level BPE ``tokenizer.json`` -> ``"gpt2"`` with merges and a pre-tokenizer name.
+
+Pre-tokenizer detection (``tokenizer.ggml.pre``): llama.cpp hashes the tokenizer's output on a test
+string and looks the hash up in a table of known published models. We cannot compute those hashes
+without the models, so we read the tokenizer.json ``pre_tokenizer`` configuration instead and map
+the known shapes to the name llama.cpp would choose (see ``detect_pre``); an unknown shape is an
+error, as in llama.cpp.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from llmrun.errors import ConvertError
+from llmrun.gguf import GGUFValueType as VT
+from llmrun.tokenizer import TokenType
+
+log = logging.getLogger("convert.vocab")
+
+KV = tuple  # (key, value, GGUFValueType, element GGUFValueType | None)
+
+# special token kinds read from tokenizer_config.json / config.json, and their GGUF keys
+# (gguf-py writes no key for "cls")
+_SPECIAL_KEYS = {
+    "bos": "tokenizer.ggml.bos_token_id",
+    "eos": "tokenizer.ggml.eos_token_id",
+    "unk": "tokenizer.ggml.unknown_token_id",
+    "sep": "tokenizer.ggml.seperator_token_id",  # sic, llama.cpp's spelling
+    "pad": "tokenizer.ggml.padding_token_id",
+    "cls": None,
+    "mask": "tokenizer.ggml.mask_token_id",
+}
+
+# pre-tokenizer regexes as published in tokenizer.json files (JSON-decoded)
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConvertError(f"{path}: cannot read JSON ({e})") from None
+    return data if isinstance(data, dict) else None
+
+
+def does_token_look_special(text: str) -> bool:
+    """Added tokens some models forget to flag as special (same rule as llama.cpp's converter)."""
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<｜") and text.endswith("｜>"))
+            or (text.startswith("<unused") and text.endswith(">")))
+
+
+# --- SentencePiece ----------------------------------------------------------------------------
+def _sentencepiece_vocab(hf_dir: Path, n_vocab: int | None):
+    from sentencepiece import SentencePieceProcessor
+
+    path = hf_dir / "tokenizer.model"
+    sp = SentencePieceProcessor()
+    try:
+        sp.LoadFromFile(str(path))
+    except Exception as e:  # sentencepiece raises OSError or RuntimeError depending on the damage
+        raise ConvertError(f"{path}: not a SentencePiece model ({str(e).splitlines()[0] if str(e) else e})") from None
+    sp_size = sp.vocab_size()
+    vocab_size = n_vocab or sp_size
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [int(TokenType.UNUSED)] * vocab_size
+    if sp_size > vocab_size:
+        log.warning("%s: %d pieces but vocab_size is %d, extra pieces dropped", path, sp_size, vocab_size)
+    for i in range(min(sp_size, vocab_size)):
+        if sp.IsUnknown(i):
+            t = TokenType.UNKNOWN
+        elif sp.IsControl(i):
+            t = TokenType.CONTROL
+        elif sp.IsUnused(i):
+            t = TokenType.UNUSED
+        elif sp.IsByte(i):
+            t = TokenType.BYTE
+        else:
+            t = TokenType.NORMAL
+        tokens[i], scores[i], types[i] = sp.IdToPiece(i), sp.GetScore(i), int(t)
+
+    added = _read_json(hf_dir / "added_tokens.json") or {}
+    for text, tid in added.items():
+        if isinstance(tid, int) and 0 <= tid < vocab_size:
+            tokens[tid], scores[tid], types[tid] = text, -1000.0, int(TokenType.USER_DEFINED)
+    config = _read_json(hf_dir / "tokenizer_config.json") or {}
+    for key, data in (config.get("added_tokens_decoder") or {}).items():
+        try:
+            tid, text = int(key), data["content"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if not 0 <= tid < vocab_size:
+            continue
+        if data.get("special") or does_token_look_special(text):
+            types[tid] = int(TokenType.CONTROL)
+        else:
+            text = text.replace("\u2581", " ")  # user-defined tokens are matched pre-normalized
+            types[tid] = int(TokenType.USER_DEFINED)
+        tokens[tid], scores[tid] = text, -1000.0
+    return tokens, scores, types
+
+
+# --- byte-level BPE ---------------------------------------------------------------------------
+def detect_pre(tokenizer_json: dict, where: Path) -> str:
+    """llama.cpp's ``tokenizer.ggml.pre`` name for a tokenizer.json pre_tokenizer configuration.
+
+    Rules (instead of llama.cpp's output hash): a Split on the Llama 3 regex -> "llama-bpe"; on the
+    Qwen2 regex -> "qwen2"; Digits(individual) + ByteLevel(regex) -> "smollm" (SmolLM/StarCoder,
+    one pre-tokenizer); a lone ByteLevel(regex) -> "gpt-2".
+    """
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = []
+    for s in steps:
+        t = s.get("type")
+        if t == "Split":
+            pattern = s.get("pattern") or {}
+            kinds.append(("Split", pattern.get("Regex", pattern.get("String"))))
+        elif t == "ByteLevel":
+            kinds.append(("ByteLevel", bool(s.get("use_regex", True))))
+        elif t == "Digits":
+            kinds.append(("Digits", bool(s.get("individual_digits", False))))
+        else:
+            kinds.append((t, None))
+    if kinds == [("Split", _LLAMA3_REGEX), ("ByteLevel", False)]:
+        return "llama-bpe"
+    if kinds == [("Split", _QWEN2_REGEX), ("ByteLevel", False)]:
+        return "qwen2"
+    if kinds == [("Digits", True), ("ByteLevel", True)]:
+        return "smollm"
+    if kinds == [("ByteLevel", True)]:
+        return "gpt-2"
+    raise ConvertError(f"{where}: pre-tokenizer {kinds} is not one we know how to name for llama.cpp "
+                       f"(known: llama-bpe, qwen2, smollm, gpt-2)")
+
+
+def _bpe_vocab(hf_dir: Path, n_vocab: int | None):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = hf_dir / "tokenizer.json"
+    data = _read_json(path)
+    if data is None:
+        raise ConvertError(f"{path}: not a JSON object")
+    model = data.get("model") or {}
+    is_byte_level = any(step.get("type") == "ByteLevel" for step in _walk_pre(data.get("pre_tokenizer")))
+    if model.get("type") != "BPE" or not is_byte_level:
+        raise ConvertError(f"{path}: only byte-level BPE tokenizer.json files are supported "
+                           f"(model {model.get('type')!r}); SentencePiece models need tokenizer.model")
+    try:
+        hf = HFTokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers' own exception type
+        raise ConvertError(f"{path}: cannot load ({str(e).splitlines()[0] if str(e) else e})") from None
+    vocab = hf.get_vocab(with_added_tokens=True)
+    vocab_size = n_vocab or len(vocab)
+    if vocab and max(vocab.values()) >= vocab_size:
+        raise ConvertError(f"{path}: token id {max(vocab.values())} does not fit vocab_size {vocab_size}")
+    pre = detect_pre(data, path)
+
+    added = {a["id"]: a for a in data.get("added_tokens") or [] if isinstance(a, dict) and "id" in a}
+    config = _read_json(hf_dir / "tokenizer_config.json") or {}
+    for key, a in (config.get("added_tokens_decoder") or {}).items():
+        if key.isdigit() and isinstance(a, dict) and int(key) not in added and a.get("content") in vocab:
+            added[int(key)] = {"id": int(key), **a}
+    reverse = {i: t for t, i in vocab.items()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        text = reverse.get(i)
+        if text is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(int(TokenType.UNUSED))
+            continue
+        info = added.get(i)
+        if info is not None and info.get("content") == text:
+            if not info.get("normalized", True):
+                # llama.cpp stores added tokens in their encoded-then-decoded form
+                text = hf.decode(hf.encode(text, add_special_tokens=False).ids, skip_special_tokens=False)
+            if info.get("special") or does_token_look_special(text):
+                types.append(int(TokenType.CONTROL))
+            else:
+                text = text.replace("\u2581", " ")
+                types.append(int(TokenType.USER_DEFINED))
+        else:
+            types.append(int(TokenType.NORMAL))
+        tokens.append(text)
+    return tokens, types, pre, data
+
+
+def _walk_pre(pre: dict | None):
+    if not pre:
+        return []
+    if pre.get("type") == "Sequence":
+        return [s for s in pre.get("pretokenizers", []) if isinstance(s, dict)]
+    return [pre]
+
+
+def _merges(hf_dir: Path, tokenizer_json: dict | None) -> list[str]:
+    merges = ((tokenizer_json or {}).get("model") or {}).get("merges")
+    if isinstance(merges, list) and merges:
+        if isinstance(merges[0], str):
+            return list(merges)
+        # pair form (transformers >= 4.45): spaces inside a part are stored as U+0120 like llama.cpp
+        return [" ".join("".join(chr(ord(c) + 256) if c == " " else c for c in part) for part in pair)
+                for pair in merges]
+    path = hf_dir / "merges.txt"
+    if not path.is_file():
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f):
+            line = line.strip()
+            if not line or (n == 0 and line.startswith("#")):
+                continue
+            parts = line.split()
+            if len(parts) == 2:
+                out.append(f"{parts[0]} {parts[1]}")
+    return out
+
+
+# --- special tokens, add_* flags, chat template (gguf-py SpecialVocab) -------------------------
+def _special_vocab(hf_dir: Path, n_vocab: int, tokenizer_json: dict | None):
+    """(ids {kind: id}, add flags {kind: bool}, chat template str | list | None)."""
+    ids: dict[str, int] = {}
+    add: dict[str, bool] = {}
+    config = _read_json(hf_dir / "tokenizer_config.json")
+    added_tokens = (tokenizer_json or {}).get("added_tokens") or []
+
+    def set_id(kind: str, tid) -> None:
+        if isinstance(tid, int) and not isinstance(tid, bool) and 0 <= tid < n_vocab and kind not in ids:
+            ids[kind] = tid
+
+    def content(entry) -> str | None:
+        if isinstance(entry, dict):
+            entry = entry.get("content")
+        return entry if isinstance(entry, str) else None
+
+    if tokenizer_json:
+        bos, eos = content((config or {}).get("bos_token")), content((config or {}).get("eos_token"))
+        post = tokenizer_json.get("post_processor") or {}
+        for proc in post.get("processors", [post]):
+            # a simple TemplateProcessing tells whether BOS / EOS wrap a single sequence
+            single = (proc.get("single") or []) if proc.get("type") == "TemplateProcessing" else []
+            if len(single) > 1:
+                first = (single[0].get("SpecialToken") or {}).get("id")
+                last = (single[-1].get("SpecialToken") or {}).get("id")
+                if first:
+                    add["bos"] = first == bos if config else True
+                if last:
+                    add["eos"] = last == eos if config else True
+    template = None
+    if config is not None:
+        jinja = hf_dir / "chat_template.jinja"
+        if jinja.is_file():
+            template = jinja.read_text(encoding="utf-8")
+        elif (hf_dir / "chat_template.json").is_file():
+            template = (_read_json(hf_dir / "chat_template.json") or {}).get("chat_template")
+        template = config.get("chat_template", template)
+        if not isinstance(template, (str, list)):
+            template = None
+        special_map = _read_json(hf_dir / "special_tokens_map.json") or {}
+        for kind in _SPECIAL_KEYS:
+            flag = config.get(f"add_{kind}_token")
+            if isinstance(flag, bool):
+                add[kind] = flag
+            # special_tokens_map.json fills what tokenizer_config.json leaves out (transformers does too)
+            text = content(config.get(f"{kind}_token")) or content(special_map.get(f"{kind}_token"))
+            if text is not None:
+                set_id(kind, next((a.get("id") for a in added_tokens if a.get("content") == text), None))
+    elif (hf_dir / "chat_template.jinja").is_file():
+        template = (hf_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    model_config = _read_json(hf_dir / "config.json") or {}
+    for kind in _SPECIAL_KEYS:
+        tid = model_config.get(f"{kind}_token_id")
+        if tid is None and isinstance(model_config.get("text_config"), dict):
+            tid = model_config["text_config"].get(f"{kind}_token_id")
+        set_id(kind, tid)
+    return ids, add, template
+
+
+def _chat_template_kvs(template) -> list[KV]:
+    if template is None:
+        return []
+    if isinstance(template, str):
+        return [("tokenizer.chat_template", template, VT.STRING, None)]
+    out, names, default = [], [], None
+    for choice in template:
+        if not isinstance(choice, dict):
+            continue
+        name = "".join(c if c.isascii() and c.isalnum() else "_" for c in str(choice.get("name", "")))
+        text = choice.get("template")
+        if not name or not isinstance(text, str):
+            continue
+        if name == "default":
+            default = text
+        else:
+            names.append(name)
+            out.append((f"tokenizer.chat_template.{name}", text, VT.STRING, None))
+    if names:
+        out.append(("tokenizer.chat_templates", names, VT.ARRAY, VT.STRING))
+    if default is not None:
+        out.append(("tokenizer.chat_template", default, VT.STRING, None))
+    return out
+
+
+# --- entry point ------------------------------------------------------------------------------
+def vocab_metadata(hf_dir: Path, n_vocab: int) -> list[KV]:
+    """The ``tokenizer.*`` KVs for a HF model folder, in llama.cpp's order and value types.
+
+    ``n_vocab`` is config.json's vocab_size: the vocabulary is padded to it with ``[PAD{i}]``
+    tokens of type unused (5). Raises ConvertError (one line) when there is no usable tokenizer.
+    """
+    hf_dir = Path(hf_dir)
+    n_vocab = int(n_vocab) if n_vocab else None
+    kvs: list[KV] = []
+    tokenizer_json = None
+    if (hf_dir / "tokenizer.model").is_file():
+        tokens, scores, types = _sentencepiece_vocab(hf_dir, n_vocab)
+        if (hf_dir / "tokenizer.json").is_file():
+            tokenizer_json = _read_json(hf_dir / "tokenizer.json")
+        kvs += [("tokenizer.ggml.model", "llama", VT.STRING, None),
+                ("tokenizer.ggml.pre", "default", VT.STRING, None),
+                ("tokenizer.ggml.tokens", tokens, VT.ARRAY, VT.STRING),
+                ("tokenizer.ggml.scores", np.asarray(scores, dtype=np.float32), VT.ARRAY, VT.FLOAT32),
+                ("tokenizer.ggml.token_type", np.asarray(types, dtype=np.int32), VT.ARRAY, VT.INT32)]
+        merges: list[str] = []
+    elif (hf_dir / "tokenizer.json").is_file():
+        tokens, types, pre, tokenizer_json = _bpe_vocab(hf_dir, n_vocab)
+        merges = _merges(hf_dir, tokenizer_json)
+        if not merges:
+            raise ConvertError(f"{hf_dir / 'tokenizer.json'}: a byte-level BPE tokenizer without merges")
+        kvs += [("tokenizer.ggml.model", "gpt2", VT.STRING, None),
+                ("tokenizer.ggml.pre", pre, VT.STRING, None),
+                ("tokenizer.ggml.tokens", tokens, VT.ARRAY, VT.STRING),
+                ("tokenizer.ggml.token_type", np.asarray(types, dtype=np.int32), VT.ARRAY, VT.INT32)]
+    else:
+        raise ConvertError(f"{hf_dir}: no tokenizer (need tokenizer.model or tokenizer.json)")
+    if merges:
+        kvs.append(("tokenizer.ggml.merges", merges, VT.ARRAY, VT.STRING))
+
+    ids, add, template = _special_vocab(hf_dir, len(tokens), tokenizer_json)
+    for kind, tid in ids.items():
+        if _SPECIAL_KEYS.get(kind):
+            kvs.append((_SPECIAL_KEYS[kind], int(tid), VT.UINT32, None))
+    for kind in ("bos", "eos", "sep"):
+        if kind in add:
+            kvs.append((f"tokenizer.ggml.add_{kind}_token", bool(add[kind]), VT.BOOL, None))
+    kvs += _chat_template_kvs(template)
+
+    # LlamaModel.set_vocab extras
+    config = _read_json(hf_dir / "tokenizer_config.json") or {}
+    if isinstance(config.get("add_prefix_space"), bool):
+        kvs.append(("tokenizer.ggml.add_space_prefix", config["add_prefix_space"], VT.BOOL, None))
+    if n_vocab == 49152:  # llama.cpp: "granite small models" (and SmolLM) never get a BOS
+        kvs = [kv for kv in kvs if kv[0] != "tokenizer.ggml.add_bos_token"]
+        kvs.append(("tokenizer.ggml.add_bos_token", False, VT.BOOL, None))
+    return kvs
