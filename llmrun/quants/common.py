@@ -17,8 +17,11 @@ CHUNK_WEIGHTS = 1 << 22
 def fp16_bytes(values: np.ndarray) -> np.ndarray:
     """float32 values -> their IEEE half bytes (little-endian), shape [..., 2].
 
-    numpy rounds to nearest-even like ggml's F16C path (GGML_FP32_TO_FP16)."""
-    return np.ascontiguousarray(values, dtype=np.float32).astype("<f2").view(np.uint8).reshape(*np.shape(values), 2)
+    numpy rounds to nearest-even like ggml's F16C path (GGML_FP32_TO_FP16); out-of-range values become
+    inf there too, silently."""
+    with np.errstate(over="ignore"):
+        half = np.ascontiguousarray(values, dtype=np.float32).astype("<f2")
+    return half.view(np.uint8).reshape(*np.shape(values), 2)
 
 
 def fp16_values(raw: np.ndarray) -> np.ndarray:

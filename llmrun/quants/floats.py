@@ -30,7 +30,8 @@ def dequantize_f32(raw: np.ndarray, n_cols: int) -> np.ndarray:
 
 def quantize_f16(x: np.ndarray) -> np.ndarray:
     out = np.empty((x.shape[0], x.shape[1] * 2), dtype=np.uint8)
-    return _chunked(x, out, lambda rows: rows.astype("<f2").view(np.uint8))
+    with np.errstate(over="ignore"):  # beyond 65504 is inf in ggml too, without a word
+        return _chunked(x, out, lambda rows: rows.astype("<f2").view(np.uint8))
 
 
 def dequantize_f16(raw: np.ndarray, n_cols: int) -> np.ndarray:
