@@ -1,0 +1,238 @@
+"""PEFT LoRA adapters: load, validate against the base checkpoint, merge into base weights (formats.md §7a).
+
+Merge rule (PEFT's merge_and_unload): W' = W + s * scaling * (B @ A), in float32, in the HF layout (the Q/K
+permutation and quantization happen afterwards), with scaling = alpha/r, or alpha/sqrt(r) for rsLoRA, r and
+alpha taken per module from rank_pattern/alpha_pattern, and s the user's --lora DIR:SCALE. Embedding LoRA
+(lora_embedding_A/B) adds (B @ A)^T. modules_to_save entries replace the whole weight.
+Everything is checked when the adapter is opened, before the converter writes a byte.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llmrun.errors import ConvertError
+
+from .checkpoint import SafetensorsFile, TensorEntry, bf16_bits_to_f32
+from .names import gguf_name
+
+# HF module names LoRA may target in a LLaMA model (as PEFT target_modules suffixes)
+KNOWN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                 "lm_head", "embed_tokens")
+
+# adapter_config.json switches that change what merging means; we refuse rather than merge wrongly
+_UNSUPPORTED_FLAGS = {
+    "use_dora": "DoRA adapters",
+    "lora_bias": "adapters with a LoRA bias",
+    "use_qalora": "QALoRA adapters",
+    "alora_invocation_tokens": "activated LoRA (aLoRA) adapters",
+    "layer_replication": "adapters with layer_replication",
+    "trainable_token_indices": "adapters with trainable_token_indices",
+    "target_parameters": "adapters targeting parameters (target_parameters)",
+}
+
+_KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)\."
+                     r"(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?$")
+
+
+def parse_lora_arg(arg: str) -> tuple[str, float]:
+    """`DIR[:SCALE]` -> (DIR, SCALE); the scale defaults to 1.0. A ':' not followed by a number is part of DIR."""
+    head, sep, tail = arg.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return arg, 1.0
+
+
+def _pattern_value(patterns: dict, key: str, default):
+    """PEFT's get_pattern_key: the first pattern matching the end of the module name (at a dot boundary)."""
+    for pat, value in patterns.items():
+        if re.match(rf"(.*\.)?({pat})$", key):
+            return value
+    return default
+
+
+@dataclass
+class _Pair:
+    module: str          # HF module path, e.g. model.layers.0.self_attn.q_proj
+    a: TensorEntry | None = None
+    b: TensorEntry | None = None
+    embedding: bool = False
+    scale: float = 0.0   # user scale * alpha/r (or alpha/sqrt(r))
+
+
+class LoraAdapter:
+    """One PEFT adapter folder, validated; `apply(hf_weight_name, w)` merges it into a float32 weight."""
+
+    def __init__(self, adapter_dir: str | Path, user_scale: float = 1.0):
+        self.dir = Path(adapter_dir)
+        self.user_scale = float(user_scale)
+        if not math.isfinite(self.user_scale):
+            raise ConvertError(f"{self.dir}: LoRA scale must be a finite number")
+        if not self.dir.is_dir():
+            raise ConvertError(f"{self.dir}: LoRA adapter folder not found")
+        cfg_path = self.dir / "adapter_config.json"
+        if not cfg_path.is_file():
+            raise ConvertError(f"{self.dir}: no adapter_config.json (not a PEFT adapter folder)")
+        try:
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            if not isinstance(cfg, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ConvertError(f"{cfg_path}: cannot parse ({e})") from None
+        self.config = cfg
+        self._check_config(cfg_path, cfg)
+        weights = self.dir / "adapter_model.safetensors"
+        if not weights.is_file():
+            if (self.dir / "adapter_model.bin").is_file():
+                raise ConvertError(f"{self.dir}: adapter_model.bin is not supported; save the adapter with "
+                                   "safetensors (PEFT's default)")
+            raise ConvertError(f"{self.dir}: no adapter_model.safetensors")
+        self.file = SafetensorsFile(weights)
+        self.pairs: dict[str, _Pair] = {}             # HF weight name -> LoRA pair
+        self.replacements: dict[str, TensorEntry] = {}  # HF weight name -> full weight (modules_to_save)
+        self._index_tensors()
+
+    # -- reading -------------------------------------------------------------------------------------------
+    def _check_config(self, path: Path, cfg: dict) -> None:
+        ptype = cfg.get("peft_type", "LORA")
+        if str(ptype).upper() != "LORA":
+            raise ConvertError(f"{path}: PEFT type {ptype!r} is not supported (only LORA)")
+        for flag, what in _UNSUPPORTED_FLAGS.items():
+            if cfg.get(flag):
+                raise ConvertError(f"{path}: {what} are not supported")
+        if cfg.get("bias", "none") != "none":
+            raise ConvertError(f"{path}: bias={cfg['bias']!r} is not supported (LLaMA layers have no bias)")
+        for key in ("r", "lora_alpha"):
+            v = cfg.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise ConvertError(f"{path}: {key} must be a positive number, got {v!r}")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(cfg.get(key) or {}, dict):
+                raise ConvertError(f"{path}: {key} must be an object")
+        targets = cfg.get("target_modules")
+        if isinstance(targets, list):
+            unknown = [t for t in targets if t.rsplit(".", 1)[-1] not in KNOWN_MODULES]
+            if unknown:
+                raise ConvertError(f"{path}: target module {unknown[0]!r} is not a LLaMA linear layer "
+                                   f"(known: {', '.join(KNOWN_MODULES)})")
+        for m in cfg.get("modules_to_save") or []:
+            if m.rsplit(".", 1)[-1] not in ("lm_head", "embed_tokens"):
+                raise ConvertError(f"{path}: modules_to_save entry {m!r} is not supported "
+                                   "(only lm_head and embed_tokens)")
+
+    def _index_tensors(self) -> None:
+        cfg = self.config
+        r0, alpha0 = cfg["r"], cfg["lora_alpha"]
+        rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        for key, e in self.file.entries.items():
+            m = _KEY_RE.match(key)
+            if m is None:
+                if ".modules_to_save." in key or ".original_module." in key:
+                    raise ConvertError(f"{self.file.path}: unexpected wrapped tensor {key}")
+                hf = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+                if not hf.endswith(".weight") or hf.rsplit(".", 2)[-2] not in ("lm_head", "embed_tokens"):
+                    raise ConvertError(f"{self.file.path}: tensor {key} is neither a LoRA A/B matrix nor a "
+                                       "supported modules_to_save weight")
+                self._known_target(hf, key)
+                self.replacements[hf] = e
+                continue
+            module, kind = m.group("module"), m.group("kind")
+            hf = module + ".weight"
+            self._known_target(hf, key)
+            pair = self.pairs.setdefault(hf, _Pair(module))
+            pair.embedding = kind.startswith("lora_embedding")
+            if kind.endswith("A"):
+                pair.a = e
+            else:
+                pair.b = e
+        for hf, p in self.pairs.items():
+            if p.a is None or p.b is None:
+                raise ConvertError(f"{self.file.path}: {p.module} has lora_{'B' if p.a is None else 'A'} "
+                                   "but not its partner")
+            if len(p.a.shape) != 2 or len(p.b.shape) != 2:
+                raise ConvertError(f"{self.file.path}: LoRA matrices of {p.module} must be 2-D")
+            r = p.a.shape[0]
+            if p.b.shape[1] != r:
+                raise ConvertError(f"{self.file.path}: {p.module}: lora_A has rank {r} but lora_B has "
+                                   f"{p.b.shape[1]}")
+            want_r = _pattern_value(rank_pattern, p.module, r0)
+            if want_r != r:
+                raise ConvertError(f"{self.file.path}: {p.module} has rank {r} but adapter_config.json says "
+                                   f"{want_r}")
+            alpha = _pattern_value(alpha_pattern, p.module, alpha0)
+            scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+            p.scale = self.user_scale * scaling
+        if not self.pairs and not self.replacements:
+            raise ConvertError(f"{self.file.path}: the adapter holds no LoRA tensors")
+
+    def _known_target(self, hf_weight: str, key: str) -> None:
+        try:
+            g = gguf_name(hf_weight)
+        except ConvertError:
+            g = None
+        if g is None or g.endswith("_norm.weight"):
+            raise ConvertError(f"{self.file.path}: tensor {key} targets {hf_weight[:-7]!r}, which is not a "
+                               "LLaMA weight matrix")
+
+    # -- validation against the base -----------------------------------------------------------------------
+    def validate(self, base_shapes: dict[str, tuple[int, ...]], n_layer: int) -> None:
+        """base_shapes: HF weight name -> shape for every base weight (tied lm_head included)."""
+        for hf in list(self.pairs) + list(self.replacements):
+            if hf not in base_shapes:
+                layer = re.match(r"model\.layers\.(\d+)\.", hf)
+                if layer and int(layer.group(1)) >= n_layer:
+                    raise ConvertError(f"{self.dir}: adapter has weights for layer {layer.group(1)} but the base "
+                                       f"model has {n_layer} layers (adapter made for a different base model?)")
+                raise ConvertError(f"{self.dir}: adapter targets {hf}, which the base model does not have")
+            want = tuple(base_shapes[hf])
+            if hf in self.replacements:
+                got = self.replacements[hf].shape
+                if tuple(got) != want:
+                    raise ConvertError(f"{self.dir}: modules_to_save weight {hf} has shape {list(got)}, base has "
+                                       f"{list(want)} (adapter made for a different base model?)")
+                continue
+            p = self.pairs[hf]
+            if p.embedding:   # A (r, num_embeddings), B (embedding_dim, r); delta = (B @ A)^T
+                got = (p.a.shape[1], p.b.shape[0])
+            else:             # A (r, in), B (out, r); delta = B @ A (transposed if fan_in_fan_out)
+                got = (p.b.shape[0], p.a.shape[1])
+                if got != want and self.config.get("fan_in_fan_out") and got[::-1] == want:
+                    got = want
+            if got != want:
+                raise ConvertError(f"{self.dir}: LoRA for {hf} gives a {list(got)} update but the base weight is "
+                                   f"{list(want)} (adapter made for a different base model?)")
+
+    # -- merging ---------------------------------------------------------------------------------------------
+    def _load(self, e: TensorEntry) -> np.ndarray:
+        v = self.file.view(e)
+        return bf16_bits_to_f32(v) if e.dtype == "BF16" else v.astype(np.float32)
+
+    def touches(self, hf_weight: str) -> bool:
+        return hf_weight in self.pairs or hf_weight in self.replacements
+
+    def replacement(self, hf_weight: str) -> np.ndarray | None:
+        e = self.replacements.get(hf_weight)
+        return None if e is None else self._load(e)
+
+    def add_delta(self, hf_weight: str, w: np.ndarray) -> None:
+        """w += scale * delta, in place (w float32, HF layout)."""
+        p = self.pairs.get(hf_weight)
+        if p is None:
+            return
+        a, b = self._load(p.a), self._load(p.b)
+        delta = b @ a
+        if p.embedding or delta.shape != w.shape:   # embeddings, and fan_in_fan_out adapters
+            delta = delta.T
+        delta *= np.float32(p.scale)
+        w += delta
+
+    def close(self) -> None:
+        self.file.close()

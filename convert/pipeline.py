@@ -1,0 +1,251 @@
+"""HF checkpoint (+ PEFT LoRA adapters) -> one GGUF file: the orchestration.
+
+Order of work, so that a bad input never leaves anything behind:
+  1. check paths, read config.json, index the safetensors, open and validate every adapter, build the
+     vocabulary metadata, plan every tensor's name, shape and type -- all before the writer is created;
+  2. stream the tensors through llmrun.gguf.GGUFWriter (temp file + rename), one at a time:
+     float32 from the memory map -> LoRA merges in HF layout -> Q/K permute -> f32/f16/bf16 or quantize.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from llmrun.errors import ConvertError
+from llmrun.gguf import GGMLType, GGUFValueType as VT, GGUFWriter, LlamaFileType
+
+from . import names
+from .checkpoint import Checkpoint
+from .hf_config import ARCH, HFConfig, hparam_metadata, llama3_rope_params, load_config
+from .lora import LoraAdapter
+from .permute import permute_rows
+from .rope import llama3_rope_factors
+
+# output types converted without a quantization mix: every 2-D tensor in this type, 1-D tensors in F32
+_FLOAT_TYPES = {"f32": (LlamaFileType.ALL_F32, GGMLType.F32),
+                "f16": (LlamaFileType.MOSTLY_F16, GGMLType.F16),
+                "bf16": (LlamaFileType.MOSTLY_BF16, GGMLType.BF16)}
+
+EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class _TensorPlan:
+    name: str                       # GGUF name
+    shape: tuple[int, ...]          # numpy order
+    source: str | None              # HF weight name read from the checkpoint (None: generated)
+    permute_heads: int = 0          # >0: Q/K rows permuted for this many heads
+    tied_role: str | None = None    # "embed"/"output": one side of tied embeddings (see _tied_pair)
+    generated: np.ndarray | None = None
+    ggml_type: GGMLType = GGMLType.F32
+
+
+def _expected_shapes(c: HFConfig) -> dict[str, tuple[int, ...]]:
+    """GGUF name -> numpy shape for every tensor a LLaMA checkpoint with this config must have."""
+    q, kv = c.n_head * c.head_dim, c.n_head_kv * c.head_dim
+    per_block = {"attn_norm.weight": (c.n_embd,), "attn_q.weight": (q, c.n_embd), "attn_k.weight": (kv, c.n_embd),
+                 "attn_v.weight": (kv, c.n_embd), "attn_output.weight": (c.n_embd, q),
+                 "ffn_norm.weight": (c.n_embd,), "ffn_gate.weight": (c.n_ff, c.n_embd),
+                 "ffn_up.weight": (c.n_ff, c.n_embd), "ffn_down.weight": (c.n_embd, c.n_ff)}
+    out = {names.TOKEN_EMBD: (c.n_vocab, c.n_embd)}
+    for i in range(c.n_layer):
+        for suffix in names.BLOCK_ORDER:
+            out[f"blk.{i}.{suffix}"] = per_block[suffix]
+    out["output_norm.weight"] = (c.n_embd,)
+    out[names.OUTPUT] = (c.n_vocab, c.n_embd)
+    return out
+
+
+def _resolve_out_type(out_type: str):
+    """-> (LlamaFileType, GGMLType for every 2-D tensor or None when a quantization mix decides)."""
+    key = str(out_type).strip().lower()
+    if key in _FLOAT_TYPES:
+        return _FLOAT_TYPES[key]
+    from llmrun.quants.mixes import parse_file_type   # raises a one-line LlmrunError listing valid names
+    return parse_file_type(key), None
+
+
+def _check_paths(hf_dir: Path, out_path: Path, overwrite: bool) -> None:
+    if not hf_dir.is_dir():
+        raise ConvertError(f"{hf_dir}: input folder not found")
+    if out_path.is_dir():
+        raise ConvertError(f"{out_path}: output path is a folder; give a .gguf file name")
+    if out_path.exists() and not overwrite:
+        raise ConvertError(f"{out_path}: already exists (use --force to replace it)")
+    if not out_path.parent.is_dir():
+        raise ConvertError(f"{out_path.parent}: output folder does not exist")
+
+
+def convert_checkpoint(hf_dir, out_path, out_type: str = "f16",
+                       loras: Sequence[tuple[str | Path, float]] = (), overwrite: bool = False,
+                       progress: Progress | None = None) -> Path:
+    """Convert a HF LLaMA/Mistral safetensors checkpoint, with LoRA adapters merged in order, to GGUF.
+
+    loras: [(adapter_dir, scale), ...]. Returns the output path. Raises ConvertError (one line) on bad input;
+    the output file is then untouched (or absent)."""
+    hf_dir, out_path = Path(hf_dir), Path(out_path)
+    _check_paths(hf_dir, out_path, overwrite)
+    cfg = load_config(hf_dir)
+    ftype, float_type = _resolve_out_type(out_type)
+
+    ckpt = Checkpoint(hf_dir)
+    adapters: list[LoraAdapter] = []
+    try:
+        inputs = {p.resolve() for p in (f.path for f in ckpt.files)}
+        for d, scale in loras:
+            adapters.append(LoraAdapter(d, scale))
+            inputs.add(adapters[-1].file.path.resolve())
+        if out_path.resolve() in inputs:
+            raise ConvertError(f"{out_path}: output would overwrite one of the input files")
+
+        plans = _plan_tensors(cfg, ckpt, adapters)
+        _assign_types(plans, cfg, ftype, float_type)
+
+        from .vocab import vocab_metadata       # the tokenizer helper's module
+        vocab = vocab_metadata(hf_dir, cfg.n_vocab)
+
+        writer = GGUFWriter(out_path, overwrite=overwrite)
+        for key, value, vtype, elem in _metadata(cfg, hf_dir, ftype):
+            writer.add(key, value, vtype, elem)
+        for key, value, vtype, elem in vocab:
+            writer.add(key, value, vtype, elem)
+        n = len(plans)
+        for i, plan in enumerate(plans):
+            writer.add_tensor(plan.name, plan.shape, plan.ggml_type,
+                              _producer(plan, ckpt, adapters, i, n, progress))
+        writer.write()
+    finally:
+        for a in adapters:
+            a.close()
+        ckpt.close()
+    return out_path
+
+
+def _metadata(cfg: HFConfig, hf_dir: Path, ftype: LlamaFileType):
+    name = hf_dir.resolve().name or "model"
+    return [("general.architecture", ARCH, VT.STRING, None),
+            ("general.type", "model", VT.STRING, None),
+            ("general.name", name, VT.STRING, None),
+            *hparam_metadata(cfg),
+            ("general.file_type", int(ftype), VT.UINT32, None),
+            ("general.quantization_version", 2, VT.UINT32, None)]
+
+
+def _plan_tensors(cfg: HFConfig, ckpt: Checkpoint, adapters: list[LoraAdapter]) -> list[_TensorPlan]:
+    expected = _expected_shapes(cfg)
+    found: dict[str, str] = {}   # GGUF name -> HF name
+    for hf in ckpt.names():
+        try:
+            g = names.gguf_name(hf)
+        except ConvertError as e:
+            raise ConvertError(f"{ckpt.entries[hf].file}: {e}") from None
+        if g is None:
+            continue
+        if g not in expected:
+            raise ConvertError(f"{ckpt.entries[hf].file}: tensor {hf} is beyond the {cfg.n_layer} layers of "
+                               "config.json")
+        if tuple(ckpt.shape(hf)) != expected[g]:
+            raise ConvertError(f"{ckpt.entries[hf].file}: tensor {hf} has shape {list(ckpt.shape(hf))}, "
+                               f"config.json implies {list(expected[g])}")
+        found[g] = hf
+    missing = [g for g in expected if g not in found and g != names.OUTPUT]
+    if missing:
+        raise ConvertError(f"{ckpt.dir}: checkpoint lacks {len(missing)} tensor(s) the config needs, "
+                           f"e.g. the one for {missing[0]}")
+
+    # Tied embeddings: HF's lm_head *is* embed_tokens, so LoRA deltas on either land on the shared weight,
+    # while a modules_to_save replacement of one of them unties the pair (then output.weight is written).
+    tied = names.OUTPUT not in found or cfg.tie_embeddings
+    base_shapes = {hf: tuple(ckpt.shape(hf)) for g, hf in found.items()}
+    base_shapes.setdefault(LM_HEAD, expected[names.OUTPUT])
+    for a in adapters:
+        a.validate(base_shapes, cfg.n_layer)
+
+    plans: list[_TensorPlan] = []
+    rope = llama3_rope_params(cfg)
+    if rope is not None:
+        factors = llama3_rope_factors(**rope)
+        plans.append(_TensorPlan(names.ROPE_FREQS, factors.shape, None, generated=factors))
+    for g in expected:
+        if g == names.OUTPUT:
+            continue
+        suffix = names.block_suffix(g)
+        heads = getattr(cfg, names.PERMUTED[suffix]) if suffix in names.PERMUTED else 0
+        plans.append(_TensorPlan(g, expected[g], found[g], permute_heads=heads,
+                                 tied_role="embed" if (tied and g == names.TOKEN_EMBD) else None))
+    if not tied:
+        plans.append(_TensorPlan(names.OUTPUT, expected[names.OUTPUT], found[names.OUTPUT]))
+    elif any(LM_HEAD in a.replacements or EMBED in a.replacements for a in adapters):
+        plans.append(_TensorPlan(names.OUTPUT, expected[names.OUTPUT], EMBED, tied_role="output"))
+    return plans
+
+
+def _tied_pair(ckpt: Checkpoint, adapters: list[LoraAdapter], role: str) -> np.ndarray:
+    """The embed ("embed") or lm_head ("output") weight of a tied checkpoint after every adapter, in order."""
+    shared = ckpt.load_f32(EMBED)
+    embed = output = shared
+    untied = False
+    for a in adapters:
+        if not untied and (EMBED in a.replacements or LM_HEAD in a.replacements):
+            untied, output = True, shared.copy()   # from here on the two weights evolve separately
+        rep_e, rep_o = a.replacement(EMBED), a.replacement(LM_HEAD)
+        if rep_e is not None:
+            embed = rep_e
+        if rep_o is not None:
+            output = rep_o
+        a.add_delta(EMBED, embed)
+        a.add_delta(LM_HEAD, output)   # same array as `embed` while the pair is still tied
+    return embed if role == "embed" else output
+
+
+def _assign_types(plans: list[_TensorPlan], cfg: HFConfig, ftype: LlamaFileType,
+                  float_type: GGMLType | None) -> None:
+    if float_type is not None:
+        for p in plans:
+            p.ggml_type = GGMLType.F32 if len(p.shape) < 2 or p.name.endswith("_norm.weight") else float_type
+        return
+    from llmrun.quants.mixes import plan_tensor_types
+    chosen = plan_tensor_types([(p.name, p.shape) for p in plans], ftype, n_layer=cfg.n_layer,
+                               n_head=cfg.n_head, n_head_kv=cfg.n_head_kv)
+    for p in plans:
+        t = GGMLType(chosen[p.name])
+        # norms and other 1-D tensors stay float32 whatever the mix says
+        p.ggml_type = GGMLType.F32 if len(p.shape) < 2 or p.name.endswith("_norm.weight") else t
+
+
+def _producer(plan: _TensorPlan, ckpt: Checkpoint, adapters: list[LoraAdapter], i: int, n: int,
+              progress: Progress | None):
+    """A zero-argument callable the writer calls when it streams this tensor."""
+    def make() -> np.ndarray:
+        if progress is not None:
+            progress(i + 1, n, plan.name)
+        if plan.generated is not None:
+            w = plan.generated
+        elif plan.tied_role is not None:
+            w = _tied_pair(ckpt, adapters, plan.tied_role)
+        else:
+            w = ckpt.load_f32(plan.source)
+            for a in adapters:
+                r = a.replacement(plan.source)
+                if r is not None:
+                    w = r
+                a.add_delta(plan.source, w)
+        if plan.permute_heads:
+            w = permute_rows(w, plan.permute_heads)
+        return encode(w, plan.ggml_type)
+    return make
+
+
+def encode(w: np.ndarray, t: GGMLType) -> np.ndarray:
+    """float32 tensor -> what GGUFWriter.add_tensor takes for type t (float32, float16 or raw uint8 blocks)."""
+    if t == GGMLType.F32:
+        return np.ascontiguousarray(w, dtype=np.float32)
+    if t == GGMLType.F16:
+        return w.astype(np.float16)
+    from llmrun.quants import quantize
+    return quantize(w, t)
