@@ -1,0 +1,131 @@
+"""The interactive loop behind `llmrun chat`: read a line, stream the answer, keep the conversation.
+
+Works the same on a terminal and with piped stdin (a script writing lines; EOF or /exit ends it, exit 0).
+The KV cache is reused across turns: each new prompt shares the previous turns as a prefix, so only the new
+user turn (plus the template's glue) is evaluated. Ctrl-C while an answer streams stops that answer only.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+import time
+from typing import TextIO
+
+from .errors import ContextFullError
+
+HELP = "commands: /reset (forget the conversation), /system TEXT (new system prompt + reset), /exit"
+
+
+@contextlib.contextmanager
+def sigint_cancels(llm):
+    """While active, Ctrl-C cancels the running generation instead of raising KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: llm.cancel())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class ChatSession:
+    def __init__(self, llm, system: str | None = None, sampling: dict | None = None,
+                 stdin: TextIO | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None):
+        self.llm = llm
+        self.system = system
+        self.sampling = dict(sampling or {})
+        self.stdin = stdin or sys.stdin
+        self.stdout = stdout or sys.stdout
+        self.stderr = stderr or sys.stderr
+        self.interactive = self.stdin.isatty()
+        self.messages: list[dict] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def _note(self, text: str) -> None:
+        # Notes go to stderr (dim on a terminal) so stdout carries only the answers.
+        if self.stderr.isatty():
+            text = f"\x1b[2m{text}\x1b[0m"
+        print(text, file=self.stderr, flush=True)
+
+    def _read(self) -> str | None:
+        if self.interactive:
+            self.stdout.write("> ")
+            self.stdout.flush()
+        line = self.stdin.readline()
+        if not line:
+            return None
+        return line.rstrip("\r\n")
+
+    def run(self) -> int:
+        if self.interactive:
+            self._note(f"llmrun chat: {HELP}; Ctrl-C stops an answer")
+        while True:
+            try:
+                line = self._read()
+            except KeyboardInterrupt:
+                self.stdout.write("\n")
+                return 0
+            if line is None:
+                return 0
+            if not line.strip():
+                continue
+            if line.startswith("/"):
+                cmd, _, arg = line.partition(" ")
+                if cmd in ("/exit", "/quit", "/bye"):
+                    return 0
+                if cmd == "/reset":
+                    self.reset()
+                    self._note("(conversation reset)")
+                elif cmd == "/system":
+                    self.system = arg.strip() or None
+                    self.reset()
+                    self._note("(new system prompt; conversation reset)" if self.system
+                               else "(system prompt cleared; conversation reset)")
+                else:
+                    self._note(f"unknown command {cmd}; {HELP}")
+                continue
+            self.answer(line)
+
+    def answer(self, user_text: str) -> None:
+        llm = self.llm
+        self.messages.append({"role": "user", "content": user_text})
+        n_prompt = len(llm.chat_tokens(self.messages))
+        if n_prompt >= llm.n_ctx():
+            self.messages.pop()
+            self._note(f"context window full: the conversation needs {n_prompt} tokens, the window holds "
+                       f"{llm.n_ctx()}. Type /reset to start a new conversation.")
+            return
+        parts, finish = [], None
+        t0 = time.perf_counter()
+        try:
+            with sigint_cancels(llm):
+                for chunk in llm.create_chat_completion(self.messages, stream=True, **self.sampling):
+                    choice = chunk["choices"][0]
+                    text = choice["delta"].get("content")
+                    if text:
+                        parts.append(text)
+                        self.stdout.write(text)
+                        self.stdout.flush()
+                    finish = choice["finish_reason"] or finish
+        except ContextFullError as e:
+            self.messages.pop()
+            self._note(f"{e}. Type /reset to start a new conversation.")
+            return
+        self.stdout.write("\n")
+        self.stdout.flush()
+        self.messages.append({"role": "assistant", "content": "".join(parts)})
+        t = llm.last_timings
+        n_gen, t_gen = t.get("n_gen", 0), t.get("t_gen", time.perf_counter() - t0)
+        rate = n_gen / t_gen if t_gen > 0 else 0.0
+        self._note(f"[prompt {t.get('n_prompt', n_prompt)} tokens: {t.get('n_prompt_eval', 0)} evaluated, "
+                   f"{t.get('n_prompt_reused', 0)} cached | answer {n_gen} tokens, {rate:.1f} tok/s]")
+        if finish == "cancelled":
+            self._note("(answer stopped)")
+        elif finish == "length" and llm.n_cached >= llm.n_ctx():
+            self._note("context window full: the answer was cut. Type /reset to start a new conversation.")
