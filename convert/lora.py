@@ -98,6 +98,7 @@ class LoraAdapter:
         self.file = SafetensorsFile(weights)
         self.pairs: dict[str, _Pair] = {}             # HF weight name -> LoRA pair
         self.replacements: dict[str, TensorEntry] = {}  # HF weight name -> full weight (modules_to_save)
+        self.overrides: dict[str, TensorEntry] = {}     # HF weight name -> saved base weight (base_layer)
         self._index_tensors()
 
     # -- reading -------------------------------------------------------------------------------------------
@@ -138,11 +139,16 @@ class LoraAdapter:
                 if ".modules_to_save." in key or ".original_module." in key:
                     raise ConvertError(f"{self.file.path}: unexpected wrapped tensor {key}")
                 hf = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+                # PEFT saves the base weight of LoRA-targeted embedding layers as `<module>.base_layer.weight`;
+                # loading it copies into the (possibly tied) base weight, so it is an in-place override
+                override = hf.endswith(".base_layer.weight")
+                if override:
+                    hf = hf[: -len(".base_layer.weight")] + ".weight"
                 if not hf.endswith(".weight") or hf.rsplit(".", 2)[-2] not in ("lm_head", "embed_tokens"):
                     raise ConvertError(f"{self.file.path}: tensor {key} is neither a LoRA A/B matrix nor a "
                                        "supported modules_to_save weight")
                 self._known_target(hf, key)
-                self.replacements[hf] = e
+                (self.overrides if override else self.replacements)[hf] = e
                 continue
             module, kind = m.group("module"), m.group("kind")
             hf = module + ".weight"
@@ -170,7 +176,7 @@ class LoraAdapter:
             alpha = _pattern_value(alpha_pattern, p.module, alpha0)
             scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
             p.scale = self.user_scale * scaling
-        if not self.pairs and not self.replacements:
+        if not self.pairs and not self.replacements and not self.overrides:
             raise ConvertError(f"{self.file.path}: the adapter holds no LoRA tensors")
 
     def _known_target(self, hf_weight: str, key: str) -> None:
@@ -185,7 +191,7 @@ class LoraAdapter:
     # -- validation against the base -----------------------------------------------------------------------
     def validate(self, base_shapes: dict[str, tuple[int, ...]], n_layer: int) -> None:
         """base_shapes: HF weight name -> shape for every base weight (tied lm_head included)."""
-        for hf in list(self.pairs) + list(self.replacements):
+        for hf in list(self.pairs) + list(self.replacements) + list(self.overrides):
             if hf not in base_shapes:
                 layer = re.match(r"model\.layers\.(\d+)\.", hf)
                 if layer and int(layer.group(1)) >= n_layer:
@@ -193,8 +199,8 @@ class LoraAdapter:
                                        f"model has {n_layer} layers (adapter made for a different base model?)")
                 raise ConvertError(f"{self.dir}: adapter targets {hf}, which the base model does not have")
             want = tuple(base_shapes[hf])
-            if hf in self.replacements:
-                got = self.replacements[hf].shape
+            if hf in self.replacements or hf in self.overrides:
+                got = (self.replacements.get(hf) or self.overrides[hf]).shape
                 if tuple(got) != want:
                     raise ConvertError(f"{self.dir}: modules_to_save weight {hf} has shape {list(got)}, base has "
                                        f"{list(want)} (adapter made for a different base model?)")
@@ -215,12 +221,16 @@ class LoraAdapter:
         v = self.file.view(e)
         return bf16_bits_to_f32(v) if e.dtype == "BF16" else v.astype(np.float32)
 
-    def touches(self, hf_weight: str) -> bool:
-        return hf_weight in self.pairs or hf_weight in self.replacements
-
     def replacement(self, hf_weight: str) -> np.ndarray | None:
+        """The modules_to_save weight replacing this one (a new, separate tensor), if any."""
         e = self.replacements.get(hf_weight)
         return None if e is None else self._load(e)
+
+    def apply_override(self, hf_weight: str, w: np.ndarray) -> None:
+        """Copy a saved base_layer weight into w in place (so a tied partner sees it too)."""
+        e = self.overrides.get(hf_weight)
+        if e is not None:
+            w[...] = self._load(e)
 
     def add_delta(self, hf_weight: str, w: np.ndarray) -> None:
         """w += scale * delta, in place (w float32, HF layout)."""

@@ -198,6 +198,8 @@ def _tied_pair(ckpt: Checkpoint, adapters: list[LoraAdapter], role: str) -> np.n
             embed = rep_e
         if rep_o is not None:
             output = rep_o
+        a.apply_override(EMBED, embed)
+        a.apply_override(LM_HEAD, output)
         a.add_delta(EMBED, embed)
         a.add_delta(LM_HEAD, output)   # same array as `embed` while the pair is still tied
     return embed if role == "embed" else output
@@ -234,6 +236,7 @@ def _producer(plan: _TensorPlan, ckpt: Checkpoint, adapters: list[LoraAdapter], 
                 r = a.replacement(plan.source)
                 if r is not None:
                     w = r
+                a.apply_override(plan.source, w)
                 a.add_delta(plan.source, w)
         if plan.permute_heads:
             w = permute_rows(w, plan.permute_heads)
