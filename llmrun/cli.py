@@ -36,5 +36,106 @@ def main():
 # Commands are added below by their owners: info, quantize, convert, run, chat, bench, perplexity.
 
 
+# ---- run / chat / perplexity (API helper) -----------------------------------------------------------------
+def _sampling_options(fn):
+    """Sampling flags shared by `run` and `chat`; defaults are llama.cpp's."""
+    options = [
+        click.option("--temp", "temperature", type=float, default=0.8, show_default=True,
+                     help="temperature; 0 = greedy"),
+        click.option("--top-k", type=int, default=40, show_default=True, help="keep the K most likely (0 = off)"),
+        click.option("--top-p", type=click.FloatRange(0, 1), default=0.95, show_default=True,
+                     help="nucleus sampling mass (1 = off)"),
+        click.option("--min-p", type=click.FloatRange(0, 1), default=0.05, show_default=True,
+                     help="drop tokens below P x the best token's probability (0 = off)"),
+        click.option("--repeat-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0,
+                     show_default=True, help="penalise the last 64 tokens (1 = off)"),
+        click.option("--seed", type=int, default=None, help="random seed (default: random)"),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="worker threads (default: physical cores)"),
+        click.option("--ctx", "n_ctx", type=click.IntRange(min=0), default=4096, show_default=True,
+                     help="context window in tokens (0 = the model's training context)"),
+        click.option("-n", "--n-predict", type=int, default=-1, show_default=True,
+                     help="max tokens to generate (-1 = until end of text or the context is full)"),
+        click.option("-v", "--verbose", is_flag=True, help="timings on stderr"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _load_llama(model, n_ctx, threads, seed, verbose):
+    from .api import Llama
+    from .paths import resolve_model
+
+    return Llama(resolve_model(model), n_ctx=n_ctx, n_threads=threads, seed=seed, verbose=verbose)
+
+
+def _sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, n_predict):
+    return dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                max_tokens=n_predict if n_predict > 0 else None)
+
+
+@main.command("run")
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("-p", "--prompt", required=True, help="the text to complete (not echoed: stdout is only the completion)")
+@_sampling_options
+@_one_line_errors
+def run(model, prompt, temperature, top_k, top_p, min_p, repeat_penalty, seed, threads, n_ctx, n_predict, verbose):
+    """Complete PROMPT with MODEL (default model if omitted), streaming the text to stdout."""
+    from .chat_session import sigint_cancels
+
+    llm = _load_llama(model, n_ctx, threads, seed, verbose)
+    finish = None
+    with sigint_cancels(llm):   # Ctrl-C ends the completion cleanly
+        for chunk in llm.create_completion(prompt, stream=True, seed=seed,
+                                           **_sampling_kwargs(temperature, top_k, top_p, min_p,
+                                                              repeat_penalty, n_predict)):
+            choice = chunk["choices"][0]
+            click.echo(choice["text"], nl=False)
+            sys.stdout.flush()
+            finish = choice["finish_reason"] or finish
+    click.echo()
+    if verbose:
+        click.echo(f"finish_reason: {finish}", err=True)
+
+
+@main.command("chat")
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("--system", default=None, help="system prompt")
+@_sampling_options
+@_one_line_errors
+def chat(model, system, temperature, top_k, top_p, min_p, repeat_penalty, seed, threads, n_ctx, n_predict, verbose):
+    """Multi-turn chat with MODEL (default model if omitted) using its chat template.
+
+    Type a message per line; /reset, /system TEXT, /exit. Works with piped stdin.
+    """
+    from .chat_session import ChatSession
+
+    llm = _load_llama(model, n_ctx, threads, seed, False)
+    sampling = _sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, n_predict)
+    sys.exit(ChatSession(llm, system=system, sampling=sampling).run())
+
+
+@main.command("perplexity")
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("-f", "--file", "text_file", required=True, type=click.Path(dir_okay=False),
+              help="text file to score")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=4), default=512, show_default=True,
+              help="window size in tokens (llama.cpp's usual -c 512)")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="worker threads (default: physical cores)")
+@_one_line_errors
+def perplexity_cmd(model, text_file, n_ctx, threads):
+    """Perplexity of MODEL on TEXT_FILE, llama.cpp-style (windows of --ctx tokens, second halves scored)."""
+    from .paths import resolve_model
+    from .perplexity import perplexity_of_file
+
+    def progress(i, n, ppl):
+        click.echo(f"[{i}]{ppl:.4f}," + ("\n" if i == n else ""), err=True, nl=False)
+
+    r = perplexity_of_file(resolve_model(model), text_file, n_ctx=n_ctx, n_threads=threads, progress=progress)
+    click.echo(f"PPL = {r.ppl:.4f} +/- {r.err:.5f}  ({r.n_chunks} chunks of {n_ctx} tokens, "
+               f"{r.n_scored} tokens scored)")
+
+
 if __name__ == "__main__":
     main()
