@@ -1,0 +1,87 @@
+"""Engine kernels against independent references: gguf-py's dequantizers for every weight type, numpy
+float64 for products and the attention / norm ops."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+
+from llmrun.kernels import dequantize_rows, matmul, pack_matrix
+from llmrun.kernels import ops
+
+# f16 scale fields per block (byte offsets), set to sane values in random blocks so that every code value
+# is exercised with finite, realistic scales.
+_SCALE_FIELDS = {"q4_0": [0], "q4_1": [0, 2], "q5_0": [0], "q5_1": [0, 2], "q8_0": [0], "iq4_nl": [0],
+                 "q2_k": [80, 82], "q3_k": [108], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
+TYPES = ["f32", "f16", "bf16"] + list(_SCALE_FIELDS)
+
+
+def _random_rows(rng, name, rows, cols):
+    qt = gguf.GGMLQuantizationType[name.upper()]
+    if name == "f32":
+        return rng.standard_normal((rows, cols)).astype(np.float32).view(np.uint8), qt
+    if name == "f16":
+        return rng.standard_normal((rows, cols)).astype(np.float16).view(np.uint8), qt
+    if name == "bf16":
+        f = rng.standard_normal((rows, cols)).astype(np.float32)
+        return (f.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8), qt
+    blck, size = gguf.GGML_QUANT_SIZES[qt]
+    raw = rng.integers(0, 256, (rows, cols // blck, size), dtype=np.uint8)
+    for off in _SCALE_FIELDS[name]:
+        scale = rng.uniform(0.001, 0.02, raw.shape[:2]) * rng.choice([-1, 1], raw.shape[:2])
+        raw[..., off:off + 2] = scale.astype(np.float16).view(np.uint8).reshape(raw.shape[:2] + (2,))
+    return raw.reshape(rows, -1), qt
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_packed_matmul_matches_gguf_py_dequantize(name):
+    rng = np.random.default_rng(TYPES.index(name))
+    rows, cols = 70, 512   # 70: a partial last row tile
+    raw, qt = _random_rows(rng, name, rows, cols)
+    ref = gguf.quants.dequantize(raw, qt).reshape(rows, cols).astype(np.float64)
+    pm = pack_matrix(raw, int(qt), cols)
+    # embedding rows: exact
+    pick = np.array([0, 5, 31, 32, 69])
+    np.testing.assert_array_equal(dequantize_rows(pm, pick), ref[pick].astype(np.float32))
+    # products: one token (decode kernels) and several (prefill kernels)
+    X = rng.standard_normal((70, cols)).astype(np.float32)
+    want = X.astype(np.float64) @ ref.T
+    for T in (1, 3, 70):
+        got = matmul(pm, X[:T])
+        assert got.shape == (T, rows)
+        err = np.abs(got - want[:T]).max() / np.abs(want[:T]).max()
+        assert err < 5e-6, (T, err)
+
+
+def test_rmsnorm_and_swiglu():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 96)).astype(np.float32)
+    w = rng.standard_normal(96).astype(np.float32)
+    out = np.empty_like(x)
+    ops.rmsnorm(x, w, np.float32(1e-5), out)
+    x64 = x.astype(np.float64)
+    want = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-5) * w
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
+    gu = rng.standard_normal((3, 2 * 48)).astype(np.float32)
+    a = np.empty((3, 48), np.float32)
+    ops.swiglu(gu, 48, a)
+    g, u = gu[:, :48].astype(np.float64), gu[:, 48:]
+    np.testing.assert_allclose(a, g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_causal_gqa():
+    rng = np.random.default_rng(1)
+    T, n_head, n_kv, hd, pos0, n_ctx = 4, 6, 2, 16, 3, 10
+    q = rng.standard_normal((T, n_head, hd)).astype(np.float32)
+    kc = rng.standard_normal((n_kv, n_ctx, hd)).astype(np.float32)
+    vc = rng.standard_normal((n_kv, n_ctx, hd)).astype(np.float32)
+    out = np.empty((T, n_head * hd), np.float32)
+    ops.attention(q, kc, vc, pos0, np.float32(0.25), out)
+    for t in range(T):
+        for h in range(n_head):
+            g = h // (n_head // n_kv)
+            n = pos0 + t + 1   # causal: positions 0..pos0+t only
+            s = kc[g, :n].astype(np.float64) @ q[t, h] * 0.25
+            p = np.exp(s - s.max())
+            p /= p.sum()
+            np.testing.assert_allclose(out[t, h * hd:(h + 1) * hd], p @ vc[g, :n], rtol=1e-4, atol=1e-5)
