@@ -3,9 +3,8 @@ documented rules (src/llama-quant.cpp) worked out by hand for a TinyLlama-shaped
 from __future__ import annotations
 
 import pytest
-from gguf import GGUFReader as ReferenceReader  # gguf-py: an independent reader of the real file
-
 from llmrun.errors import LlmrunError
+from llmrun.gguf import GGUFReader
 from llmrun.gguf.constants import GGMLType as T
 from llmrun.gguf.constants import LlamaFileType
 from llmrun.quants.mixes import FILE_TYPE_NAMES, parse_file_type, plan_tensor_types
@@ -46,19 +45,17 @@ def _by_layer(plan, kind):
 
 
 def test_default_model_types_are_what_llama_quantize_chose(default_model):
-    ref = ReferenceReader(str(default_model))
-    meta = {k: ref.fields[k].contents() for k in
-            ("general.file_type", "llama.block_count", "llama.attention.head_count", "llama.attention.head_count_kv")}
-    # gguf-py gives shapes in ne order; the contract wants numpy order
-    tensors = [(t.name, tuple(int(s) for s in reversed(list(t.shape)))) for t in ref.tensors]
-    plan = plan_tensor_types(tensors, LlamaFileType(meta["general.file_type"]),
-                             n_layer=meta["llama.block_count"], n_head=meta["llama.attention.head_count"],
-                             n_head_kv=meta["llama.attention.head_count_kv"])
-    actual = {t.name: t.tensor_type.name for t in ref.tensors}
-    assert {name: t.name for name, t in plan.items()} == actual
+    # The file's tensor types were chosen by llama.cpp's llama-quantize: our plan must reproduce them.
+    with GGUFReader(default_model) as r:
+        tensors = [(ti.name, ti.shape) for ti in r.tensors.values()]
+        actual = {ti.name: T(ti.ggml_type) for ti in r.tensors.values()}
+        plan = plan_tensor_types(tensors, LlamaFileType(r.get("general.file_type")),
+                                 n_layer=r.get("llama.block_count"), n_head=r.get("llama.attention.head_count"),
+                                 n_head_kv=r.get("llama.attention.head_count_kv"))
+    assert plan == actual
     # the interesting one: tied embeddings are treated as the output (Q6_K), which 576 columns cannot
     # hold (576 % 256 != 0), so llama.cpp fell back to Q8_0
-    assert actual["token_embd.weight"] == "Q8_0"
+    assert actual["token_embd.weight"] == T.Q8_0
 
 
 def test_q4_k_m_tinyllama():

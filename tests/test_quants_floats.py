@@ -7,7 +7,9 @@ import torch
 from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from llmrun.quants import dequantize, quantize
+from llmrun.errors import QuantError
+from llmrun.gguf.constants import GGMLType
+from llmrun.quants import dequantize, floats, quantize
 
 
 def _f32(bits):
@@ -35,7 +37,7 @@ def test_bf16_rounding_by_hand():
                    -2.0, np.inf, -np.inf, 0.0]], dtype=np.float32)
     x = np.concatenate([x, _f32([[0x7F7FFFFF, 0x00000001, 0x80008000, 0x00018000,
                                   0x7F800001, 0xFFC00000, 0x7FFFFFFF, 0x3F808000]])], axis=0)
-    got = quantize(x, "bf16").view("<u2")
+    got = floats.QUANTIZE[GGMLType.BF16](x).view("<u2")  # the raw conversion: quantize() refuses inf/NaN
     want = np.array([[0x3F80, 0x3F80, 0x3F82, 0x3F81, 0xC000, 0x7F80, 0xFF80, 0x0000],
                      # FLT_MAX rounds to +inf; subnormals are kept (not flushed); a signalling NaN
                      # is truncated and made quiet rather than rounded into the exponent
@@ -52,12 +54,31 @@ def test_bf16_matches_gguf_py_and_torch():
     np.testing.assert_array_equal(got.view("<u2"), torch_bits)
 
 
-def test_f16_matches_torch_including_overflow_and_subnormals():
+def test_f16_matches_torch_including_rounding_at_the_ends():
     rng = np.random.default_rng(6)
-    x = (rng.standard_normal((4, 256)) * np.exp(rng.uniform(-20, 12, (4, 256)))).astype(np.float32)
-    x[0, :4] = [70000.0, -65520.0, 65519.0, 2.0**-25]  # overflow to inf, rounding at the top, underflow tie
+    x = (rng.standard_normal((4, 256)) * np.exp(rng.uniform(-20, 10, (4, 256)))).astype(np.float32)
+    x = np.clip(x, -65504, 65504)
+    x[0, :4] = [65519.0, -65519.0, 2.0**-25, 3 * 2.0**-25]  # round down to the max; subnormal ties
     torch_bits = torch.from_numpy(x).to(torch.float16).view(torch.int16).numpy().view(np.uint16)
     np.testing.assert_array_equal(quantize(x, "f16").view("<u2"), torch_bits)
+
+
+@pytest.mark.parametrize("value", [65520.0, -1e6])
+def test_f16_overflow_is_an_error_like_llama_quantize(value):
+    x = np.zeros((2, 32), dtype=np.float32)
+    x[1, 3] = value
+    with pytest.raises(QuantError, match="f16"):
+        quantize(x, "f16")
+
+
+@pytest.mark.parametrize("qtype", ["f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_input_is_refused(qtype, value):
+    x = np.ones((3, 64), dtype=np.float32)
+    x[2, 40] = value
+    with pytest.raises(QuantError, match="row 2, column 40"):
+        quantize(x, qtype)
+    np.testing.assert_array_equal(quantize(x, "f32").view("<f4"), x)  # f32 stores values as they are
 
 
 @pytest.mark.parametrize("qtype", ["f16", "bf16"])

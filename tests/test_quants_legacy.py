@@ -36,7 +36,7 @@ def hard_rows() -> np.ndarray:
     x[7, :32] = 1.0
     x[7, 7] = -1.0                       # |max| ties: the first one wins
     x[8] = rng.integers(-127, 128, 256).astype(np.float32) / 127.0
-    x[9] *= 60000.0                      # scales near the fp16 limit
+    x[9] = np.clip(x[9], -3, 3) * 21000  # values and _1 minimums near the fp16 limit
     return x
 
 
@@ -107,6 +107,14 @@ def test_shapes_are_kept_for_higher_rank_tensors():
     assert raw.shape == (12, 68)
     np.testing.assert_array_equal(raw, quantize(x.reshape(12, 64), "q8_0"))
     assert dequantize(raw, "q8_0", (3, 4, 64)).shape == (3, 4, 64)
+
+
+@pytest.mark.parametrize("qtype", LEGACY)
+def test_scale_overflowing_fp16_is_an_error_like_llama_quantize(qtype):
+    x = np.zeros((1, 64), dtype=np.float32)
+    x[0, 40] = -3e9  # every type's scale (or minimum) for this block is beyond 65504
+    with pytest.raises(QuantError, match=f"{qtype}.*fp16"):
+        quantize(x, qtype)
 
 
 def test_row_length_must_be_a_multiple_of_32():

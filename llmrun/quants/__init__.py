@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import QuantError
 from ..gguf.constants import GGMLType, GGML_BLOCK, row_nbytes
 from . import floats, legacy, kquants, iq4_nl
+from .common import count_non_finite
 
 QUANTIZE = {**floats.QUANTIZE, **legacy.QUANTIZE, **kquants.QUANTIZE, **iq4_nl.QUANTIZE}
 DEQUANTIZE = {**floats.DEQUANTIZE, **legacy.DEQUANTIZE, **kquants.DEQUANTIZE, **iq4_nl.DEQUANTIZE}
@@ -39,6 +40,11 @@ def quantize(x: np.ndarray, qtype) -> np.ndarray:
     if n_cols % blck:
         raise QuantError(f"row length {n_cols} is not a multiple of {qtype.lower}'s block size {blck}")
     x2 = np.ascontiguousarray(x.reshape(-1, n_cols))
+    if qtype != GGMLType.F32 and x2.size and count_non_finite(x2):
+        # llama-quantize refuses these too (ggml_validate_row_data); the blocks would hold garbage
+        bad = np.argwhere(~np.isfinite(x2))[0]
+        raise QuantError(f"cannot quantize to {qtype.lower}: the input holds {count_non_finite(x2)} NaN or "
+                         f"infinite values (first at row {bad[0]}, column {bad[1]})")
     return fn(x2)
 
 

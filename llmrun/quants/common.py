@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 # Work on this many weights at a time where numpy needs temporaries, to keep memory bounded on big tensors.
 CHUNK_WEIGHTS = 1 << 22
@@ -42,3 +42,16 @@ def roundf(v):
 def nearest_int(v):
     """ggml's nearest_int: round half to even (the 1.5*2**23 trick), valid for |v| <= 2**22."""
     return int(np.rint(np.float64(v)))
+
+
+@njit(cache=True, parallel=True)
+def count_non_finite(x2d):
+    """How many NaN / inf values a float32 [rows, cols] array holds (one parallel pass, no temporaries)."""
+    total = 0
+    for i in prange(x2d.shape[0]):
+        bad = 0
+        for j in range(x2d.shape[1]):
+            # x - x is 0 for finite x and NaN for inf/NaN; this form vectorizes
+            bad += (x2d[i, j] - x2d[i, j]) != 0
+        total += bad
+    return total

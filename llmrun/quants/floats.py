@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import QuantError
 from ..gguf.constants import GGMLType
 from .common import CHUNK_WEIGHTS
 
@@ -28,10 +29,18 @@ def dequantize_f32(raw: np.ndarray, n_cols: int) -> np.ndarray:
     return np.ascontiguousarray(raw).view("<f4").astype(np.float32, copy=True).reshape(raw.shape[0], n_cols)
 
 
+def _f16_checked(rows: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        half = rows.astype("<f2")
+    if np.isinf(half).any():
+        # ggml would store inf; llama-quantize's row validation rejects such a tensor, and so do we
+        raise QuantError(f"cannot convert to f16: values up to {np.abs(rows).max():.6g} exceed its range (65504)")
+    return half.view(np.uint8)
+
+
 def quantize_f16(x: np.ndarray) -> np.ndarray:
     out = np.empty((x.shape[0], x.shape[1] * 2), dtype=np.uint8)
-    with np.errstate(over="ignore"):  # beyond 65504 is inf in ggml too, without a word
-        return _chunked(x, out, lambda rows: rows.astype("<f2").view(np.uint8))
+    return _chunked(x, out, _f16_checked)
 
 
 def dequantize_f16(raw: np.ndarray, n_cols: int) -> np.ndarray:

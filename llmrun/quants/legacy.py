@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..errors import QuantError
 from ..gguf.constants import GGMLType
 from .common import fp16_bytes, fp16_values, roundf
 
@@ -211,7 +212,8 @@ def _dequantize_q8_0(raw, scales, out):
 class _Format:
     """One block format: bytes per block, fp16 scale fields at its start, and its two kernels."""
 
-    def __init__(self, block_bytes: int, n_scales: int, quantize_kernel, dequantize_kernel):
+    def __init__(self, name: str, block_bytes: int, n_scales: int, quantize_kernel, dequantize_kernel):
+        self.name = name
         self.block_bytes = block_bytes
         self.n_scales = n_scales
         self.quantize_kernel = quantize_kernel
@@ -223,7 +225,12 @@ class _Format:
         raw = np.empty((xb.shape[0], self.block_bytes), dtype=np.uint8)
         scales = np.empty((xb.shape[0], self.n_scales), dtype=np.float32)
         self.quantize_kernel(xb, scales, raw)
-        raw[:, :2 * self.n_scales] = fp16_bytes(scales).reshape(xb.shape[0], 2 * self.n_scales)
+        header = fp16_bytes(scales)
+        if not np.isfinite(header.view("<f2")).all():
+            # ggml would write an inf scale and llama-quantize's row validation then rejects the tensor
+            raise QuantError(f"cannot quantize to {self.name}: values up to {np.abs(x).max():.6g} overflow "
+                             f"the block's fp16 scale")
+        raw[:, :2 * self.n_scales] = header.reshape(xb.shape[0], 2 * self.n_scales)
         return raw.reshape(n_rows, n_cols // QK * self.block_bytes)
 
     def dequantize(self, raw: np.ndarray, n_cols: int) -> np.ndarray:
@@ -236,11 +243,11 @@ class _Format:
 
 
 FORMATS = {
-    GGMLType.Q4_0: _Format(18, 1, _quantize_q4_0, _dequantize_q4_0),
-    GGMLType.Q4_1: _Format(20, 2, _quantize_q4_1, _dequantize_q4_1),
-    GGMLType.Q5_0: _Format(22, 1, _quantize_q5_0, _dequantize_q5_0),
-    GGMLType.Q5_1: _Format(24, 2, _quantize_q5_1, _dequantize_q5_1),
-    GGMLType.Q8_0: _Format(34, 1, _quantize_q8_0, _dequantize_q8_0),
+    GGMLType.Q4_0: _Format("q4_0", 18, 1, _quantize_q4_0, _dequantize_q4_0),
+    GGMLType.Q4_1: _Format("q4_1", 20, 2, _quantize_q4_1, _dequantize_q4_1),
+    GGMLType.Q5_0: _Format("q5_0", 22, 1, _quantize_q5_0, _dequantize_q5_0),
+    GGMLType.Q5_1: _Format("q5_1", 24, 2, _quantize_q5_1, _dequantize_q5_1),
+    GGMLType.Q8_0: _Format("q8_0", 34, 1, _quantize_q8_0, _dequantize_q8_0),
 }
 
 QUANTIZE = {t: f.quantize for t, f in FORMATS.items()}
