@@ -36,48 +36,63 @@ class SpmEncoder:
         if n == 0:
             return []
         # symbols as parallel lists: start offset, byte length (0 = merged away), prev, next
-        start: list[int] = []
-        pos = 0
-        while pos < n:
-            start.append(pos)
-            pos += _UTF8_LEN[text[pos] >> 4]
+        if text.isascii():
+            start = list(range(n))
+        else:
+            start = []
+            pos = 0
+            while pos < n:
+                start.append(pos)
+                pos += _UTF8_LEN[text[pos] >> 4]
         count = len(start)
-        length = [min(start[i + 1] if i + 1 < count else n, n) - start[i] for i in range(count)]
+        # a truncated sequence at the very end is shortened, as in llama.cpp
+        length = [b - a for a, b in zip(start, start[1:] + [n])]
         prev = list(range(-1, count - 1))
         nxt = list(range(1, count + 1))
         nxt[-1] = -1
 
-        ids, scores = self._ids, self._scores
+        ids_get, scores = self._ids.get, self._scores
+        heappush, heappop = heapq.heappush, heapq.heappop
+        # queue entries: (-score, left, right, merged byte size); the min-heap pops the best score,
+        # then the leftmost pair, like llama.cpp's comparator
         heap: list[tuple[float, int, int, int]] = []
-
-        def push(left: int, right: int) -> None:
-            if left < 0 or right < 0:
-                return
-            s = start[left]
-            size = length[left] + length[right]
-            tid = ids.get(text[s:s + size])
-            if tid is not None:
-                # min-heap on (-score, left): best score first, then leftmost
-                heapq.heappush(heap, (-scores[tid], left, right, size))
-
         for i in range(1, count):
-            push(i - 1, i)
+            s = start[i - 1]
+            size = length[i - 1] + length[i]
+            tid = ids_get(text[s:s + size])
+            if tid is not None:
+                heap.append((-scores[tid], i - 1, i, size))
+        heapq.heapify(heap)
 
         while heap:
-            _, left, right, size = heapq.heappop(heap)
+            _, left, right, size = heappop(heap)
             ll, lr = length[left], length[right]
             if ll == 0 or lr == 0 or ll + lr != size:
                 continue  # stale: one side was merged since this pair was queued
             length[left] = size
             length[right] = 0
-            nxt[left] = nxt[right]
-            if nxt[right] >= 0:
-                prev[nxt[right]] = left
-            push(prev[left], left)
-            push(left, nxt[left])
+            after = nxt[right]
+            nxt[left] = after
+            if after >= 0:
+                prev[after] = left
+            # new candidate pairs on both sides of the merged symbol
+            before = prev[left]
+            if before >= 0:
+                s = start[before]
+                pair = length[before] + size
+                tid = ids_get(text[s:s + pair])
+                if tid is not None:
+                    heappush(heap, (-scores[tid], before, left, pair))
+            if after >= 0:
+                s = start[left]
+                pair = size + length[after]
+                tid = ids_get(text[s:s + pair])
+                if tid is not None:
+                    heappush(heap, (-scores[tid], left, after, pair))
 
         out: list[int] = []
         byte_ids = self._byte_ids
+        ids = self._ids
         i = 0
         while i != -1:
             s = start[i]
