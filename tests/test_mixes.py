@@ -3,6 +3,7 @@ documented rules (src/llama-quant.cpp) worked out by hand for a TinyLlama-shaped
 from __future__ import annotations
 
 import pytest
+
 from llmrun.errors import LlmrunError
 from llmrun.gguf import GGUFReader
 from llmrun.gguf.constants import GGMLType as T
