@@ -36,10 +36,30 @@ _SEED_CODER = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1}| ?[^\s\p{L}\
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _BAILINGMOE = (r"'(?:[sSdDmMtT]|[lL][lL]|[vV][eE]|[rR][eE])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+")
-_DEEPSEEK_CJK = "[一-龥ࠀ-一가-퟿]+"
-_DEEPSEEK_LLM_LETTERS = (
-    r"\s?[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-ώᾀ-ᾴᾶ-ᾼιῂ-ῄῆ-ῌῐ-ΐῖ-Ίῠ-Ῥῲ-ῴῶ-ῼ"
-    r"ℂℇℊ-ℓℕℙ-ℝℤΩℨK-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗＡ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+")
+def _char_class(ranges: str) -> str:
+    """Regex character class from "XXXX-YYYY ZZZZ ..." code point ranges (hex), spelled with
+    escapes so that no editor or normalizer can change the characters."""
+    parts = []
+    for item in ranges.split():
+        lo, _, hi = item.partition("-")
+        parts.append(f"\\x{{{lo}}}" + (f"-\\x{{{hi}}}" if hi else ""))
+    return "[" + "".join(parts) + "]"
+
+
+_DEEPSEEK_CJK = _char_class("4E00-9FA5 0800-4E00 AC00-D7FF") + "+"
+# cased letters (DeepSeek LLM's tokenizer.json, as llama.cpp copies it)
+_DEEPSEEK_LLM_LETTERS = r"\s?" + _char_class(
+    "41-5A 61-7A B5 C0-D6 D8-F6 F8-1BA 1BC-1BF 1C4-293 295-2AF 370-373 376-377 37B-37D 37F 386 388-38A "
+    "38C 38E-3A1 3A3-3F5 3F7-481 48A-52F 531-556 10A0-10C5 13A0-13F5 13F8-13FD 1C90-1CBA 1CBD-1CBF "
+    "1D00-1D2B 1D6B-1D77 1D79-1D9A 1E00-1F15 1F18-1F1D 1F20-1F45 1F48-1F4D 1F50-1F57 1F59 1F5B 1F5D "
+    "1F5F-1F7D 1F80-1FB4 1FB6-1FBC 1FBE 1FC2-1FC4 1FC6-1FCC 1FD0-1FD3 1FD6-1FDB 1FE0-1FEC 1FF2-1FF4 "
+    "1FF6-1FFC 2102 2107 210A-2113 2115 2119-211D 2124 2126 2128 212A-212D 212F-2134 2139 213C-213F "
+    "2145-2149 214E 2183-2184 2C00-2C7B 2C7E-2CE4 2CEB-2CEE 2CF2-2CF3 A640-A66D A680-A69B A722-A76F "
+    "A771-A787 A78B-A78E AB70-ABBF FB00-FB06 FB13-FB17 FF21-FF3A FF41-FF5A 10400-1044F 104B0-104D3 "
+    "104D8-104FB 10C80-10CB2 10CC0-10CF2 118A0-118DF 1E900-1E943") + "+"
+_DEEPSEEK_LLM_PUNCT = r"\s?" + _char_class("21-2F 3A-7E FF01-FF0F FF1A-FF5E 2018-201F 3000-3002") + "+"
+_KANA_CJK = _char_class("4E00-9FA5 3040-309F 30A0-30FF") + "+"
+_BLOOM = r" ?[^(\s|.,!?\x{2026}\x{3002}\x{FF0C}\x{3001}\x{0964}\x{06D4}\x{060C})]+"
 
 _REGEXES: dict[str, list[str]] = {
     "default": [r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", "[0-9][0-9][0-9]"],
@@ -48,14 +68,13 @@ _REGEXES: dict[str, list[str]] = {
     "starcoder": [r"\p{N}", _GPT2],
     "qwen2": [_QWEN2],
     "qwen35": [_QWEN35],
-    "deepseek-llm": [r"[\r\n]", _DEEPSEEK_LLM_LETTERS, r"\s?[!-/:-~！-／：-～‘-‟　-。]+", r"\s+$",
-                     _DEEPSEEK_CJK, r"\p{N}+"],
+    "deepseek-llm": [r"[\r\n]", _DEEPSEEK_LLM_LETTERS, _DEEPSEEK_LLM_PUNCT, r"\s+$", _DEEPSEEK_CJK, r"\p{N}+"],
     "deepseek-coder": [r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", _DEEPSEEK_CJK, r"\p{N}"],
-    "deepseek-v3": [r"\p{N}{1,3}", "[一-龥぀-ゟ゠-ヿ]+",
+    "deepseek-v3": [r"\p{N}{1,3}", _KANA_CJK,
                     r"[!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+"
                     r"| ?[\p{P}\p{S}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"],
     "falcon": [r"[\p{P}\$\+<=>\^~\|`]+", _GPT2, "[0-9][0-9][0-9]"],
-    "bloom": [r" ?[^(\s|.,!?…。，、।۔،)]+"],
+    "bloom": [_BLOOM],
     "tekken": [_TEKKEN],
     "gpt-4o": [_GPT4O],
     "seed-coder": [_SEED_CODER],
@@ -180,8 +199,11 @@ class BpeEncoder:
             except Exception as e:  # tokenizers raises its own exception types
                 raise TokenizerError(f"tokenizer: cannot build the BPE model from the GGUF vocab: {e}") from e
         tk = Tokenizer(model)
-        steps = [pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False)
-                 for r in _REGEXES[pre.regex_key]]
+        try:
+            steps = [pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False)
+                     for r in _REGEXES[pre.regex_key]]
+        except Exception as e:  # an Oniguruma syntax error: a bug here, not in the file
+            raise TokenizerError(f"tokenizer: pre-tokenizer {pre.regex_key!r} regex does not compile: {e}") from e
         steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False))
         tk.pre_tokenizer = pre_tokenizers.Sequence(steps)
         self._tk = tk

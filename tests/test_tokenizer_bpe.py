@@ -20,6 +20,7 @@ from convert.vocab import vocab_metadata
 from llmrun.errors import TokenizerError
 from llmrun.gguf import GGUFReader, GGUFWriter
 from llmrun.tokenizer import Tokenizer, TokenType, Utf8Stream, decode_stream
+from llmrun.tokenizer_bpe import PRE_TOKENIZERS, byte_to_char
 
 HARD_INPUTS = [
     "",
@@ -148,6 +149,18 @@ def test_speed(default_model, smol):
     encode = time.perf_counter() - t0
     # generous bounds (the machine is shared); the targets are 0.5 s and 0.1 s
     assert build < 1.5 and encode < 0.3, (build, encode)
+
+
+@pytest.mark.parametrize("pre", sorted({v: k for k, v in PRE_TOKENIZERS.items()}.values()))  # one name per kind
+def test_every_known_pre_tokenizer_builds_and_round_trips(pre):
+    tokens = list(byte_to_char().values()) + ["<|eot_id|>"]
+    tok = Tokenizer.from_metadata({
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": np.array([1] * 256 + [3], dtype=np.int32),
+        "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.bos_token_id": 256, "tokenizer.ggml.eos_token_id": 256})
+    text = "Hello, I'm 12345 日本 Ωmega 한국 😀\n\n  x\t!"
+    ids = tok.encode(text, add_bos=False)
+    assert len(ids) == len(text.encode()) and tok.decode(ids) == text.encode()  # one byte token per byte
 
 
 def _tiny_metadata(**extra):
