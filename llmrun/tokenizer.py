@@ -152,23 +152,25 @@ class Tokenizer:
     def _find_end_tokens(self, metadata: Mapping) -> None:
         """EOT and the end-of-generation set, as llama.cpp derives them (ids and token texts)."""
         n, types, lookup = self.n_vocab, self.token_types, self._token_to_id
-        self.eot_id: int | None = _optional_id(metadata, "eot_token_id", None, n)
-        eom_id = _optional_id(metadata, "eom_token_id", None, n)
-        if self.eot_id is None:
-            self.eot_id = next((lookup[t] for t in EOT_TEXTS if t in lookup), None)
-        eog = set()
-        for names in FIM_EOG_TEXTS:
-            found = next((lookup[t] for t in names if t in lookup), None)
-            if found is not None:
-                eog.add(found)
-        if eom_id is None:
-            eom_id = lookup.get("<|eom_id|>")
-        eog.update(lookup[t] for t in EOG_TEXTS if t in lookup)
-        eog.update(i for i in (self.eos_id, self.eot_id, eom_id) if i is not None)
-        for i in eog:
-            if types[i] != TokenType.CONTROL:
-                # llama.cpp forces control type on them, so they are hidden and never typed by users
-                types[i] = TokenType.CONTROL
+        by_text: set[int] = set()  # found by their text: llama.cpp makes these control tokens
+
+        def detect(key: str | None, texts: Sequence[str]) -> int | None:
+            tid = _optional_id(metadata, key, None, n) if key else None
+            if tid is None:
+                tid = next((lookup[t] for t in texts if t in lookup), None)
+                if tid is not None:
+                    by_text.add(tid)
+            return tid
+
+        self.eot_id: int | None = detect("eot_token_id", EOT_TEXTS)
+        eom_id = detect("eom_token_id", ("<|eom_id|>",))
+        fim = [detect(key, texts) for key, texts in zip(("fim_pad_token_id", "fim_rep_token_id", "fim_sep_token_id"),
+                                                       FIM_EOG_TEXTS)]
+        listed = {lookup[t] for t in EOG_TEXTS if t in lookup}
+        by_text |= listed
+        eog = listed | {i for i in (self.eos_id, self.eot_id, eom_id, *fim) if i is not None}
+        for i in by_text:
+            types[i] = TokenType.CONTROL  # hidden when decoding, never matched in user text
         self.eog_ids: frozenset[int] = frozenset(eog)
 
     def _special_cache(self) -> list[tuple[bytes, int, int]]:
