@@ -233,56 +233,102 @@ def _merges(hf_dir: Path, tokenizer_json: dict | None) -> list[str]:
 
 
 # --- special tokens, add_* flags, chat template (gguf-py SpecialVocab) -------------------------
+def _content(entry) -> str | None:
+    """The text of a special token entry in tokenizer_config.json (a string or an AddedToken dict)."""
+    if isinstance(entry, dict):
+        entry = entry.get("content")
+    return entry if isinstance(entry, str) else None
+
+
+def _special_id(item: dict) -> str | None:
+    return (item.get("SpecialToken") or {}).get("id") if isinstance(item, dict) else None
+
+
+def _sequence_id(item: dict) -> str | None:
+    return (item.get("Sequence") or {}).get("id") if isinstance(item, dict) else None
+
+
+def _read_post_processor(post: dict, texts: dict[str, str | None], add: dict[str, bool], have_config: bool):
+    """What a tokenizer.json post-processor says about BOS / EOS / SEP (as gguf-py reads it:
+    RobertaProcessing adds all three; a simple TemplateProcessing is read for the single-sequence
+    wrapping and for a separator between the two sequences of a pair)."""
+    for proc in post.get("processors", [post]):
+        if proc.get("type") == "RobertaProcessing":
+            add.update(bos=True, eos=True, sep=True)
+            texts["cls"] = texts["cls"] or (proc.get("cls") or [texts["bos"]])[0]
+            texts["sep"] = texts["sep"] or (proc.get("sep") or [texts["eos"]])[0]
+            continue
+        if proc.get("type") != "TemplateProcessing":
+            continue
+        single, pair = proc.get("single") or [], proc.get("pair") or []
+        first = last = None
+        if len(single) > 1:
+            first, last = _special_id(single[0]), _special_id(single[-1])
+            if first:
+                if not have_config:
+                    texts["bos"] = first
+                add["bos"] = first in (texts["bos"], texts["cls"])
+            if last:
+                if not have_config:
+                    texts["eos"] = last
+                elif last != texts["eos"]:
+                    log.warning("TemplateProcessing ends with %r, not the EOS token %r", last, texts["eos"])
+                add["eos"] = last == texts["eos"]
+        if pair:
+            begin = 1 if first and _special_id(pair[0]) == first else 0
+            end = len(pair) - 1 if last and _special_id(pair[-1]) == last else len(pair)
+            inner = pair[begin:end]
+            if len(inner) > 2 and _sequence_id(inner[0]) == "A" and _sequence_id(inner[-1]) == "B":
+                middle = inner[1:-1]
+                separators = (texts["sep"], texts["eos"])
+                add_sep = _special_id(middle[0]) in separators and not last
+                if len(middle) == 2 and _special_id(middle[1]) in separators:
+                    add_sep = True
+                add["sep"] = add_sep
+                if add_sep and not texts["sep"] and have_config:
+                    texts["sep"] = texts["eos"]
+
+
 def _special_vocab(hf_dir: Path, n_vocab: int, tokenizer_json: dict | None):
-    """(ids {kind: id}, add flags {kind: bool}, chat template str | list | None)."""
-    ids: dict[str, int] = {}
-    add: dict[str, bool] = {}
+    """(ids {kind: id}, add flags {kind: bool}, chat template str | list | None), like gguf-py's
+    SpecialVocab: token texts from tokenizer_config.json (special_tokens_map.json fills gaps, an
+    extension) resolved through tokenizer.json's added_tokens, then config.json's *_token_id."""
     config = _read_json(hf_dir / "tokenizer_config.json")
-    added_tokens = (tokenizer_json or {}).get("added_tokens") or []
+    special_map = _read_json(hf_dir / "special_tokens_map.json") or {}
+    texts = {kind: _content((config or {}).get(f"{kind}_token")) or _content(special_map.get(f"{kind}_token"))
+             for kind in _SPECIAL_KEYS}
+    if config is not None:
+        texts["bos"] = texts["bos"] or texts["cls"]
+        texts["eos"] = texts["eos"] or texts["sep"]
+    add: dict[str, bool] = {}
+    if tokenizer_json and tokenizer_json.get("post_processor"):
+        _read_post_processor(tokenizer_json["post_processor"], texts, add, config is not None)
+
+    template = None
+    jinja = hf_dir / "chat_template.jinja"
+    if jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+    elif (hf_dir / "chat_template.json").is_file():
+        template = (_read_json(hf_dir / "chat_template.json") or {}).get("chat_template")
+    if config is not None:
+        template = config.get("chat_template", template)
+        for kind in _SPECIAL_KEYS:
+            if isinstance(config.get(f"add_{kind}_token"), bool):
+                add[kind] = config[f"add_{kind}_token"]
+    if not isinstance(template, (str, list)):
+        template = None
+
+    ids: dict[str, int] = {}
 
     def set_id(kind: str, tid) -> None:
         if isinstance(tid, int) and not isinstance(tid, bool) and 0 <= tid < n_vocab and kind not in ids:
             ids[kind] = tid
 
-    def content(entry) -> str | None:
-        if isinstance(entry, dict):
-            entry = entry.get("content")
-        return entry if isinstance(entry, str) else None
-
-    if tokenizer_json:
-        bos, eos = content((config or {}).get("bos_token")), content((config or {}).get("eos_token"))
-        post = tokenizer_json.get("post_processor") or {}
-        for proc in post.get("processors", [post]):
-            # a simple TemplateProcessing tells whether BOS / EOS wrap a single sequence
-            single = (proc.get("single") or []) if proc.get("type") == "TemplateProcessing" else []
-            if len(single) > 1:
-                first = (single[0].get("SpecialToken") or {}).get("id")
-                last = (single[-1].get("SpecialToken") or {}).get("id")
-                if first:
-                    add["bos"] = first == bos if config else True
-                if last:
-                    add["eos"] = last == eos if config else True
-    template = None
+    added_tokens = (tokenizer_json or {}).get("added_tokens") or []
     if config is not None:
-        jinja = hf_dir / "chat_template.jinja"
-        if jinja.is_file():
-            template = jinja.read_text(encoding="utf-8")
-        elif (hf_dir / "chat_template.json").is_file():
-            template = (_read_json(hf_dir / "chat_template.json") or {}).get("chat_template")
-        template = config.get("chat_template", template)
-        if not isinstance(template, (str, list)):
-            template = None
-        special_map = _read_json(hf_dir / "special_tokens_map.json") or {}
-        for kind in _SPECIAL_KEYS:
-            flag = config.get(f"add_{kind}_token")
-            if isinstance(flag, bool):
-                add[kind] = flag
-            # special_tokens_map.json fills what tokenizer_config.json leaves out (transformers does too)
-            text = content(config.get(f"{kind}_token")) or content(special_map.get(f"{kind}_token"))
+        for kind, text in texts.items():
             if text is not None:
                 set_id(kind, next((a.get("id") for a in added_tokens if a.get("content") == text), None))
-    elif (hf_dir / "chat_template.jinja").is_file():
-        template = (hf_dir / "chat_template.jinja").read_text(encoding="utf-8")
     model_config = _read_json(hf_dir / "config.json") or {}
     for kind in _SPECIAL_KEYS:
         tid = model_config.get(f"{kind}_token_id")

@@ -307,3 +307,18 @@ def test_llama3_special_and_user_defined_tokens(llama3, llama3_ref):
     assert llama3.eot_id == llama3.eos_id == llama3_ref.token_to_id("<|eot_id|>")
     assert llama3.eog_ids == frozenset({llama3_ref.token_to_id("<|eot_id|>"),
                                         llama3_ref.token_to_id("<|end_of_text|>")})
+
+
+def test_llama3_special_vocab_matches_gguf_py(llama3_dir):
+    """Merges, special ids and add_* flags as gguf-py's SpecialVocab (used by llama.cpp's converter)."""
+    import gguf
+
+    ref = gguf.SpecialVocab(llama3_dir, load_merges=True, n_vocab=PADDED_VOCAB)
+    ours = {k: v for k, v, *_ in vocab_metadata(llama3_dir, PADDED_VOCAB)}
+    assert ours["tokenizer.ggml.merges"] == ref.merges
+    keys = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "pad": "padding_token_id"}
+    assert {k: ours[f"tokenizer.ggml.{v}"] for k, v in keys.items() if f"tokenizer.ggml.{v}" in ours} == \
+        ref.special_token_ids
+    assert {k: ours[f"tokenizer.ggml.add_{k}_token"] for k in ("bos", "eos", "sep")
+            if f"tokenizer.ggml.add_{k}_token" in ours} == ref.add_special_token
+    assert ours["tokenizer.chat_template"] == ref.chat_template
