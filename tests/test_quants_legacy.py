@@ -117,6 +117,24 @@ def test_scale_overflowing_fp16_is_an_error_like_llama_quantize(qtype):
         quantize(x, qtype)
 
 
+def test_q8_0_rounds_half_away_from_zero():
+    # amax 127 gives d = 1 exactly, so the codes are roundf(x): C's roundf sends .5 away from zero
+    x = np.zeros((1, 32), dtype=np.float32)
+    x[0, :7] = [127.0, 2.5, -2.5, 0.5, -0.5, 3.5, 1.4999999]
+    codes = quantize(x, "q8_0")[0, 2:].view(np.int8)
+    np.testing.assert_array_equal(codes[:7], [127, 3, -3, 1, -1, 4, 1])
+
+
+def test_q4_0_truncates_toward_zero_after_adding_8_5():
+    # signed max -8 gives d = 1, id = 1: code = min(15, trunc(x + 8.5))
+    x = np.zeros((1, 32), dtype=np.float32)
+    x[0, :6] = [-8.0, 7.4, 7.5, 6.5, -0.5, -7.6]
+    raw = quantize(x, "q4_0")[0]
+    codes = np.concatenate([raw[2:] & 0x0F, raw[2:] >> 4])
+    np.testing.assert_array_equal(codes[:6], [0, 15, 15, 15, 8, 0])
+    np.testing.assert_array_equal(codes[6:], 8)
+
+
 def test_row_length_must_be_a_multiple_of_32():
     with pytest.raises(QuantError, match="multiple"):
         quantize(np.ones((2, 48), dtype=np.float32), "q4_0")

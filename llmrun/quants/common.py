@@ -1,7 +1,7 @@
-"""Small helpers shared by the block formats (fp16 scale fields, ggml's integer rounding rules).
+"""Small helpers shared by the block formats: fp16 scale fields, C's roundf, an input check.
 
-The scalar functions are Numba-compiled so that other `@njit` kernels can call them; they also work
-from plain Python on numpy float32 scalars.
+The scalar function is Numba-compiled so that `@njit` kernels can call it; it also works from plain
+Python on numpy float32 scalars.
 """
 from __future__ import annotations
 
@@ -36,12 +36,6 @@ def roundf(v):
     Done in float64, where |v| + 0.5 is exact for any float32 below 2**29, so no double rounding."""
     a = math.floor(abs(np.float64(v)) + 0.5)
     return int(a) if v >= 0 else -int(a)
-
-
-@njit(cache=True)
-def nearest_int(v):
-    """ggml's nearest_int: round half to even (the 1.5*2**23 trick), valid for |v| <= 2**22."""
-    return int(np.rint(np.float64(v)))
 
 
 @njit(cache=True, parallel=True)
