@@ -1,10 +1,11 @@
 """llama.cpp's quantization mixes: a file type name -> the ggml type of every tensor.
 
-Follows `src/llama-quant.cpp` of ggml-org/llama.cpp as of mid-2026 (the tensor_category version:
+Follows `src/llama-quant.cpp` of ggml-org/llama.cpp (read at commit 007dbbf3, mid-2026):
 `tensor_allows_quantization`, `llama_tensor_get_type_impl`, `tensor_type_fallback`,
-`llama_ftype_get_default_type`) and the type names of `tools/quantize/quantize.cpp`, restricted to what
-llmrun runs: arch llama, dense (no experts), no importance matrix, no user overrides. Rules that depend
-only on other architectures, experts, imatrix or the IQ1/IQ2/IQ3 file types are left out.
+`llama_ftype_get_default_type`, and the type names of `tools/quantize/quantize.cpp`. Its fallback table
+sends Q2_K/Q3_K to Q4_0 (older releases used IQ4_NL). Restricted to what llmrun runs: arch llama, dense
+(no experts), no importance matrix, no user overrides; rules that only concern other architectures,
+experts, imatrix or the IQ1/IQ2/IQ3 file types are left out.
 
 The decisions depend on order: llama.cpp counts attn_v and ffn_down tensors as it meets them, in its
 loader's order (layer number first, tensors outside blocks before all blocks, then by name), so we sort
