@@ -143,3 +143,15 @@ def test_row_length_must_be_a_multiple_of_32():
 def test_wrong_byte_count_is_reported():
     with pytest.raises(QuantError, match="bytes"):
         dequantize(np.zeros(17, dtype=np.uint8), "q4_0", (1, 32))
+
+
+def test_requantizing_llama_cpp_q8_0_rows_gives_back_their_bytes(default_model):
+    # llama.cpp wrote token_embd as Q8_0; every block's extreme weight decodes to +-127*d, so quantizing
+    # the decoded rows again must reproduce llama.cpp's bytes exactly (real data, not synthetic).
+    from llmrun.gguf import GGUFReader
+    with GGUFReader(default_model) as r:
+        ti = r.tensors["token_embd.weight"]
+        assert ti.ggml_type == 8  # Q8_0
+        rows = np.array(ti.data[1000:1064])
+    x = dequantize(rows, "q8_0", (64, ti.shape[1]))
+    np.testing.assert_array_equal(quantize(x, "q8_0"), rows)
