@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -46,39 +47,48 @@ def test_chat_piped_two_turns_reuses_cache(default_model):
     assert e2 <= (p2 - p1 - n1) + 3            # at most a few tokens of the first answer are re-tokenized
 
 
-def test_chat_eof_ends_cleanly_and_commands(default_model):
-    res = _llmrun("chat", default_model, "--temp", "0", "-n", "4", "--ctx", "256", "--system", "Be terse.",
-                  stdin="/bogus\nHi\n/reset\n/system You are a pirate.\n")   # EOF, no /exit
-    assert res.returncode == 0, res.stderr
-    assert "unknown command /bogus" in res.stderr
-    assert "conversation reset" in res.stderr and "new system prompt" in res.stderr
-    assert len(STATS.findall(res.stderr)) == 1
-
-
-def test_chat_context_full_is_reported_not_fatal(default_model):
+def test_chat_commands_context_full_and_eof(default_model):
     long_line = "please " * 80
-    res = _llmrun("chat", default_model, "--temp", "0", "-n", "4", "--ctx", "64",
-                  stdin=f"{long_line}\n/reset\nHi\n/exit\n")
+    res = _llmrun("chat", default_model, "--temp", "0", "-n", "4", "--ctx", "64", "--system", "Be terse.",
+                  stdin=f"/bogus\n{long_line}\n/reset\nHi\n/system You are a pirate.\n")   # EOF, no /exit
     assert res.returncode == 0, res.stderr
-    assert "context window full" in res.stderr and "/reset" in res.stderr
-    assert len(STATS.findall(res.stderr)) == 1   # the short message after /reset was answered
+    assert "Traceback" not in res.stderr
+    assert "unknown command /bogus" in res.stderr
+    assert "context window full" in res.stderr and "/reset" in res.stderr    # reported, not fatal
+    assert "conversation reset" in res.stderr and "new system prompt" in res.stderr
+    assert len(STATS.findall(res.stderr)) == 1   # only "Hi" was answered
 
 
-def test_run_with_n_predict(default_model):
-    res = _llmrun("run", default_model, "-p", "The capital of France is", "-n", "6", "--temp", "0", "-v",
-                  "--ctx", "128")
+def test_chat_ctrl_c_stops_the_answer_not_the_program(default_model):
+    proc = subprocess.Popen([sys.executable, "-m", "llmrun.cli", "chat", str(default_model), "--temp", "0",
+                             "-n", "400", "--ctx", "1024"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, bufsize=0)
+    try:
+        proc.stdin.write("Write a long story about a dragon.\n")
+        proc.stdin.flush()
+        first = proc.stdout.read(1)          # the answer has started streaming
+        assert first
+        proc.send_signal(signal.SIGINT)
+        proc.stdin.write("/exit\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "answer stopped" in err and "Traceback" not in err
+    (stats,) = STATS.findall(err)
+    assert int(stats[3]) < 400
+
+
+def test_run_with_n_predict_and_default_model(default_model):
+    # MODEL omitted: $LLMRUN_MODEL names the default model
+    res = _llmrun("run", "-p", "The capital of France is", "-n", "6", "--temp", "0", "-v", "--ctx", "128",
+                  env={"LLMRUN_MODEL": str(default_model)})
     assert res.returncode == 0, res.stderr
     assert "generated 6 tokens" in res.stderr and "finish_reason: length" in res.stderr
     assert "Paris" in res.stdout
     assert not res.stdout.startswith("The capital")     # the prompt is not echoed
-
-
-def test_run_without_verbose_keeps_stderr_quiet(default_model):
-    res = _llmrun("run", "-p", "Hello", "-n", "2", "--ctx", "64", "--seed", "1",
-                  env={"LLMRUN_MODEL": str(default_model)})       # MODEL omitted: default model
-    assert res.returncode == 0, res.stderr
-    assert res.stderr == ""
-    assert res.stdout.strip()
 
 
 @pytest.mark.parametrize("cmd", [["run", "-p", "hi"], ["chat"]])
@@ -149,8 +159,8 @@ def test_perplexity_needs_two_windows():
 
 def test_perplexity_command(default_model, tmp_path):
     text = tmp_path / "t.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. " * 30)
-    res = _llmrun("perplexity", default_model, "-f", text, "--ctx", "64")
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 8)   # ~80 tokens: 2 windows of 32
+    res = _llmrun("perplexity", default_model, "-f", text, "--ctx", "32")
     assert res.returncode == 0, res.stderr
     m = re.search(r"PPL = ([\d.]+) \+/- ([\d.]+)", res.stdout)
     assert m, res.stdout
@@ -159,4 +169,4 @@ def test_perplexity_command(default_model, tmp_path):
     assert 1.0 <= ppl < 20 and err >= 0
     short = tmp_path / "s.txt"
     short.write_text("too short")
-    _one_line_error(_llmrun("perplexity", default_model, "-f", short, "--ctx", "64"))
+    _one_line_error(_llmrun("perplexity", default_model, "-f", short, "--ctx", "32"))
