@@ -36,6 +36,27 @@ def main():
 # Commands are added below by their owners: info, quantize, convert, run, chat, bench, perplexity.
 
 
+@main.command("bench")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("-p", "--n-prompt", type=click.IntRange(min=0), default=128, show_default=True,
+              help="prompt tokens, evaluated in one batch from an empty cache (prefill)")
+@click.option("-n", "--n-gen", type=click.IntRange(min=0), default=32, show_default=True,
+              help="tokens generated one at a time after the prompt (decode)")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="worker threads (default: all cores)")
+@click.option("-r", "--repetitions", type=click.IntRange(min=1), default=3, show_default=True,
+              help="timed passes after one warm-up pass; the median is reported")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of a table")
+@_one_line_errors
+def bench(model, n_prompt, n_gen, threads, repetitions, as_json):
+    """Prefill and decode throughput (tokens/s) of MODEL, llama-bench style."""
+    import json
+
+    from .bench import bench_file, format_result
+
+    result = bench_file(model, n_prompt=n_prompt, n_gen=n_gen, threads=threads, repetitions=repetitions)
+    click.echo(json.dumps(result.to_json()) if as_json else format_result(result))
+
+
 # ---- run / chat / perplexity (API helper) -----------------------------------------------------------------
 def _sampling_options(fn):
     """Sampling flags shared by `run` and `chat`; defaults are llama.cpp's."""

@@ -1,0 +1,372 @@
+"""`make bench`: llmrun and llama.cpp (through llama-cpp-python) side by side on the same GGUF files.
+
+    python -m llmrun.bench_compare            # all cases (builds the random TinyLlama models once)
+    python -m llmrun.bench_compare --quick    # only the default SmolLM2 model
+    python -m llmrun.bench_compare --case q4_0 --case smollm2 -p 128 -n 32 -r 3
+
+Both engines measure the same thing the same way (see llmrun/bench.py): prefill = one batched evaluation of
+n_prompt random tokens from an empty cache, decode = n_gen single-token evaluations after it, a warm-up
+pass first, the median of the repetitions reported. Each engine runs in its own worker process (their
+OpenMP thread pools would otherwise fight over the two cores), and the timed passes alternate between
+the two engines, so background load from the shared machine hits both alike; compare the ratios.
+
+The TinyLlama-1.1B-shaped models are random-weight checkpoints (bench/make_random_checkpoint.py) converted
+with `llmrun convert`, cached under models/bench/ and built only when missing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODELS_DIR = REPO_ROOT / "models"
+BENCH_DIR = MODELS_DIR / "bench"
+DEFAULT_MODEL = MODELS_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SHARED_DIR = Path(os.environ.get("LLMRUN_SHARED", REPO_ROOT.parent / "shared"))
+TOKENIZER_MODEL = SHARED_DIR / "fixtures" / "llama2-tokenizer.model"
+RANDOM_CKPT = BENCH_DIR / "tinyllama-1.1b-random-hf"
+
+# Seconds of quiet between two timed passes: OpenMP / ggml worker threads spin for a while after their
+# work is done, and must not steal the cores from the other engine's next pass.
+SETTLE_S = 0.3
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    model: str        # "tinyllama" (random 1.1B, built on demand) or "smollm2" (the default model)
+    qtype: str
+    threads: int
+
+    def path(self) -> Path:
+        if self.model == "smollm2":
+            return DEFAULT_MODEL
+        return BENCH_DIR / f"tinyllama-1.1b-random.{self.qtype}.gguf"
+
+
+CASES = [
+    Case("tinyllama-q4_0-t1", "tinyllama", "q4_0", 1),
+    Case("tinyllama-q4_0-t2", "tinyllama", "q4_0", 2),
+    Case("tinyllama-q8_0-t2", "tinyllama", "q8_0", 2),
+    Case("tinyllama-q4_k_m-t2", "tinyllama", "q4_k_m", 2),
+    Case("smollm2-q4_1-t2", "smollm2", "q4_1", 2),
+]
+
+
+# ----------------------------------------------------------------------------------------------- models
+def _run(cmd: list[str], what: str) -> None:
+    print(f"[bench] {what}: {' '.join(cmd)}", flush=True)
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO_ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {proc.returncode})")
+    print(f"[bench] {what}: done in {time.perf_counter() - t:.0f} s", flush=True)
+
+
+def ensure_model(case: Case) -> Path:
+    """The case's GGUF file, converted from the random checkpoint first if it is not cached yet."""
+    path = case.path()
+    if path.exists():
+        return path
+    if case.model == "smollm2":
+        raise RuntimeError(f"{path} is missing: run `make model`")
+    BENCH_DIR.mkdir(parents=True, exist_ok=True)
+    if not (RANDOM_CKPT / "config.json").exists():
+        if not TOKENIZER_MODEL.exists():
+            raise RuntimeError(f"{TOKENIZER_MODEL} is missing (shared/ must sit beside the repo)")
+        _run([sys.executable, str(REPO_ROOT / "bench" / "make_random_checkpoint.py"), str(RANDOM_CKPT),
+              "--tokenizer-model", str(TOKENIZER_MODEL)], "random TinyLlama checkpoint")
+    _run([sys.executable, "-m", "llmrun.cli", "convert", str(RANDOM_CKPT), "-o", str(path),
+          "--type", case.qtype], f"llmrun convert --type {case.qtype}")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- workers
+class _LlmrunEngine:
+    name = "llmrun"
+
+    def __init__(self, path: str, threads: int, n_ctx: int):
+        from .bench import _use_threads
+        from .gguf import GGUFReader
+        from .model import LlamaModel
+
+        _use_threads(threads)
+        self.model = LlamaModel.load(GGUFReader(path), n_ctx=n_ctx, n_threads=threads)
+        _use_threads(threads)
+        self.n_vocab = self.model.hparams.n_vocab
+
+    def passes(self, prompt, gen):
+        from .bench import _time_pass
+        return _time_pass(self.model, prompt, gen)
+
+
+class _LlamaCppEngine:
+    name = "llama.cpp"
+
+    def __init__(self, path: str, threads: int, n_ctx: int):
+        from llama_cpp import Llama
+
+        n_batch = max(n_ctx, 512)  # the whole prompt is one llama_decode call
+        self.llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
+                         n_threads_batch=threads, logits_all=False, verbose=False)
+        self.n_vocab = self.llm.n_vocab()
+
+    def passes(self, prompt, gen):
+        llm = self.llm
+        llm.reset()                        # next eval removes every cached position (seq_rm from 0)
+        t0 = time.perf_counter()
+        if prompt:
+            llm.eval(prompt)               # one llama_decode of the whole prompt
+        t1 = time.perf_counter()
+        for tok in gen:
+            llm.eval((tok,))
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1
+
+
+ENGINES = {"llmrun": _LlmrunEngine, "llama.cpp": _LlamaCppEngine}
+
+
+def _worker(conn, engine: str, path: str, threads: int, n_ctx: int) -> None:
+    """Child process: load once, then answer ("pass", prompt, gen) requests with (pp_s, tg_s)."""
+    try:
+        t = time.perf_counter()
+        eng = ENGINES[engine](path, threads, n_ctx)
+        conn.send(("ready", {"n_vocab": eng.n_vocab, "load_s": time.perf_counter() - t}))
+        while True:
+            msg = conn.recv()
+            if msg[0] == "quit":
+                break
+            conn.send(("ok", eng.passes(msg[1], msg[2])))
+    except BaseException as e:  # report, never hang the parent
+        try:
+            conn.send(("error", f"{type(e).__name__}: {e}".splitlines()[0]))
+        except OSError:
+            pass
+    finally:
+        conn.close()
+
+
+class Worker:
+    def __init__(self, engine: str, path: Path, threads: int, n_ctx: int):
+        ctx = mp.get_context("spawn")
+        self.engine = engine
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(child, engine, str(path), threads, n_ctx), daemon=True)
+        self.proc.start()
+        child.close()
+        self.info = self._recv("ready")
+
+    def _recv(self, expected: str):
+        try:
+            kind, payload = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"{self.engine} worker died (exit code {self.proc.join(5) or self.proc.exitcode})")
+        if kind == "error":
+            raise RuntimeError(f"{self.engine}: {payload}")
+        assert kind == expected, kind
+        return payload
+
+    def timed_pass(self, prompt, gen) -> tuple[float, float]:
+        self.conn.send(("pass", prompt, gen))
+        return self._recv("ok")
+
+    def close(self):
+        try:
+            self.conn.send(("quit",))
+        except OSError:
+            pass
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
+
+
+# ----------------------------------------------------------------------------------------------- measure
+def measure_case(case: Case, engines: list[str], n_prompt: int, n_gen: int, repetitions: int, seed: int = 0):
+    """{engine: {"pp_tps", "tg_tps", "pp_runs", "tg_runs", "load_s"} or {"error": msg}}."""
+    import numpy as np
+
+    path = ensure_model(case)
+    n_ctx = max(n_prompt + n_gen, 16)
+    workers, out = {}, {}
+    for eng in engines:
+        try:
+            workers[eng] = Worker(eng, path, case.threads, n_ctx)
+        except Exception as e:  # one engine failing must not hide the other one's numbers
+            out[eng] = {"error": str(e)}
+    try:
+        if not workers:
+            return out
+        n_vocab = min(w.info["n_vocab"] for w in workers.values())
+        rng = np.random.default_rng(seed)
+        prompt = [int(t) for t in rng.integers(0, n_vocab, n_prompt)]
+        gen = [int(t) for t in rng.integers(0, n_vocab, n_gen)]
+        runs = {eng: [] for eng in workers}
+        for rep in range(-1, repetitions):          # rep -1 is the warm-up pass, not recorded
+            order = list(workers) if rep % 2 == 0 else list(reversed(workers))
+            for eng in order:
+                if eng in out:
+                    continue
+                try:
+                    pp_s, tg_s = workers[eng].timed_pass(prompt, gen)
+                except Exception as e:
+                    out[eng] = {"error": str(e)}
+                    continue
+                if rep >= 0:
+                    runs[eng].append((pp_s, tg_s))
+                time.sleep(SETTLE_S)
+        for eng, r in runs.items():
+            if eng in out:
+                continue
+            pp = [n_prompt / s for s, _ in r] if n_prompt else []
+            tg = [n_gen / s for _, s in r] if n_gen else []
+            out[eng] = {"pp_tps": statistics.median(pp) if pp else None,
+                        "tg_tps": statistics.median(tg) if tg else None,
+                        "pp_runs": pp, "tg_runs": tg, "load_s": workers[eng].info["load_s"]}
+    finally:
+        for w in workers.values():
+            w.close()
+    return out
+
+
+def _geomean(values):
+    values = [v for v in values if v and v > 0 and math.isfinite(v)]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def _fmt(v, spec=".1f"):
+    return "-" if v is None else format(v, spec)
+
+
+def format_table(rows, have_llamacpp: bool) -> str:
+    head = f"{'case':<22} {'thr':>3} {'llmrun pp':>10} {'llmrun tg':>10}"
+    if have_llamacpp:
+        head += f" {'llama.cpp pp':>12} {'llama.cpp tg':>12} {'pp ratio':>9} {'tg ratio':>9}"
+    lines = [head, "-" * len(head)]
+    pp_ratios, tg_ratios = [], []
+    for case, res in rows:
+        ours, ref = res.get("llmrun", {}), res.get("llama.cpp", {})
+        line = f"{case.name:<22} {case.threads:>3} {_fmt(ours.get('pp_tps')):>10} {_fmt(ours.get('tg_tps')):>10}"
+        if have_llamacpp:
+            ratios = []
+            for key, acc in (("pp_tps", pp_ratios), ("tg_tps", tg_ratios)):
+                a, b = ours.get(key), ref.get(key)
+                ratio = a / b if a and b else None
+                if ratio:
+                    acc.append(ratio)
+                ratios.append(ratio)
+            line += (f" {_fmt(ref.get('pp_tps')):>12} {_fmt(ref.get('tg_tps')):>12}"
+                     f" {_fmt(ratios[0], '.3f'):>9} {_fmt(ratios[1], '.3f'):>9}")
+        lines.append(line)
+        for eng, r in res.items():
+            if "error" in r:
+                lines.append(f"  ! {eng}: {r['error']}")
+    if have_llamacpp:
+        gm = f"{'geometric mean (llmrun / llama.cpp)':<49}"
+        lines.append("-" * len(head))
+        lines.append(f"{gm:<{len(head) - 20}} {_fmt(_geomean(pp_ratios), '.3f'):>9} "
+                     f"{_fmt(_geomean(tg_ratios), '.3f'):>9}")
+    return "\n".join(lines)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    import numba
+    import numpy
+    parts = [time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), _cpu_name(), f"{os.cpu_count()} cores",
+             f"python {platform.python_version()}", f"numpy {numpy.__version__}", f"numba {numba.__version__}"]
+    try:
+        from importlib.metadata import version
+        parts.append(f"llama-cpp-python {version('llama-cpp-python')}")
+    except Exception:
+        pass
+    return ", ".join(parts)
+
+
+def _llamacpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def select_cases(patterns: list[str] | None, quick: bool) -> list[Case]:
+    if quick:
+        return [c for c in CASES if c.model == "smollm2"]
+    if not patterns:
+        return list(CASES)
+    chosen = [c for c in CASES if any(p in c.name for p in patterns)]
+    if not chosen:
+        raise SystemExit(f"no case matches {patterns}; cases: {', '.join(c.name for c in CASES)}")
+    return chosen
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m llmrun.bench_compare",
+                                 description="llmrun vs llama.cpp prefill/decode throughput, side by side")
+    ap.add_argument("--quick", action="store_true", help="only the default SmolLM2 model")
+    ap.add_argument("--case", action="append", metavar="SUBSTRING",
+                    help="run the cases whose name contains this (repeatable); see --list")
+    ap.add_argument("--list", action="store_true", help="list the cases and exit")
+    ap.add_argument("-p", "--n-prompt", type=int, default=128)
+    ap.add_argument("-n", "--n-gen", type=int, default=32)
+    ap.add_argument("-r", "--repetitions", type=int, default=3)
+    ap.add_argument("--llmrun-only", action="store_true", help="do not run llama.cpp")
+    ap.add_argument("--json", type=Path, metavar="FILE", help="also write the raw results as JSON")
+    a = ap.parse_args(argv)
+    if a.list:
+        for c in CASES:
+            print(f"{c.name:<22} {c.path()}{'' if c.path().exists() else '  (built on first use)'}")
+        return 0
+    if a.n_prompt < 0 or a.n_gen < 0 or a.n_prompt + a.n_gen == 0 or a.repetitions < 1:
+        ap.error("need -p >= 0, -n >= 0, -p + -n > 0 and -r >= 1")
+    cases = select_cases(a.case, a.quick)
+    have_llamacpp = not a.llmrun_only and _llamacpp_available()
+    if not a.llmrun_only and not have_llamacpp:
+        print("llama-cpp-python is not installed (`make install-bench`): printing llmrun numbers only.")
+    engines = ["llmrun"] + (["llama.cpp"] if have_llamacpp else [])
+
+    print(machine_line())
+    print(f"pp{a.n_prompt} / tg{a.n_gen}, median of {a.repetitions} after 1 warm-up, tokens/s, ratio = "
+          f"llmrun / llama.cpp", flush=True)
+    rows = []
+    for case in cases:
+        print(f"[bench] {case.name} ...", flush=True)
+        try:
+            res = measure_case(case, engines, a.n_prompt, a.n_gen, a.repetitions)
+        except Exception as e:
+            res = {"llmrun": {"error": str(e)}}
+        rows.append((case, res))
+    print()
+    print(format_table(rows, have_llamacpp))
+    if a.json:
+        a.json.write_text(json.dumps({
+            "machine": machine_line(), "n_prompt": a.n_prompt, "n_gen": a.n_gen, "repetitions": a.repetitions,
+            "cases": [{"case": c.name, "model": str(c.path()), "threads": c.threads, **res} for c, res in rows],
+        }, indent=2) + "\n")
+    failed = any("error" in r for _, res in rows for r in res.values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
