@@ -75,9 +75,9 @@ def _sampling_options(fn):
                      help="worker threads (default: physical cores)"),
         click.option("--ctx", "n_ctx", type=click.IntRange(min=0), default=4096, show_default=True,
                      help="context window in tokens (0 = the model's training context)"),
-        click.option("-n", "--n-predict", type=int, default=-1, show_default=True,
+        click.option("-n", "--n-predict", type=click.IntRange(min=-1), default=-1, show_default=True,
                      help="max tokens to generate (-1 = until end of text or the context is full)"),
-        click.option("-v", "--verbose", is_flag=True, help="timings on stderr"),
+        click.option("-v", "--verbose", is_flag=True, help="detailed timings on stderr"),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -106,6 +106,8 @@ def run(model, prompt, temperature, top_k, top_p, min_p, repeat_penalty, seed, t
     from .chat_session import sigint_cancels
 
     llm = _load_llama(model, n_ctx, threads, seed, verbose)
+    if n_predict == 0:
+        return
     finish = None
     with sigint_cancels(llm):   # Ctrl-C ends the completion cleanly
         for chunk in llm.create_completion(prompt, stream=True, seed=seed,
@@ -132,7 +134,7 @@ def chat(model, system, temperature, top_k, top_p, min_p, repeat_penalty, seed, 
     """
     from .chat_session import ChatSession
 
-    llm = _load_llama(model, n_ctx, threads, seed, False)
+    llm = _load_llama(model, n_ctx, threads, seed, verbose)
     sampling = _sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, n_predict)
     sys.exit(ChatSession(llm, system=system, sampling=sampling).run())
 
