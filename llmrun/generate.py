@@ -11,8 +11,9 @@ So a stream never shows a broken character nor any part of a stop string.
 """
 from __future__ import annotations
 
-import codecs
 from typing import Iterable
+
+from .tokenizer import Utf8Stream
 
 
 def normalize_stop(stop: str | Iterable[str] | None) -> list[str]:
@@ -29,8 +30,8 @@ class StopScanner:
 
     def __init__(self, stop: str | Iterable[str] | None = None):
         self.stop = normalize_stop(stop)
-        # errors="replace": invalid bytes become U+FFFD instead of raising; incomplete tails are buffered.
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # Incomplete trailing characters are buffered; invalid bytes become U+FFFD instead of raising.
+        self._utf8 = Utf8Stream()
         self._held = ""          # decoded text not yet emitted (a possible stop-string prefix)
         self.stopped = False     # a stop string was found; everything from it on is discarded
         self.stop_found: str | None = None
@@ -38,14 +39,14 @@ class StopScanner:
     def push(self, piece: bytes) -> str:
         if self.stopped:
             return ""
-        self._held += self._decoder.decode(piece)
+        self._held += self._utf8.feed(piece)
         return self._release()
 
     def flush(self) -> str:
         """Generation ended without a stop string: release everything, incl. an incomplete last character."""
         if self.stopped:
             return ""
-        text = self._held + self._decoder.decode(b"", final=True)
+        text = self._held + self._utf8.flush()
         self._held = ""
         return text
 
