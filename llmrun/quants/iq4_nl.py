@@ -19,79 +19,107 @@ NTRY = 7
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 
 
-@njit(cache=True, inline="always")
-def _best_index(k, x):
-    """Index of the level nearest to x; the lower neighbour only wins when strictly nearer."""
-    if x <= k[0]:
-        return 0
-    if x >= k[15]:
-        return 15
-    lo = 0
-    hi = 15
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if x < k[mid]:
-            hi = mid
-        else:
-            lo = mid
-    return hi - 1 if np.float32(x - k[hi - 1]) < np.float32(k[hi] - x) else hi
+@njit(cache=True, error_model="numpy", inline="always")
+def _level_lane(thr, steps, k0, v):
+    """(index, level) of the level nearest to v, branch-free: count the midpoints 2v reaches.
+
+    ggml picks the lower neighbour a of b only when v - a < b - v; for every non-NaN v that is the same
+    choice as 2v < a + b (2v and the integer midpoint sums are exact)."""
+    v2 = np.float32(v + v)
+    idx = 0
+    q = k0
+    for j in range(15):
+        up = v2 >= thr[j]
+        idx += 1 if up else 0
+        q = np.float32(q + steps[j]) if up else q
+    return idx, q
 
 
-@njit(cache=True)
-def _quantize_block(x, y, k, L):
-    # signed max: largest |x|, sign kept, first occurrence wins
-    amax = F32(0.0)
-    mx = F32(0.0)
-    for j in range(QK4_NL):
-        if abs(x[j]) > amax:
-            amax = abs(x[j])
-            mx = x[j]
-    scale = F32(0.0)
-    if amax >= GROUP_MAX_EPS:
-        d = np.float32(np.float32(-mx) / k[0])
-        inv = np.float32(F32(1.0) / d)
-        sumqx = F32(0.0)
-        sumq2 = F32(0.0)
-        for j in range(QK4_NL):
-            q = k[_best_index(k, np.float32(inv * x[j]))]
-            wq = np.float32(np.float32(x[j] * x[j]) * q)
-            sumqx = np.float32(sumqx + np.float32(wq * x[j]))
-            sumq2 = np.float32(sumq2 + np.float32(wq * q))
-        d = np.float32(sumqx / sumq2)
-        best = np.float32(d * sumqx)
-        for t in range(-NTRY, NTRY + 1):
-            inv = np.float32(np.float32(t + np.int64(KVALUES[0])) / mx)
-            sumqx = F32(0.0)
-            sumq2 = F32(0.0)
-            for j in range(QK4_NL):
-                q = k[_best_index(k, np.float32(inv * x[j]))]
-                wq = np.float32(np.float32(x[j] * x[j]) * q)
-                sumqx = np.float32(sumqx + np.float32(wq * x[j]))
-                sumq2 = np.float32(sumq2 + np.float32(wq * q))
-            if sumq2 > 0 and np.float32(sumqx * sumqx) > np.float32(best * sumq2):
-                d = np.float32(sumqx / sumq2)
-                best = np.float32(d * sumqx)
-        scale = d
-    put_fp16(y, 0, scale)
-    # indices re-picked with the unrounded float scale (an all-zero block gets index 8, level 1, times d = 0)
-    inv = np.float32(F32(1.0) / scale) if scale != 0 else F32(0.0)
-    for j in range(QK4_NL):
-        L[j] = _best_index(k, np.float32(inv * x[j]))
-    for j in range(16):
-        y[2 + j] = L[j] | (L[j + 16] << 4)
+@njit(cache=True, error_model="numpy")
+def _quantize_chunk(xs, ys, k):
+    """Blocks of xs searched together, one block per SIMD lane (see kquant_search's lane notes)."""
+    G = xs.shape[0] // QK4_NL
+    thr = np.empty(15, np.float32)   # K[j] + K[j+1]: twice the midpoints
+    steps = np.empty(15, np.float32)  # K[j+1] - K[j]
+    for j in range(15):
+        thr[j] = k[j] + k[j + 1]
+        steps[j] = k[j + 1] - k[j]
+    k0 = k[0]
+    XT = np.empty((QK4_NL, G), np.float32)
+    for g in range(G):
+        for i in range(QK4_NL):
+            XT[i, g] = xs[g * QK4_NL + i]
+    amax = np.zeros(G, np.float32)
+    mx = np.zeros(G, np.float32)
+    for i in range(QK4_NL):
+        x = XT[i]
+        for g in range(G):
+            t = abs(x[g]) > amax[g]
+            amax[g] = abs(x[g]) if t else amax[g]
+            mx[g] = x[g] if t else mx[g]
+    inv = np.empty(G, np.float32)
+    sumqx = np.zeros(G, np.float32)
+    sumq2 = np.zeros(G, np.float32)
+    d = np.empty(G, np.float32)
+    best = np.empty(G, np.float32)
+    for g in range(G):
+        inv[g] = np.float32(F32(1.0) / np.float32(np.float32(-mx[g]) / k0))
+    for i in range(QK4_NL):
+        x = XT[i]
+        for g in range(G):
+            _, q = _level_lane(thr, steps, k0, np.float32(inv[g] * x[g]))
+            wq = np.float32(np.float32(x[g] * x[g]) * q)
+            sumqx[g] = np.float32(sumqx[g] + np.float32(wq * x[g]))
+            sumq2[g] = np.float32(sumq2[g] + np.float32(wq * q))
+    for g in range(G):
+        d[g] = np.float32(sumqx[g] / sumq2[g])
+        best[g] = np.float32(d[g] * sumqx[g])
+    for t in range(-NTRY, NTRY + 1):
+        num = np.float32(t - 127)
+        for g in range(G):
+            inv[g] = np.float32(num / mx[g])
+            sumqx[g] = F32(0.0)
+            sumq2[g] = F32(0.0)
+        for i in range(QK4_NL):
+            x = XT[i]
+            for g in range(G):
+                _, q = _level_lane(thr, steps, k0, np.float32(inv[g] * x[g]))
+                wq = np.float32(np.float32(x[g] * x[g]) * q)
+                sumqx[g] = np.float32(sumqx[g] + np.float32(wq * x[g]))
+                sumq2[g] = np.float32(sumq2[g] + np.float32(wq * q))
+        for g in range(G):
+            take = (sumq2[g] > 0) & (np.float32(sumqx[g] * sumqx[g]) > np.float32(best[g] * sumq2[g]))
+            dn = np.float32(sumqx[g] / sumq2[g])
+            d[g] = dn if take else d[g]
+            best[g] = np.float32(dn * sumqx[g]) if take else best[g]
+    for g in range(G):
+        scale = F32(0.0) if amax[g] < GROUP_MAX_EPS else d[g]
+        put_fp16(ys, g * BLOCK_BYTES, scale)
+        inv[g] = np.float32(F32(1.0) / scale) if scale != 0 else F32(0.0)
+    L = np.empty((QK4_NL, G), np.int64)
+    for i in range(QK4_NL):
+        x = XT[i]
+        for g in range(G):
+            L[i, g], _ = _level_lane(thr, steps, k0, np.float32(inv[g] * x[g]))
+    for g in range(G):
+        for j in range(16):
+            ys[g * BLOCK_BYTES + 2 + j] = L[j, g] | (L[j + 16, g] << 4)
 
 
-@njit(cache=True, parallel=True)
+CHUNK_BLOCKS = 64
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
 def _quantize_rows(x, out):
     k = KVALUES.astype(np.float32)
     nb = x.shape[1] // QK4_NL
     for r in prange(x.shape[0]):
-        L = np.zeros(QK4_NL, np.int64)
-        for b in range(nb):
-            _quantize_block(x[r, b * QK4_NL:(b + 1) * QK4_NL], out[r, b * BLOCK_BYTES:(b + 1) * BLOCK_BYTES], k, L)
+        for b0 in range(0, nb, CHUNK_BLOCKS):
+            b1 = min(nb, b0 + CHUNK_BLOCKS)
+            _quantize_chunk(x[r, b0 * QK4_NL:b1 * QK4_NL], out[r, b0 * BLOCK_BYTES:b1 * BLOCK_BYTES], k)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _dequantize_rows(raw, out):
     k = KVALUES.astype(np.float32)
     nb = out.shape[1] // QK4_NL

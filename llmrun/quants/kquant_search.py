@@ -20,7 +20,7 @@ _MAGIC = np.float32(12582912.0)  # 1.5 * 2**23
 _IN_RANGE = np.float32(4194303.0)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def nearest_int(fval):
     """ggml's nearest_int(float): low 23 mantissa bits of (fval + 1.5*2**23), minus 2**22.
 
@@ -31,7 +31,7 @@ def nearest_int(fval):
     return _nearest_int_slow(val)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _nearest_int_slow(val):
     # (bits(val) & 0x7fffff) - 0x400000, computed from the value instead of a bit cast.
     if math.isnan(val):
@@ -49,7 +49,7 @@ def _nearest_int_slow(val):
     return field - 0x400000
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def fp16_bits(v):
     """float32 -> IEEE half bits, round to nearest-even (same as numpy and ggml's F16C path)."""
     f = np.float64(v)
@@ -66,7 +66,7 @@ def fp16_bits(v):
     return sign | (((ex + 14) << 10) + q - 1024)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def fp16_value(h):
     """IEEE half bits -> float32."""
     e = (h >> 10) & 31
@@ -80,7 +80,7 @@ def fp16_value(h):
     return np.float32(-r if h & 0x8000 else r)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def put_fp16(out, off, v):
     """Store float32 v as fp16 at out[off:off+2] (little-endian); return the rounded value as float32."""
     h = fp16_bits(v)
@@ -89,7 +89,7 @@ def put_fp16(out, off, v):
     return fp16_value(h)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_qkx2_quants(n, nmax, x, w, L, Laux, rmin, rdelta, nstep, use_mad):
     """Weighted search for (scale, min) of an asymmetric nmax-level grid; fills L. Returns (scale, -min)."""
     fnmax = np.float32(nmax)
@@ -160,7 +160,7 @@ def make_qkx2_quants(n, nmax, x, w, L, Laux, rmin, rdelta, nstep, use_mad):
     return scale, np.float32(-mn)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _signed_max(x, n):
     """(value with the largest |x|, sign kept, first wins; that |x|)."""
     amax = F32(0.0)
@@ -173,7 +173,7 @@ def _signed_max(x, n):
     return mx, amax
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_qx_quants(n, nmax, x, L):
     """Symmetric search with weights x**2 (ggml's rmse_type 1, no imatrix); fills L (offset +nmax)."""
     mx, amax = _signed_max(x, n)
@@ -218,7 +218,7 @@ def make_qx_quants(n, nmax, x, L):
     return scale
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_q3_quants(n, nmax, x, L):
     """Symmetric levels -nmax..nmax-1 refined one element at a time (ggml's do_rmse path); L gets +nmax."""
     mx, amax = _signed_max(x, n)
@@ -264,3 +264,262 @@ def make_q3_quants(n, nmax, x, L):
     for i in range(n):
         L[i] += nmax
     return np.float32(sumlx / suml2) if suml2 > 0 else F32(0.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The same searches run on many groups at once ("lanes"): XT[i, g] is element i of group g, and every
+# inner loop runs over g. Each lane still does exactly its own sequential float32 arithmetic, so the
+# results are bit-identical to the scalar functions above, but the compiler can put 8-16 groups in one
+# SIMD register instead of waiting on one long chain of dependent adds. Branches become selects.
+# nearest_int is only trusted in range here; a lane that ever leaves it is flagged in `redo` and the
+# caller recomputes that group with the scalar function (rare: flat groups, degenerate fits).
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _nint_lane(v):
+    """(nearest_int(v), in_range) without branches; the value is meaningless when not in range."""
+    ok = abs(v) <= _IN_RANGE
+    safe = v if ok else F32(0.0)
+    return np.int32(np.float32(safe + _MAGIC)) - np.int32(12582912), ok
+
+
+@njit(cache=True, error_model="numpy")
+def make_qkx2_lanes(XT, WT, nmax, rmin, rdelta, nstep, use_mad, LT, scale, the_min, redo):
+    """make_qkx2_quants for every column g of XT/WT; LT gets the levels. Sets redo[g] where unsure."""
+    n, G = XT.shape
+    fnmax = np.float32(nmax)
+    mn = XT[0].copy()
+    mx = XT[0].copy()
+    sw = WT[0].copy()
+    sx = np.empty(G, np.float32)
+    for g in range(G):
+        sx[g] = np.float32(sw[g] * XT[0, g])
+        redo[g] = False
+    for i in range(1, n):
+        x = XT[i]
+        w = WT[i]
+        for g in range(G):
+            xv = x[g]
+            mn[g] = xv if xv < mn[g] else mn[g]
+            mx[g] = xv if xv > mx[g] else mx[g]
+            sw[g] = np.float32(sw[g] + w[g])
+            sx[g] = np.float32(sx[g] + np.float32(w[g] * xv))
+    iscale = np.empty(G, np.float32)
+    best = np.zeros(G, np.float32)
+    for g in range(G):
+        m = F32(0.0) if mn[g] > 0 else mn[g]
+        mn[g] = m
+        redo[g] = mx[g] == m  # flat group: ggml returns early, the scalar path does the same
+        iscale[g] = np.float32(fnmax / np.float32(mx[g] - m))
+        scale[g] = np.float32(F32(1.0) / iscale[g])
+    for i in range(n):
+        x = XT[i]
+        w = WT[i]
+        Lr = LT[i]
+        for g in range(G):
+            l, ok = _nint_lane(np.float32(iscale[g] * np.float32(x[g] - mn[g])))
+            redo[g] = redo[g] | (not ok)
+            l = max(0, min(nmax, l))
+            Lr[g] = l
+            diff = np.float32(np.float32(np.float32(scale[g] * np.float32(l)) + mn[g]) - x[g])
+            diff = abs(diff) if use_mad else np.float32(diff * diff)
+            best[g] = np.float32(best[g] + np.float32(w[g] * diff))
+    Laux = np.empty((n, G), np.int32)
+    sl = np.empty(G, np.float32)
+    sl2 = np.empty(G, np.float32)
+    sxl = np.empty(G, np.float32)
+    cur = np.empty(G, np.float32)
+    t_scale = np.empty(G, np.float32)
+    t_min = np.empty(G, np.float32)
+    take = np.empty(G, np.bool_)
+    for step in range(nstep + 1):
+        num = np.float32(np.float32(rmin + np.float32(rdelta * np.float32(step))) + fnmax)
+        for g in range(G):
+            iscale[g] = np.float32(num / np.float32(mx[g] - mn[g]))
+            sl[g] = F32(0.0)
+            sl2[g] = F32(0.0)
+            sxl[g] = F32(0.0)
+            cur[g] = F32(0.0)
+        for i in range(n):
+            x = XT[i]
+            w = WT[i]
+            La = Laux[i]
+            for g in range(G):
+                l, ok = _nint_lane(np.float32(iscale[g] * np.float32(x[g] - mn[g])))
+                redo[g] = redo[g] | (not ok)
+                l = max(0, min(nmax, l))
+                La[g] = l
+                fl = np.float32(l)
+                wl = np.float32(w[g] * fl)
+                sl[g] = np.float32(sl[g] + wl)
+                sl2[g] = np.float32(sl2[g] + np.float32(wl * fl))
+                sxl[g] = np.float32(sxl[g] + np.float32(wl * x[g]))
+        for g in range(G):
+            D = np.float32(np.float32(sw[g] * sl2[g]) - np.float32(sl[g] * sl[g]))
+            ts = np.float32(np.float32(np.float32(sw[g] * sxl[g]) - np.float32(sx[g] * sl[g])) / D)
+            tm = np.float32(np.float32(np.float32(sl2[g] * sx[g]) - np.float32(sl[g] * sxl[g])) / D)
+            pos = tm > 0
+            t_scale[g] = np.float32(sxl[g] / sl2[g]) if pos else ts
+            t_min[g] = F32(0.0) if pos else tm
+            take[g] = D > 0
+        for i in range(n):
+            x = XT[i]
+            w = WT[i]
+            La = Laux[i]
+            for g in range(G):
+                diff = np.float32(np.float32(np.float32(t_scale[g] * np.float32(La[g])) + t_min[g]) - x[g])
+                diff = abs(diff) if use_mad else np.float32(diff * diff)
+                cur[g] = np.float32(cur[g] + np.float32(w[g] * diff))
+        for g in range(G):
+            t = take[g] & (cur[g] < best[g])
+            take[g] = t
+            best[g] = cur[g] if t else best[g]
+            scale[g] = t_scale[g] if t else scale[g]
+            mn[g] = t_min[g] if t else mn[g]
+        for i in range(n):
+            Lr = LT[i]
+            La = Laux[i]
+            for g in range(G):
+                Lr[g] = La[g] if take[g] else Lr[g]
+    for g in range(G):
+        the_min[g] = np.float32(-mn[g])
+
+
+@njit(cache=True, error_model="numpy")
+def _signed_max_lanes(XT):
+    n, G = XT.shape
+    amax = np.zeros(G, np.float32)
+    mx = np.zeros(G, np.float32)
+    for i in range(n):
+        x = XT[i]
+        for g in range(G):
+            a = abs(x[g])
+            t = a > amax[g]
+            amax[g] = a if t else amax[g]
+            mx[g] = x[g] if t else mx[g]
+    return mx, amax
+
+
+@njit(cache=True, error_model="numpy")
+def make_qx_quants_lanes(XT, nmax, LT, scale, redo):
+    """make_qx_quants (rmse_type 1) for every column of XT; LT gets levels + nmax."""
+    n, G = XT.shape
+    fnmax = np.float32(nmax)
+    mx, amax = _signed_max_lanes(XT)
+    best_is = np.empty(G, np.float32)
+    sumlx = np.zeros(G, np.float32)
+    suml2 = np.zeros(G, np.float32)
+    best = np.empty(G, np.float32)
+    for g in range(G):
+        redo[g] = amax[g] < GROUP_MAX_EPS  # all-zero group: the scalar path's early return
+        best_is[g] = np.float32(np.float32(-nmax) / mx[g])
+    for i in range(n):
+        x = XT[i]
+        for g in range(G):
+            xi = x[g]
+            l, ok = _nint_lane(np.float32(best_is[g] * xi))
+            redo[g] = redo[g] | (not ok)
+            fl = np.float32(max(-nmax, min(nmax - 1, l)))
+            w = np.float32(xi * xi)
+            sumlx[g] = np.float32(sumlx[g] + np.float32(np.float32(w * xi) * fl))
+            suml2[g] = np.float32(suml2[g] + np.float32(np.float32(w * fl) * fl))
+    for g in range(G):
+        s = np.float32(sumlx[g] / suml2[g]) if suml2[g] != 0 else F32(0.0)
+        scale[g] = s
+        best[g] = np.float32(s * sumlx[g])
+    isc = np.empty(G, np.float32)
+    for k in range(-9, 10):
+        if k == 0:
+            continue
+        num = np.float32(-np.float32(fnmax + np.float32(F32(0.1) * np.float32(k))))
+        for g in range(G):
+            isc[g] = np.float32(num / mx[g])
+            sumlx[g] = F32(0.0)
+            suml2[g] = F32(0.0)
+        for i in range(n):
+            x = XT[i]
+            for g in range(G):
+                xi = x[g]
+                l, ok = _nint_lane(np.float32(isc[g] * xi))
+                redo[g] = redo[g] | (not ok)
+                fl = np.float32(max(-nmax, min(nmax - 1, l)))
+                w = np.float32(xi * xi)
+                sumlx[g] = np.float32(sumlx[g] + np.float32(np.float32(w * xi) * fl))
+                suml2[g] = np.float32(suml2[g] + np.float32(np.float32(w * fl) * fl))
+        for g in range(G):
+            t = (suml2[g] > 0) & (np.float32(sumlx[g] * sumlx[g]) > np.float32(best[g] * suml2[g]))
+            s = np.float32(sumlx[g] / suml2[g])
+            scale[g] = s if t else scale[g]
+            best[g] = np.float32(s * sumlx[g]) if t else best[g]
+            best_is[g] = isc[g] if t else best_is[g]
+    # the levels of the last accepted iscale (ggml recomputes them at each acceptance)
+    for i in range(n):
+        x = XT[i]
+        Lr = LT[i]
+        for g in range(G):
+            l, ok = _nint_lane(np.float32(best_is[g] * x[g]))
+            Lr[g] = nmax + max(-nmax, min(nmax - 1, l))
+
+
+@njit(cache=True, error_model="numpy")
+def make_q3_quants_lanes(XT, nmax, LT, scale, redo):
+    """make_q3_quants (do_rmse) for every column of XT; LT (signed int) gets levels + nmax."""
+    n, G = XT.shape
+    mx, amax = _signed_max_lanes(XT)
+    isc = np.empty(G, np.float32)
+    sumlx = np.zeros(G, np.float32)
+    suml2 = np.zeros(G, np.float32)
+    for g in range(G):
+        redo[g] = amax[g] < GROUP_MAX_EPS
+        isc[g] = np.float32(np.float32(-nmax) / mx[g])
+    for i in range(n):
+        x = XT[i]
+        Lr = LT[i]
+        for g in range(G):
+            xi = x[g]
+            l, ok = _nint_lane(np.float32(isc[g] * xi))
+            redo[g] = redo[g] | (not ok)
+            l = max(-nmax, min(nmax - 1, l))
+            Lr[g] = l
+            fl = np.float32(l)
+            w = np.float32(xi * xi)
+            sumlx[g] = np.float32(sumlx[g] + np.float32(np.float32(w * xi) * fl))
+            suml2[g] = np.float32(suml2[g] + np.float32(np.float32(w * fl) * fl))
+    # A pass that changes nothing leaves the state as it was, so lanes that ggml would have stopped
+    # simply repeat a no-op pass: running all 5 passes on every lane is exact.
+    changed = np.zeros(G, np.int32)
+    for _ in range(5):
+        for g in range(G):
+            changed[g] = 0
+        for i in range(n):
+            x = XT[i]
+            Lr = LT[i]
+            for g in range(G):
+                xi = x[g]
+                w = np.float32(xi * xi)
+                wx = np.float32(w * xi)
+                Li = Lr[g]
+                fli = np.float32(Li)
+                slx = np.float32(sumlx[g] - np.float32(wx * fli))
+                sl2 = np.float32(suml2[g] - np.float32(np.float32(w * fli) * fli))
+                l, ok = _nint_lane(np.float32(np.float32(xi * sl2) / slx))
+                live = slx > 0
+                redo[g] = redo[g] | (live & (not ok))
+                l = max(-nmax, min(nmax - 1, l))
+                fnl = np.float32(l)
+                slx2 = np.float32(slx + np.float32(wx * fnl))
+                sl22 = np.float32(sl2 + np.float32(np.float32(w * fnl) * fnl))
+                t = (live & (l != Li) & (sl22 > 0) & (np.float32(np.float32(slx2 * slx2) * suml2[g])
+                                                      > np.float32(np.float32(sumlx[g] * sumlx[g]) * sl22)))
+                Lr[g] = l if t else Li
+                sumlx[g] = slx2 if t else sumlx[g]
+                suml2[g] = sl22 if t else suml2[g]
+                changed[g] += 1 if t else 0
+        if changed.max() == 0:
+            break
+    for i in range(n):
+        Lr = LT[i]
+        for g in range(G):
+            Lr[g] += nmax
+    for g in range(G):
+        scale[g] = np.float32(sumlx[g] / suml2[g]) if suml2[g] > 0 else F32(0.0)

@@ -12,8 +12,9 @@ import numpy as np
 from numba import njit, prange
 
 from ..gguf.constants import GGMLType, GGML_BLOCK
-from .kquant_search import (F32, GROUP_MAX_EPS, fp16_value, make_q3_quants, make_qkx2_quants,
-                            make_qx_quants, nearest_int, put_fp16)
+from .kquant_search import (F32, GROUP_MAX_EPS, fp16_value, make_q3_quants, make_q3_quants_lanes,
+                            make_qkx2_lanes, make_qkx2_quants, make_qx_quants, make_qx_quants_lanes,
+                            nearest_int, put_fp16)
 
 QK_K = 256
 
@@ -25,7 +26,7 @@ _KIND = {GGMLType.Q2_K: _Q2_K, GGMLType.Q3_K: _Q3_K, GGMLType.Q4_K: _Q4_K, GGMLT
 
 # ---------------------------------------------------------------- packing helpers
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _pack_2bit(L, y, off):
     """2-bit plane: weight 128h+32s+l in bits 2s..2s+1 of y[off+32h+l]."""
     for h in range(2):
@@ -34,7 +35,7 @@ def _pack_2bit(L, y, off):
             y[off + 32 * h + l] = (np.int64(L[b]) | (np.int64(L[b + 32]) << 2) | (np.int64(L[b + 64]) << 4) | (np.int64(L[b + 96]) << 6)) & 0xFF
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _scale_min_k4(j, y, off):
     """6-bit (scale, min) of sub-block j from the 12-byte packing at y[off:off+12]."""
     if j < 4:
@@ -44,42 +45,145 @@ def _scale_min_k4(j, y, off):
     return sc, m
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _q3_scale(j, y, off):
     """Signed 6-bit scale j of a Q3_K block (scales at y[off:off+12])."""
     lo = (np.int64(y[off + j]) & 0xF) if j < 8 else (np.int64(y[off + j - 8]) >> 4)
     return (lo | (((np.int64(y[off + 8 + j % 4]) >> (2 * (j // 4))) & 3) << 4)) - 32
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _fp16_at(y, off):
     """The fp16 field at y[off:off+2] as float32."""
     return fp16_value(np.int64(y[off]) | (np.int64(y[off + 1]) << 8))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _as_int8(v):
     """C's conversion of an int to int8_t (two's complement wrap)."""
     return ((v + 128) & 0xFF) - 128
 
 
-# ---------------------------------------------------------------- block quantizers
+# ---------------------------------------------------------------- scale searches over a chunk of blocks
+# Each fills L (levels, natural weight order), scales[g] and mins[g] for the groups of xs. The lane
+# versions do the work; groups they flag are redone with the scalar search (same result, exactly).
 
-@njit(cache=True)
-def _quantize_block_q2_k(x, y, L, Laux, w, scales, mins):
+@njit(cache=True, error_model="numpy")
+def _to_lanes(xs, n):
+    """XT[i, g] = xs[g*n + i]: element i of group g."""
+    G = xs.shape[0] // n
+    XT = np.empty((n, G), np.float32)
+    for g in range(G):
+        for i in range(n):
+            XT[i, g] = xs[g * n + i]
+    return XT
+
+
+@njit(cache=True, error_model="numpy")
+def _from_lanes(LT, L):
+    n, G = LT.shape
+    for g in range(G):
+        for i in range(n):
+            L[g * n + i] = LT[i, g]
+
+
+@njit(cache=True, error_model="numpy")
+def _search_q2_k(xs, L, scales, mins):
+    """Groups of 16, weights |x|, 4 levels with a min, mean-absolute-error fit."""
+    XT = _to_lanes(xs, 16)
+    G = XT.shape[1]
+    WT = np.abs(XT)
+    LT = np.empty((16, G), np.int32)
+    redo = np.empty(G, np.bool_)
+    make_qkx2_lanes(XT, WT, 3, F32(-0.5), F32(0.1), 15, True, LT, scales, mins, redo)
+    _from_lanes(LT, L)
+    w = np.empty(16, np.float32)
+    Laux = np.empty(16, np.int32)
+    for g in range(G):
+        if redo[g]:
+            xg = xs[16 * g:16 * g + 16]
+            for l in range(16):
+                w[l] = abs(xg[l])
+            scales[g], mins[g] = make_qkx2_quants(16, 3, xg, w, L[16 * g:16 * g + 16], Laux,
+                                                  F32(-0.5), F32(0.1), 15, True)
+
+
+@njit(cache=True, error_model="numpy")
+def _q45_weights(xg, w):
+    """Q4_K/Q5_K weights of one group of 32: rms of the group + |x| (scalar order, for the redo path)."""
+    sum_x2 = F32(0.0)
+    for l in range(32):
+        sum_x2 = np.float32(sum_x2 + np.float32(xg[l] * xg[l]))
+    av_x = np.float32(math.sqrt(np.float64(np.float32(sum_x2 / F32(32.0)))))
+    for l in range(32):
+        w[l] = np.float32(av_x + abs(xg[l]))
+
+
+@njit(cache=True, error_model="numpy")
+def _search_q45_k(xs, L, scales, mins, five_bits):
+    """Groups of 32, weights rms + |x|; 16 (Q4_K) or 32 (Q5_K) levels with a min, squared error fit."""
+    nmax = 31 if five_bits else 15
+    rmin = F32(-0.5) if five_bits else F32(-1.0)
+    nstep = 15 if five_bits else 20
+    XT = _to_lanes(xs, 32)
+    G = XT.shape[1]
+    sum_x2 = np.zeros(G, np.float32)
+    for i in range(32):
+        x = XT[i]
+        for g in range(G):
+            sum_x2[g] = np.float32(sum_x2[g] + np.float32(x[g] * x[g]))
+    av_x = np.empty(G, np.float32)
+    for g in range(G):
+        av_x[g] = np.float32(math.sqrt(np.float64(np.float32(sum_x2[g] / F32(32.0)))))
+    WT = np.empty((32, G), np.float32)
+    for i in range(32):
+        for g in range(G):
+            WT[i, g] = np.float32(av_x[g] + abs(XT[i, g]))
+    LT = np.empty((32, G), np.int32)
+    redo = np.empty(G, np.bool_)
+    make_qkx2_lanes(XT, WT, nmax, rmin, F32(0.1), nstep, False, LT, scales, mins, redo)
+    _from_lanes(LT, L)
+    w = np.empty(32, np.float32)
+    Laux = np.empty(32, np.int32)
+    for g in range(G):
+        if redo[g]:
+            xg = xs[32 * g:32 * g + 32]
+            _q45_weights(xg, w)
+            scales[g], mins[g] = make_qkx2_quants(32, nmax, xg, w, L[32 * g:32 * g + 32], Laux,
+                                                  rmin, F32(0.1), nstep, False)
+
+
+@njit(cache=True, error_model="numpy")
+def _search_symmetric(xs, L, scales, q3):
+    """Groups of 16 with signed levels: make_q3_quants (Q3_K, q3) or make_qx_quants(nmax 32) (Q6_K)."""
+    XT = _to_lanes(xs, 16)
+    G = XT.shape[1]
+    LT = np.empty((16, G), np.int32)
+    redo = np.empty(G, np.bool_)
+    if q3:
+        make_q3_quants_lanes(XT, 4, LT, scales, redo)
+    else:
+        make_qx_quants_lanes(XT, 32, LT, scales, redo)
+    _from_lanes(LT, L)
+    for g in range(G):
+        if redo[g]:
+            if q3:
+                scales[g] = make_q3_quants(16, 4, xs[16 * g:16 * g + 16], L[16 * g:16 * g + 16])
+            else:
+                scales[g] = make_qx_quants(16, 32, xs[16 * g:16 * g + 16], L[16 * g:16 * g + 16])
+
+
+# ---------------------------------------------------------------- finishing a block from its search
+
+@njit(cache=True, error_model="numpy")
+def _finish_block_q2_k(x, y, L, scales, mins):
     max_scale = F32(0.0)
     max_min = F32(0.0)
     for j in range(16):
-        xs = x[16 * j:16 * j + 16]
-        for l in range(16):
-            w[l] = abs(xs[l])
-        s, m = make_qkx2_quants(16, 3, xs, w, L[16 * j:16 * j + 16], Laux, F32(-0.5), F32(0.1), 15, True)
-        scales[j] = s
-        mins[j] = m
-        if s > max_scale:
-            max_scale = s
-        if m > max_min:
-            max_min = m
+        if scales[j] > max_scale:
+            max_scale = scales[j]
+        if mins[j] > max_min:
+            max_min = mins[j]
     if max_scale > 0:
         iscale = np.float32(F32(15.0) / max_scale)
         for j in range(16):
@@ -107,16 +211,14 @@ def _quantize_block_q2_k(x, y, L, Laux, w, scales, mins):
     _pack_2bit(L, y, 16)
 
 
-@njit(cache=True)
-def _quantize_block_q3_k(x, y, L, scales):
+@njit(cache=True, error_model="numpy")
+def _finish_block_q3_k(x, y, L, scales):
     max_scale = F32(0.0)
     amax = F32(0.0)
     for j in range(16):
-        s = make_q3_quants(16, 4, x[16 * j:16 * j + 16], L[16 * j:16 * j + 16])
-        scales[j] = s
-        if abs(s) > amax:
-            amax = abs(s)
-            max_scale = s
+        if abs(scales[j]) > amax:
+            amax = abs(scales[j])
+            max_scale = scales[j]
     for k in range(96, 108):
         y[k] = 0
     if max_scale != 0:
@@ -142,35 +244,22 @@ def _quantize_block_q3_k(x, y, L, scales):
     for k in range(32):
         y[k] = 0
     for j in range(QK_K):
-        if np.int64(L[j]) > 3:
+        if L[j] > 3:
             y[j % 32] = np.int64(y[j % 32]) | (1 << (j // 32))
             L[j] -= 4
     _pack_2bit(L, y, 32)
 
 
-@njit(cache=True)
-def _quantize_block_q45_k(x, y, L, Laux, w, scales, mins, five_bits):
-    """Q4_K (five_bits False) or Q5_K: 8 sub-blocks of 32 with 6-bit scales and mins."""
+@njit(cache=True, error_model="numpy")
+def _finish_block_q45_k(x, y, L, scales, mins, five_bits):
     nmax = 31 if five_bits else 15
-    rmin = F32(-0.5) if five_bits else F32(-1.0)
-    nstep = 15 if five_bits else 20
     max_scale = F32(0.0)
     max_min = F32(0.0)
     for j in range(8):
-        xs = x[32 * j:32 * j + 32]
-        sum_x2 = F32(0.0)
-        for l in range(32):
-            sum_x2 = np.float32(sum_x2 + np.float32(xs[l] * xs[l]))
-        av_x = np.float32(math.sqrt(np.float64(np.float32(sum_x2 / F32(32.0)))))
-        for l in range(32):
-            w[l] = np.float32(av_x + abs(xs[l]))
-        s, m = make_qkx2_quants(32, nmax, xs, w, L[32 * j:32 * j + 32], Laux, rmin, F32(0.1), nstep, False)
-        scales[j] = s
-        mins[j] = m
-        if s > max_scale:
-            max_scale = s
-        if m > max_min:
-            max_min = m
+        if scales[j] > max_scale:
+            max_scale = scales[j]
+        if mins[j] > max_min:
+            max_min = mins[j]
     inv_scale = np.float32(F32(63.0) / max_scale) if max_scale > 0 else F32(0.0)
     inv_min = np.float32(F32(63.0) / max_min) if max_min > 0 else F32(0.0)
     for j in range(8):
@@ -214,16 +303,14 @@ def _quantize_block_q45_k(x, y, L, Laux, w, scales, mins, five_bits):
                 y[16 + 32 * c + l] = np.int64(L[64 * c + l]) | (np.int64(L[64 * c + 32 + l]) << 4)
 
 
-@njit(cache=True)
-def _quantize_block_q6_k(x, y, L, scales):
+@njit(cache=True, error_model="numpy")
+def _finish_block_q6_k(x, y, L, scales):
     max_scale = F32(0.0)
     max_abs = F32(0.0)
     for ib in range(16):
-        s = make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16])
-        scales[ib] = s
-        if abs(s) > max_abs:
-            max_abs = abs(s)
-            max_scale = s
+        if abs(scales[ib]) > max_abs:
+            max_abs = abs(scales[ib])
+            max_scale = scales[ib]
     if max_abs < GROUP_MAX_EPS:
         for k in range(210):
             y[k] = 0
@@ -248,35 +335,47 @@ def _quantize_block_q6_k(x, y, L, scales):
             y[128 + 32 * h + l] = (q0 >> 4) | ((q1 >> 4) << 2) | ((q2 >> 4) << 4) | ((q3 >> 4) << 6)
 
 
-@njit(cache=True, parallel=True)
+CHUNK_BLOCKS = 8  # super-blocks searched together: enough SIMD lanes, scratch stays in L1/L2
+
+
+@njit(cache=True, error_model="numpy", parallel=True)
 def _quantize_rows(x, out, kind, block_bytes):
     n_rows = x.shape[0]
     nb = x.shape[1] // QK_K
+    group = 32 if kind == 4 or kind == 5 else 16
     for r in prange(n_rows):
-        Lu = np.zeros(QK_K, np.uint8)    # levels of the asymmetric types
-        Li = np.zeros(QK_K, np.int8)     # levels of the symmetric types (signed while searching)
-        Laux = np.zeros(32, np.uint8)
-        w = np.zeros(32, np.float32)
-        scales = np.zeros(16, np.float32)
-        mins = np.zeros(16, np.float32)
-        for b in range(nb):
-            xb = x[r, b * QK_K:(b + 1) * QK_K]
-            yb = out[r, b * block_bytes:(b + 1) * block_bytes]
+        L = np.zeros(CHUNK_BLOCKS * QK_K, np.int32)
+        scales = np.zeros(CHUNK_BLOCKS * QK_K // group, np.float32)
+        mins = np.zeros(CHUNK_BLOCKS * QK_K // group, np.float32)
+        for b0 in range(0, nb, CHUNK_BLOCKS):
+            b1 = min(nb, b0 + CHUNK_BLOCKS)
+            xs = x[r, b0 * QK_K:b1 * QK_K]
+            ng = (b1 - b0) * QK_K // group
             if kind == 2:
-                _quantize_block_q2_k(xb, yb, Lu, Laux, w, scales, mins)
-            elif kind == 3:
-                _quantize_block_q3_k(xb, yb, Li, scales)
-            elif kind == 4:
-                _quantize_block_q45_k(xb, yb, Lu, Laux, w, scales, mins, False)
-            elif kind == 5:
-                _quantize_block_q45_k(xb, yb, Lu, Laux, w, scales, mins, True)
+                _search_q2_k(xs, L, scales[:ng], mins[:ng])
+            elif kind == 3 or kind == 6:
+                _search_symmetric(xs, L, scales[:ng], kind == 3)
             else:
-                _quantize_block_q6_k(xb, yb, Li, scales)
+                _search_q45_k(xs, L, scales[:ng], mins[:ng], kind == 5)
+            for b in range(b1 - b0):
+                xb = xs[b * QK_K:(b + 1) * QK_K]
+                yb = out[r, (b0 + b) * block_bytes:(b0 + b + 1) * block_bytes]
+                Lb = L[b * QK_K:(b + 1) * QK_K]
+                gs = b * QK_K // group
+                ge = (b + 1) * QK_K // group
+                if kind == 2:
+                    _finish_block_q2_k(xb, yb, Lb, scales[gs:ge], mins[gs:ge])
+                elif kind == 3:
+                    _finish_block_q3_k(xb, yb, Lb, scales[gs:ge])
+                elif kind == 6:
+                    _finish_block_q6_k(xb, yb, Lb, scales[gs:ge])
+                else:
+                    _finish_block_q45_k(xb, yb, Lb, scales[gs:ge], mins[gs:ge], kind == 5)
 
 
 # ---------------------------------------------------------------- dequantizers (same float ops as ggml)
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _dequantize_block(y, o, kind):
     if kind == 2:
         d = _fp16_at(y, 80)
@@ -327,7 +426,7 @@ def _dequantize_block(y, o, kind):
                     o[128 * h + 32 * t + l] = np.float32(np.float32(d * np.float32(sc)) * np.float32(q))
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _dequantize_rows(raw, out, kind, block_bytes):
     nb = out.shape[1] // QK_K
     for r in prange(raw.shape[0]):
