@@ -160,5 +160,38 @@ def perplexity_cmd(model, text_file, n_ctx, threads):
                f"{r.n_scored} tokens scored)")
 
 
+@main.command("convert")
+@click.argument("hf_dir", metavar="HF_DIR", type=click.Path())
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(),
+              help="the GGUF file to write")
+@click.option("-t", "--type", "out_type", default="f16", show_default=True,
+              help="f32, f16, bf16, or a quantization such as q8_0, q4_0, q4_k_m")
+@click.option("--lora", "loras", multiple=True, metavar="DIR[:SCALE]",
+              help="PEFT LoRA adapter folder merged into the weights (repeatable, applied in order; scale 1.0)")
+@click.option("--force", is_flag=True, help="replace the output file if it exists")
+@_one_line_errors
+def convert(hf_dir, output_path, out_type, loras, force):
+    """Convert a Hugging Face LLaMA checkpoint in HF_DIR (+ LoRA adapters, merged) to one GGUF file."""
+    import os
+    import time
+
+    from convert import convert_checkpoint
+    from convert.lora import parse_lora_arg
+
+    show = sys.stderr.isatty()
+
+    def progress(i, n, name):
+        if show:
+            click.echo(f"\r[{i:>4}/{n}] {name:<40}", err=True, nl=False)
+
+    t0 = time.perf_counter()
+    convert_checkpoint(hf_dir, output_path, out_type=out_type, loras=[parse_lora_arg(a) for a in loras],
+                       overwrite=force, progress=progress)
+    if show:
+        click.echo("", err=True)
+    click.echo(f"wrote {output_path} ({out_type.lower()}, {os.path.getsize(output_path) / 1e6:.1f} MB"
+               f"{', %d LoRA adapter(s) merged' % len(loras) if loras else ''}) in {time.perf_counter() - t0:.1f} s")
+
+
 if __name__ == "__main__":
     main()
