@@ -54,6 +54,16 @@ class ChatSession:
         print(text, file=self.stderr, flush=True)
 
     def _read(self) -> str | None:
+        if self.interactive and self.stdin is sys.stdin and self.stdout is sys.stdout:
+            try:
+                import readline  # noqa: F401  (line editing and history for input(), where available)
+            except ImportError:
+                pass
+            try:
+                return input("> ")
+            except EOFError:
+                self.stdout.write("\n")
+                return None
         if self.interactive:
             self.stdout.write("> ")
             self.stdout.flush()
