@@ -117,10 +117,13 @@ class Llama:
         return len(self._cached)
 
     def close(self) -> None:
-        self._model = None
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        """Drop the weights and the file mapping (waits for a running generation on another thread)."""
+        with self._exclusive():
+            self._model = None
+            self._cached = []
+            if self._reader is not None:
+                self._reader.close()
+                self._reader = None
 
     def __enter__(self):
         return self
