@@ -36,6 +36,50 @@ def main():
 # Commands are added below by their owners: info, quantize, convert, run, chat, bench, perplexity.
 
 
+@main.command("info")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the report")
+@_one_line_errors
+def info(file, as_json):
+    """Metadata and tensor table of the GGUF FILE."""
+    import json
+
+    from .gguf import GGUFReader
+    from .gguf.describe import describe, describe_text
+
+    with GGUFReader(file) as r:
+        click.echo(json.dumps(describe(r), indent=1) if as_json else describe_text(r))
+
+
+@main.command("quantize")
+@click.argument("input_path", metavar="IN", type=click.Path(dir_okay=False))
+@click.argument("output_path", metavar="OUT", type=click.Path(dir_okay=False))
+@click.option("-t", "--type", "file_type", required=True,
+              help="target file type: q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k, f16, ...")
+@click.option("--force", is_flag=True, help="replace OUT if it exists")
+@_one_line_errors
+def quantize(input_path, output_path, file_type, force):
+    """Re-quantize the GGUF model IN to OUT (2-D weights per llama.cpp's mix rules, norms stay f32)."""
+    import os
+    from collections import Counter
+
+    from .requantize import requantize
+
+    show = sys.stderr.isatty()
+
+    def progress(i, n, name, qtype):
+        if show:
+            click.echo(f"\r[{i + 1:>4}/{n}] {qtype.lower:<7} {name:<48}", err=True, nl=False)
+
+    chosen = requantize(input_path, output_path, file_type, overwrite=force, progress=progress)
+    if show:
+        click.echo("", err=True)
+    counts = ", ".join(f"{t}: {c}" for t, c in Counter(t.lower for t in chosen.values()).most_common())
+    mb_in, mb_out = os.path.getsize(input_path) / 1e6, os.path.getsize(output_path) / 1e6
+    click.echo(f"wrote {output_path}: {file_type.lower()}, {len(chosen)} tensors ({counts}), "
+               f"{mb_in:.1f} MB -> {mb_out:.1f} MB")
+
+
 @main.command("bench")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("-p", "--n-prompt", type=click.IntRange(min=0), default=128, show_default=True,
