@@ -217,9 +217,7 @@ def test_not_a_file(tmp_path):
         GGUFReader(tmp_path)
 
 
-@pytest.mark.parametrize("case", ["magic", "kv_count_huge", "ggml_type_unknown", "data_missing", "empty"])
-def test_cli_info_prints_one_line(tmp_path, case):
-    p = write(tmp_path, CASES[case][0])
+def _assert_cli_one_line(p):
     for args in ([str(p)], [str(p), "--json"]):
         result = CliRunner().invoke(main, ["info", *args])
         assert result.exit_code == 1
@@ -227,3 +225,13 @@ def test_cli_info_prints_one_line(tmp_path, case):
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: {p}: "), result.stderr
         assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cli_info_prints_one_line(tmp_path, case):
+    _assert_cli_one_line(write(tmp_path, CASES[case][0]))
+
+
+def test_cli_info_on_missing_file_and_folder(tmp_path):
+    _assert_cli_one_line(tmp_path / "missing.gguf")
+    _assert_cli_one_line(tmp_path)
