@@ -37,7 +37,7 @@ def main():
 
 
 @main.command("info")
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the report")
 @_one_line_errors
 def info(file, as_json):
@@ -52,8 +52,8 @@ def info(file, as_json):
 
 
 @main.command("quantize")
-@click.argument("input_path", metavar="IN", type=click.Path(dir_okay=False))
-@click.argument("output_path", metavar="OUT", type=click.Path(dir_okay=False))
+@click.argument("input_path", metavar="IN", type=click.Path())
+@click.argument("output_path", metavar="OUT", type=click.Path())
 @click.option("-t", "--type", "file_type", required=True,
               help="target file type: q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_m, q4_k_m, q5_k_m, q6_k, f16, ...")
 @click.option("--force", is_flag=True, help="replace OUT if it exists")
