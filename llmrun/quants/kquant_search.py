@@ -332,6 +332,9 @@ def make_qkx2_lanes(XT, WT, nmax, rmin, rdelta, nstep, use_mad, LT, scale, the_m
     t_scale = np.empty(G, np.float32)
     t_min = np.empty(G, np.float32)
     take = np.empty(G, np.bool_)
+    took = np.zeros(G, np.bool_)
+    took_is = np.zeros(G, np.float32)
+    took_mn = np.zeros(G, np.float32)
     for step in range(nstep + 1):
         num = np.float32(np.float32(rmin + np.float32(rdelta * np.float32(step))) + fnmax)
         for g in range(G):
@@ -372,15 +375,19 @@ def make_qkx2_lanes(XT, WT, nmax, rmin, rdelta, nstep, use_mad, LT, scale, the_m
                 cur[g] = np.float32(cur[g] + np.float32(w[g] * diff))
         for g in range(G):
             t = take[g] & (cur[g] < best[g])
-            take[g] = t
             best[g] = cur[g] if t else best[g]
             scale[g] = t_scale[g] if t else scale[g]
+            # remember what produced the accepted levels instead of copying them
+            took[g] = took[g] | t
+            took_is[g] = iscale[g] if t else took_is[g]
+            took_mn[g] = mn[g] if t else took_mn[g]
             mn[g] = t_min[g] if t else mn[g]
-        for i in range(n):
-            Lr = LT[i]
-            La = Laux[i]
-            for g in range(G):
-                Lr[g] = La[g] if take[g] else Lr[g]
+    for i in range(n):
+        x = XT[i]
+        Lr = LT[i]
+        for g in range(G):
+            l, ok = _nint_lane(np.float32(took_is[g] * np.float32(x[g] - took_mn[g])))
+            Lr[g] = max(0, min(nmax, l)) if took[g] else Lr[g]
     for g in range(G):
         the_min[g] = np.float32(-mn[g])
 

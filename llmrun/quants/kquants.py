@@ -338,39 +338,43 @@ def _finish_block_q6_k(x, y, L, scales):
 CHUNK_BLOCKS = 8  # super-blocks searched together: enough SIMD lanes, scratch stays in L1/L2
 
 
+@njit(cache=True, error_model="numpy")
+def _quantize_row(xrow, yrow, kind, block_bytes):
+    nb = xrow.shape[0] // QK_K
+    group = 32 if kind == 4 or kind == 5 else 16
+    L = np.zeros(CHUNK_BLOCKS * QK_K, np.int32)
+    scales = np.zeros(CHUNK_BLOCKS * QK_K // group, np.float32)
+    mins = np.zeros(CHUNK_BLOCKS * QK_K // group, np.float32)
+    for b0 in range(0, nb, CHUNK_BLOCKS):
+        b1 = min(nb, b0 + CHUNK_BLOCKS)
+        xs = xrow[b0 * QK_K:b1 * QK_K]
+        ng = (b1 - b0) * QK_K // group
+        if kind == 2:
+            _search_q2_k(xs, L, scales[:ng], mins[:ng])
+        elif kind == 3 or kind == 6:
+            _search_symmetric(xs, L, scales[:ng], kind == 3)
+        else:
+            _search_q45_k(xs, L, scales[:ng], mins[:ng], kind == 5)
+        for b in range(b1 - b0):
+            xb = xs[b * QK_K:(b + 1) * QK_K]
+            yb = yrow[(b0 + b) * block_bytes:(b0 + b + 1) * block_bytes]
+            Lb = L[b * QK_K:(b + 1) * QK_K]
+            gs = b * QK_K // group
+            ge = (b + 1) * QK_K // group
+            if kind == 2:
+                _finish_block_q2_k(xb, yb, Lb, scales[gs:ge], mins[gs:ge])
+            elif kind == 3:
+                _finish_block_q3_k(xb, yb, Lb, scales[gs:ge])
+            elif kind == 6:
+                _finish_block_q6_k(xb, yb, Lb, scales[gs:ge])
+            else:
+                _finish_block_q45_k(xb, yb, Lb, scales[gs:ge], mins[gs:ge], kind == 5)
+
+
 @njit(cache=True, error_model="numpy", parallel=True)
 def _quantize_rows(x, out, kind, block_bytes):
-    n_rows = x.shape[0]
-    nb = x.shape[1] // QK_K
-    group = 32 if kind == 4 or kind == 5 else 16
-    for r in prange(n_rows):
-        L = np.zeros(CHUNK_BLOCKS * QK_K, np.int32)
-        scales = np.zeros(CHUNK_BLOCKS * QK_K // group, np.float32)
-        mins = np.zeros(CHUNK_BLOCKS * QK_K // group, np.float32)
-        for b0 in range(0, nb, CHUNK_BLOCKS):
-            b1 = min(nb, b0 + CHUNK_BLOCKS)
-            xs = x[r, b0 * QK_K:b1 * QK_K]
-            ng = (b1 - b0) * QK_K // group
-            if kind == 2:
-                _search_q2_k(xs, L, scales[:ng], mins[:ng])
-            elif kind == 3 or kind == 6:
-                _search_symmetric(xs, L, scales[:ng], kind == 3)
-            else:
-                _search_q45_k(xs, L, scales[:ng], mins[:ng], kind == 5)
-            for b in range(b1 - b0):
-                xb = xs[b * QK_K:(b + 1) * QK_K]
-                yb = out[r, (b0 + b) * block_bytes:(b0 + b + 1) * block_bytes]
-                Lb = L[b * QK_K:(b + 1) * QK_K]
-                gs = b * QK_K // group
-                ge = (b + 1) * QK_K // group
-                if kind == 2:
-                    _finish_block_q2_k(xb, yb, Lb, scales[gs:ge], mins[gs:ge])
-                elif kind == 3:
-                    _finish_block_q3_k(xb, yb, Lb, scales[gs:ge])
-                elif kind == 6:
-                    _finish_block_q6_k(xb, yb, Lb, scales[gs:ge])
-                else:
-                    _finish_block_q45_k(xb, yb, Lb, scales[gs:ge], mins[gs:ge], kind == 5)
+    for r in prange(x.shape[0]):
+        _quantize_row(x[r], out[r], kind, block_bytes)
 
 
 # ---------------------------------------------------------------- dequantizers (same float ops as ggml)
