@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import ContextFullError, ModelError
 from .kernels import ops
-from .kernels.matmul import dequantize_rows, matmul
+from .kernels.qmatmul import dequantize_rows, matmul, matvec
 from .kernels.repack import PackedMatrix, pack_matrix
 
 ARCH = "llama"
@@ -166,6 +166,14 @@ def _matmul(parts: list[PackedMatrix], X: np.ndarray) -> np.ndarray:
     if len(parts) == 1:
         return matmul(parts[0], X)
     return np.concatenate([matmul(p, X) for p in parts], axis=1)
+
+
+def _add_matmul(parts: list[PackedMatrix], X: np.ndarray, out: np.ndarray) -> None:
+    """out += X @ W.T; for one token straight inside the kernel (no temporary)."""
+    if X.shape[0] == 1 and len(parts) == 1:
+        matvec(parts[0], X[0], out[0], accumulate=True)
+    else:
+        out += _matmul(parts, X)
 
 
 @dataclass
@@ -320,12 +328,12 @@ class LlamaModel:
                            hp.head_dim, hp.v_head_dim)
             att = np.empty((T, L.n_head * hp.v_head_dim), np.float32)
             ops.attention(q, L.k_cache, L.v_cache, pos0, scale, att)
-            x += _matmul(L.out, att)
+            _add_matmul(L.out, att, x)
             ops.rmsnorm(x, L.ffn_norm, eps, h)
             gu = _matmul(L.gate_up, h)
             a = np.empty((T, L.n_ff), np.float32)
             ops.swiglu(gu, L.n_ff, a)
-            x += _matmul(L.down, a)
+            _add_matmul(L.down, a, x)
         self.n_past = pos0 + T
         if not all_logits:
             x = x[-1:]
