@@ -241,3 +241,18 @@ def test_bad_tensors_are_refused(tmp_path):
         w.add_tensor("u", (4,), 99, np.zeros(4, np.uint8))
     with pytest.raises(GGUFError, match="alignment"):
         GGUFWriter(tmp_path / "m.gguf", alignment=48)
+
+
+def test_target_appearing_during_write_is_not_clobbered(tmp_path):
+    target = tmp_path / "m.gguf"
+
+    def meanwhile():  # another process creates the target while we stream the data
+        target.write_bytes(b"theirs")
+        return np.zeros(4, np.float32)
+
+    w = GGUFWriter(target)
+    w.add_tensor("a", (4,), GGMLType.F32, meanwhile)
+    with pytest.raises(LlmrunError, match="already exists"):
+        w.write()
+    assert target.read_bytes() == b"theirs"
+    assert _leftovers(tmp_path, {"m.gguf"}) == []

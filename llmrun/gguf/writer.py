@@ -214,6 +214,22 @@ class GGUFWriter:
         if not self.overwrite and os.path.lexists(self.path):
             raise LlmrunError(f"{self.path}: already exists (use --force / overwrite=True to replace it)")
 
+    def _publish(self, tmp: str) -> None:
+        """Move the finished temp file to the target in one step."""
+        if self.overwrite:
+            os.replace(tmp, self.path)
+            return
+        # link() fails if the target appeared while we were writing: no window to clobber it
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            raise LlmrunError(f"{self.path}: already exists (use --force / overwrite=True to replace it)") from None
+        except OSError:  # a file system without hard links: check, then rename
+            self._check_target()
+            os.replace(tmp, self.path)
+            return
+        os.unlink(tmp)
+
     def write(self) -> None:
         """Write everything to a temp file beside the target, fsync, then rename over the target."""
         if self._written:
@@ -238,8 +254,7 @@ class GGUFWriter:
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-            self._check_target()  # the target may have appeared while we were writing
-            os.replace(tmp, self.path)
+            self._publish(tmp)
         except BaseException:
             try:
                 os.unlink(tmp)
