@@ -324,6 +324,13 @@ def test_unfinished_stream_in_same_thread_is_refused_not_deadlocked():
     assert llm.create_completion(PROMPT, max_tokens=2, temperature=0)["choices"][0]["text"] == "he"
 
 
+def test_abandoned_stream_releases_the_model():
+    llm, _ = make("hello world")
+    for chunk in llm.create_chat_completion([{"role": "user", "content": "x"}], temperature=0, stream=True):
+        break   # the iterator is dropped here: CPython closes it and the lock is released
+    assert llm.create_completion(PROMPT, max_tokens=2, temperature=0)["choices"][0]["text"] == "he"
+
+
 def test_vocab_only_refuses_evaluation():
     llm = Llama.from_parts(ByteTokenizer(), None, n_ctx=16, name="v")
     assert llm.tokenize(b"hi") == [BOS, ord("h"), ord("i")]
