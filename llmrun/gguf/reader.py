@@ -199,7 +199,8 @@ class GGUFReader:
         if size < _HEADER.size:
             raise GGUFError(f"{self.path}: not a GGUF file (only {size} bytes)")
         try:
-            mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+            # a plain ndarray view (its base keeps the mapping alive): tensor views are ordinary arrays
+            mm = np.memmap(self.path, dtype=np.uint8, mode="r").view(np.ndarray)
         except (OSError, ValueError) as e:
             raise GGUFError(f"{self.path}: cannot map file ({e})") from None
         self.file_size = size
