@@ -113,6 +113,18 @@ def test_f16_bytes_as_llama_cpp_writes_them(spm_base, spm_ref, tmp_path):
             assert _tensor_bytes(t) == e.astype("<f2").tobytes(), t.name
 
 
+def test_bf16_from_f32_weights_as_gguf_py_rounds(spm_base, spm_ref, tmp_path):
+    from gguf.quants import quantize as py_quantize
+
+    r = _py_reader(_convert(spm_base, tmp_path / "bf16.gguf", out_type="bf16"))
+    expected = expected_gguf_tensors(spm_ref)
+    for t in r.tensors:
+        e = expected[t.name]
+        if e.ndim == 2:
+            assert t.tensor_type == gguf.GGMLQuantizationType.BF16
+            assert _tensor_bytes(t) == py_quantize(e, gguf.GGMLQuantizationType.BF16).tobytes(), t.name
+
+
 def test_bf16_sharded_tied_bit_exact(bpe_base, tmp_path):
     import torch
     from safetensors.torch import load_file
