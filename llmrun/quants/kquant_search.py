@@ -18,6 +18,7 @@ F32 = np.float32
 GROUP_MAX_EPS = np.float32(1e-15)
 _MAGIC = np.float32(12582912.0)  # 1.5 * 2**23
 _IN_RANGE = np.float32(4194303.0)
+I0 = np.int32(0)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -280,7 +281,8 @@ def _nint_lane(v):
     """(nearest_int(v), in_range) without branches; the value is meaningless when not in range."""
     ok = abs(v) <= _IN_RANGE
     safe = v if ok else F32(0.0)
-    return np.int32(np.float32(safe + _MAGIC)) - np.int32(12582912), ok
+    # (safe + 1.5*2**23) - 1.5*2**23 is exact, so this is the rounded integer, as an int32
+    return np.int32(np.float32(np.float32(safe + _MAGIC) - _MAGIC)), ok
 
 
 @njit(cache=True, error_model="numpy")
@@ -288,6 +290,7 @@ def make_qkx2_lanes(XT, WT, nmax, rmin, rdelta, nstep, use_mad, LT, scale, the_m
     """make_qkx2_quants for every column g of XT/WT; LT gets the levels. Sets redo[g] where unsure."""
     n, G = XT.shape
     fnmax = np.float32(nmax)
+    hi = np.int32(nmax)  # int32 clamps keep the vector loops 8/16 lanes wide
     mn = XT[0].copy()
     mx = XT[0].copy()
     sw = WT[0].copy()
@@ -319,7 +322,7 @@ def make_qkx2_lanes(XT, WT, nmax, rmin, rdelta, nstep, use_mad, LT, scale, the_m
         for g in range(G):
             l, ok = _nint_lane(np.float32(iscale[g] * np.float32(x[g] - mn[g])))
             redo[g] = redo[g] | (not ok)
-            l = max(0, min(nmax, l))
+            l = max(I0, min(hi, l))
             Lr[g] = l
             diff = np.float32(np.float32(np.float32(scale[g] * np.float32(l)) + mn[g]) - x[g])
             diff = abs(diff) if use_mad else np.float32(diff * diff)
@@ -350,7 +353,7 @@ def make_qkx2_lanes(XT, WT, nmax, rmin, rdelta, nstep, use_mad, LT, scale, the_m
             for g in range(G):
                 l, ok = _nint_lane(np.float32(iscale[g] * np.float32(x[g] - mn[g])))
                 redo[g] = redo[g] | (not ok)
-                l = max(0, min(nmax, l))
+                l = max(I0, min(hi, l))
                 La[g] = l
                 fl = np.float32(l)
                 wl = np.float32(w[g] * fl)
@@ -387,7 +390,7 @@ def make_qkx2_lanes(XT, WT, nmax, rmin, rdelta, nstep, use_mad, LT, scale, the_m
         Lr = LT[i]
         for g in range(G):
             l, ok = _nint_lane(np.float32(took_is[g] * np.float32(x[g] - took_mn[g])))
-            Lr[g] = max(0, min(nmax, l)) if took[g] else Lr[g]
+            Lr[g] = max(I0, min(hi, l)) if took[g] else Lr[g]
     for g in range(G):
         the_min[g] = np.float32(-mn[g])
 
@@ -412,6 +415,8 @@ def make_qx_quants_lanes(XT, nmax, LT, scale, redo):
     """make_qx_quants (rmse_type 1) for every column of XT; LT gets levels + nmax."""
     n, G = XT.shape
     fnmax = np.float32(nmax)
+    lo = np.int32(-nmax)
+    hi = np.int32(nmax - 1)
     mx, amax = _signed_max_lanes(XT)
     best_is = np.empty(G, np.float32)
     sumlx = np.zeros(G, np.float32)
@@ -426,7 +431,7 @@ def make_qx_quants_lanes(XT, nmax, LT, scale, redo):
             xi = x[g]
             l, ok = _nint_lane(np.float32(best_is[g] * xi))
             redo[g] = redo[g] | (not ok)
-            fl = np.float32(max(-nmax, min(nmax - 1, l)))
+            fl = np.float32(max(lo, min(hi, l)))
             w = np.float32(xi * xi)
             sumlx[g] = np.float32(sumlx[g] + np.float32(np.float32(w * xi) * fl))
             suml2[g] = np.float32(suml2[g] + np.float32(np.float32(w * fl) * fl))
@@ -449,7 +454,7 @@ def make_qx_quants_lanes(XT, nmax, LT, scale, redo):
                 xi = x[g]
                 l, ok = _nint_lane(np.float32(isc[g] * xi))
                 redo[g] = redo[g] | (not ok)
-                fl = np.float32(max(-nmax, min(nmax - 1, l)))
+                fl = np.float32(max(lo, min(hi, l)))
                 w = np.float32(xi * xi)
                 sumlx[g] = np.float32(sumlx[g] + np.float32(np.float32(w * xi) * fl))
                 suml2[g] = np.float32(suml2[g] + np.float32(np.float32(w * fl) * fl))
@@ -465,13 +470,15 @@ def make_qx_quants_lanes(XT, nmax, LT, scale, redo):
         Lr = LT[i]
         for g in range(G):
             l, ok = _nint_lane(np.float32(best_is[g] * x[g]))
-            Lr[g] = nmax + max(-nmax, min(nmax - 1, l))
+            Lr[g] = nmax + max(lo, min(hi, l))
 
 
 @njit(cache=True, error_model="numpy")
 def make_q3_quants_lanes(XT, nmax, LT, scale, redo):
     """make_q3_quants (do_rmse) for every column of XT; LT (signed int) gets levels + nmax."""
     n, G = XT.shape
+    lo = np.int32(-nmax)
+    hi = np.int32(nmax - 1)
     mx, amax = _signed_max_lanes(XT)
     isc = np.empty(G, np.float32)
     sumlx = np.zeros(G, np.float32)
@@ -486,7 +493,7 @@ def make_q3_quants_lanes(XT, nmax, LT, scale, redo):
             xi = x[g]
             l, ok = _nint_lane(np.float32(isc[g] * xi))
             redo[g] = redo[g] | (not ok)
-            l = max(-nmax, min(nmax - 1, l))
+            l = max(lo, min(hi, l))
             Lr[g] = l
             fl = np.float32(l)
             w = np.float32(xi * xi)
@@ -512,7 +519,7 @@ def make_q3_quants_lanes(XT, nmax, LT, scale, redo):
                 l, ok = _nint_lane(np.float32(np.float32(xi * sl2) / slx))
                 live = slx > 0
                 redo[g] = redo[g] | (live & (not ok))
-                l = max(-nmax, min(nmax - 1, l))
+                l = max(lo, min(hi, l))
                 fnl = np.float32(l)
                 slx2 = np.float32(slx + np.float32(wx * fnl))
                 sl22 = np.float32(sl2 + np.float32(np.float32(w * fnl) * fnl))
