@@ -137,3 +137,98 @@ def test_bad_shapes_raise_quant_error(qtype):
         quantize(np.zeros((2, 100), np.float32), qtype)
     with pytest.raises(QuantError):
         dequantize(np.zeros(10, np.uint8), qtype, (1, 256))
+
+
+@pytest.fixture(scope="module")
+def awkward_chunk() -> np.ndarray:
+    """8 super-blocks of groups that push the searches into their corners."""
+    rng = np.random.default_rng(99)
+    x = (rng.standard_t(2, 8 * 256) * 0.03).astype(np.float32)
+    x[0:32] = 0.0                                   # all-zero groups
+    x[32:64] = 0.5                                  # flat groups (max == min)
+    x[64:96] = np.round(rng.standard_normal(32) * 3)  # integers: rounding ties
+    x[96:128] = rng.standard_normal(32) * 1e-20     # below ggml's 1e-15 "all zero" threshold in places
+    x[128:160] = 0.0
+    x[140] = 2.0                                    # one spike in a quiet group
+    x[160:192] = np.abs(rng.standard_normal(32))    # one-signed groups
+    x[192:224] = -np.abs(rng.standard_normal(32)) * 1e4
+    x[300:800] *= 1e-4
+    sparse = rng.random(8 * 256) < 0.7
+    x[1024:][sparse[1024:]] = 0.0
+    return x
+
+
+def test_lane_searches_match_scalar_searches(awkward_chunk):
+    """The SIMD-lane scale searches give the scalar (ggml-transcribed) searches' results exactly."""
+    from llmrun.quants import kquants as kq
+    from llmrun.quants import kquant_search as ks
+
+    xs = awkward_chunk
+    f32 = np.float32
+    # Q4_K / Q5_K: groups of 32, weights rms + |x|
+    for five in (False, True):
+        nmax, rmin, nstep = (31, f32(-0.5), 15) if five else (15, f32(-1.0), 20)
+        L = np.zeros(xs.size, np.int32)
+        sc = np.zeros(xs.size // 32, f32)
+        mn = np.zeros(xs.size // 32, f32)
+        kq._search_q45_k(xs, L, sc, mn, five)
+        w = np.empty(32, f32)
+        for g in range(xs.size // 32):
+            xg = xs[32 * g:32 * g + 32]
+            kq._q45_weights(xg, w)
+            Lg = np.zeros(32, np.int32)
+            s, m = ks.make_qkx2_quants(32, nmax, xg, w, Lg, np.zeros(32, np.int32), rmin, f32(0.1), nstep, False)
+            assert (_bits(s), _bits(m)) == (_bits(sc[g]), _bits(mn[g])), (five, g)
+            np.testing.assert_array_equal(Lg, L[32 * g:32 * g + 32])
+    # Q2_K: groups of 16, weights |x|, mean absolute error
+    L = np.zeros(xs.size, np.int32)
+    sc = np.zeros(xs.size // 16, f32)
+    mn = np.zeros(xs.size // 16, f32)
+    kq._search_q2_k(xs, L, sc, mn)
+    for g in range(xs.size // 16):
+        xg = xs[16 * g:16 * g + 16]
+        Lg = np.zeros(16, np.int32)
+        s, m = ks.make_qkx2_quants(16, 3, xg, np.abs(xg), Lg, np.zeros(16, np.int32), f32(-0.5), f32(0.1), 15, True)
+        assert (_bits(s), _bits(m)) == (_bits(sc[g]), _bits(mn[g])), g
+        np.testing.assert_array_equal(Lg, L[16 * g:16 * g + 16])
+    # Q3_K and Q6_K: symmetric groups of 16
+    for q3 in (True, False):
+        L = np.zeros(xs.size, np.int32)
+        sc = np.zeros(xs.size // 16, f32)
+        kq._search_symmetric(xs, L, sc, q3)
+        for g in range(xs.size // 16):
+            xg = xs[16 * g:16 * g + 16]
+            Lg = np.zeros(16, np.int32)
+            s = ks.make_q3_quants(16, 4, xg, Lg) if q3 else ks.make_qx_quants(16, 32, xg, Lg)
+            assert _bits(s) == _bits(sc[g]), (q3, g)
+            np.testing.assert_array_equal(Lg, L[16 * g:16 * g + 16])
+
+
+def test_nearest_int_matches_ggml_bit_trick():
+    """nearest_int reproduces (bits(v + 1.5*2**23) & 0x7fffff) - 0x400000, in range and out of it."""
+    from llmrun.quants.kquant_search import nearest_int
+
+    rng = np.random.default_rng(1)
+    v = np.concatenate([rng.standard_normal(2000) * 10.0 ** rng.integers(-3, 12, 2000),
+                        np.array([0.5, 1.5, 2.5, -0.5, -2.5, 4194303.0, 4194304.5, -4194305.0, 1e30, -1e30,
+                                  np.inf, -np.inf, -12582912.0, 3e7])]).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        t = (v + np.float32(12582912.0)).astype(np.float32)
+    want = (t.view(np.uint32).astype(np.int64) & 0x7FFFFF) - 0x400000
+    got = np.array([nearest_int(f) for f in v])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_fp16_bits_match_numpy():
+    from llmrun.quants.kquant_search import fp16_bits, fp16_value
+
+    rng = np.random.default_rng(2)
+    v = np.concatenate([rng.standard_normal(3000) * 10.0 ** rng.integers(-9, 6, 3000),
+                        np.array([0.0, -0.0, 65504.0, 65519.99, 65520.0, 1e-8, 2.98e-8, 6.1e-5, np.inf])]
+                       ).astype(np.float32)
+    with np.errstate(over="ignore"):
+        want = v.astype("<f2").view(np.uint16)
+    got = np.array([fp16_bits(f) for f in v], dtype=np.uint16)
+    np.testing.assert_array_equal(got, want)
+    back = np.array([fp16_value(int(h)) for h in want], dtype=np.float32)
+    np.testing.assert_array_equal(_bits(back), _bits(want.view("<f2").astype(np.float32)))
