@@ -15,9 +15,10 @@ def llama3_rope_factors(head_dim: int, base: float, factor: float = 8.0, low_fre
                         high_freq_factor: float = 4.0, original_context: int = 8192) -> np.ndarray:
     """float32 [head_dim/2]: 1 for high frequencies, `factor` for low ones, a smooth blend in between."""
     f32 = np.float32
-    # torch evaluates `python_float ** float32_tensor` in double and rounds once; so do we
+    # torch evaluates `python_float ** float32_tensor` with the base rounded to float32 and a (near) correctly
+    # rounded pow; double precision rounded once reproduces it
     exponents = np.arange(0, head_dim, 2, dtype=f32) / f32(head_dim)
-    freqs = f32(1.0) / np.power(np.float64(base), exponents.astype(np.float64)).astype(f32)
+    freqs = f32(1.0) / np.power(np.float64(f32(base)), exponents.astype(np.float64)).astype(f32)
     low_wavelen = original_context / low_freq_factor      # python floats, compared against float32 below
     high_wavelen = original_context / high_freq_factor
     out = np.empty(len(freqs), dtype=f32)
