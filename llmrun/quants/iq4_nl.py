@@ -2,7 +2,8 @@
 
 Quantization is what llama-quantize runs without an imatrix (`quantize_iq4_nl`): ggml's
 quantize_row_iq4_nl_impl with weights x**2 and a scale search over ntry = 7, then every index
-re-picked with the final float scale. Bit-exact with ggml.
+re-picked with the final float scale. Bit-exact with ggml. Blocks of a row are searched together,
+one block per SIMD lane (the scheme is explained in kquant_search.py).
 """
 from __future__ import annotations
 

@@ -1,8 +1,12 @@
 """K-quants Q2_K..Q6_K (256-weight super-blocks): ggml's reference quantizers, bit-exact, and dequantizers.
 
 Quantization follows `quantize_row_<type>_ref` in ggml-quants.c (what llama-quantize runs without an
-imatrix); see formats.md §3.2-§3.6 for the layouts. One compiled driver loops over rows (in parallel:
-rows are independent, so threading cannot change a byte) and blocks; per-block work is in small kernels.
+imatrix); see formats.md §3.2-§3.6 for the layouts. Rows run in parallel (they are independent, so
+threading cannot change a byte). Within a row, chunks of super-blocks go through two stages:
+  1. the per-group scale searches (kquant_search.py), all groups of the chunk at once in SIMD lanes;
+  2. per block: the fp16 super-scales, 4/6-bit group codes, re-quantization with the rounded scales
+     and bit packing, in plain scalar code.
+Bytes are read as np.int64 before any bit arithmetic: numba types uint8-with-int64 expressions as float.
 """
 from __future__ import annotations
 
@@ -32,7 +36,8 @@ def _pack_2bit(L, y, off):
     for h in range(2):
         for l in range(32):
             b = 128 * h + l
-            y[off + 32 * h + l] = (np.int64(L[b]) | (np.int64(L[b + 32]) << 2) | (np.int64(L[b + 64]) << 4) | (np.int64(L[b + 96]) << 6)) & 0xFF
+            y[off + 32 * h + l] = (np.int64(L[b]) | (np.int64(L[b + 32]) << 2) | (np.int64(L[b + 64]) << 4)
+                                   | (np.int64(L[b + 96]) << 6)) & 0xFF
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -341,7 +346,7 @@ CHUNK_BLOCKS = 8  # super-blocks searched together: enough SIMD lanes, scratch s
 @njit(cache=True, error_model="numpy")
 def _quantize_row(xrow, yrow, kind, block_bytes):
     nb = xrow.shape[0] // QK_K
-    group = 32 if kind == 4 or kind == 5 else 16
+    group = 32 if kind == _Q4_K or kind == _Q5_K else 16
     L = np.zeros(CHUNK_BLOCKS * QK_K, np.int32)
     scales = np.zeros(CHUNK_BLOCKS * QK_K // group, np.float32)
     mins = np.zeros(CHUNK_BLOCKS * QK_K // group, np.float32)
@@ -349,26 +354,26 @@ def _quantize_row(xrow, yrow, kind, block_bytes):
         b1 = min(nb, b0 + CHUNK_BLOCKS)
         xs = xrow[b0 * QK_K:b1 * QK_K]
         ng = (b1 - b0) * QK_K // group
-        if kind == 2:
+        if kind == _Q2_K:
             _search_q2_k(xs, L, scales[:ng], mins[:ng])
-        elif kind == 3 or kind == 6:
-            _search_symmetric(xs, L, scales[:ng], kind == 3)
+        elif kind == _Q3_K or kind == _Q6_K:
+            _search_symmetric(xs, L, scales[:ng], kind == _Q3_K)
         else:
-            _search_q45_k(xs, L, scales[:ng], mins[:ng], kind == 5)
+            _search_q45_k(xs, L, scales[:ng], mins[:ng], kind == _Q5_K)
         for b in range(b1 - b0):
             xb = xs[b * QK_K:(b + 1) * QK_K]
             yb = yrow[(b0 + b) * block_bytes:(b0 + b + 1) * block_bytes]
             Lb = L[b * QK_K:(b + 1) * QK_K]
             gs = b * QK_K // group
             ge = (b + 1) * QK_K // group
-            if kind == 2:
+            if kind == _Q2_K:
                 _finish_block_q2_k(xb, yb, Lb, scales[gs:ge], mins[gs:ge])
-            elif kind == 3:
+            elif kind == _Q3_K:
                 _finish_block_q3_k(xb, yb, Lb, scales[gs:ge])
-            elif kind == 6:
+            elif kind == _Q6_K:
                 _finish_block_q6_k(xb, yb, Lb, scales[gs:ge])
             else:
-                _finish_block_q45_k(xb, yb, Lb, scales[gs:ge], mins[gs:ge], kind == 5)
+                _finish_block_q45_k(xb, yb, Lb, scales[gs:ge], mins[gs:ge], kind == _Q5_K)
 
 
 @njit(cache=True, error_model="numpy", parallel=True)
@@ -381,7 +386,7 @@ def _quantize_rows(x, out, kind, block_bytes):
 
 @njit(cache=True, error_model="numpy")
 def _dequantize_block(y, o, kind):
-    if kind == 2:
+    if kind == _Q2_K:
         d = _fp16_at(y, 80)
         dmin = _fp16_at(y, 82)
         for h in range(2):
@@ -393,7 +398,7 @@ def _dequantize_block(y, o, kind):
                     for l in range(16):
                         q = (np.int64(y[16 + 32 * h + 16 * g + l]) >> (2 * s)) & 3
                         o[128 * h + 32 * s + 16 * g + l] = np.float32(dl * np.float32(q)) - ml
-    elif kind == 3:
+    elif kind == _Q3_K:
         d = _fp16_at(y, 108)
         for h in range(2):
             for s in range(4):
@@ -404,10 +409,10 @@ def _dequantize_block(y, o, kind):
                         k = 16 * g + l
                         q = np.int64((np.int64(y[32 + 32 * h + k]) >> (2 * s)) & 3) - (0 if np.int64(y[k]) & m else 4)
                         o[128 * h + 32 * s + k] = np.float32(dl * np.float32(q))
-    elif kind == 4 or kind == 5:
+    elif kind == _Q4_K or kind == _Q5_K:
         d = _fp16_at(y, 0)
         dmin = _fp16_at(y, 2)
-        qs = 48 if kind == 5 else 16
+        qs = 48 if kind == _Q5_K else 16
         for c in range(4):
             for half in range(2):
                 sc, m = _scale_min_k4(2 * c + half, y, 4)
@@ -415,7 +420,7 @@ def _dequantize_block(y, o, kind):
                 ml = np.float32(dmin * np.float32(m))
                 for l in range(32):
                     q = np.int64((np.int64(y[qs + 32 * c + l]) >> (4 * half)) & 0xF)
-                    if kind == 5 and (np.int64(y[16 + l]) >> (2 * c + half)) & 1:
+                    if kind == _Q5_K and (np.int64(y[16 + l]) >> (2 * c + half)) & 1:
                         q += 16
                     o[64 * c + 32 * half + l] = np.float32(dl * np.float32(q)) - ml
     else:
