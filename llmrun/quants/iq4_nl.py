@@ -20,32 +20,39 @@ NTRY = 7
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 
 
-@njit(cache=True, error_model="numpy", inline="always")
-def _level_lane(thr, steps, k0, v):
-    """(index, level) of the level nearest to v, branch-free: count the midpoints 2v reaches.
+# Twice the midpoints between neighbouring levels are integers, so for any v the nearest level only
+# depends on floor(2v): two small tables indexed by floor(2v) (clamped to the table) give index and level.
+_TAB_LO = -256
+_TAB_N = 512
 
-    ggml picks the lower neighbour a of b only when v - a < b - v; for every non-NaN v that is the same
-    choice as 2v < a + b (2v and the integer midpoint sums are exact)."""
+
+def _level_tables():
+    k = KVALUES.astype(np.int64)
+    mid2 = k[:-1] + k[1:]
+    idx = np.array([(mid2 <= f).sum() for f in range(_TAB_LO, _TAB_LO + _TAB_N)], dtype=np.int32)
+    return idx, k[idx].astype(np.float32)
+
+
+_IDX_TAB, _LEVEL_TAB = _level_tables()
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _level_slot(v):
+    """Table slot for v. ggml picks the lower neighbour a of b only when v - a < b - v; for every
+    non-NaN v that is the same choice as 2v < a + b, i.e. floor(2v) < a + b (2v is exact)."""
     v2 = np.float32(v + v)
-    idx = 0
-    q = k0
-    for j in range(15):
-        up = v2 >= thr[j]
-        idx += 1 if up else 0
-        q = np.float32(q + steps[j]) if up else q
-    return idx, q
+    v2 = v2 if v2 > F32(_TAB_LO) else F32(_TAB_LO)            # also maps NaN to the first slot
+    v2 = v2 if v2 < F32(_TAB_LO + _TAB_N - 1) else F32(_TAB_LO + _TAB_N - 1)
+    return np.int32(np.floor(v2)) - np.int32(_TAB_LO)
 
 
 @njit(cache=True, error_model="numpy")
 def _quantize_chunk(xs, ys, k):
     """Blocks of xs searched together, one block per SIMD lane (see kquant_search's lane notes)."""
     G = xs.shape[0] // QK4_NL
-    thr = np.empty(15, np.float32)   # K[j] + K[j+1]: twice the midpoints
-    steps = np.empty(15, np.float32)  # K[j+1] - K[j]
-    for j in range(15):
-        thr[j] = k[j] + k[j + 1]
-        steps[j] = k[j + 1] - k[j]
     k0 = k[0]
+    itab = _IDX_TAB
+    qtab = _LEVEL_TAB
     XT = np.empty((QK4_NL, G), np.float32)
     for g in range(G):
         for i in range(QK4_NL):
@@ -68,7 +75,7 @@ def _quantize_chunk(xs, ys, k):
     for i in range(QK4_NL):
         x = XT[i]
         for g in range(G):
-            _, q = _level_lane(thr, steps, k0, np.float32(inv[g] * x[g]))
+            q = qtab[_level_slot(np.float32(inv[g] * x[g]))]
             wq = np.float32(np.float32(x[g] * x[g]) * q)
             sumqx[g] = np.float32(sumqx[g] + np.float32(wq * x[g]))
             sumq2[g] = np.float32(sumq2[g] + np.float32(wq * q))
@@ -84,7 +91,7 @@ def _quantize_chunk(xs, ys, k):
         for i in range(QK4_NL):
             x = XT[i]
             for g in range(G):
-                _, q = _level_lane(thr, steps, k0, np.float32(inv[g] * x[g]))
+                q = qtab[_level_slot(np.float32(inv[g] * x[g]))]
                 wq = np.float32(np.float32(x[g] * x[g]) * q)
                 sumqx[g] = np.float32(sumqx[g] + np.float32(wq * x[g]))
                 sumq2[g] = np.float32(sumq2[g] + np.float32(wq * q))
@@ -101,7 +108,7 @@ def _quantize_chunk(xs, ys, k):
     for i in range(QK4_NL):
         x = XT[i]
         for g in range(G):
-            L[i, g], _ = _level_lane(thr, steps, k0, np.float32(inv[g] * x[g]))
+            L[i, g] = itab[_level_slot(np.float32(inv[g] * x[g]))]
     for g in range(G):
         for j in range(16):
             ys[g * BLOCK_BYTES + 2 + j] = L[j, g] | (L[j + 16, g] << 4)
