@@ -232,3 +232,37 @@ def test_fp16_bits_match_numpy():
     np.testing.assert_array_equal(got, want)
     back = np.array([fp16_value(int(h)) for h in want], dtype=np.float32)
     np.testing.assert_array_equal(_bits(back), _bits(want.view("<f2").astype(np.float32)))
+
+
+def _ggml_best_index(values, x):
+    """ggml's best_index_int8 (binary search version), in float32 like the C code."""
+    x = np.float32(x)
+    if x <= values[0]:
+        return 0
+    if x >= values[-1]:
+        return len(values) - 1
+    lo, hi = 0, len(values) - 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if x < values[mid]:
+            hi = mid
+        else:
+            lo = mid
+    return hi - 1 if np.float32(x - np.float32(values[hi - 1])) < np.float32(np.float32(values[hi]) - x) else hi
+
+
+def test_iq4_nl_level_choice_matches_ggml_search():
+    from llmrun.quants.iq4_nl import _IDX_TAB, _LEVEL_TAB, KVALUES, _level_slot
+
+    values = [int(v) for v in KVALUES]
+    mids = [(a + b) / 2 for a, b in zip(values[:-1], values[1:])]
+    rng = np.random.default_rng(4)
+    probes = np.concatenate([
+        rng.uniform(-140, 130, 4000), np.array(mids), np.nextafter(np.array(mids, np.float32), np.float32(-1e9)),
+        np.nextafter(np.array(mids, np.float32), np.float32(1e9)), np.array(values, np.float64),
+        rng.standard_normal(500) * 1e-6, np.array([-1e30, 1e30, -200.0, 200.0, 0.0])]).astype(np.float32)
+    for v in probes:
+        slot = _level_slot(v)
+        want = _ggml_best_index(values, v)
+        assert _IDX_TAB[slot] == want, (v, _IDX_TAB[slot], want)
+        assert _LEVEL_TAB[slot] == values[want]
