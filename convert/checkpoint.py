@@ -182,6 +182,19 @@ class Checkpoint:
         st.release(e)
         return out
 
+    def load_stored(self, name: str) -> np.ndarray:
+        """A copy of one tensor in its stored type (float32, float16, or bf16 bits as uint16)."""
+        e = self.entries[name]
+        st = self._by_path[e.file]
+        v = st.view(e)
+        out = v.copy()
+        del v
+        st.release(e)
+        return out
+
+    def stored_type(self, name: str) -> str:
+        return self.entries[name].dtype
+
     def close(self) -> None:
         for f in self.files:
             f.close()

@@ -221,6 +221,9 @@ class LoraAdapter:
         v = self.file.view(e)
         return bf16_bits_to_f32(v) if e.dtype == "BF16" else v.astype(np.float32)
 
+    def touches(self, hf_weight: str) -> bool:
+        return hf_weight in self.pairs or hf_weight in self.replacements or hf_weight in self.overrides
+
     def replacement(self, hf_weight: str) -> np.ndarray | None:
         """The modules_to_save weight replacing this one (a new, separate tensor), if any."""
         e = self.replacements.get(hf_weight)

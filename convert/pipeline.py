@@ -31,6 +31,9 @@ _FLOAT_TYPES = {"f32": (LlamaFileType.ALL_F32, GGMLType.F32),
 
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
+# safetensors dtype -> the GGML type whose bytes are the same (GGUFWriter takes bf16 bits as uint16)
+_STORED_AS = {"F32": GGMLType.F32, "F16": GGMLType.F16, "BF16": GGMLType.BF16}
+
 Progress = Callable[[int, int, str], None]
 
 
@@ -230,6 +233,14 @@ def _producer(plan: _TensorPlan, ckpt: Checkpoint, adapters: list[LoraAdapter], 
             w = plan.generated
         elif plan.tied_role is not None:
             w = _tied_pair(ckpt, adapters, plan.tied_role)
+        elif _STORED_AS.get(ckpt.stored_type(plan.source)) == plan.ggml_type and \
+                not any(a.touches(plan.source) for a in adapters):
+            # same type in and out, nothing merged: pass the stored bits through (identical to the
+            # float32 round trip, without its cost)
+            w = ckpt.load_stored(plan.source)
+            if plan.permute_heads:
+                w = permute_rows(w, plan.permute_heads)
+            return w
         else:
             w = ckpt.load_f32(plan.source)
             for a in adapters:
