@@ -58,13 +58,6 @@ def gguf_name(hf_name: str) -> str | None:
                        "(biases and other extras are not supported)")
 
 
-def block_index(gguf: str) -> int | None:
-    """Layer number of a `blk.N.*` name, else None."""
-    if gguf.startswith("blk."):
-        return int(gguf.split(".", 2)[1])
-    return None
-
-
 def block_suffix(gguf: str) -> str:
     """`blk.3.attn_q.weight` -> `attn_q.weight` (other names unchanged)."""
     return gguf.split(".", 2)[2] if gguf.startswith("blk.") else gguf
