@@ -70,9 +70,10 @@ def test_rows_are_independent_any_count(quant_vectors, qtype):
     np.testing.assert_array_equal(quantize(x[5:6], qtype), want[5:6])
     three_d = quantize(x[:6].reshape(2, 3, 512), qtype)
     np.testing.assert_array_equal(three_d, want[:6])
-    # a row of several blocks is the concatenation of its blocks quantized alone
-    wide = x[[1, 2, 3]].reshape(1, 3 * 512)
-    np.testing.assert_array_equal(quantize(wide, qtype), want[[1, 2, 3]].reshape(1, -1))
+    # a long row (several search chunks) is the concatenation of its blocks quantized alone
+    rows = [1, 2, 3, 12, 15, 19, 20, 21, 23]
+    wide = x[rows].reshape(1, -1)
+    np.testing.assert_array_equal(quantize(wide, qtype), want[rows].reshape(1, -1))
 
 
 @pytest.mark.parametrize("qtype", TYPES)

@@ -11,7 +11,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..gguf.constants import GGMLType
-from .kquant_search import F32, GROUP_MAX_EPS, fp16_value, put_fp16
+from .kquant_search import F32, GROUP_MAX_EPS, chunk_size, fp16_value, put_fp16
 
 QK4_NL = 32
 BLOCK_BYTES = 18
@@ -122,8 +122,9 @@ def _quantize_rows(x, out):
     k = KVALUES.astype(np.float32)
     nb = x.shape[1] // QK4_NL
     for r in prange(x.shape[0]):
-        for b0 in range(0, nb, CHUNK_BLOCKS):
-            b1 = min(nb, b0 + CHUNK_BLOCKS)
+        chunk = chunk_size(nb, CHUNK_BLOCKS)
+        for b0 in range(0, nb, chunk):
+            b1 = min(nb, b0 + chunk)
             _quantize_chunk(x[r, b0 * QK4_NL:b1 * QK4_NL], out[r, b0 * BLOCK_BYTES:b1 * BLOCK_BYTES], k)
 
 

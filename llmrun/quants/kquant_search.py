@@ -277,6 +277,14 @@ def make_q3_quants(n, nmax, x, L):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def chunk_size(nb, target):
+    """Split nb blocks into equal chunks of about `target` blocks, for lane kernels: a short tail chunk
+    would have too few lanes (LLVM runs loops of fewer than ~24 iterations without SIMD)."""
+    n_chunks = (nb + target - 1) // target
+    return (nb + n_chunks - 1) // n_chunks
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _nint_lane(v):
     """(nearest_int(v), in_range) without branches; the value is meaningless when not in range."""
     ok = abs(v) <= _IN_RANGE

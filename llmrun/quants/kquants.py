@@ -16,9 +16,9 @@ import numpy as np
 from numba import njit, prange
 
 from ..gguf.constants import GGMLType, GGML_BLOCK
-from .kquant_search import (F32, GROUP_MAX_EPS, fp16_value, make_q3_quants, make_q3_quants_lanes,
-                            make_qkx2_lanes, make_qkx2_quants, make_qx_quants, make_qx_quants_lanes,
-                            nearest_int, put_fp16)
+from .kquant_search import (F32, GROUP_MAX_EPS, chunk_size, fp16_value, make_q3_quants, make_q3_quants_lanes,
+                            make_qkx2_lanes, make_qkx2_quants, make_qx_quants, make_qx_quants_lanes, nearest_int,
+                            put_fp16)
 
 QK_K = 256
 
@@ -350,8 +350,9 @@ def _quantize_row(xrow, yrow, kind, block_bytes):
     L = np.zeros(CHUNK_BLOCKS * QK_K, np.int32)
     scales = np.zeros(CHUNK_BLOCKS * QK_K // group, np.float32)
     mins = np.zeros(CHUNK_BLOCKS * QK_K // group, np.float32)
-    for b0 in range(0, nb, CHUNK_BLOCKS):
-        b1 = min(nb, b0 + CHUNK_BLOCKS)
+    chunk = chunk_size(nb, CHUNK_BLOCKS)
+    for b0 in range(0, nb, chunk):
+        b1 = min(nb, b0 + chunk)
         xs = xrow[b0 * QK_K:b1 * QK_K]
         ng = (b1 - b0) * QK_K // group
         if kind == _Q2_K:
