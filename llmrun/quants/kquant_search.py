@@ -1,11 +1,13 @@
-"""ggml's scale searches for the K-quants, as Numba scalar kernels (formats.md §3.0, §3.2).
+"""ggml's scale searches for the K-quants (formats.md §3.0, §3.2): scalar transcriptions of
+make_qkx2_quants / make_qx_quants / make_q3_quants, and "lane" versions that run many groups at once.
 
 Bit-exactness with ggml's C reference depends on doing what C does with float32:
   * every constant and intermediate is np.float32 (numba promotes float32 * int to float64, so ints are
     cast first), products are evaluated left to right, sums accumulate sequentially, no fastmath;
   * nearest_int is the 1.5*2**23 trick *including* what it returns for out-of-range input (the searches
     can feed it huge quotients, and ggml clamps whatever comes out);
-  * scales stored as fp16 are rounded to nearest-even and the rounded value is used for re-quantization.
+  * scales stored as fp16 are rounded to nearest-even and the rounded value is used for re-quantization;
+  * a division by zero yields inf/nan as in C (error_model="numpy"), never an exception.
 """
 from __future__ import annotations
 
