@@ -1,15 +1,15 @@
 """Matrix products `Y = X @ W.T` over PackedMatrix tiles (layouts: repack.py).
 
-Prefill keeps float32 activations (weights decoded to float32 in registers); decode uses int16
+Prefill keeps float32 activations (weights widened to float32 chunk by chunk); decode uses int16
 activations with a float scale per block. Neither quantizes activations to int8, which is where
 llama.cpp loses fidelity. The innermost loops run over the TILE_ROWS rows of a tile so that
 LLVM vectorizes them without horizontal reductions.
 
-Two shapes per family:
+Two shapes:
   gemv  one token (decode, U4/I8): codes are consumed straight from memory and multiplied with int16
         activations (per-block scale) in integer arithmetic, per-block partial sums.
-  gemm  many tokens (prefill): each 32-column block of a tile is decoded once into a small float32
-        scratch, then reused for every token of a chunk.
+  gemm  many tokens (prefill) and the float families: a chunk of rows is widened to float32 scratch
+        and handed to BLAS sgemm together with the float32 activations.
 All kernels are compiled once (fixed array types) and cached on disk.
 """
 from __future__ import annotations
@@ -20,7 +20,6 @@ from numba import njit, prange
 from .repack import TILE_ROWS, U4, I8, H16, FP32, PackedMatrix
 
 R = TILE_ROWS
-TOKENS_PER_CHUNK = 64   # prefill: tokens sharing one decoded weight block (bounds the [chunk, R] accumulator)
 F16_TO_F32 = np.float32(2.0 ** 112)  # rebias a half's exponent after shifting its bits into float32's place
 
 
@@ -119,130 +118,109 @@ def _gemv_i8(codes, d, m, x, y, accumulate):
         _finish_tile(acc, y, t, y.shape[0], accumulate)
 
 
-# ---------------------------------------------------------------------------------------------- gemm
-@njit(fastmath=True, cache=True, inline="always")
-def _accumulate(acc, w, X, tok0, n_tok, col0, ncol):
-    """acc[i, r] += sum_j w[j, r] * X[tok0 + i, col0 + j] for j < ncol (4 columns per pass)."""
-    for i in range(n_tok):
-        xrow = X[tok0 + i]
-        j = 0
-        while j + 4 <= ncol:
-            x0 = xrow[col0 + j]
-            x1 = xrow[col0 + j + 1]
-            x2 = xrow[col0 + j + 2]
-            x3 = xrow[col0 + j + 3]
-            for r in range(R):
-                acc[i, r] += w[j, r] * x0 + w[j + 1, r] * x1 + w[j + 2, r] * x2 + w[j + 3, r] * x3
-            j += 4
-        while j < ncol:
-            x0 = xrow[col0 + j]
-            for r in range(R):
-                acc[i, r] += w[j, r] * x0
-            j += 1
-
-
-@njit(fastmath=True, cache=True, inline="always")
-def _add_offsets(acc, m_row, xsum, tok0, n_tok, b):
-    for i in range(n_tok):
-        sx = xsum[tok0 + i, b]
-        for r in range(R):
-            acc[i, r] += m_row[r] * sx
-
-
-@njit(fastmath=True, cache=True, inline="always")
-def _store(acc, Y, tok0, n_tok, t):
-    for i in range(n_tok):
-        for r in range(R):
-            Y[tok0 + i, t * R + r] = acc[i, r]
+# ------------------------------------------------------------------------------------ prefill (BLAS)
+# Many tokens: compute-bound, so a chunk of rows is widened to float32 (a bounded scratch, never the
+# whole matrix) and multiplied with the float32 activations by BLAS sgemm (~3x our best Numba FMA loop).
+CHUNK_FLOATS = 1 << 20      # widened weights per chunk (4 MiB)
+FEW_TOKENS = 3              # up to this many tokens, run the decode kernel per token instead
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemm_u4(codes, d, m, X, xsum, Y):
-    n_tiles, nblk = codes.shape[0], codes.shape[1]
-    T = X.shape[0]
-    n_chunks = (T + TOKENS_PER_CHUNK - 1) // TOKENS_PER_CHUNK
-    for job in prange(n_tiles * n_chunks):
-        t = job // n_chunks
-        tok0 = (job % n_chunks) * TOKENS_PER_CHUNK
-        n_tok = min(TOKENS_PER_CHUNK, T - tok0)
-        acc = np.zeros((n_tok, R), np.float32)
-        w = np.empty((32, R), np.float32)
+def _widen_u4(codes, d, m, t0, t1, out):
+    """Tiles t0..t1 -> float32 out[t - t0, col, r] (each tile's W.T, contiguous: sequential writes)."""
+    nblk = codes.shape[1]
+    for t in prange(t0, t1):
         for b in range(nblk):
             for j in range(16):
                 for r in range(R):
                     v = codes[t, b, j, r]
-                    w[j, r] = np.float32(v & 15) * d[t, b, r]
-                    w[j + 16, r] = np.float32(v >> 4) * d[t, b, r]
-            _accumulate(acc, w, X, tok0, n_tok, b * 32, 32)
-            _add_offsets(acc, m[t, b], xsum, tok0, n_tok, b)
-        _store(acc, Y, tok0, n_tok, t)
+                    # uint8 casts keep the nibble arithmetic 8/32-bit wide (else int64 lanes: 2x slower)
+                    out[t - t0, b * 32 + j, r] = np.float32(np.uint8(v & 15)) * d[t, b, r] + m[t, b, r]
+                    out[t - t0, b * 32 + j + 16, r] = np.float32(np.uint8(v >> 4)) * d[t, b, r] + m[t, b, r]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemm_i8(codes, d, m, X, xsum, Y):
-    n_tiles, nblk, bs = codes.shape[0], codes.shape[1], codes.shape[2]
-    T = X.shape[0]
-    n_chunks = (T + TOKENS_PER_CHUNK - 1) // TOKENS_PER_CHUNK
-    for job in prange(n_tiles * n_chunks):
-        t = job // n_chunks
-        tok0 = (job % n_chunks) * TOKENS_PER_CHUNK
-        n_tok = min(TOKENS_PER_CHUNK, T - tok0)
-        acc = np.zeros((n_tok, R), np.float32)
-        w = np.empty((bs, R), np.float32)
+def _widen_i8(codes, d, m, t0, t1, out):
+    nblk, bs = codes.shape[1], codes.shape[2]
+    for t in prange(t0, t1):
         for b in range(nblk):
             for j in range(bs):
                 for r in range(R):
-                    w[j, r] = np.float32(codes[t, b, j, r]) * d[t, b, r]
-            _accumulate(acc, w, X, tok0, n_tok, b * bs, bs)
-            _add_offsets(acc, m[t, b], xsum, tok0, n_tok, b)
-        _store(acc, Y, tok0, n_tok, t)
+                    out[t - t0, b * bs + j, r] = np.float32(codes[t, b, j, r]) * d[t, b, r] + m[t, b, r]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemm_h16(codes, kind, X, Y):
-    """codes uint16 [tiles, n_cols, R]: IEEE halves (kind 0) or bfloat16 (kind 1)."""
-    n_tiles, n_cols = codes.shape[0], codes.shape[1]
-    T = X.shape[0]
-    n_chunks = (T + TOKENS_PER_CHUNK - 1) // TOKENS_PER_CHUNK
-    for job in prange(n_tiles * n_chunks):
-        t = job // n_chunks
-        tok0 = (job % n_chunks) * TOKENS_PER_CHUNK
-        n_tok = min(TOKENS_PER_CHUNK, T - tok0)
-        acc = np.zeros((n_tok, R), np.float32)
-        bits = np.empty((32, R), np.uint32)
-        w = bits.view(np.float32)
-        for c0 in range(0, n_cols, 32):
-            ncol = min(32, n_cols - c0)
-            if kind == 1:
-                for j in range(ncol):
-                    for r in range(R):
-                        bits[j, r] = np.uint32(codes[t, c0 + j, r]) << 16
-            else:
-                # half -> float32 without branches: move exponent+mantissa into place, rebias by
-                # 2**112 (exact, also for subnormal halves), then apply the sign. No inf/nan in weights.
-                for j in range(ncol):
-                    for r in range(R):
-                        bits[j, r] = (np.uint32(codes[t, c0 + j, r]) & np.uint32(0x7FFF)) << 13
-                for j in range(ncol):
-                    for r in range(R):
-                        sign = np.float32(1.0) - np.float32(2.0) * np.float32(codes[t, c0 + j, r] >> 15)
-                        w[j, r] = w[j, r] * F16_TO_F32 * sign
-            _accumulate(acc, w, X, tok0, n_tok, c0, ncol)
-        _store(acc, Y, tok0, n_tok, t)
+def _widen_h16(codes, kind, r0, r1, out):
+    """uint16 rows r0..r1 (IEEE halves if kind == 0, else bfloat16) -> float32 out[0:r1-r0]."""
+    bits = out.view(np.uint32)
+    n_cols = codes.shape[1]
+    for i in prange(r1 - r0):
+        src = codes[r0 + i]
+        dst = bits[i]
+        if kind == 1:
+            for j in range(n_cols):
+                dst[j] = np.uint32(src[j]) << 16
+        else:
+            # exponent+mantissa moved into float32's place, sign kept; the 2**112 rebias below is exact,
+            # also for subnormal halves (weights hold no inf/nan)
+            for j in range(n_cols):
+                h = np.uint32(src[j])
+                dst[j] = ((h & np.uint32(0x8000)) << 16) | ((h & np.uint32(0x7FFF)) << 13)
+            row = out[i]
+            for j in range(n_cols):
+                row[j] *= F16_TO_F32
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _gemm_f32(codes, X, Y):
-    n_tiles, n_cols = codes.shape[0], codes.shape[1]
-    T = X.shape[0]
-    n_chunks = (T + TOKENS_PER_CHUNK - 1) // TOKENS_PER_CHUNK
-    for job in prange(n_tiles * n_chunks):
-        t = job // n_chunks
-        tok0 = (job % n_chunks) * TOKENS_PER_CHUNK
-        n_tok = min(TOKENS_PER_CHUNK, T - tok0)
-        acc = np.zeros((n_tok, R), np.float32)
-        _accumulate(acc, codes[t], X, tok0, n_tok, 0, n_cols)
-        _store(acc, Y, tok0, n_tok, t)
+_blas_limited = False
+
+
+def _limit_blas_threads() -> None:
+    """Run numpy's OpenBLAS on one thread. Its worker threads busy-wait: next to Numba's threads (or other
+    processes) on few cores they made prefill 10-50x slower. Best effort: other BLAS builds are left alone."""
+    global _blas_limited
+    if _blas_limited:
+        return
+    _blas_limited = True
+    import ctypes
+    import glob
+    import os
+    libdir = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
+    for path in glob.glob(os.path.join(libdir, "*openblas*")):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                     "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn(ctypes.c_int(1))
+                return
+
+
+def _matmul_widened(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
+    T, K = X.shape
+    _limit_blas_threads()
+    if pm.family == H16:
+        Y = np.empty((T, pm.n_rows), np.float32)
+        step = max(1, CHUNK_FLOATS // K)
+        buf = np.empty((min(step, pm.n_rows), K), np.float32)
+        for r0 in range(0, pm.n_rows, step):
+            r1 = min(pm.n_rows, r0 + step)
+            _widen_h16(pm.codes, pm.kind, r0, r1, buf[:r1 - r0])
+            np.matmul(X, buf[:r1 - r0].T, out=Y[:, r0:r1])
+        return Y
+    # tiled families: widen whole tiles to [tile, K, R] and let BLAS run one [T,K]x[K,R] product per tile
+    n_tiles = pm.codes.shape[0]
+    step = max(1, CHUNK_FLOATS // (K * R))
+    buf = np.empty((min(step, n_tiles), K, R), np.float32)
+    Yt = np.empty((n_tiles, T, R), np.float32)
+    widen = _widen_u4 if pm.family == U4 else _widen_i8
+    for t0 in range(0, n_tiles, step):
+        t1 = min(n_tiles, t0 + step)
+        widen(pm.codes, pm.d, pm.m, t0, t1, buf)
+        np.matmul(X, buf[:t1 - t0], out=Yt[t0:t1])
+    return Yt.transpose(1, 0, 2).reshape(T, n_tiles * R)[:, :pm.n_rows]
 
 
 # ----------------------------------------------------------------------------------------- dispatch
@@ -268,19 +246,15 @@ def matmul(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
     """X float32 [T, n_cols] -> X @ W.T, float32 [T, n_rows]."""
     X = np.ascontiguousarray(X, dtype=np.float32)
     T = X.shape[0]
-    if T == 1 and pm.family in (U4, I8):
-        return matvec(pm, X[0])[None, :]
-    n_pad = pm.codes.shape[0] * R
-    Y = np.empty((T, n_pad), np.float32)
-    if pm.family in (U4, I8):
-        nblk = pm.codes.shape[1]
-        xsum = X.reshape(T, nblk, pm.bs).sum(axis=2, dtype=np.float32)
-        (_gemm_u4 if pm.family == U4 else _gemm_i8)(pm.codes, pm.d, pm.m, X, xsum, Y)
-    elif pm.family == H16:
-        _gemm_h16(pm.codes, pm.kind, X, Y)
-    else:
-        _gemm_f32(pm.codes, X, Y)
-    return Y[:, :pm.n_rows] if n_pad != pm.n_rows else Y
+    if pm.family == FP32:
+        _limit_blas_threads()
+        return X @ pm.codes.T
+    if T <= FEW_TOKENS and pm.family in (U4, I8):
+        Y = np.empty((T, pm.n_rows), np.float32)
+        for i in range(T):
+            matvec(pm, X[i], Y[i])
+        return Y
+    return np.ascontiguousarray(_matmul_widened(pm, X))
 
 
 def dequantize_rows(pm: PackedMatrix, rows) -> np.ndarray:
@@ -288,9 +262,9 @@ def dequantize_rows(pm: PackedMatrix, rows) -> np.ndarray:
     rows = np.asarray(rows, dtype=np.int64)
     t, lane = rows // R, rows % R
     if pm.family == FP32:
-        return np.ascontiguousarray(pm.codes[t, :, lane])
+        return np.ascontiguousarray(pm.codes[rows])
     if pm.family == H16:
-        u = pm.codes[t, :, lane]
+        u = pm.codes[rows]
         if pm.kind == 1:
             return (u.astype(np.uint32) << 16).view(np.float32)
         return u.view(np.float16).astype(np.float32)

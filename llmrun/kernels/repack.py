@@ -10,10 +10,11 @@ that `w = d*q + m`:
   H16  raw 16-bit floats (kind 0 = IEEE half, 1 = bfloat16), no scales                 F16 BF16
   F32  raw float32, no scales                                                           F32
 
-Rows are grouped into tiles of TILE_ROWS; inside a tile the codes are stored *row-innermost*
+For U4 and I8, rows are grouped into tiles of TILE_ROWS; inside a tile the codes are stored *row-innermost*
 ([tile, block, byte, row]) so that the kernels' innermost loop runs over TILE_ROWS independent output
 rows: long, contiguous and without reductions, which is what LLVM vectorizes well (kernels.md).
-Nothing is dequantized to a float32 copy: U4 keeps 4 bits per weight, I8 8 bits, H16 16 bits.
+H16 and F32 rows stay row-major. Nothing is dequantized to a float32 copy: U4 keeps 4 bits per weight,
+I8 8 bits, H16 16 bits (prefill widens one chunk of rows at a time, qmatmul.py).
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ class PackedMatrix:
     n_rows: int
     n_cols: int
     codes: np.ndarray          # U4 uint8 [tiles, nblk, 16, R]; I8 int8 [tiles, nblk, bs, R];
-                               # H16 uint16 [tiles, n_cols, R]; F32 float32 [tiles, n_cols, R]
+                               # H16 uint16 [n_rows, n_cols]; F32 float32 [n_rows, n_cols] (row-major)
     d: np.ndarray | None       # float32 [tiles, nblk, R] (U4, I8)
     m: np.ndarray | None       # float32 [tiles, nblk, R] (U4, I8)
     bs: int = 1                # weights per scale block (U4: 32, I8: 32 or 16)
@@ -202,6 +203,11 @@ def pack_matrix(raw: np.ndarray, qtype: int, n_cols: int) -> PackedMatrix:
     if n_cols % blck:
         raise ModelError(f"{TYPE_NAMES[qtype]} row length {n_cols} is not a multiple of {blck}")
     n_rows = raw.shape[0]
+    kind = 1 if qtype == BF16 else 0
+    if qtype in (F32, F16, BF16):
+        # float rows stay row-major (BLAS reads them directly / after a per-chunk widening)
+        family, codes, _, _, _ = _unpack(np.ascontiguousarray(raw), n_cols, qtype)
+        return PackedMatrix(family, n_rows, n_cols, np.array(codes), None, None, 1, kind=kind, src_type=qtype)
     n_pad = -(-n_rows // TILE_ROWS) * TILE_ROWS
     parts: list[tuple] = []
     family = bs = None
@@ -210,12 +216,8 @@ def pack_matrix(raw: np.ndarray, qtype: int, n_cols: int) -> PackedMatrix:
         chunk = np.asarray(raw[r0:r0 + step])
         family, codes, d, m, bs = _unpack(chunk, n_cols, qtype)
         rows_here = min(step, n_pad - r0)
-        parts.append(tuple(None if a is None else _tile(np.ascontiguousarray(a), rows_here)
-                           for a in (codes, d, m)))
+        parts.append(tuple(_tile(np.ascontiguousarray(a), rows_here) for a in (codes, d, m)))
     codes = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-    d = m = None
-    if parts[0][1] is not None:
-        d = np.ascontiguousarray(np.concatenate([p[1] for p in parts]), dtype=np.float32)
-        m = np.ascontiguousarray(np.concatenate([p[2] for p in parts]), dtype=np.float32)
-    return PackedMatrix(family, n_rows, n_cols, codes, d, m, bs,
-                        kind=1 if qtype == BF16 else 0, src_type=qtype)
+    d = np.ascontiguousarray(np.concatenate([p[1] for p in parts]), dtype=np.float32)
+    m = np.ascontiguousarray(np.concatenate([p[2] for p in parts]), dtype=np.float32)
+    return PackedMatrix(family, n_rows, n_cols, codes, d, m, bs, kind=kind, src_type=qtype)
