@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import ModelError
 
-TILE_ROWS = 32
+TILE_ROWS = 64
 
 # ggml type codes (formats.md §2); kept as ints so this module does not depend on the container code.
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
