@@ -24,6 +24,8 @@ import numpy as np
 
 from ..errors import ModelError
 
+# Rows per tile. The kernels (qmatmul.py) compile it in as a constant; numba's on-disk cache only watches the
+# file a kernel is defined in, so after changing it here, touch qmatmul.py (or clear __pycache__).
 TILE_ROWS = 64
 
 # ggml type codes (formats.md §2); kept as ints so this module does not depend on the container code.
