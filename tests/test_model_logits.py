@@ -69,6 +69,33 @@ def test_llama3_rope_freqs_match_transformers(tmp_path):
     assert mean_kl(ref, unscaled) > 1e-4
 
 
+def test_yarn_rope_matches_transformers(tmp_path):
+    """rope.scaling.type = yarn (ggml's ramp between correction dims + attention factor) vs transformers."""
+    spec = TinySpec(qtype="f32", max_pos=256, rope={"rope_type": "yarn", "factor": 4.0,
+                                                    "original_max_position_embeddings": 64})
+    model = hf_model(spec)
+    path = write_gguf(tmp_path / "yarn.gguf", model, spec)
+    ids = _prompt(150, spec.vocab, seed=6)
+    ref = reference_logits(model, ids)
+    m, ours = _engine_logits(path, ids)
+    assert m.hparams.rope_scaling == "yarn"
+    assert mean_kl(ref, ours) <= 1e-6
+    assert (ref.argmax(-1) == ours.argmax(-1)).all()
+
+
+def test_per_layer_hparam_arrays(tmp_path):
+    """head_count / head_count_kv / feed_forward_length stored as per-layer arrays load like scalars."""
+    spec = TinySpec(qtype="q8_0", seed=8)
+    model = hf_model(spec)
+    scalar = write_gguf(tmp_path / "scalar.gguf", model, spec)
+    arrays = write_gguf(tmp_path / "arrays.gguf", model, spec, per_layer_arrays=True)
+    ids = _prompt(20, spec.vocab, seed=7)
+    m, a = _engine_logits(arrays, ids)
+    assert m.hparams.n_head_per_layer == [spec.heads] * spec.layers
+    _, b = _engine_logits(scalar, ids)
+    np.testing.assert_array_equal(a, b)
+
+
 @pytest.fixture(scope="module")
 def q8_tiny(tmp_path_factory):
     spec = TinySpec(qtype="q8_0", seed=7)
@@ -138,3 +165,9 @@ def test_default_model_matches_transformers(default_model):
     kl = mean_kl(ref, ours)
     assert kl <= 1e-4, kl
     assert (ref.argmax(-1) == ours.argmax(-1)).mean() >= 0.95
+    # token-by-token decode (int16-activation kernels) over the last 16 positions
+    m.truncate(48)
+    dec = np.stack([m.forward([t]) for t in ids[48:]])
+    kl_dec = mean_kl(ref[48:], dec)
+    assert kl_dec <= 1e-4, kl_dec
+    assert (ref[48:].argmax(-1) == dec.argmax(-1)).mean() >= 0.9

@@ -118,8 +118,10 @@ def gguf_tensors(model, spec: TinySpec) -> dict[str, np.ndarray]:
     return out
 
 
-def write_gguf(path: Path, model, spec: TinySpec, *, arch: str = "llama", drop: tuple[str, ...] = ()) -> Path:
-    """Write `model` as a GGUF file with gguf-py's GGUFWriter (2-D weights in spec.qtype)."""
+def write_gguf(path: Path, model, spec: TinySpec, *, arch: str = "llama", drop: tuple[str, ...] = (),
+               per_layer_arrays: bool = False) -> Path:
+    """Write `model` as a GGUF file with gguf-py's GGUFWriter (2-D weights in spec.qtype). per_layer_arrays
+    stores head counts and ffn length as per-layer arrays (llama.cpp's key-or-array form)."""
     import gguf
     from llmrun.quants import quantize
     cfg = model.config
@@ -128,9 +130,10 @@ def write_gguf(path: Path, model, spec: TinySpec, *, arch: str = "llama", drop: 
     w.add_context_length(spec.max_pos)
     w.add_embedding_length(spec.hidden)
     w.add_block_count(spec.layers)
-    w.add_feed_forward_length(spec.ff)
-    w.add_head_count(spec.heads)
-    w.add_head_count_kv(spec.kv_heads)
+    per_layer = (lambda v: [v] * spec.layers) if per_layer_arrays else (lambda v: v)
+    w.add_feed_forward_length(per_layer(spec.ff))
+    w.add_head_count(per_layer(spec.heads))
+    w.add_head_count_kv(per_layer(spec.kv_heads))
     w.add_layer_norm_rms_eps(spec.eps)
     w.add_rope_freq_base(spec.rope_theta)
     w.add_rope_dimension_count(hd)
@@ -142,6 +145,10 @@ def write_gguf(path: Path, model, spec: TinySpec, *, arch: str = "llama", drop: 
     if rope_type == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(spec.rope["factor"])
+    elif rope_type == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(spec.rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(spec.rope["original_max_position_embeddings"])
     elif rope_type == "llama3":
         r = spec.rope
         tensors["rope_freqs.weight"] = llama3_rope_freqs(hd, spec.rope_theta, r["factor"], r["low_freq_factor"],
