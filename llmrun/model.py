@@ -158,7 +158,11 @@ class _Weights:
         packed = []
         for g in groups:
             raw = g[0].data if len(g) == 1 else np.concatenate([ti.data for ti in g], axis=0)
-            packed.append(pack_matrix(raw, int(g[0].ggml_type), g[0].shape[-1]))
+            try:
+                packed.append(pack_matrix(raw, int(g[0].ggml_type), g[0].shape[-1]))
+            except ModelError as e:
+                raise ModelError(f"{self.reader.path}: tensor {g[0].name} ({g[0].ggml_type.name.lower()}): {e}") \
+                    from None
         return packed
 
 

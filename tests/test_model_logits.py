@@ -154,6 +154,20 @@ def test_unsupported_files_raise_model_error(tmp_path):
     missing = write_gguf(tmp_path / "missing.gguf", model, spec, drop=("blk.0.ffn_up.weight",))
     with GGUFReader(missing) as r, pytest.raises(ModelError, match="blk.0.ffn_up.weight"):
         LlamaModel.load(r)
+    shuffled = write_gguf(tmp_path / "shape.gguf", model, spec,
+                          raw_override={"blk.0.ffn_up.weight": (np.zeros((spec.hidden, spec.ff), np.float32), None)})
+    with GGUFReader(shuffled) as r, pytest.raises(ModelError, match="blk.0.ffn_up.weight.*shape"):
+        LlamaModel.load(r)
+
+
+def test_unsupported_tensor_type_raises_model_error(tmp_path):
+    import gguf
+    spec = TinySpec(qtype="f32", hidden=256, ff=256, layers=1)
+    iq2 = gguf.GGMLQuantizationType.IQ2_XXS
+    raw = np.zeros((spec.ff, 256 // 256 * gguf.GGML_QUANT_SIZES[iq2][1]), np.uint8)
+    path = write_gguf(tmp_path / "iq2.gguf", hf_model(spec), spec, raw_override={"blk.0.ffn_up.weight": (raw, iq2)})
+    with GGUFReader(path) as r, pytest.raises(ModelError, match="blk.0.ffn_up.weight.*iq2_xxs"):
+        LlamaModel.load(r)
 
 
 def test_default_model_matches_transformers(default_model):

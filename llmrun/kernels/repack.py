@@ -200,7 +200,7 @@ def pack_matrix(raw: np.ndarray, qtype: int, n_cols: int) -> PackedMatrix:
     """ggml rows (uint8 [n_rows, row_nbytes]) of type `qtype` -> PackedMatrix."""
     qtype = int(qtype)
     if qtype not in BLOCK:
-        raise ModelError(f"tensor type {qtype} is not supported by the engine")
+        raise ModelError(f"type code {qtype} is not supported by the engine")
     blck, size = BLOCK[qtype]
     if n_cols % blck:
         raise ModelError(f"{TYPE_NAMES[qtype]} row length {n_cols} is not a multiple of {blck}")

@@ -119,7 +119,7 @@ def gguf_tensors(model, spec: TinySpec) -> dict[str, np.ndarray]:
 
 
 def write_gguf(path: Path, model, spec: TinySpec, *, arch: str = "llama", drop: tuple[str, ...] = (),
-               per_layer_arrays: bool = False) -> Path:
+               per_layer_arrays: bool = False, raw_override: dict | None = None) -> Path:
     """Write `model` as a GGUF file with gguf-py's GGUFWriter (2-D weights in spec.qtype). per_layer_arrays
     stores head counts and ffn length as per-layer arrays (llama.cpp's key-or-array form)."""
     import gguf
@@ -156,6 +156,10 @@ def write_gguf(path: Path, model, spec: TinySpec, *, arch: str = "llama", drop: 
     qt = gguf.GGMLQuantizationType[spec.qtype.upper()]
     for name, a in tensors.items():
         if name in drop:
+            continue
+        if raw_override and name in raw_override:   # (uint8 bytes, gguf type): e.g. a type we cannot run
+            data, rtype = raw_override[name]
+            w.add_tensor(name, data, raw_dtype=rtype)
             continue
         if a.ndim == 1 or qt == gguf.GGMLQuantizationType.F32:
             w.add_tensor(name, a)
