@@ -217,13 +217,16 @@ def _matmul_widened(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
     n_tiles = pm.codes.shape[0]
     step = max(1, CHUNK_FLOATS // (K * R))
     buf = np.empty((min(step, n_tiles), K, R), np.float32)
-    Yt = np.empty((n_tiles, T, R), np.float32)
+    part = np.empty((min(step, n_tiles), T, R), np.float32)
+    Y = np.empty((T, n_tiles * R), np.float32)   # padded to whole tiles; the caller trims
     widen = _widen_u4 if pm.family == U4 else _widen_i8
     for t0 in range(0, n_tiles, step):
         t1 = min(n_tiles, t0 + step)
+        n = t1 - t0
         widen(pm.codes, pm.d, pm.m, t0, t1, buf)
-        np.matmul(X, buf[:t1 - t0], out=Yt[t0:t1])
-    return Yt.transpose(1, 0, 2).reshape(T, n_tiles * R)[:, :pm.n_rows]
+        np.matmul(X, buf[:n], out=part[:n])
+        Y[:, t0 * R:t1 * R].reshape(T, n, R)[:] = part[:n].transpose(1, 0, 2)
+    return Y[:, :pm.n_rows]
 
 
 # ----------------------------------------------------------------------------------------- dispatch
