@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numba
 import numpy as np
 
 from .errors import ContextFullError, ModelError
@@ -213,6 +214,8 @@ class LlamaModel:
         t0 = time.perf_counter()
         if n_ctx <= 0:
             raise ModelError(f"{reader.path}: context size must be positive, got {n_ctx}")
+        if n_threads is not None and int(n_threads) < 1:
+            raise ModelError(f"thread count must be at least 1, got {n_threads}")
         hp = read_hparams(reader)
         w = _Weights(reader)
         E = hp.n_embd
@@ -314,9 +317,9 @@ class LlamaModel:
         if ids.min() < 0 or ids.max() >= hp.n_vocab:
             bad = int(ids[(ids < 0) | (ids >= hp.n_vocab)][0])
             raise ModelError(f"token id {bad} is outside the vocabulary (0..{hp.n_vocab - 1})")
-        if self.n_threads:
-            import numba
-            numba.set_num_threads(min(int(self.n_threads), numba.config.NUMBA_NUM_THREADS))
+        # per call: numba's thread count is per OS thread and other models may have changed it
+        numba.set_num_threads(min(int(self.n_threads or numba.config.NUMBA_NUM_THREADS),
+                                  numba.config.NUMBA_NUM_THREADS))
 
         pos0 = self.n_past
         x = dequantize_rows(self.tok_embd, ids)
