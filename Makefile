@@ -21,8 +21,8 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@ $(VENV)/.installed
 
-# llama-cpp-python compiles llama.cpp (-march=native): only the library, and without AMX, whose tile
-# instructions die with SIGILL in llama.cpp's worker threads on VMs that advertise AMX (Xeon guests here).
+# llama-cpp-python compiles llama.cpp (-march=native): only the library, and without AMX: its AMX matmul
+# (ggml_backend_amx_mul_mat) dies with SIGILL on the Xeon VMs here, which advertise AMX.
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF \
 	-DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF '-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' \
 	'-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
