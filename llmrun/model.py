@@ -22,6 +22,7 @@ from .kernels.qmatmul import dequantize_rows, matmul, matvec
 from .kernels.repack import PackedMatrix, pack_matrix
 
 ARCH = "llama"
+BLAS_ATTENTION_TOKENS = 16   # prefill chunks from this size use the BLAS attention path
 
 
 @dataclass
@@ -192,7 +193,7 @@ class _Layer:
     n_head: int
     n_head_kv: int
     n_ff: int
-    k_cache: np.ndarray   # [n_head_kv, n_ctx, head_dim]
+    k_cache: np.ndarray   # [n_head_kv, head_dim, n_ctx]
     v_cache: np.ndarray   # [n_head_kv, n_ctx, v_head_dim]
 
 
@@ -245,7 +246,7 @@ class LlamaModel:
                 down=w.matrix([(b + "ffn_down.weight", (E, nff))]),
                 n_head=nh, n_head_kv=nkv, n_ff=nff,
                 # zeros: pages are only committed as the context fills
-                k_cache=np.zeros((nkv, self.n_ctx, hp.head_dim), np.float32),
+                k_cache=np.zeros((nkv, hp.head_dim, self.n_ctx), np.float32),   # transposed (ops.attention)
                 v_cache=np.zeros((nkv, self.n_ctx, hp.v_head_dim), np.float32))
             self.layers.append(layer)
         self._rope_setup(reader, w)
@@ -334,7 +335,10 @@ class LlamaModel:
             ops.rope_store(qkv, cos, sin, q, L.k_cache, L.v_cache, pos0, L.n_head, L.n_head_kv,
                            hp.head_dim, hp.v_head_dim)
             att = np.empty((T, L.n_head * hp.v_head_dim), np.float32)
-            ops.attention(q, L.k_cache, L.v_cache, pos0, scale, att)
+            if T >= BLAS_ATTENTION_TOKENS:
+                ops.attention_blas(q, L.k_cache, L.v_cache, pos0, scale, att)
+            else:
+                ops.attention(q, L.k_cache, L.v_cache, pos0, scale, att)
             _add_matmul(L.out, att, x)
             ops.rmsnorm(x, L.ffn_norm, eps, h)
             gu = _matmul(L.gate_up, h)

@@ -72,14 +72,16 @@ def test_rmsnorm_and_swiglu():
     np.testing.assert_allclose(a, g / (1 + np.exp(-g)) * u, rtol=1e-5, atol=1e-6)
 
 
-def test_attention_causal_gqa():
+@pytest.mark.parametrize("kernel", ["attention", "attention_blas"])
+def test_attention_causal_gqa(kernel, monkeypatch):
     rng = np.random.default_rng(1)
-    T, n_head, n_kv, hd, pos0, n_ctx = 4, 6, 2, 16, 3, 10
+    T, n_head, n_kv, hd, pos0, n_ctx = 7, 6, 2, 16, 3, 12
+    monkeypatch.setattr(ops, "QUERY_CHUNK", 3)   # several query chunks
     q = rng.standard_normal((T, n_head, hd)).astype(np.float32)
     kc = rng.standard_normal((n_kv, n_ctx, hd)).astype(np.float32)
     vc = rng.standard_normal((n_kv, n_ctx, hd)).astype(np.float32)
     out = np.empty((T, n_head * hd), np.float32)
-    ops.attention(q, kc, vc, pos0, np.float32(0.25), out)
+    getattr(ops, kernel)(q, np.ascontiguousarray(kc.transpose(0, 2, 1)), vc, pos0, np.float32(0.25), out)
     for t in range(T):
         for h in range(n_head):
             g = h // (n_head // n_kv)

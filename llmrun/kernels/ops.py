@@ -25,7 +25,8 @@ def rope_store(qkv, cos, sin, q_out, k_cache, v_cache, pos0, n_head, n_head_kv, 
     """Split the fused QKV projection, rotate Q and K, append K and V to one layer's cache.
 
     qkv [T, n_head*k_dim + n_head_kv*(k_dim + v_dim)]; cos/sin [T, n_rot/2] (attention scale factors
-    already folded in); q_out [T, n_head, k_dim]; caches [n_head_kv, n_ctx, dim].
+    already folded in); q_out [T, n_head, k_dim]; k_cache [n_head_kv, k_dim, n_ctx] (transposed, see
+    attention); v_cache [n_head_kv, n_ctx, v_dim].
     ggml's NORM rope mode: adjacent pairs (2i, 2i+1) of the permuted GGUF Q/K rows."""
     T = qkv.shape[0]
     half = cos.shape[1]
@@ -47,10 +48,10 @@ def rope_store(qkv, cos, sin, q_out, k_cache, v_cache, pos0, n_head, n_head_kv, 
             for i in range(half):
                 a = qkv[t, base + 2 * i]
                 b = qkv[t, base + 2 * i + 1]
-                k_cache[g, p, 2 * i] = a * cos[t, i] - b * sin[t, i]
-                k_cache[g, p, 2 * i + 1] = a * sin[t, i] + b * cos[t, i]
+                k_cache[g, 2 * i, p] = a * cos[t, i] - b * sin[t, i]
+                k_cache[g, 2 * i + 1, p] = a * sin[t, i] + b * cos[t, i]
             for i in range(2 * half, k_dim):
-                k_cache[g, p, i] = qkv[t, base + i]
+                k_cache[g, i, p] = qkv[t, base + i]
             for i in range(v_dim):
                 v_cache[g, p, i] = qkv[t, v0 + g * v_dim + i]
 
@@ -59,39 +60,84 @@ def rope_store(qkv, cos, sin, q_out, k_cache, v_cache, pos0, n_head, n_head_kv, 
 def attention(q, k_cache, v_cache, pos0, scale, out):
     """Causal softmax attention with grouped K/V heads.
 
-    q [T, n_head, k_dim] for positions pos0..; caches [n_head_kv, n_ctx, dim] holding positions
-    0..pos0+T-1; out [T, n_head*v_dim]."""
+    q [T, n_head, k_dim] for positions pos0..; k_cache [n_head_kv, k_dim, n_ctx] and v_cache
+    [n_head_kv, n_ctx, v_dim] holding positions 0..pos0+T-1; out [T, n_head*v_dim].
+    K is stored transposed so that the scores of all positions build up as contiguous multiply-adds
+    (vectorized over positions, no per-position horizontal sum). The heads sharing a K/V group are
+    handled together, so each cached K/V row is fetched once (from L1 for the group's other heads)."""
     T, n_head, k_dim = q.shape
     n_head_kv = k_cache.shape[0]
     v_dim = v_cache.shape[2]
     group = n_head // n_head_kv
-    for job in prange(T * n_head):
-        t = job // n_head
-        h = job % n_head
-        g = h // group
+    for job in prange(T * n_head_kv):
+        t = job // n_head_kv
+        g = job % n_head_kv
+        h0 = g * group
         n = pos0 + t + 1
-        scores = np.empty(n, np.float32)
-        mx = np.float32(-np.inf)
-        for s in range(n):
-            acc = np.float32(0.0)
-            for i in range(k_dim):
-                acc += q[t, h, i] * k_cache[g, s, i]
-            acc *= scale
-            scores[s] = acc
-            mx = max(mx, acc)
-        total = np.float32(0.0)
-        for s in range(n):
-            e = np.float32(math.exp(scores[s] - mx))
-            scores[s] = e
-            total += e
-        o = np.zeros(v_dim, np.float32)
-        for s in range(n):
-            p = scores[s]
+        scores = np.zeros((group, n), np.float32)
+        i = 0
+        while i + 4 <= k_dim:   # four K rows per pass: a quarter of the loads/stores of `scores`
+            k0 = k_cache[g, i]
+            k1 = k_cache[g, i + 1]
+            k2 = k_cache[g, i + 2]
+            k3 = k_cache[g, i + 3]
+            for hh in range(group):
+                q0 = q[t, h0 + hh, i] * scale
+                q1 = q[t, h0 + hh, i + 1] * scale
+                q2 = q[t, h0 + hh, i + 2] * scale
+                q3 = q[t, h0 + hh, i + 3] * scale
+                sc = scores[hh]
+                for s in range(n):
+                    sc[s] += q0 * k0[s] + q1 * k1[s] + q2 * k2[s] + q3 * k3[s]
+            i += 4
+        while i < k_dim:
+            krow = k_cache[g, i]
+            for hh in range(group):
+                qi = q[t, h0 + hh, i] * scale
+                sc = scores[hh]
+                for s in range(n):
+                    sc[s] += qi * krow[s]
+            i += 1
+        totals = np.empty(group, np.float32)
+        for hh in range(group):
+            sc = scores[hh]
+            mx = sc[0]
+            for s in range(1, n):
+                mx = max(mx, sc[s])
+            total = np.float32(0.0)
+            for s in range(n):
+                e = np.float32(math.exp(sc[s] - mx))
+                sc[s] = e
+                total += e
+            totals[hh] = total
+        o = np.zeros((group, v_dim), np.float32)
+        s = 0
+        while s + 4 <= n:
+            v0 = v_cache[g, s]
+            v1 = v_cache[g, s + 1]
+            v2 = v_cache[g, s + 2]
+            v3 = v_cache[g, s + 3]
+            for hh in range(group):
+                p0 = scores[hh, s]
+                p1 = scores[hh, s + 1]
+                p2 = scores[hh, s + 2]
+                p3 = scores[hh, s + 3]
+                oh = o[hh]
+                for i in range(v_dim):
+                    oh[i] += p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i]
+            s += 4
+        while s < n:
+            vrow = v_cache[g, s]
+            for hh in range(group):
+                p = scores[hh, s]
+                oh = o[hh]
+                for i in range(v_dim):
+                    oh[i] += p * vrow[i]
+            s += 1
+        for hh in range(group):
+            inv = np.float32(1.0) / totals[hh]
             for i in range(v_dim):
-                o[i] += p * v_cache[g, s, i]
-        inv = np.float32(1.0) / total
-        for i in range(v_dim):
-            out[t, h * v_dim + i] = o[i] * inv
+                out[t, (h0 + hh) * v_dim + i] = o[hh, i] * inv
 
 
 @njit(fastmath=True, cache=True)
@@ -102,3 +148,30 @@ def swiglu(gate_up, n_ff, out):
         for i in range(n_ff):
             g = gate_up[t, i]
             out[t, i] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * gate_up[t, n_ff + i]
+
+
+QUERY_CHUNK = 256   # prefill attention: queries per score matrix (bounds its memory)
+
+
+def attention_blas(q, k_cache, v_cache, pos0, scale, out):
+    """attention() for many queries at once: per K/V group, scores and the weighted sum of V are two
+    BLAS products over a chunk of queries (same inputs, layouts and result; ~5x faster for long prompts)."""
+    T, n_head, k_dim = q.shape
+    n_head_kv = k_cache.shape[0]
+    v_dim = v_cache.shape[2]
+    group = n_head // n_head_kv
+    for c0 in range(0, T, QUERY_CHUNK):
+        c1 = min(T, c0 + QUERY_CHUNK)
+        C = c1 - c0
+        n = pos0 + c1   # keys visible to the last query of the chunk
+        # causal mask: query t (absolute position pos0 + t) sees keys 0..pos0 + t
+        masked = np.arange(n)[None, :] > (pos0 + np.arange(c0, c1))[:, None]
+        for g in range(n_head_kv):
+            qg = q[c0:c1, g * group:(g + 1) * group].transpose(1, 0, 2).reshape(group * C, k_dim) * scale
+            s = (qg @ k_cache[g, :, :n]).reshape(group, C, n)
+            s[:, masked] = -np.inf
+            s -= s.max(axis=2, keepdims=True)
+            np.exp(s, out=s)
+            total = s.sum(axis=2, keepdims=True)
+            o = (s.reshape(group * C, n) @ v_cache[g, :n]).reshape(group, C, v_dim) / total
+            out[c0:c1].reshape(C, n_head, v_dim)[:, g * group:(g + 1) * group] = o.transpose(1, 0, 2)
