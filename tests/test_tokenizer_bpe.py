@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import time
 
 import numpy as np
 import pytest
@@ -135,20 +134,6 @@ def test_streaming_decode_holds_back_partial_characters(smol):
     assert "".join(outputs) + stream.flush() == text
     assert "".join(decode_stream(smol, ids)) == text
     assert all("\ufffd" not in o for o in outputs)
-
-
-def test_speed(default_model, smol):
-    with GGUFReader(default_model) as r:
-        md = r.metadata
-        t0 = time.perf_counter()
-        Tokenizer.from_metadata(md)
-        build = time.perf_counter() - t0
-    text = ("Some English prose, with numbers 12345 and code: x = f(y)\n" * 200)[:10_000]
-    t0 = time.perf_counter()
-    smol.encode(text)
-    encode = time.perf_counter() - t0
-    # generous bounds (the machine is shared); the targets are 0.5 s and 0.1 s
-    assert build < 1.5 and encode < 0.3, (build, encode)
 
 
 @pytest.mark.parametrize("pre", sorted({v: k for k, v in PRE_TOKENIZERS.items()}.values()))  # one name per kind

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import time
 
 import pytest
 
@@ -142,14 +141,3 @@ def test_streaming_decode_never_splits_characters(tok, sp):
     assert s.feed(b"\xe6\x97") == "" and s.flush() == "\ufffd"
 
 
-def test_speed(spm_gguf, tok):
-    with GGUFReader(spm_gguf) as r:
-        t0 = time.perf_counter()
-        Tokenizer.from_metadata(r.metadata)
-        build = time.perf_counter() - t0
-    text = ("Some English prose, with numbers 12345 and code: x = f(y)\n" * 200)[:10_000]
-    t0 = time.perf_counter()
-    tok.encode(text)
-    encode = time.perf_counter() - t0
-    # generous bounds (the machine is shared); the targets are 0.5 s and 0.1 s
-    assert build < 1.0 and encode < 0.3, (build, encode)
