@@ -31,8 +31,9 @@ ACT_MAX = np.float32(32767.0)
 
 
 @njit(fastmath=True, cache=True)
-def _quantize_activations(x, bs, xq, xd, xsum):
-    """x float32 [K] -> xq int16 [K], per-block scale xd [K/bs] and per-block sums xsum (for the offsets)."""
+def _quantize_activations(x, bs, xq, xd, xsum, xqsum):
+    """x float32 [K] -> xq int16 [K], per-block scale xd [K/bs], per-block sums xsum (for the float
+    offsets m) and per-block integer sums xqsum (for the codes' zero point)."""
     for b in range(x.shape[0] // bs):
         amax = np.float32(0.0)
         tot = np.float32(0.0)
@@ -42,8 +43,12 @@ def _quantize_activations(x, bs, xq, xd, xsum):
         xsum[b] = tot
         xd[b] = amax / ACT_MAX
         inv = ACT_MAX / amax if amax > 0 else np.float32(0.0)
+        qs = 0
         for j in range(b * bs, (b + 1) * bs):
-            xq[j] = np.int16(round(x[j] * inv))
+            v = np.int16(round(x[j] * inv))
+            xq[j] = v
+            qs += v
+        xqsum[b] = qs
 
 
 @njit(fastmath=True, cache=True)
@@ -58,13 +63,14 @@ def _finish_tile(acc, y, t, n_rows, accumulate):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_u4(codes, d, m, x, y, accumulate):
+def _gemv_u4(codes, d, m, zero, x, y, accumulate):
     """y[:n] (=|+=) W x for U4 tiles; y has exactly n_rows entries."""
     n_tiles, nblk = codes.shape[0], codes.shape[1]
     xq = np.empty(x.shape[0], np.int16)
     xd = np.empty(nblk, np.float32)
     xsum = np.empty(nblk, np.float32)
-    _quantize_activations(x, 32, xq, xd, xsum)
+    xqsum = np.empty(nblk, np.int32)
+    _quantize_activations(x, 32, xq, xd, xsum, xqsum)
     for t in prange(n_tiles):
         acc = np.zeros(R, np.float32)
         s = np.empty(R, np.int32)
@@ -82,18 +88,20 @@ def _gemv_u4(codes, d, m, x, y, accumulate):
                     s[r] += (v & 15) * x0 + (v >> 4) * x1 + (w & 15) * x2 + (w >> 4) * x3
             sx = xsum[b]
             dx = xd[b]
+            zq = zero * xqsum[b]
             for r in range(R):
-                acc[r] += d[t, b, r] * (np.float32(s[r]) * dx) + m[t, b, r] * sx
+                acc[r] += d[t, b, r] * (np.float32(s[r] - zq) * dx) + m[t, b, r] * sx
         _finish_tile(acc, y, t, y.shape[0], accumulate)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_i8(codes, d, m, x, y, accumulate):
+def _gemv_i8(codes, d, m, zero, x, y, accumulate):
     n_tiles, nblk, bs = codes.shape[0], codes.shape[1], codes.shape[2]
     xq = np.empty(x.shape[0], np.int16)
     xd = np.empty(nblk, np.float32)
     xsum = np.empty(nblk, np.float32)
-    _quantize_activations(x, bs, xq, xd, xsum)
+    xqsum = np.empty(nblk, np.int32)
+    _quantize_activations(x, bs, xq, xd, xsum, xqsum)
     for t in prange(n_tiles):
         acc = np.zeros(R, np.float32)
         s = np.empty(R, np.int32)
@@ -116,8 +124,9 @@ def _gemv_i8(codes, d, m, x, y, accumulate):
                         s[r] += np.int32(codes[t, b, j, r]) * x0 + np.int32(codes[t, b, j + 8, r]) * x1
             sx = xsum[b]
             dx = xd[b]
+            zq = zero * xqsum[b]
             for r in range(R):
-                acc[r] += d[t, b, r] * (np.float32(s[r]) * dx) + m[t, b, r] * sx
+                acc[r] += d[t, b, r] * (np.float32(s[r] - zq) * dx) + m[t, b, r] * sx
         _finish_tile(acc, y, t, y.shape[0], accumulate)
 
 
@@ -129,27 +138,29 @@ FEW_TOKENS = 3              # up to this many tokens, run the decode kernel per 
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _widen_u4(codes, d, m, t0, t1, out):
+def _widen_u4(codes, d, m, zero, t0, t1, out):
     """Tiles t0..t1 -> float32 out[t - t0, col, r] (each tile's W.T, contiguous: sequential writes)."""
     nblk = codes.shape[1]
+    zf = np.float32(zero)
     for t in prange(t0, t1):
         for b in range(nblk):
             for j in range(16):
                 for r in range(R):
                     v = codes[t, b, j, r]
                     # uint8 casts keep the nibble arithmetic 8/32-bit wide (else int64 lanes: 2x slower)
-                    out[t - t0, b * 32 + j, r] = np.float32(np.uint8(v & 15)) * d[t, b, r] + m[t, b, r]
-                    out[t - t0, b * 32 + j + 16, r] = np.float32(np.uint8(v >> 4)) * d[t, b, r] + m[t, b, r]
+                    out[t - t0, b * 32 + j, r] = (np.float32(np.uint8(v & 15)) - zf) * d[t, b, r] + m[t, b, r]
+                    out[t - t0, b * 32 + j + 16, r] = (np.float32(np.uint8(v >> 4)) - zf) * d[t, b, r] + m[t, b, r]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _widen_i8(codes, d, m, t0, t1, out):
+def _widen_i8(codes, d, m, zero, t0, t1, out):
     nblk, bs = codes.shape[1], codes.shape[2]
+    zf = np.float32(zero)
     for t in prange(t0, t1):
         for b in range(nblk):
             for j in range(bs):
                 for r in range(R):
-                    out[t - t0, b * bs + j, r] = np.float32(codes[t, b, j, r]) * d[t, b, r] + m[t, b, r]
+                    out[t - t0, b * bs + j, r] = (np.float32(codes[t, b, j, r]) - zf) * d[t, b, r] + m[t, b, r]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -223,7 +234,7 @@ def _matmul_widened(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
     for t0 in range(0, n_tiles, step):
         t1 = min(n_tiles, t0 + step)
         n = t1 - t0
-        widen(pm.codes, pm.d, pm.m, t0, t1, buf)
+        widen(pm.codes, pm.d, pm.m, pm.zero, t0, t1, buf)
         np.matmul(X, buf[:n], out=part[:n])
         Y[:, t0 * R:t1 * R].reshape(T, n, R)[:] = part[:n].transpose(1, 0, 2)
     return Y[:, :pm.n_rows]
@@ -236,9 +247,9 @@ def matvec(pm: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None, accum
         out = np.empty(pm.n_rows, np.float32)
         accumulate = False
     if pm.family == U4:
-        _gemv_u4(pm.codes, pm.d, pm.m, x, out, accumulate)
+        _gemv_u4(pm.codes, pm.d, pm.m, pm.zero, x, out, accumulate)
     elif pm.family == I8:
-        _gemv_i8(pm.codes, pm.d, pm.m, x, out, accumulate)
+        _gemv_i8(pm.codes, pm.d, pm.m, pm.zero, x, out, accumulate)
     else:
         y = matmul(pm, x[None, :])[0]
         if accumulate:
@@ -279,6 +290,7 @@ def dequantize_rows(pm: PackedMatrix, rows) -> np.ndarray:
         q = np.concatenate([c & 15, c >> 4], axis=-1).astype(np.float32)
     else:
         q = c.astype(np.float32)
+    q -= pm.zero
     d = pm.d[t, :, lane][..., None]
     m = pm.m[t, :, lane][..., None]
     return (q * d + m).reshape(len(rows), pm.n_cols)

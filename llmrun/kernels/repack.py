@@ -1,11 +1,13 @@
 """Load-time layouts: ggml's quantized rows -> row tiles the matmul kernels stream through.
 
-Every ggml type is reduced to one of four *families*, each holding weights as small integers (or raw
-floats) plus one float32 scale `d` and one float32 offset `m` per block of `bs` weights of a row, so
-that `w = d*q + m`:
+Every ggml type is reduced to one of four *families*, each holding weights as small unsigned integers
+(or raw floats) plus one float32 scale `d` and one float32 offset `m` per block of `bs` weights of a
+row and an integer zero point per matrix, so that `w = d*(q - zero) + m`. Signed formats (Q8_0, Q6_K,
+...) are stored with their codes shifted to unsigned: the kernels then see only non-negative bytes
+(which LLVM multiplies with vpmaddwd) and subtract the zero point exactly, in integers.
 
   U4   4-bit codes, two per byte (byte j of a 32-block: code j low, code j+16 high)   Q4_0 Q4_1 Q4_K
-  I8   int8 codes, one per byte, bs = 32 or 16                                         Q8_0 Q5_0 Q5_1
+  I8   8-bit codes, one per byte, bs = 32 or 16                                        Q8_0 Q5_0 Q5_1
                                                                                         Q5_K Q6_K Q3_K Q2_K IQ4_NL
   H16  raw 16-bit floats (kind 0 = IEEE half, 1 = bfloat16), no scales                 F16 BF16
   F32  raw float32, no scales                                                           F32
@@ -50,11 +52,12 @@ class PackedMatrix:
     family: str
     n_rows: int
     n_cols: int
-    codes: np.ndarray          # U4 uint8 [tiles, nblk, 16, R]; I8 int8 [tiles, nblk, bs, R];
+    codes: np.ndarray          # U4 uint8 [tiles, nblk, 16, R]; I8 uint8 [tiles, nblk, bs, R];
                                # H16 uint16 [n_rows, n_cols]; F32 float32 [n_rows, n_cols] (row-major)
     d: np.ndarray | None       # float32 [tiles, nblk, R] (U4, I8)
     m: np.ndarray | None       # float32 [tiles, nblk, R] (U4, I8)
     bs: int = 1                # weights per scale block (U4: 32, I8: 32 or 16)
+    zero: int = 0              # integer zero point of the codes: w = d*(q - zero) + m (exact in the kernels)
     kind: int = 0              # H16: 0 = f16, 1 = bf16
     src_type: int = -1
 
@@ -98,26 +101,26 @@ def _two_bit_plane(qs: np.ndarray) -> np.ndarray:
 
 
 def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
-    """Raw rows of one type -> (family, codes [rows, nblk, ...], d, m, bs) before tiling."""
+    """Raw rows of one type -> (family, codes [rows, nblk, ...], d, m, bs, zero) before tiling."""
     rows = raw.shape[0]
     if qtype == F32:
-        return FP32, raw.view("<f4").reshape(rows, n_cols), None, None, 1
+        return FP32, raw.view("<f4").reshape(rows, n_cols), None, None, 1, 0
     if qtype in (F16, BF16):
-        return H16, raw.view("<u2").reshape(rows, n_cols), None, None, 1
+        return H16, raw.view("<u2").reshape(rows, n_cols), None, None, 1, 0
     b = _split_blocks(raw, n_cols, qtype)
     if qtype == Q4_0:
         d = _f16(b[..., 0:2])
-        return U4, b[..., 2:18], d, -8.0 * d, 32
+        return U4, b[..., 2:18], d, np.zeros_like(d), 32, 8
     if qtype == Q4_1:
-        return U4, b[..., 4:20], _f16(b[..., 0:2]), _f16(b[..., 2:4]), 32
+        return U4, b[..., 4:20], _f16(b[..., 0:2]), _f16(b[..., 2:4]), 32, 0
     if qtype == Q8_0:
         d = _f16(b[..., 0:2])
-        return I8, b[..., 2:34].view(np.int8), d, np.zeros_like(d), 32
+        return I8, b[..., 2:34] ^ np.uint8(0x80), d, np.zeros_like(d), 32, 128   # int8 + 128
     if qtype == IQ4_NL:
         d = _f16(b[..., 0:2])
         qs = b[..., 2:18]
         q = np.concatenate([qs & 15, qs >> 4], axis=-1)
-        return I8, IQ4_NL_VALUES[q], d, np.zeros_like(d), 32
+        return I8, (IQ4_NL_VALUES[q].astype(np.int16) + 128).astype(np.uint8), d, np.zeros_like(d), 32, 128
     if qtype in (Q5_0, Q5_1):
         off = 2 if qtype == Q5_0 else 4
         qh = np.ascontiguousarray(b[..., off:off + 4]).view("<u4")[..., 0]
@@ -126,8 +129,8 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
         q = np.concatenate([qs & 15, qs >> 4], axis=-1) | high
         d = _f16(b[..., 0:2])
         if qtype == Q5_0:
-            return I8, (q.astype(np.int16) - 16).astype(np.int8), d, np.zeros_like(d), 32
-        return I8, q.view(np.int8), d, _f16(b[..., 2:4]), 32
+            return I8, q, d, np.zeros_like(d), 32, 16
+        return I8, q, d, _f16(b[..., 2:4]), 32, 0
     if qtype in (Q4_K, Q5_K):
         d = _f16(b[..., 0:2])[..., None]
         dmin = _f16(b[..., 2:4])[..., None]
@@ -144,24 +147,24 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
         mm = (-(dmin * mn)).reshape(rows, nblk)
         q = q.reshape(rows, nblk, 32)
         if qtype == Q4_K:
-            return U4, _pack_nibbles(q), dd, mm, 32
-        return I8, q.view(np.int8), dd, mm, 32
+            return U4, _pack_nibbles(q), dd, mm, 32, 0
+        return I8, q.astype(np.uint8), dd, mm, 32, 0
     if qtype == Q6_K:
         ql = b[..., 0:128].reshape(rows, -1, 2, 2, 32)       # [h][half][l]: ql[64h + 32*half + l]
         qh = b[..., 128:192].reshape(rows, -1, 2, 1, 32)     # qh[32h + l]
         lo = np.concatenate([ql & 15, ql >> 4], axis=3)      # [h][quarter][l]: weights 128h + 32*quarter + l
         hb = (qh >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)) & 3
-        q = (lo | (hb << 4)).astype(np.int16) - 32
+        q = lo | (hb << 4)                                    # 0..63, weight = q - 32
         sc = b[..., 192:208].view(np.int8).astype(np.float32)
         d = _f16(b[..., 208:210])[..., None]
         nblk = q.shape[1] * 16
-        return I8, q.astype(np.int8).reshape(rows, nblk, 16), (d * sc).reshape(rows, nblk), \
-            np.zeros((rows, nblk), np.float32), 16
+        return I8, q.astype(np.uint8).reshape(rows, nblk, 16), (d * sc).reshape(rows, nblk), \
+            np.zeros((rows, nblk), np.float32), 16, 32
     if qtype == Q3_K:
         hmask = b[..., 0:32]
         low = _two_bit_plane(b[..., 32:96]).reshape(rows, -1, 8, 32)
         hbit = (hmask[..., None, :] >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1  # [8][32]: weight 32k + l
-        q = (low | (hbit << 2)).astype(np.int16) - 4
+        q = low | (hbit << 2)                                 # 0..7, weight = q - 4
         s = b[..., 96:108]
         low4 = np.concatenate([s[..., 0:8] & 15, s[..., 0:8] >> 4], axis=-1)            # codes j = 0..15
         hi2 = (s[..., 8:12, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3             # [j%4][j/4]
@@ -169,8 +172,8 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
         c = (low4 | (hi2 << 4)).astype(np.float32) - 32.0
         d = _f16(b[..., 108:110])[..., None]
         nblk = q.shape[1] * 16
-        return I8, q.astype(np.int8).reshape(rows, nblk, 16), (d * c).reshape(rows, nblk), \
-            np.zeros((rows, nblk), np.float32), 16
+        return I8, q.astype(np.uint8).reshape(rows, nblk, 16), (d * c).reshape(rows, nblk), \
+            np.zeros((rows, nblk), np.float32), 16, 4
     if qtype == Q2_K:
         sc = b[..., 0:16]
         q = _two_bit_plane(b[..., 16:80])
@@ -179,7 +182,7 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
         nblk = q.shape[1] * 16
         dd = (d * (sc & 15).astype(np.float32)).reshape(rows, nblk)
         mm = (-(dmin * (sc >> 4).astype(np.float32))).reshape(rows, nblk)
-        return I8, q.view(np.int8).reshape(rows, nblk, 16), dd, mm, 16
+        return I8, q.astype(np.uint8).reshape(rows, nblk, 16), dd, mm, 16, 0
     raise ModelError(f"tensor type {qtype} is not supported by the engine")
 
 
@@ -208,7 +211,7 @@ def pack_matrix(raw: np.ndarray, qtype: int, n_cols: int) -> PackedMatrix:
     kind = 1 if qtype == BF16 else 0
     if qtype in (F32, F16, BF16):
         # float rows stay row-major (BLAS reads them directly / after a per-chunk widening)
-        family, codes, _, _, _ = _unpack(np.ascontiguousarray(raw), n_cols, qtype)
+        family, codes, _, _, _, _ = _unpack(np.ascontiguousarray(raw), n_cols, qtype)
         return PackedMatrix(family, n_rows, n_cols, np.array(codes), None, None, 1, kind=kind, src_type=qtype)
     n_pad = -(-n_rows // TILE_ROWS) * TILE_ROWS
     parts: list[tuple] = []
@@ -216,10 +219,10 @@ def pack_matrix(raw: np.ndarray, qtype: int, n_cols: int) -> PackedMatrix:
     step = _ROWS_PER_STEP  # a multiple of TILE_ROWS, so tiles never straddle steps
     for r0 in range(0, n_rows, step):
         chunk = np.asarray(raw[r0:r0 + step])
-        family, codes, d, m, bs = _unpack(chunk, n_cols, qtype)
+        family, codes, d, m, bs, zero = _unpack(chunk, n_cols, qtype)
         rows_here = min(step, n_pad - r0)
         parts.append(tuple(_tile(np.ascontiguousarray(a), rows_here) for a in (codes, d, m)))
     codes = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
     d = np.ascontiguousarray(np.concatenate([p[1] for p in parts]), dtype=np.float32)
     m = np.ascontiguousarray(np.concatenate([p[2] for p in parts]), dtype=np.float32)
-    return PackedMatrix(family, n_rows, n_cols, codes, d, m, bs, kind=kind, src_type=qtype)
+    return PackedMatrix(family, n_rows, n_cols, codes, d, m, bs, zero=zero, kind=kind, src_type=qtype)
