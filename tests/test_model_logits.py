@@ -31,6 +31,10 @@ CASES = {
     "q4_0_gqa_tied": (TinySpec(qtype="q4_0", tied=True, seed=3), 40, 1e-4),
     "q4_k_head_dim": (TinySpec(qtype="q4_k", hidden=256, ff=512, heads=4, kv_heads=2, head_dim=128, seed=4), 40, 1e-4),
     "q6_k": (TinySpec(qtype="q6_k", hidden=256, ff=256, layers=1, seed=5), 24, 1e-4),
+    # a q4_k_m-like mix: Q/K fused as Q4_K next to a Q6_K V, Q5_K down, Q6_K output
+    "q4_k_m_mix": (TinySpec(qtype="q4_k", hidden=256, ff=512, seed=9,
+                            mix={"attn_v.weight": "q6_k", "ffn_down.weight": "q5_k", "output.weight": "q6_k"}),
+                   24, 1e-4),
 }
 
 
@@ -45,10 +49,14 @@ def test_tiny_model_matches_transformers(tmp_path, case):
         # f32 file: the weights are the HF model's own, so compare with it directly too
         ref_orig = reference_logits(model, ids)
         assert np.abs(ref - ref_orig).max() < 1e-4
-    _, ours = _engine_logits(path, ids)
+    m, ours = _engine_logits(path, ids)
     assert ours.shape == (n_tok, spec.vocab)
     assert mean_kl(ref, ours) <= bound
     assert (ref.argmax(-1) == ours.argmax(-1)).mean() >= 0.97
+    # the last tokens again through the one-token (decode) kernels
+    m.truncate(n_tok - 4)
+    dec = np.stack([m.forward([t]) for t in ids[-4:]])
+    assert mean_kl(ref[-4:], dec) <= bound
 
 
 def test_llama3_rope_freqs_match_transformers(tmp_path):

@@ -43,6 +43,7 @@ class TinySpec:
     rope_theta: float = 10000.0
     rope: dict = field(default_factory=dict)   # HF rope_parameters extras, e.g. {"rope_type": "linear", "factor": 2.0}
     qtype: str = "f32"                     # type of the 2-D weights (norms stay f32)
+    mix: dict = field(default_factory=dict)  # per-tensor types by GGUF name suffix, e.g. {"attn_v.weight": "q6_k"}
     max_pos: int = 512
     eps: float = 1e-5
     seed: int = 0
@@ -153,8 +154,9 @@ def write_gguf(path: Path, model, spec: TinySpec, *, arch: str = "llama", drop: 
         r = spec.rope
         tensors["rope_freqs.weight"] = llama3_rope_freqs(hd, spec.rope_theta, r["factor"], r["low_freq_factor"],
                                                          r["high_freq_factor"], r["original_max_position_embeddings"])
-    qt = gguf.GGMLQuantizationType[spec.qtype.upper()]
     for name, a in tensors.items():
+        qname = next((t for suffix, t in spec.mix.items() if name.endswith(suffix)), spec.qtype)
+        qt = gguf.GGMLQuantizationType[qname.upper()]
         if name in drop:
             continue
         if raw_override and name in raw_override:   # (uint8 bytes, gguf type): e.g. a type we cannot run
@@ -166,7 +168,7 @@ def write_gguf(path: Path, model, spec: TinySpec, *, arch: str = "llama", drop: 
         elif qt == gguf.GGMLQuantizationType.F16:
             w.add_tensor(name, a.astype(np.float16))
         else:
-            w.add_tensor(name, quantize(a, spec.qtype), raw_dtype=qt)
+            w.add_tensor(name, quantize(a, qname), raw_dtype=qt)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
