@@ -167,12 +167,22 @@ def _worker(conn, engine: str, path: str, threads: int, n_ctx: int) -> None:
 
 
 class Worker:
-    def __init__(self, engine: str, path: Path, threads: int, n_ctx: int):
+    def __init__(self, engine: str, path: Path, threads: int, n_ctx: int, omp_wait: str | None = None):
         ctx = mp.get_context("spawn")
         self.engine = engine
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker, args=(child, engine, str(path), threads, n_ctx), daemon=True)
-        self.proc.start()
+        # The child inherits os.environ as it is at start(); libgomp reads OMP_WAIT_POLICY when it loads.
+        saved = os.environ.get("OMP_WAIT_POLICY")
+        try:
+            if omp_wait:
+                os.environ["OMP_WAIT_POLICY"] = omp_wait
+            self.proc.start()
+        finally:
+            if saved is None:
+                os.environ.pop("OMP_WAIT_POLICY", None)
+            else:
+                os.environ["OMP_WAIT_POLICY"] = saved
         child.close()
         self.info = self._recv("ready")
 
@@ -201,7 +211,8 @@ class Worker:
 
 
 # ----------------------------------------------------------------------------------------------- measure
-def measure_case(case: Case, engines: list[str], n_prompt: int, n_gen: int, repetitions: int, seed: int = 0):
+def measure_case(case: Case, engines: list[str], n_prompt: int, n_gen: int, repetitions: int, seed: int = 0,
+                 omp_wait: str | None = "PASSIVE"):
     """{engine: {"pp_tps", "tg_tps", "pp_runs", "tg_runs", "load_s"} or {"error": msg}}."""
     import numpy as np
 
@@ -210,7 +221,7 @@ def measure_case(case: Case, engines: list[str], n_prompt: int, n_gen: int, repe
     workers, out = {}, {}
     for eng in engines:
         try:
-            workers[eng] = Worker(eng, path, case.threads, n_ctx)
+            workers[eng] = Worker(eng, path, case.threads, n_ctx, omp_wait)
         except Exception as e:  # one engine failing must not hide the other one's numbers
             out[eng] = {"error": str(e)}
     try:
@@ -349,6 +360,10 @@ def main(argv=None) -> int:
     ap.add_argument("-n", "--n-gen", type=int, default=32)
     ap.add_argument("-r", "--repetitions", type=int, default=3)
     ap.add_argument("--llmrun-only", action="store_true", help="do not run llama.cpp")
+    ap.add_argument("--omp-wait", choices=("passive", "active", "default"), default="passive",
+                    help="OMP_WAIT_POLICY of both engines' OpenMP pools (default: passive, llmrun's own setting; "
+                         "busy-waiting collapses when another process takes a core). 'default' leaves the "
+                         "environment alone (llama.cpp then spins between graph nodes, llmrun stays passive)")
     ap.add_argument("--cpu-time", action="store_true", help="also print the table in tokens per CPU-second")
     ap.add_argument("--json", type=Path, metavar="FILE", help="also write the raw results as JSON")
     a = ap.parse_args(argv)
@@ -366,12 +381,13 @@ def main(argv=None) -> int:
 
     print(machine_line())
     print(f"pp{a.n_prompt} / tg{a.n_gen}, median of {a.repetitions} after 1 warm-up, tokens/s, ratio = "
-          f"llmrun / llama.cpp", flush=True)
+          f"llmrun / llama.cpp, OMP_WAIT_POLICY {a.omp_wait}", flush=True)
     rows = []
     for case in cases:
         print(f"[bench] {case.name} ...", flush=True)
         try:
-            res = measure_case(case, engines, a.n_prompt, a.n_gen, a.repetitions)
+            res = measure_case(case, engines, a.n_prompt, a.n_gen, a.repetitions,
+                               omp_wait=None if a.omp_wait == "default" else a.omp_wait.upper())
         except Exception as e:
             res = {"llmrun": {"error": str(e)}}
         rows.append((case, res))
@@ -383,7 +399,7 @@ def main(argv=None) -> int:
         print(format_table(rows, have_llamacpp, cpu=True))
     if a.json:
         a.json.write_text(json.dumps({
-            "machine": machine_line(), "n_prompt": a.n_prompt, "n_gen": a.n_gen, "repetitions": a.repetitions,
+            "machine": machine_line(), "omp_wait": a.omp_wait, "n_prompt": a.n_prompt, "n_gen": a.n_gen, "repetitions": a.repetitions,
             "cases": [{"case": c.name, "model": str(c.path()), "threads": c.threads, **res} for c, res in rows],
         }, indent=2) + "\n")
     failed = any("error" in r for _, res in rows for r in res.values())
