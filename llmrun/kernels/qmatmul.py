@@ -6,8 +6,9 @@ llama.cpp loses fidelity. The innermost loops run over the TILE_ROWS rows of a t
 LLVM vectorizes them without horizontal reductions.
 
 Two shapes:
-  gemv  one token (decode, U4/I8): codes are consumed straight from memory and multiplied with int16
-        activations (per-block scale) in integer arithmetic, per-block partial sums.
+  gemv  one token (decode). U4/I8: codes are consumed straight from memory and multiplied with int16
+        activations (per-block scale) in integer arithmetic, per-block partial sums. H16: each row
+        converted to float32 in a small buffer and dotted in float32.
   gemm  many tokens (prefill) and the float families: a chunk of rows is widened to float32 scratch
         and handed to BLAS sgemm together with the float32 activations.
 All kernels are compiled once (fixed array types) and cached on disk.
@@ -130,6 +131,41 @@ def _gemv_i8(codes, d, m, zero, x, y, accumulate):
         _finish_tile(acc, y, t, y.shape[0], accumulate)
 
 
+HALF_REBIAS = np.float32(2.0 ** 56)   # 2**112 split between weights and activations (no under/overflow)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _gemv_h16(codes, kind, x, y, accumulate):
+    """y (=|+=) W x for row-major 16-bit float rows (kind 0: IEEE half, 1: bfloat16), float32 math."""
+    n_rows, K = codes.shape
+    xs = np.empty(K, np.float32)
+    for j in range(K):
+        xs[j] = x[j] * HALF_REBIAS if kind == 0 else x[j]
+    rows_per_job = 16
+    for job in prange((n_rows + rows_per_job - 1) // rows_per_job):
+        bits = np.empty(K, np.uint32)
+        w = bits.view(np.float32)
+        for r in range(job * rows_per_job, min(n_rows, (job + 1) * rows_per_job)):
+            row = codes[r]
+            if kind == 1:
+                for j in range(K):
+                    bits[j] = np.uint32(row[j]) << 16
+            else:
+                # the half's bits moved into float32's place: value * 2**-112, rebias split in two
+                for j in range(K):
+                    h = np.uint32(row[j])
+                    bits[j] = ((h & np.uint32(0x8000)) << 16) | ((h & np.uint32(0x7FFF)) << 13)
+                for j in range(K):
+                    w[j] *= HALF_REBIAS
+            acc = np.float32(0.0)
+            for j in range(K):
+                acc += w[j] * xs[j]
+            if accumulate:
+                y[r] += acc
+            else:
+                y[r] = acc
+
+
 # ------------------------------------------------------------------------------------ prefill (BLAS)
 # Many tokens: compute-bound, so a chunk of rows is widened to float32 (a bounded scratch, never the
 # whole matrix) and multiplied with the float32 activations by BLAS sgemm (~3x our best Numba FMA loop).
@@ -250,6 +286,8 @@ def matvec(pm: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None, accum
         _gemv_u4(pm.codes, pm.d, pm.m, pm.zero, x, out, accumulate)
     elif pm.family == I8:
         _gemv_i8(pm.codes, pm.d, pm.m, pm.zero, x, out, accumulate)
+    elif pm.family == H16:
+        _gemv_h16(pm.codes, pm.kind, x, out, accumulate)
     else:
         y = matmul(pm, x[None, :])[0]
         if accumulate:
@@ -266,7 +304,7 @@ def matmul(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
     if pm.family == FP32:
         _limit_blas_threads()
         return X @ pm.codes.T
-    if T <= FEW_TOKENS and pm.family in (U4, I8):
+    if T <= FEW_TOKENS and pm.family in (U4, I8, H16):
         Y = np.empty((T, pm.n_rows), np.float32)
         for i in range(T):
             matvec(pm, X[i], Y[i])
