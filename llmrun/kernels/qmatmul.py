@@ -15,6 +15,9 @@ All kernels are compiled once (fixed array types) and cached on disk.
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -248,32 +251,56 @@ def _limit_blas_threads() -> None:
                 return
 
 
+_pool: ThreadPoolExecutor | None = None
+
+
+def _workers(n: int) -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None or _pool._max_workers < n:
+        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="llmrun-gemm")
+    return _pool
+
+
 def _matmul_widened(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
+    """Prefill product: chunks of rows (H16) or of tiles (U4/I8) are widened to float32 and multiplied by
+    single-threaded BLAS; with several threads, the chunks are shared out to that many Python threads
+    (BLAS and the widening kernels release the GIL)."""
     T, K = X.shape
     _limit_blas_threads()
-    if pm.family == H16:
-        Y = np.empty((T, pm.n_rows), np.float32)
-        step = max(1, CHUNK_FLOATS // K)
-        buf = np.empty((min(step, pm.n_rows), K), np.float32)
-        for r0 in range(0, pm.n_rows, step):
-            r1 = min(pm.n_rows, r0 + step)
-            _widen_h16(pm.codes, pm.kind, r0, r1, buf[:r1 - r0])
-            np.matmul(X, buf[:r1 - r0].T, out=Y[:, r0:r1])
-        return Y
-    # tiled families: widen whole tiles to [tile, K, R] and let BLAS run one [T,K]x[K,R] product per tile
-    n_tiles = pm.codes.shape[0]
-    step = max(1, CHUNK_FLOATS // (K * R))
-    buf = np.empty((min(step, n_tiles), K, R), np.float32)
-    part = np.empty((min(step, n_tiles), T, R), np.float32)
-    Y = np.empty((T, n_tiles * R), np.float32)   # padded to whole tiles; the caller trims
-    widen = _widen_u4 if pm.family == U4 else _widen_i8
-    for t0 in range(0, n_tiles, step):
-        t1 = min(n_tiles, t0 + step)
-        n = t1 - t0
-        widen(pm.codes, pm.d, pm.m, pm.zero, t0, t1, buf)
-        np.matmul(X, buf[:n], out=part[:n])
-        Y[:, t0 * R:t1 * R].reshape(T, n, R)[:] = part[:n].transpose(1, 0, 2)
-    return Y[:, :pm.n_rows]
+    tiled = pm.family in (U4, I8)
+    n_units = pm.codes.shape[0] if tiled else pm.n_rows           # tiles or rows
+    step = max(1, CHUNK_FLOATS // (K * R)) if tiled else max(1, CHUNK_FLOATS // K)
+    Y = np.empty((T, n_units * R if tiled else n_units), np.float32)   # tiled: padded, trimmed below
+    starts = list(range(0, n_units, step))
+
+    def work(chunk_starts, n_threads):
+        numba.set_num_threads(n_threads)   # per OS thread
+        if tiled:
+            buf = np.empty((min(step, n_units), K, R), np.float32)
+            part = np.empty((min(step, n_units), T, R), np.float32)
+            widen = _widen_u4 if pm.family == U4 else _widen_i8
+            for t0 in chunk_starts:
+                t1 = min(n_units, t0 + step)
+                n = t1 - t0
+                widen(pm.codes, pm.d, pm.m, pm.zero, t0, t1, buf)
+                np.matmul(X, buf[:n], out=part[:n])
+                Y[:, t0 * R:t1 * R].reshape(T, n, R)[:] = part[:n].transpose(1, 0, 2)
+        else:
+            buf = np.empty((min(step, n_units), K), np.float32)
+            for r0 in chunk_starts:
+                r1 = min(n_units, r0 + step)
+                _widen_h16(pm.codes, pm.kind, r0, r1, buf[:r1 - r0])
+                np.matmul(X, buf[:r1 - r0].T, out=Y[:, r0:r1])
+
+    n_threads = numba.get_num_threads()
+    n_workers = min(n_threads, len(starts))
+    if n_workers <= 1:
+        work(starts, n_threads)
+    else:
+        jobs = [_workers(n_workers).submit(work, starts[i::n_workers], 1) for i in range(n_workers)]
+        for job in jobs:
+            job.result()
+    return Y[:, :pm.n_rows] if tiled else Y
 
 
 # ----------------------------------------------------------------------------------------- dispatch
