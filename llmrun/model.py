@@ -208,6 +208,7 @@ class LlamaModel:
         self.layers: list[_Layer] = []
         self.load_seconds = 0.0
         self.weights_nbytes = 0
+        self.kv_nbytes = 0
 
     # ------------------------------------------------------------------------------------- loading
     @classmethod
@@ -257,7 +258,8 @@ class LlamaModel:
         mats = [self.tok_embd] + ([] if hp.tied_embeddings else self.output)
         for layer in self.layers:
             mats += layer.qkv + layer.out + layer.gate_up + layer.down
-        self.weights_nbytes = sum(p.nbytes for p in mats)
+        self.weights_nbytes = sum(p.nbytes for p in mats)   # repacked weights held in memory
+        self.kv_nbytes = sum(L.k_cache.nbytes + L.v_cache.nbytes for L in self.layers)  # reserved (committed as used)
         self.load_seconds = time.perf_counter() - t0
         return self
 
