@@ -19,12 +19,49 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from .repack import TILE_ROWS, U4, I8, H16, FP32, PackedMatrix
 
 R = TILE_ROWS
 F16_TO_F32 = np.float32(2.0 ** 112)  # rebias a half's exponent after shifting its bits into float32's place
+
+
+# ---------------------------------------------------------------------------------------- block scales
+# Scales d and offsets m are stored as half bits (uint16) when the format's own scales are halves (exact, half
+# the bytes to stream) or as float32 (K-quants: products of a half and a sub-block scale). One kernel source
+# serves both: _load_scales compiles to the matching conversion for each dtype.
+def _load_scales(src, t, b, bits, out):
+    """out[:R] = src[t, b, :R] as float32 (`bits` is `out` viewed as uint32)."""
+
+
+@overload(_load_scales, jit_options={"fastmath": True})
+def _load_scales_impl(src, t, b, bits, out):
+    if src.dtype == types.uint16:
+        def from_half(src, t, b, bits, out):
+            for r in range(R):
+                h = np.uint32(src[t, b, r])
+                bits[r] = ((h & np.uint32(0x8000)) << 16) | ((h & np.uint32(0x7FFF)) << 13)
+            for r in range(R):
+                out[r] *= F16_TO_F32
+        return from_half
+
+    def from_float(src, t, b, bits, out):
+        for r in range(R):
+            out[r] = src[t, b, r]
+    return from_float
+
+
+def _scales_f32(a: np.ndarray) -> np.ndarray:
+    return a.view(np.float16).astype(np.float32) if a.dtype == np.uint16 else a
+
+
+def _scale_args(pm: PackedMatrix):
+    """(d, m, has_m) for the kernels; an absent m is replaced by a tiny dummy of d's dtype."""
+    if pm.m is None:
+        return pm.d, np.zeros((1, 1, R), pm.d.dtype), False
+    return pm.d, pm.m, True
 
 
 # ---------------------------------------------------------------------------------------------- gemv
@@ -67,7 +104,7 @@ def _finish_tile(acc, y, t, n_rows, accumulate):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_u4(codes, d, m, zero, x, y, accumulate):
+def _gemv_u4(codes, d, m, has_m, zero, x, y, accumulate):
     """y[:n] (=|+=) W x for U4 tiles; y has exactly n_rows entries."""
     n_tiles, nblk = codes.shape[0], codes.shape[1]
     xq = np.empty(x.shape[0], np.int16)
@@ -78,6 +115,10 @@ def _gemv_u4(codes, d, m, zero, x, y, accumulate):
     for t in prange(n_tiles):
         acc = np.zeros(R, np.float32)
         s = np.empty(R, np.int32)
+        dbits = np.empty(R, np.uint32)
+        dv = dbits.view(np.float32)
+        mbits = np.empty(R, np.uint32)
+        mv = mbits.view(np.float32)
         for b in range(nblk):
             s[:] = 0
             c0 = b * 32
@@ -90,16 +131,22 @@ def _gemv_u4(codes, d, m, zero, x, y, accumulate):
                     v = np.int32(codes[t, b, j, r])
                     w = np.int32(codes[t, b, j + 1, r])
                     s[r] += (v & 15) * x0 + (v >> 4) * x1 + (w & 15) * x2 + (w >> 4) * x3
-            sx = xsum[b]
             dx = xd[b]
             zq = zero * xqsum[b]
-            for r in range(R):
-                acc[r] += d[t, b, r] * (np.float32(s[r] - zq) * dx) + m[t, b, r] * sx
+            _load_scales(d, t, b, dbits, dv)
+            if has_m:
+                _load_scales(m, t, b, mbits, mv)
+                sx = xsum[b]
+                for r in range(R):
+                    acc[r] += dv[r] * (np.float32(s[r] - zq) * dx) + mv[r] * sx
+            else:
+                for r in range(R):
+                    acc[r] += dv[r] * (np.float32(s[r] - zq) * dx)
         _finish_tile(acc, y, t, y.shape[0], accumulate)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_i8(codes, d, m, zero, x, y, accumulate):
+def _gemv_i8(codes, d, m, has_m, zero, x, y, accumulate):
     n_tiles, nblk, bs = codes.shape[0], codes.shape[1], codes.shape[2]
     xq = np.empty(x.shape[0], np.int16)
     xd = np.empty(nblk, np.float32)
@@ -109,6 +156,10 @@ def _gemv_i8(codes, d, m, zero, x, y, accumulate):
     for t in prange(n_tiles):
         acc = np.zeros(R, np.float32)
         s = np.empty(R, np.int32)
+        dbits = np.empty(R, np.uint32)
+        dv = dbits.view(np.float32)
+        mbits = np.empty(R, np.uint32)
+        mv = mbits.view(np.float32)
         for b in range(nblk):
             s[:] = 0
             c0 = b * bs
@@ -126,11 +177,17 @@ def _gemv_i8(codes, d, m, zero, x, y, accumulate):
                     x1 = np.int32(xq[c0 + j + 8])
                     for r in range(R):
                         s[r] += np.int32(codes[t, b, j, r]) * x0 + np.int32(codes[t, b, j + 8, r]) * x1
-            sx = xsum[b]
             dx = xd[b]
             zq = zero * xqsum[b]
-            for r in range(R):
-                acc[r] += d[t, b, r] * (np.float32(s[r] - zq) * dx) + m[t, b, r] * sx
+            _load_scales(d, t, b, dbits, dv)
+            if has_m:
+                _load_scales(m, t, b, mbits, mv)
+                sx = xsum[b]
+                for r in range(R):
+                    acc[r] += dv[r] * (np.float32(s[r] - zq) * dx) + mv[r] * sx
+            else:
+                for r in range(R):
+                    acc[r] += dv[r] * (np.float32(s[r] - zq) * dx)
         _finish_tile(acc, y, t, y.shape[0], accumulate)
 
 
@@ -177,29 +234,43 @@ FEW_TOKENS = 3              # up to this many tokens, run the decode kernel per 
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _widen_u4(codes, d, m, zero, t0, t1, out):
+def _widen_u4(codes, d, m, has_m, zero, t0, t1, out):
     """Tiles t0..t1 -> float32 out[t - t0, col, r] (each tile's W.T, contiguous: sequential writes)."""
     nblk = codes.shape[1]
     zf = np.float32(zero)
     for t in prange(t0, t1):
+        dbits = np.empty(R, np.uint32)
+        dv = dbits.view(np.float32)
+        mbits = np.zeros(R, np.uint32)
+        mv = mbits.view(np.float32)
         for b in range(nblk):
+            _load_scales(d, t, b, dbits, dv)
+            if has_m:
+                _load_scales(m, t, b, mbits, mv)
             for j in range(16):
                 for r in range(R):
                     v = codes[t, b, j, r]
                     # uint8 casts keep the nibble arithmetic 8/32-bit wide (else int64 lanes: 2x slower)
-                    out[t - t0, b * 32 + j, r] = (np.float32(np.uint8(v & 15)) - zf) * d[t, b, r] + m[t, b, r]
-                    out[t - t0, b * 32 + j + 16, r] = (np.float32(np.uint8(v >> 4)) - zf) * d[t, b, r] + m[t, b, r]
+                    out[t - t0, b * 32 + j, r] = (np.float32(np.uint8(v & 15)) - zf) * dv[r] + mv[r]
+                    out[t - t0, b * 32 + j + 16, r] = (np.float32(np.uint8(v >> 4)) - zf) * dv[r] + mv[r]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _widen_i8(codes, d, m, zero, t0, t1, out):
+def _widen_i8(codes, d, m, has_m, zero, t0, t1, out):
     nblk, bs = codes.shape[1], codes.shape[2]
     zf = np.float32(zero)
     for t in prange(t0, t1):
+        dbits = np.empty(R, np.uint32)
+        dv = dbits.view(np.float32)
+        mbits = np.zeros(R, np.uint32)
+        mv = mbits.view(np.float32)
         for b in range(nblk):
+            _load_scales(d, t, b, dbits, dv)
+            if has_m:
+                _load_scales(m, t, b, mbits, mv)
             for j in range(bs):
                 for r in range(R):
-                    out[t - t0, b * bs + j, r] = (np.float32(codes[t, b, j, r]) - zf) * d[t, b, r] + m[t, b, r]
+                    out[t - t0, b * bs + j, r] = (np.float32(codes[t, b, j, r]) - zf) * dv[r] + mv[r]
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -268,6 +339,8 @@ def _matmul_widened(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
     T, K = X.shape
     _limit_blas_threads()
     tiled = pm.family in (U4, I8)
+    if tiled:
+        d, m, has_m = _scale_args(pm)
     n_units = pm.codes.shape[0] if tiled else pm.n_rows           # tiles or rows
     step = max(1, CHUNK_FLOATS // (K * R)) if tiled else max(1, CHUNK_FLOATS // K)
     Y = np.empty((T, n_units * R if tiled else n_units), np.float32)   # tiled: padded, trimmed below
@@ -282,7 +355,7 @@ def _matmul_widened(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
             for t0 in chunk_starts:
                 t1 = min(n_units, t0 + step)
                 n = t1 - t0
-                widen(pm.codes, pm.d, pm.m, pm.zero, t0, t1, buf)
+                widen(pm.codes, d, m, has_m, pm.zero, t0, t1, buf)
                 np.matmul(X, buf[:n], out=part[:n])
                 Y[:, t0 * R:t1 * R].reshape(T, n, R)[:] = part[:n].transpose(1, 0, 2)
         else:
@@ -310,9 +383,9 @@ def matvec(pm: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None, accum
         out = np.empty(pm.n_rows, np.float32)
         accumulate = False
     if pm.family == U4:
-        _gemv_u4(pm.codes, pm.d, pm.m, pm.zero, x, out, accumulate)
+        _gemv_u4(pm.codes, *_scale_args(pm), pm.zero, x, out, accumulate)
     elif pm.family == I8:
-        _gemv_i8(pm.codes, pm.d, pm.m, pm.zero, x, out, accumulate)
+        _gemv_i8(pm.codes, *_scale_args(pm), pm.zero, x, out, accumulate)
     elif pm.family == H16:
         _gemv_h16(pm.codes, pm.kind, x, out, accumulate)
     else:
@@ -356,6 +429,7 @@ def dequantize_rows(pm: PackedMatrix, rows) -> np.ndarray:
     else:
         q = c.astype(np.float32)
     q -= pm.zero
-    d = pm.d[t, :, lane][..., None]
-    m = pm.m[t, :, lane][..., None]
-    return (q * d + m).reshape(len(rows), pm.n_cols)
+    q *= _scales_f32(pm.d[t, :, lane])[..., None]
+    if pm.m is not None:
+        q += _scales_f32(pm.m[t, :, lane])[..., None]
+    return q.reshape(len(rows), pm.n_cols)

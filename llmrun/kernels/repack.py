@@ -54,8 +54,9 @@ class PackedMatrix:
     n_cols: int
     codes: np.ndarray          # U4 uint8 [tiles, nblk, 16, R]; I8 uint8 [tiles, nblk, bs, R];
                                # H16 uint16 [n_rows, n_cols]; F32 float32 [n_rows, n_cols] (row-major)
-    d: np.ndarray | None       # float32 [tiles, nblk, R] (U4, I8)
-    m: np.ndarray | None       # float32 [tiles, nblk, R] (U4, I8)
+    d: np.ndarray | None       # [tiles, nblk, R] (U4, I8): uint16 half bits when the format's scales are halves
+                               # (exact, 16 bits read per block instead of 32), else float32 (K-quant products)
+    m: np.ndarray | None       # like d, or None when every offset is zero (nothing stored, nothing read)
     bs: int = 1                # weights per scale block (U4: 32, I8: 32 or 16)
     zero: int = 0              # integer zero point of the codes: w = d*(q - zero) + m (exact in the kernels)
     kind: int = 0              # H16: 0 = f16, 1 = bf16
@@ -69,6 +70,11 @@ class PackedMatrix:
 def _f16(raw: np.ndarray) -> np.ndarray:
     """Little-endian half bytes [..., 2] -> float32 [...]."""
     return np.ascontiguousarray(raw).view("<f2")[..., 0].astype(np.float32)
+
+
+def _f16_bits(raw: np.ndarray) -> np.ndarray:
+    """Little-endian half bytes [..., 2] -> their uint16 bits [...] (kept as halves: exact and compact)."""
+    return np.ascontiguousarray(raw).view("<u2")[..., 0]
 
 
 def _split_blocks(raw: np.ndarray, n_cols: int, qtype: int) -> np.ndarray:
@@ -109,28 +115,25 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
         return H16, raw.view("<u2").reshape(rows, n_cols), None, None, 1, 0
     b = _split_blocks(raw, n_cols, qtype)
     if qtype == Q4_0:
-        d = _f16(b[..., 0:2])
-        return U4, b[..., 2:18], d, np.zeros_like(d), 32, 8
+        return U4, b[..., 2:18], _f16_bits(b[..., 0:2]), None, 32, 8
     if qtype == Q4_1:
-        return U4, b[..., 4:20], _f16(b[..., 0:2]), _f16(b[..., 2:4]), 32, 0
+        return U4, b[..., 4:20], _f16_bits(b[..., 0:2]), _f16_bits(b[..., 2:4]), 32, 0
     if qtype == Q8_0:
-        d = _f16(b[..., 0:2])
-        return I8, b[..., 2:34] ^ np.uint8(0x80), d, np.zeros_like(d), 32, 128   # int8 + 128
+        return I8, b[..., 2:34] ^ np.uint8(0x80), _f16_bits(b[..., 0:2]), None, 32, 128   # int8 + 128
     if qtype == IQ4_NL:
-        d = _f16(b[..., 0:2])
         qs = b[..., 2:18]
         q = np.concatenate([qs & 15, qs >> 4], axis=-1)
-        return I8, (IQ4_NL_VALUES[q].astype(np.int16) + 128).astype(np.uint8), d, np.zeros_like(d), 32, 128
+        return I8, (IQ4_NL_VALUES[q].astype(np.int16) + 128).astype(np.uint8), _f16_bits(b[..., 0:2]), None, 32, 128
     if qtype in (Q5_0, Q5_1):
         off = 2 if qtype == Q5_0 else 4
         qh = np.ascontiguousarray(b[..., off:off + 4]).view("<u4")[..., 0]
         qs = b[..., off + 4:off + 20]
         high = ((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
         q = np.concatenate([qs & 15, qs >> 4], axis=-1) | high
-        d = _f16(b[..., 0:2])
+        d = _f16_bits(b[..., 0:2])
         if qtype == Q5_0:
-            return I8, q, d, np.zeros_like(d), 32, 16
-        return I8, q, d, _f16(b[..., 2:4]), 32, 0
+            return I8, q, d, None, 32, 16
+        return I8, q, d, _f16_bits(b[..., 2:4]), 32, 0
     if qtype in (Q4_K, Q5_K):
         d = _f16(b[..., 0:2])[..., None]
         dmin = _f16(b[..., 2:4])[..., None]
@@ -158,8 +161,7 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
         sc = b[..., 192:208].view(np.int8).astype(np.float32)
         d = _f16(b[..., 208:210])[..., None]
         nblk = q.shape[1] * 16
-        return I8, q.astype(np.uint8).reshape(rows, nblk, 16), (d * sc).reshape(rows, nblk), \
-            np.zeros((rows, nblk), np.float32), 16, 32
+        return I8, q.astype(np.uint8).reshape(rows, nblk, 16), (d * sc).reshape(rows, nblk), None, 16, 32
     if qtype == Q3_K:
         hmask = b[..., 0:32]
         low = _two_bit_plane(b[..., 32:96]).reshape(rows, -1, 8, 32)
@@ -172,8 +174,7 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
         c = (low4 | (hi2 << 4)).astype(np.float32) - 32.0
         d = _f16(b[..., 108:110])[..., None]
         nblk = q.shape[1] * 16
-        return I8, q.astype(np.uint8).reshape(rows, nblk, 16), (d * c).reshape(rows, nblk), \
-            np.zeros((rows, nblk), np.float32), 16, 4
+        return I8, q.astype(np.uint8).reshape(rows, nblk, 16), (d * c).reshape(rows, nblk), None, 16, 4
     if qtype == Q2_K:
         sc = b[..., 0:16]
         q = _two_bit_plane(b[..., 16:80])
@@ -221,8 +222,14 @@ def pack_matrix(raw: np.ndarray, qtype: int, n_cols: int) -> PackedMatrix:
         chunk = np.asarray(raw[r0:r0 + step])
         family, codes, d, m, bs, zero = _unpack(chunk, n_cols, qtype)
         rows_here = min(step, n_pad - r0)
-        parts.append(tuple(_tile(np.ascontiguousarray(a), rows_here) for a in (codes, d, m)))
-    codes = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-    d = np.ascontiguousarray(np.concatenate([p[1] for p in parts]), dtype=np.float32)
-    m = np.ascontiguousarray(np.concatenate([p[2] for p in parts]), dtype=np.float32)
+        parts.append(tuple(None if a is None else _tile(np.ascontiguousarray(a), rows_here) for a in (codes, d, m)))
+
+    def joined(i):
+        if parts[0][i] is None:
+            return None
+        a = np.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i]
+        if i == 0 or a.dtype == np.uint16:   # codes, or scales kept as half bits
+            return np.ascontiguousarray(a)
+        return np.ascontiguousarray(a, dtype=np.float32)
+    codes, d, m = joined(0), joined(1), joined(2)
     return PackedMatrix(family, n_rows, n_cols, codes, d, m, bs, zero=zero, kind=kind, src_type=qtype)
