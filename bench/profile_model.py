@@ -85,8 +85,9 @@ class Profiler:
         M.matmul = self._mat("matmul", self.orig["matmul"])
         M.matvec = self._mat("matvec", self.orig["matvec"])
         M.dequantize_rows = self._mat("embd rows", self.orig["dequantize_rows"])
-        M.ops = SimpleNamespace(**{n: self._op(n, getattr(self.orig_ops, n))
-                                   for n in ("rmsnorm", "rope_store", "attention", "swiglu")})
+        ops = self.orig_ops   # every public function of kernels/ops.py, whatever model.py calls
+        M.ops = SimpleNamespace(**{n: (self._op(n, f) if callable(f) and not n.startswith("_") else f)
+                                   for n, f in vars(ops).items()})
 
     def uninstall(self):
         for name, fn in self.orig.items():
