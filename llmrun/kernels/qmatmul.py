@@ -38,6 +38,14 @@ def _load_scales(src, t, b, bits, out):
 
 @overload(_load_scales, jit_options={"fastmath": True})
 def _load_scales_impl(src, t, b, bits, out):
+    if isinstance(src, types.BaseTuple):
+        def from_two_levels(src, t, b, bits, out):
+            sup, sub = src
+            g = b // (sub.shape[1] // sup.shape[1])
+            for r in range(R):
+                out[r] = sup[t, g, r] * np.float32(sub[t, b, r])
+        return from_two_levels
+
     if src.dtype == types.uint16:
         def from_half(src, t, b, bits, out):
             for r in range(R):
@@ -53,15 +61,23 @@ def _load_scales_impl(src, t, b, bits, out):
     return from_float
 
 
-def _scales_f32(a: np.ndarray) -> np.ndarray:
+def _scales_f32(a, t, lane) -> np.ndarray:
+    """Block scales (or offsets) of rows (tile t, lane) as float32 [n, nblk]."""
+    if isinstance(a, tuple):
+        sup, sub = a
+        g = sub.shape[1] // sup.shape[1]
+        return np.repeat(sup[t, :, lane], g, axis=1) * sub[t, :, lane].astype(np.float32)
+    a = a[t, :, lane]
     return a.view(np.float16).astype(np.float32) if a.dtype == np.uint16 else a
 
 
 def _scale_args(pm: PackedMatrix):
-    """(d, m, has_m) for the kernels; an absent m is replaced by a tiny dummy of d's dtype."""
-    if pm.m is None:
-        return pm.d, np.zeros((1, 1, R), pm.d.dtype), False
-    return pm.d, pm.m, True
+    """(d, m, has_m) for the kernels; an absent m is replaced by a tiny dummy of d's type."""
+    if pm.m is not None:
+        return pm.d, pm.m, True
+    if isinstance(pm.d, tuple):
+        return pm.d, tuple(np.zeros((1, 1, R), a.dtype) for a in pm.d), False
+    return pm.d, np.zeros((1, 1, R), pm.d.dtype), False
 
 
 # ---------------------------------------------------------------------------------------------- gemv
@@ -429,7 +445,7 @@ def dequantize_rows(pm: PackedMatrix, rows) -> np.ndarray:
     else:
         q = c.astype(np.float32)
     q -= pm.zero
-    q *= _scales_f32(pm.d[t, :, lane])[..., None]
+    q *= _scales_f32(pm.d, t, lane)[..., None]
     if pm.m is not None:
-        q += _scales_f32(pm.m[t, :, lane])[..., None]
+        q += _scales_f32(pm.m, t, lane)[..., None]
     return q.reshape(len(rows), pm.n_cols)

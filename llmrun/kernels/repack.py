@@ -54,9 +54,11 @@ class PackedMatrix:
     n_cols: int
     codes: np.ndarray          # U4 uint8 [tiles, nblk, 16, R]; I8 uint8 [tiles, nblk, bs, R];
                                # H16 uint16 [n_rows, n_cols]; F32 float32 [n_rows, n_cols] (row-major)
-    d: np.ndarray | None       # [tiles, nblk, R] (U4, I8): uint16 half bits when the format's scales are halves
-                               # (exact, 16 bits read per block instead of 32), else float32 (K-quant products)
-    m: np.ndarray | None       # like d, or None when every offset is zero (nothing stored, nothing read)
+    d: np.ndarray | tuple | None  # (U4, I8) per-block scales: uint16 half bits [tiles, nblk, R] when the format's
+                               # scales are halves (exact, 16 bits per block); K-quants: a pair (float32 super-block
+                               # scale [tiles, nblk/G, R], int8/uint8 sub-block scale [tiles, nblk, R]) whose product
+                               # is the block scale (exact in float32; ~8 bits per block instead of 32)
+    m: np.ndarray | tuple | None  # offsets, stored like d, or None when every offset is zero (nothing read)
     bs: int = 1                # weights per scale block (U4: 32, I8: 32 or 16)
     zero: int = 0              # integer zero point of the codes: w = d*(q - zero) + m (exact in the kernels)
     kind: int = 0              # H16: 0 = f16, 1 = bf16
@@ -64,7 +66,10 @@ class PackedMatrix:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.codes, self.d, self.m) if a is not None)
+        arrays = [self.codes]
+        for a in (self.d, self.m):
+            arrays += list(a) if isinstance(a, tuple) else [a] if a is not None else []
+        return sum(a.nbytes for a in arrays)
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
@@ -96,7 +101,7 @@ def _kquant_scales_mins(sc: np.ndarray):
     mn[..., :4] = sc[..., 4:8] & 63
     s[..., 4:] = (sc[..., 8:12] & 15) | ((sc[..., 0:4] >> 6) << 4)
     mn[..., 4:] = (sc[..., 8:12] >> 4) | ((sc[..., 4:8] >> 6) << 4)
-    return s.astype(np.float32), mn.astype(np.float32)
+    return s, mn
 
 
 def _two_bit_plane(qs: np.ndarray) -> np.ndarray:
@@ -135,8 +140,8 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
             return I8, q, d, None, 32, 16
         return I8, q, d, _f16_bits(b[..., 2:4]), 32, 0
     if qtype in (Q4_K, Q5_K):
-        d = _f16(b[..., 0:2])[..., None]
-        dmin = _f16(b[..., 2:4])[..., None]
+        d = _f16(b[..., 0:2])
+        dmin = _f16(b[..., 2:4])
         sc, mn = _kquant_scales_mins(b[..., 4:16])
         qs_off = 16 if qtype == Q4_K else 48
         qs = b[..., qs_off:qs_off + 128].reshape(rows, -1, 4, 1, 32)
@@ -146,8 +151,8 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
             bits = ((qh >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1) << 4
             q = q | bits
         nblk = q.shape[1] * 8
-        dd = (d * sc).reshape(rows, nblk)
-        mm = (-(dmin * mn)).reshape(rows, nblk)
+        dd = (d, sc.reshape(rows, nblk))
+        mm = (-dmin, mn.reshape(rows, nblk))
         q = q.reshape(rows, nblk, 32)
         if qtype == Q4_K:
             return U4, _pack_nibbles(q), dd, mm, 32, 0
@@ -158,10 +163,10 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
         lo = np.concatenate([ql & 15, ql >> 4], axis=3)      # [h][quarter][l]: weights 128h + 32*quarter + l
         hb = (qh >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)) & 3
         q = lo | (hb << 4)                                    # 0..63, weight = q - 32
-        sc = b[..., 192:208].view(np.int8).astype(np.float32)
-        d = _f16(b[..., 208:210])[..., None]
+        sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8)
+        d = _f16(b[..., 208:210])
         nblk = q.shape[1] * 16
-        return I8, q.astype(np.uint8).reshape(rows, nblk, 16), (d * sc).reshape(rows, nblk), None, 16, 32
+        return I8, q.astype(np.uint8).reshape(rows, nblk, 16), (d, sc.reshape(rows, nblk)), None, 16, 32
     if qtype == Q3_K:
         hmask = b[..., 0:32]
         low = _two_bit_plane(b[..., 32:96]).reshape(rows, -1, 8, 32)
@@ -171,18 +176,18 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
         low4 = np.concatenate([s[..., 0:8] & 15, s[..., 0:8] >> 4], axis=-1)            # codes j = 0..15
         hi2 = (s[..., 8:12, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3             # [j%4][j/4]
         hi2 = np.swapaxes(hi2, -1, -2).reshape(rows, -1, 16)                             # index j
-        c = (low4 | (hi2 << 4)).astype(np.float32) - 32.0
-        d = _f16(b[..., 108:110])[..., None]
+        c = ((low4 | (hi2 << 4)).astype(np.int16) - 32).astype(np.int8)
+        d = _f16(b[..., 108:110])
         nblk = q.shape[1] * 16
-        return I8, q.astype(np.uint8).reshape(rows, nblk, 16), (d * c).reshape(rows, nblk), None, 16, 4
+        return I8, q.astype(np.uint8).reshape(rows, nblk, 16), (d, c.reshape(rows, nblk)), None, 16, 4
     if qtype == Q2_K:
         sc = b[..., 0:16]
         q = _two_bit_plane(b[..., 16:80])
-        d = _f16(b[..., 80:82])[..., None]
-        dmin = _f16(b[..., 82:84])[..., None]
+        d = _f16(b[..., 80:82])
+        dmin = _f16(b[..., 82:84])
         nblk = q.shape[1] * 16
-        dd = (d * (sc & 15).astype(np.float32)).reshape(rows, nblk)
-        mm = (-(dmin * (sc >> 4).astype(np.float32))).reshape(rows, nblk)
+        dd = (d, (sc & 15).reshape(rows, nblk))
+        mm = (-dmin, (sc >> 4).reshape(rows, nblk))
         return I8, q.astype(np.uint8).reshape(rows, nblk, 16), dd, mm, 16, 0
     raise ModelError(f"tensor type {qtype} is not supported by the engine")
 
@@ -194,6 +199,26 @@ def _tile(a: np.ndarray, n_rows_padded: int) -> np.ndarray:
         a = np.concatenate([a, pad], axis=0)
     t = a.reshape((n_rows_padded // TILE_ROWS, TILE_ROWS) + a.shape[1:])
     return np.ascontiguousarray(np.moveaxis(t, 1, -1))
+
+
+def _tile_any(a, n_rows_padded):
+    """_tile for an array, a (super, sub) scale pair or None."""
+    if a is None:
+        return None
+    if isinstance(a, tuple):
+        return tuple(_tile_any(x, n_rows_padded) for x in a)
+    if a.dtype == np.float64:
+        a = a.astype(np.float32)
+    return _tile(np.ascontiguousarray(a), n_rows_padded)
+
+
+def _join_any(parts):
+    """Concatenate the tiled pieces of consecutive row steps (arrays, pairs or None)."""
+    if parts[0] is None:
+        return None
+    if isinstance(parts[0], tuple):
+        return tuple(_join_any([p[i] for p in parts]) for i in range(len(parts[0])))
+    return np.ascontiguousarray(np.concatenate(parts) if len(parts) > 1 else parts[0])
 
 
 # Rows converted per step, to bound the temporaries numpy needs while unpacking a big tensor.
@@ -222,14 +247,7 @@ def pack_matrix(raw: np.ndarray, qtype: int, n_cols: int) -> PackedMatrix:
         chunk = np.asarray(raw[r0:r0 + step])
         family, codes, d, m, bs, zero = _unpack(chunk, n_cols, qtype)
         rows_here = min(step, n_pad - r0)
-        parts.append(tuple(None if a is None else _tile(np.ascontiguousarray(a), rows_here) for a in (codes, d, m)))
+        parts.append(tuple(_tile_any(a, rows_here) for a in (codes, d, m)))
 
-    def joined(i):
-        if parts[0][i] is None:
-            return None
-        a = np.concatenate([p[i] for p in parts]) if len(parts) > 1 else parts[0][i]
-        if i == 0 or a.dtype == np.uint16:   # codes, or scales kept as half bits
-            return np.ascontiguousarray(a)
-        return np.ascontiguousarray(a, dtype=np.float32)
-    codes, d, m = joined(0), joined(1), joined(2)
+    codes, d, m = (_join_any([p[i] for p in parts]) for i in range(3))
     return PackedMatrix(family, n_rows, n_cols, codes, d, m, bs, zero=zero, kind=kind, src_type=qtype)
