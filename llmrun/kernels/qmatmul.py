@@ -249,7 +249,7 @@ CHUNK_FLOATS = 1 << 20      # widened weights per chunk (4 MiB)
 FEW_TOKENS = 3              # up to this many tokens, run the decode kernel per token instead
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)   # nogil: prefill runs it from several threads
 def _widen_u4(codes, d, m, has_m, zero, t0, t1, out):
     """Tiles t0..t1 -> float32 out[t - t0, col, r] (each tile's W.T, contiguous: sequential writes)."""
     nblk = codes.shape[1]
@@ -271,7 +271,7 @@ def _widen_u4(codes, d, m, has_m, zero, t0, t1, out):
                     out[t - t0, b * 32 + j + 16, r] = (np.float32(np.uint8(v >> 4)) - zf) * dv[r] + mv[r]
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)   # nogil: prefill runs it from several threads
 def _widen_i8(codes, d, m, has_m, zero, t0, t1, out):
     nblk, bs = codes.shape[1], codes.shape[2]
     zf = np.float32(zero)
@@ -289,7 +289,7 @@ def _widen_i8(codes, d, m, has_m, zero, t0, t1, out):
                     out[t - t0, b * bs + j, r] = (np.float32(codes[t, b, j, r]) - zf) * dv[r] + mv[r]
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)   # nogil: prefill runs it from several threads
 def _widen_h16(codes, kind, r0, r1, out):
     """uint16 rows r0..r1 (IEEE halves if kind == 0, else bfloat16) -> float32 out[0:r1-r0]."""
     bits = out.view(np.uint32)
@@ -359,6 +359,10 @@ def _matmul_widened(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
         d, m, has_m = _scale_args(pm)
     n_units = pm.codes.shape[0] if tiled else pm.n_rows           # tiles or rows
     step = max(1, CHUNK_FLOATS // (K * R)) if tiled else max(1, CHUNK_FLOATS // K)
+    n_threads = numba.get_num_threads()
+    if n_threads > 1:   # equal chunks, a multiple of the thread count of them: no thread idles at the end
+        n_chunks = -(-max(-(-n_units // step), n_threads) // n_threads) * n_threads
+        step = max(1, -(-n_units // n_chunks))
     Y = np.empty((T, n_units * R if tiled else n_units), np.float32)   # tiled: padded, trimmed below
     starts = list(range(0, n_units, step))
 
@@ -381,7 +385,6 @@ def _matmul_widened(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
                 _widen_h16(pm.codes, pm.kind, r0, r1, buf[:r1 - r0])
                 np.matmul(X, buf[:r1 - r0].T, out=Y[:, r0:r1])
 
-    n_threads = numba.get_num_threads()
     n_workers = min(n_threads, len(starts))
     if n_workers <= 1:
         work(starts, n_threads)
