@@ -63,13 +63,17 @@ def _tps(n: int, seconds: float) -> float:
     return n / seconds if seconds > 0 else float("inf")
 
 
-def bench_model(model, *, n_prompt: int = 128, n_gen: int = 32, repetitions: int = 3, seed: int = 0,
-                warmup: bool = True) -> tuple[list[float], list[float], float]:
-    """Run the passes on a loaded LlamaModel. Returns (pp tok/s per run, tg tok/s per run, warm-up seconds)."""
+def _check_counts(n_prompt: int, n_gen: int, repetitions: int) -> None:
     if n_prompt < 0 or n_gen < 0 or n_prompt + n_gen == 0:
         raise LlmrunError(f"bench: need n_prompt >= 0, n_gen >= 0 and at least one token (got {n_prompt}, {n_gen})")
     if repetitions < 1:
         raise LlmrunError(f"bench: repetitions must be >= 1 (got {repetitions})")
+
+
+def bench_model(model, *, n_prompt: int = 128, n_gen: int = 32, repetitions: int = 3, seed: int = 0,
+                warmup: bool = True) -> tuple[list[float], list[float], float]:
+    """Run the passes on a loaded LlamaModel. Returns (pp tok/s per run, tg tok/s per run, warm-up seconds)."""
+    _check_counts(n_prompt, n_gen, repetitions)
     if n_prompt + n_gen > model.n_ctx:
         raise LlmrunError(f"bench: {n_prompt} + {n_gen} tokens do not fit in the context of {model.n_ctx}")
     rng = np.random.default_rng(seed)
@@ -116,7 +120,8 @@ def bench_file(path: str | os.PathLike, *, n_prompt: int = 128, n_gen: int = 32,
     from .gguf import GGUFReader
     from .model import LlamaModel
 
-    _use_threads(threads)  # validate before the (slow) load
+    _check_counts(n_prompt, n_gen, repetitions)  # validate before the (slow) load
+    _use_threads(threads)
     path = Path(path)
     reader = GGUFReader(path)
     t = time.perf_counter()

@@ -81,7 +81,7 @@ def quantize(input_path, output_path, file_type, force):
 
 
 @main.command("bench")
-@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-p", "--n-prompt", type=click.IntRange(min=0), default=128, show_default=True,
               help="prompt tokens, evaluated in one batch from an empty cache (prefill)")
 @click.option("-n", "--n-gen", type=click.IntRange(min=0), default=32, show_default=True,
