@@ -72,6 +72,10 @@ class Llama:
             raise
         self._reader = reader   # stays open: the model's weights are views into its mmap
         self._setup(tokenizer, model, n_ctx, seed, verbose, os.path.basename(self.model_path))
+        if verbose and model is not None:
+            print(f"llmrun: loaded {self._name} in {model.load_seconds:.2f} s: weights "
+                  f"{model.weights_nbytes / 2**20:.0f} MiB, KV cache {model.kv_nbytes / 2**20:.0f} MiB "
+                  f"for {n_ctx} tokens", file=sys.stderr)
 
     @classmethod
     def from_parts(cls, tokenizer, model, *, n_ctx: int | None = None, seed: int | None = None,
