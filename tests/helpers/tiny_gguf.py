@@ -14,20 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-# HF name -> GGUF name (formats.md §4), per layer then global
-_LAYER_NAMES = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                 "lm_head.weight": "output.weight"}
+def gguf_name(hf_name: str, n_layer: int) -> str:
+    """GGUF name of a HF LLaMA tensor, from gguf-py's own name map (an independent reference for our converter)."""
+    import gguf
+    name = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer).get_name(hf_name, try_suffixes=(".weight",))
+    if name is None:
+        raise KeyError(hf_name)
+    return name
 
 
 @dataclass
@@ -102,20 +95,16 @@ def llama3_rope_freqs(hd: int, base: float, factor: float, low: float, high: flo
 def gguf_tensors(model, spec: TinySpec) -> dict[str, np.ndarray]:
     """GGUF-named float32 tensors (numpy order) with Q/K permuted, as a converter would produce."""
     out = {}
+    n_layer = model.config.num_hidden_layers
     for name, p in model.state_dict().items():
+        if name == "lm_head.weight" and spec.tied:
+            continue
         a = p.detach().cpu().numpy().astype(np.float32)
-        if name.startswith("model.layers."):
-            _, _, il, rest = name.split(".", 3)
-            g = f"blk.{il}.{_LAYER_NAMES[rest]}"
-            if rest == "self_attn.q_proj.weight":
-                a = permute_qk(a, spec.heads)
-            elif rest == "self_attn.k_proj.weight":
-                a = permute_qk(a, spec.kv_heads)
-        else:
-            if name == "lm_head.weight" and spec.tied:
-                continue
-            g = _GLOBAL_NAMES[name]
-        out[g] = a
+        if name.endswith("self_attn.q_proj.weight"):
+            a = permute_qk(a, spec.heads)
+        elif name.endswith("self_attn.k_proj.weight"):
+            a = permute_qk(a, spec.kv_heads)
+        out[gguf_name(name, n_layer)] = a
     return out
 
 
@@ -217,16 +206,15 @@ def reference_model_from_gguf(path: Path):
         ff = torch.from_numpy(tensors["rope_freqs.weight"])
         rot.inv_freq = rot.inv_freq / ff
         rot.original_inv_freq = rot.inv_freq
-    sd = {"model.embed_tokens.weight": tensors["token_embd.weight"], "model.norm.weight": tensors["output_norm.weight"]}
-    sd["lm_head.weight"] = tensors["token_embd.weight" if tied else "output.weight"]
-    for il in range(n_layer):
-        for hf, g in _LAYER_NAMES.items():
-            a = tensors[f"blk.{il}.{g}"]
-            if hf == "self_attn.q_proj.weight":
-                a = unpermute_qk(a, n_head)
-            elif hf == "self_attn.k_proj.weight":
-                a = unpermute_qk(a, n_kv)
-            sd[f"model.layers.{il}.{hf}"] = a
+    sd = {}
+    for hf in model.state_dict():
+        g = "token_embd.weight" if hf == "lm_head.weight" and tied else gguf_name(hf, n_layer)
+        a = tensors[g]
+        if hf.endswith("self_attn.q_proj.weight"):
+            a = unpermute_qk(a, n_head)
+        elif hf.endswith("self_attn.k_proj.weight"):
+            a = unpermute_qk(a, n_kv)
+        sd[hf] = a
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, strict=False)
     return model
 
