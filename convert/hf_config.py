@@ -6,12 +6,13 @@ Accepts the shapes found in the wild: `rope_theta` + `rope_scaling` (linear, dyn
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmrun.errors import ConvertError
 from llmrun.gguf import GGUFValueType as VT
+
+from .jsonfile import read_json_object
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 ARCH = "llama"
@@ -51,12 +52,7 @@ def load_config(hf_dir: Path) -> HFConfig:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise ConvertError(f"{hf_dir}: no config.json (not a Hugging Face checkpoint folder)")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(cfg, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ConvertError(f"{path}: cannot parse ({e})") from None
+    cfg = read_json_object(path)
 
     archs = cfg.get("architectures") or []
     hf_arch = archs[0] if isinstance(archs, list) and archs else None

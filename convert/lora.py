@@ -8,7 +8,6 @@ Everything is checked when the adapter is opened, before the converter writes a 
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import numpy as np
 
 from llmrun.errors import ConvertError
 
+from .jsonfile import read_json_object
 from .checkpoint import SafetensorsFile, TensorEntry, bf16_bits_to_f32
 from .names import gguf_name
 
@@ -81,12 +81,7 @@ class LoraAdapter:
         cfg_path = self.dir / "adapter_config.json"
         if not cfg_path.is_file():
             raise ConvertError(f"{self.dir}: no adapter_config.json (not a PEFT adapter folder)")
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-            if not isinstance(cfg, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise ConvertError(f"{cfg_path}: cannot parse ({e})") from None
+        cfg = read_json_object(cfg_path)
         self.config = cfg
         self._check_config(cfg_path, cfg)
         weights = self.dir / "adapter_model.safetensors"

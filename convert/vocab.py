@@ -13,7 +13,6 @@ error, as in llama.cpp.
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -22,6 +21,8 @@ import numpy as np
 from llmrun.errors import ConvertError
 from llmrun.gguf import GGUFValueType as VT
 from llmrun.tokenizer import TokenType
+
+from .jsonfile import read_json_object
 
 log = logging.getLogger("convert.vocab")
 
@@ -47,14 +48,7 @@ _QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 
 
 def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConvertError(f"{path}: cannot read JSON ({e})") from None
-    return data if isinstance(data, dict) else None
+    return read_json_object(path) if path.is_file() else None
 
 
 def does_token_look_special(text: str) -> bool:

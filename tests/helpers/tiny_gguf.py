@@ -114,7 +114,6 @@ def write_gguf(path: Path, model, spec: TinySpec, *, arch: str = "llama", drop: 
     stores head counts and ffn length as per-layer arrays (llama.cpp's key-or-array form)."""
     import gguf
     from llmrun.quants import quantize
-    cfg = model.config
     hd = spec.head_dim or spec.hidden // spec.heads
     w = gguf.GGUFWriter(str(path), arch)
     w.add_context_length(spec.max_pos)
