@@ -56,6 +56,21 @@ def test_packed_matmul_matches_gguf_py_dequantize(name):
         assert err < bound, (T, err)
 
 
+
+# Repacked bytes per weight vs ggml's (the RSS bound after load: file + KV cache + 15 %). The legacy types keep
+# ggml's exact size (codes + half scales); K-quants add ~0.25 bit (Q4_K) / ~2 bits (Q6_K, one byte per 6-bit code).
+_MAX_SIZE_RATIO = {"q4_0": 1.0, "q4_1": 1.0, "q8_0": 1.0, "q5_0": 1.55, "q5_1": 1.51, "iq4_nl": 1.9,
+                   "q4_k": 1.06, "q5_k": 1.7, "q6_k": 1.32}
+
+
+@pytest.mark.parametrize("name", list(_MAX_SIZE_RATIO))
+def test_repacked_size_close_to_ggml(name):
+    rng = np.random.default_rng(7)
+    rows, cols = 128, 512   # whole tiles: no padding rows
+    raw, qt = _random_rows(rng, name, rows, cols)
+    pm = pack_matrix(raw, int(qt), cols)
+    assert pm.nbytes <= _MAX_SIZE_RATIO[name] * raw.nbytes, pm.nbytes / raw.nbytes
+
 def test_rmsnorm_and_swiglu():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 96)).astype(np.float32)
