@@ -19,13 +19,39 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
 from .repack import TILE_ROWS, U4, I8, H16, FP32, PackedMatrix
 
 R = TILE_ROWS
 F16_TO_F32 = np.float32(2.0 ** 112)  # rebias a half's exponent after shifting its bits into float32's place
+
+
+# ------------------------------------------------------------------------------------------ prefetch
+# Decode streams every weight from DRAM once per token. The hardware prefetcher alone left the gemv loops at
+# ~9 GB/s/core on the Xeon VMs; software prefetches PREFETCH_LINES cache lines ahead of the line being
+# read gave +40 % on a plain streaming loop (9.3 -> 13.2 GB/s at 1 thread, 16.6 -> 22.7 at 2).
+PREFETCH_LINES = 32
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """Prefetch the cache line holding element idx of a 1-D array (llvm.prefetch: read, keep in all caches).
+    A prefetch never faults, but callers still stay inside the array."""
+    sig = types.void(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), ir.PointerType())
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ir.PointerType(), i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return sig, codegen
 
 
 # ---------------------------------------------------------------------------------------- block scales
@@ -128,6 +154,8 @@ def _gemv_u4(codes, d, m, has_m, zero, x, y, accumulate):
     xsum = np.empty(nblk, np.float32)
     xqsum = np.empty(nblk, np.int32)
     _quantize_activations(x, 32, xq, xd, xsum, xqsum)
+    flat = codes.reshape(-1)
+    last = flat.shape[0] - 1
     for t in prange(n_tiles):
         acc = np.zeros(R, np.float32)
         s = np.empty(R, np.int32)
@@ -139,6 +167,9 @@ def _gemv_u4(codes, d, m, has_m, zero, x, y, accumulate):
             s[:] = 0
             c0 = b * 32
             for j in range(0, 16, 2):   # two bytes (four products) per step: fewer passes over s
+                ahead = ((t * nblk + b) * 16 + j + PREFETCH_LINES) * R
+                _prefetch(flat, min(ahead, last))
+                _prefetch(flat, min(ahead + R, last))
                 x0 = np.int32(xq[c0 + j])
                 x1 = np.int32(xq[c0 + j + 16])
                 x2 = np.int32(xq[c0 + j + 1])
@@ -169,6 +200,8 @@ def _gemv_i8(codes, d, m, has_m, zero, x, y, accumulate):
     xsum = np.empty(nblk, np.float32)
     xqsum = np.empty(nblk, np.int32)
     _quantize_activations(x, bs, xq, xd, xsum, xqsum)
+    flat = codes.reshape(-1)
+    last = flat.shape[0] - 1
     for t in prange(n_tiles):
         acc = np.zeros(R, np.float32)
         s = np.empty(R, np.int32)
@@ -181,6 +214,9 @@ def _gemv_i8(codes, d, m, has_m, zero, x, y, accumulate):
             c0 = b * bs
             # Two products per step with constant trip counts: the shape LLVM turns into vpmaddwd
             # (a single product per step, or a runtime trip count, stays scalar: 8x slower).
+            ahead = ((t * nblk + b) * bs + PREFETCH_LINES) * R
+            for j in range(bs):
+                _prefetch(flat, min(ahead + j * R, last))
             if bs == 32:
                 for j in range(16):
                     x0 = np.int32(xq[c0 + j])
