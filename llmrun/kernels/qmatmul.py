@@ -145,6 +145,22 @@ def _finish_tile(acc, y, t, n_rows, accumulate):
                 y[row] = acc[r]
 
 
+@njit(inline="always", fastmath=True, cache=True)
+def _add_block(acc, s, t, b, d, m, has_m, zero, xd, xsum, xqsum, dbits, dv, mbits, mv):
+    """acc += one block's integer dots s, scaled: d_row * (s - zero * sum(xq)) * d_x (+ m_row * sum(x))."""
+    dx = xd[b]
+    zq = zero * xqsum[b]
+    _load_scales(d, t, b, dbits, dv)
+    if has_m:
+        _load_scales(m, t, b, mbits, mv)
+        sx = xsum[b]
+        for r in range(R):
+            acc[r] += dv[r] * (np.float32(s[r] - zq) * dx) + mv[r] * sx
+    else:
+        for r in range(R):
+            acc[r] += dv[r] * (np.float32(s[r] - zq) * dx)
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def _gemv_u4(codes, d, m, has_m, zero, x, y, accumulate):
     """y[:n] (=|+=) W x for U4 tiles; y has exactly n_rows entries."""
@@ -178,17 +194,7 @@ def _gemv_u4(codes, d, m, has_m, zero, x, y, accumulate):
                     v = np.int32(codes[t, b, j, r])
                     w = np.int32(codes[t, b, j + 1, r])
                     s[r] += (v & 15) * x0 + (v >> 4) * x1 + (w & 15) * x2 + (w >> 4) * x3
-            dx = xd[b]
-            zq = zero * xqsum[b]
-            _load_scales(d, t, b, dbits, dv)
-            if has_m:
-                _load_scales(m, t, b, mbits, mv)
-                sx = xsum[b]
-                for r in range(R):
-                    acc[r] += dv[r] * (np.float32(s[r] - zq) * dx) + mv[r] * sx
-            else:
-                for r in range(R):
-                    acc[r] += dv[r] * (np.float32(s[r] - zq) * dx)
+            _add_block(acc, s, t, b, d, m, has_m, zero, xd, xsum, xqsum, dbits, dv, mbits, mv)
         _finish_tile(acc, y, t, y.shape[0], accumulate)
 
 
@@ -229,17 +235,7 @@ def _gemv_i8(codes, d, m, has_m, zero, x, y, accumulate):
                     x1 = np.int32(xq[c0 + j + 8])
                     for r in range(R):
                         s[r] += np.int32(codes[t, b, j, r]) * x0 + np.int32(codes[t, b, j + 8, r]) * x1
-            dx = xd[b]
-            zq = zero * xqsum[b]
-            _load_scales(d, t, b, dbits, dv)
-            if has_m:
-                _load_scales(m, t, b, mbits, mv)
-                sx = xsum[b]
-                for r in range(R):
-                    acc[r] += dv[r] * (np.float32(s[r] - zq) * dx) + mv[r] * sx
-            else:
-                for r in range(R):
-                    acc[r] += dv[r] * (np.float32(s[r] - zq) * dx)
+            _add_block(acc, s, t, b, d, m, has_m, zero, xd, xsum, xqsum, dbits, dv, mbits, mv)
         _finish_tile(acc, y, t, y.shape[0], accumulate)
 
 
