@@ -12,7 +12,7 @@ import pytest
 
 from helpers.tiny_hf import (expected_gguf_tensors, hf_logits, make_tiny_llama, mean_kl, merged_reference)
 
-gguf = pytest.importorskip("gguf")   # dev dependency; always installed by `make install-dev`
+import gguf  # dev dependency (make install-dev); a missing one must fail, not skip
 
 warnings.filterwarnings("ignore", category=UserWarning)
 

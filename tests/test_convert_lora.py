@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from helpers.tiny_hf import (expected_gguf_tensors, hf_logits, make_lora, make_tiny_llama, mean_kl,
                              merged_reference)
 
-gguf = pytest.importorskip("gguf")
+import gguf  # dev dependency (make install-dev); a missing one must fail, not skip
 warnings.filterwarnings("ignore", category=UserWarning)
 
 IDS = [1, 5, 9, 33, 100, 7, 250, 3, 64, 17, 2, 120]
