@@ -8,7 +8,7 @@ import pytest
 
 from llmrun.kernels import dequantize_rows, matmul, pack_matrix
 from llmrun.kernels import ops
-from llmrun.kernels.qmatmul import FEW_TOKENS
+from llmrun.kernels.qmatmul import FEW_TOKENS, VNNI, _matmul_vnni, _matmul_widened
 
 # f16 scale fields per block (byte offsets), set to sane values in random blocks so that every code value
 # is exercised with finite, realistic scales.
@@ -44,16 +44,27 @@ def test_packed_matmul_matches_gguf_py_dequantize(name):
     # embedding rows: exact
     pick = np.array([0, 5, 31, 32, 69])
     np.testing.assert_array_equal(dequantize_rows(pm, pick), ref[pick].astype(np.float32))
-    # products: few tokens (decode kernels: int16 activations for the block types) and many (prefill:
-    # float32 activations, row chunks widened for BLAS)
+    # products: few tokens (decode kernels: int16 activations for the block types) and many (prefill: the
+    # VNNI integer GEMM, int16 activations, on AVX-512 VNNI hosts; else float32 activations, row chunks
+    # widened for BLAS)
     X = rng.standard_normal((70, cols)).astype(np.float32)
     want = X.astype(np.float64) @ ref.T
+    blocks = name not in ("f32", "f16", "bf16")
     for T in (1, 3, 70):
         got = matmul(pm, X[:T])
         assert got.shape == (T, rows)
         err = np.abs(got - want[:T]).max() / np.abs(want[:T]).max()
-        bound = 1e-4 if T <= FEW_TOKENS and name not in ("f32", "f16", "bf16") else 5e-6   # f16/bf16: float32 math
+        int16_acts = blocks and (T <= FEW_TOKENS or VNNI)
+        bound = 1e-4 if int16_acts else 5e-6   # f16/bf16: float32 math
         assert err < bound, (T, err)
+    if blocks:   # both prefill paths, whichever matmul picks on this host
+        got = _matmul_widened(pm, X)[:, :rows]
+        assert np.abs(got - want).max() / np.abs(want).max() < 5e-6
+        if VNNI:
+            for T in (4, 13):   # token groups of 6: padding tokens in the last group
+                got = _matmul_vnni(pm, X[:T])
+                assert got.shape == (T, rows)
+                assert np.abs(got - want[:T]).max() / np.abs(want[:T]).max() < 1e-4
 
 
 
