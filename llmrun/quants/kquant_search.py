@@ -420,6 +420,25 @@ def _signed_max_lanes(XT):
     return mx, amax
 
 
+@njit(inline="always", cache=True, error_model="numpy")
+def _qx_weighted_sums(XT, iscale, lo, hi, sumlx, suml2, redo):
+    """Per column g: levels l = clamp(nint(iscale·x), lo, hi), w = x², sumlx = Σ(w·x)·l, suml2 = Σ(w·l)·l."""
+    n, G = XT.shape
+    for g in range(G):
+        sumlx[g] = F32(0.0)
+        suml2[g] = F32(0.0)
+    for i in range(n):
+        x = XT[i]
+        for g in range(G):
+            xi = x[g]
+            l, ok = _nint_lane(np.float32(iscale[g] * xi))
+            redo[g] = redo[g] | (not ok)
+            fl = np.float32(max(lo, min(hi, l)))
+            w = np.float32(xi * xi)
+            sumlx[g] = np.float32(sumlx[g] + np.float32(np.float32(w * xi) * fl))
+            suml2[g] = np.float32(suml2[g] + np.float32(np.float32(w * fl) * fl))
+
+
 @njit(cache=True, error_model="numpy")
 def make_qx_quants_lanes(XT, nmax, LT, scale, redo):
     """make_qx_quants (rmse_type 1) for every column of XT; LT gets levels + nmax."""
@@ -429,22 +448,13 @@ def make_qx_quants_lanes(XT, nmax, LT, scale, redo):
     hi = np.int32(nmax - 1)
     mx, amax = _signed_max_lanes(XT)
     best_is = np.empty(G, np.float32)
-    sumlx = np.zeros(G, np.float32)
-    suml2 = np.zeros(G, np.float32)
+    sumlx = np.empty(G, np.float32)
+    suml2 = np.empty(G, np.float32)
     best = np.empty(G, np.float32)
     for g in range(G):
         redo[g] = amax[g] < GROUP_MAX_EPS  # all-zero group: the scalar path's early return
         best_is[g] = np.float32(np.float32(-nmax) / mx[g])
-    for i in range(n):
-        x = XT[i]
-        for g in range(G):
-            xi = x[g]
-            l, ok = _nint_lane(np.float32(best_is[g] * xi))
-            redo[g] = redo[g] | (not ok)
-            fl = np.float32(max(lo, min(hi, l)))
-            w = np.float32(xi * xi)
-            sumlx[g] = np.float32(sumlx[g] + np.float32(np.float32(w * xi) * fl))
-            suml2[g] = np.float32(suml2[g] + np.float32(np.float32(w * fl) * fl))
+    _qx_weighted_sums(XT, best_is, lo, hi, sumlx, suml2, redo)
     for g in range(G):
         s = np.float32(sumlx[g] / suml2[g]) if suml2[g] != 0 else F32(0.0)
         scale[g] = s
@@ -456,18 +466,7 @@ def make_qx_quants_lanes(XT, nmax, LT, scale, redo):
         num = np.float32(-np.float32(fnmax + np.float32(F32(0.1) * np.float32(k))))
         for g in range(G):
             isc[g] = np.float32(num / mx[g])
-            sumlx[g] = F32(0.0)
-            suml2[g] = F32(0.0)
-        for i in range(n):
-            x = XT[i]
-            for g in range(G):
-                xi = x[g]
-                l, ok = _nint_lane(np.float32(isc[g] * xi))
-                redo[g] = redo[g] | (not ok)
-                fl = np.float32(max(lo, min(hi, l)))
-                w = np.float32(xi * xi)
-                sumlx[g] = np.float32(sumlx[g] + np.float32(np.float32(w * xi) * fl))
-                suml2[g] = np.float32(suml2[g] + np.float32(np.float32(w * fl) * fl))
+        _qx_weighted_sums(XT, isc, lo, hi, sumlx, suml2, redo)
         for g in range(G):
             t = (suml2[g] > 0) & (np.float32(sumlx[g] * sumlx[g]) > np.float32(best[g] * suml2[g]))
             s = np.float32(sumlx[g] / suml2[g])
