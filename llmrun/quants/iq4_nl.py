@@ -46,6 +46,22 @@ def _level_slot(v):
     return np.int32(np.floor(v2)) - np.int32(_TAB_LO)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _weighted_level_sums(XT, qtab, inv, sumqx, sumq2):
+    """Per column g, with q the level nearest inv·x and w = x²: sumqx = Σ(w·q)·x, sumq2 = Σ(w·q)·q."""
+    G = inv.shape[0]
+    for g in range(G):
+        sumqx[g] = F32(0.0)
+        sumq2[g] = F32(0.0)
+    for i in range(XT.shape[0]):
+        x = XT[i]
+        for g in range(G):
+            q = qtab[_level_slot(np.float32(inv[g] * x[g]))]
+            wq = np.float32(np.float32(x[g] * x[g]) * q)
+            sumqx[g] = np.float32(sumqx[g] + np.float32(wq * x[g]))
+            sumq2[g] = np.float32(sumq2[g] + np.float32(wq * q))
+
+
 @njit(cache=True, error_model="numpy")
 def _quantize_chunk(xs, ys, k):
     """Blocks of xs searched together, one block per SIMD lane (see kquant_search's lane notes)."""
@@ -66,19 +82,13 @@ def _quantize_chunk(xs, ys, k):
             amax[g] = abs(x[g]) if t else amax[g]
             mx[g] = x[g] if t else mx[g]
     inv = np.empty(G, np.float32)
-    sumqx = np.zeros(G, np.float32)
-    sumq2 = np.zeros(G, np.float32)
+    sumqx = np.empty(G, np.float32)
+    sumq2 = np.empty(G, np.float32)
     d = np.empty(G, np.float32)
     best = np.empty(G, np.float32)
     for g in range(G):
         inv[g] = np.float32(F32(1.0) / np.float32(np.float32(-mx[g]) / k0))
-    for i in range(QK4_NL):
-        x = XT[i]
-        for g in range(G):
-            q = qtab[_level_slot(np.float32(inv[g] * x[g]))]
-            wq = np.float32(np.float32(x[g] * x[g]) * q)
-            sumqx[g] = np.float32(sumqx[g] + np.float32(wq * x[g]))
-            sumq2[g] = np.float32(sumq2[g] + np.float32(wq * q))
+    _weighted_level_sums(XT, qtab, inv, sumqx, sumq2)
     for g in range(G):
         d[g] = np.float32(sumqx[g] / sumq2[g])
         best[g] = np.float32(d[g] * sumqx[g])
@@ -86,15 +96,7 @@ def _quantize_chunk(xs, ys, k):
         num = np.float32(t - 127)
         for g in range(G):
             inv[g] = np.float32(num / mx[g])
-            sumqx[g] = F32(0.0)
-            sumq2[g] = F32(0.0)
-        for i in range(QK4_NL):
-            x = XT[i]
-            for g in range(G):
-                q = qtab[_level_slot(np.float32(inv[g] * x[g]))]
-                wq = np.float32(np.float32(x[g] * x[g]) * q)
-                sumqx[g] = np.float32(sumqx[g] + np.float32(wq * x[g]))
-                sumq2[g] = np.float32(sumq2[g] + np.float32(wq * q))
+        _weighted_level_sums(XT, qtab, inv, sumqx, sumq2)
         for g in range(G):
             take = (sumq2[g] > 0) & (np.float32(sumqx[g] * sumqx[g]) > np.float32(best[g] * sumq2[g]))
             dn = np.float32(sumqx[g] / sumq2[g])
