@@ -48,7 +48,7 @@ test: install-dev model
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install-bench model
-	$(BIN)/python -m llmrun.bench_compare
+	$(BIN)/python bench/bench_compare.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

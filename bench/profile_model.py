@@ -25,7 +25,7 @@ CLOCK = time.perf_counter
 
 class Profiler:
     def __init__(self, model):
-        import llmrun.model as M
+        import llmrun.engine.model as M
         from llmrun.kernels import ops
         from llmrun.kernels.repack import TYPE_NAMES
 
@@ -132,9 +132,9 @@ def report(prof: Profiler, wall: float, n_tok: int, title: str, md: bool) -> str
 
 
 def main(argv=None) -> int:
-    from llmrun.bench import _use_threads
+    from llmrun.tools.bench import _use_threads
     from llmrun.gguf import GGUFReader
-    from llmrun.model import LlamaModel
+    from llmrun.engine.model import LlamaModel
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", type=Path)

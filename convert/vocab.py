@@ -20,7 +20,7 @@ import numpy as np
 
 from llmrun.errors import ConvertError
 from llmrun.gguf import GGUFValueType as VT
-from llmrun.tokenizer import TokenType
+from llmrun.text.tokenizer import TokenType
 
 from .jsonfile import read_json_object
 

@@ -24,8 +24,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from .errors import ContextFullError, LlmrunError
-from .generate import StopScanner
-from .sampling import Sampler, SamplingParams
+from .text.stops import StopScanner
+from .text.sampling import Sampler, SamplingParams
 
 _PROMPT_CHUNK = 256   # prompt tokens per forward call: bounds memory and lets cancel() act between chunks
 
@@ -54,7 +54,7 @@ class Llama:
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | None = None,
                  seed: int | None = None, vocab_only: bool = False, verbose: bool = False):
         from .gguf import GGUFReader
-        from .tokenizer import Tokenizer
+        from .text.tokenizer import Tokenizer
 
         self.model_path = str(model_path)
         reader = GGUFReader(model_path)
@@ -65,7 +65,7 @@ class Llama:
                 n_ctx = int(reader.get(f"{arch}.context_length", 4096))
             model = None
             if not vocab_only:
-                from .model import LlamaModel
+                from .engine.model import LlamaModel
                 model = LlamaModel.load(reader, n_ctx=n_ctx, n_threads=n_threads)
         except BaseException:
             reader.close()
@@ -234,7 +234,7 @@ class Llama:
 
     def chat_tokens(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """The prompt tokens for a conversation (template rendered, special tokens parsed)."""
-        from .chat import render_chat
+        from .text.chat_template import render_chat
 
         tok = self.tokenizer
         text = render_chat(messages, getattr(tok, "chat_template", None),

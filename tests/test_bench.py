@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from llmrun.bench import bench_model
-from llmrun.bench_compare import CASES, Case, _geomean, format_table, select_cases
+from llmrun.tools.bench import bench_model
+from bench_compare import CASES, Case, _geomean, format_table, select_cases
 from llmrun.cli import main
 from llmrun.errors import LlmrunError
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmrun.chat import CHATML_TEMPLATE, ChatTemplateError, render_chat
+from llmrun.text.chat_template import CHATML_TEMPLATE, ChatTemplateError, render_chat
 from llmrun.errors import LlmrunError
 
 SMOLLM2 = (

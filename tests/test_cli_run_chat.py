@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from llmrun.errors import LlmrunError
-from llmrun.perplexity import perplexity
+from llmrun.tools.perplexity import perplexity
 
 
 def _llmrun(*args, stdin=None, env=None, timeout=600):

@@ -20,7 +20,7 @@ IDS = [1, 5, 9, 33, 100, 7, 250, 3, 64, 17, 2, 120]
 
 
 def _convert(src, out, **kw):
-    from convert import convert_checkpoint
+    from llmrun.convert import convert_checkpoint
     return convert_checkpoint(src, out, **kw)
 
 
@@ -159,7 +159,7 @@ def test_bf16_sharded_tied_bit_exact(bpe_base, tmp_path):
 
 def _llmrun_logits(path, ids):
     from llmrun.gguf import GGUFReader
-    from llmrun.model import LlamaModel
+    from llmrun.engine.model import LlamaModel
     with GGUFReader(path) as r:
         m = LlamaModel.load(r, n_ctx=64, n_threads=1)
         return m.forward(ids, all_logits=True)
@@ -188,7 +188,7 @@ def test_tokens_match_original_tokenizers(spm_f32, bpe_base, tmp_path, llama2_to
     from tokenizers import Tokenizer as HFTokenizer
 
     from llmrun.gguf import GGUFReader
-    from llmrun.tokenizer import Tokenizer
+    from llmrun.text.tokenizer import Tokenizer
 
     sp = spm.SentencePieceProcessor(model_file=str(llama2_tokenizer_model))
     with GGUFReader(spm_f32) as r:

@@ -169,8 +169,8 @@ def test_output_is_the_input(base, adapter):
 
 def test_failure_while_writing_keeps_previous_file(base, out_dir, monkeypatch):
     """An error in the middle of the tensor stream: the old file stays byte-identical, no temp file remains."""
-    import convert.pipeline as pipeline
-    from convert import convert_checkpoint
+    import llmrun.convert.pipeline as pipeline
+    from llmrun.convert import convert_checkpoint
     from llmrun.errors import ConvertError
 
     out = out_dir / "m.gguf"

@@ -44,9 +44,9 @@ def rslora_patterns(base, tmp_path_factory):
 
 def _check(base_dir, adapters, out, ids=IDS):
     """The file's tensors equal PEFT's merge (permuted); llmrun's logits match the merged transformers model."""
-    from convert import convert_checkpoint
+    from llmrun.convert import convert_checkpoint
     from llmrun.gguf import GGUFReader
-    from llmrun.model import LlamaModel
+    from llmrun.engine.model import LlamaModel
 
     convert_checkpoint(base_dir, out, out_type="f32", loras=adapters)
     ref = merged_reference(base_dir, adapters)
@@ -129,7 +129,7 @@ def test_cli_lora_scale_and_quantized_merge(base, plain, tmp_path):
 
 
 def test_parse_lora_arg():
-    from convert.lora import parse_lora_arg
+    from llmrun.convert.lora import parse_lora_arg
     assert parse_lora_arg("adapters/a") == ("adapters/a", 1.0)
     assert parse_lora_arg("adapters/a:0.5") == ("adapters/a", 0.5)
     assert parse_lora_arg("C:/x/y:2") == ("C:/x/y", 2.0)

@@ -11,10 +11,10 @@ import shutil
 import numpy as np
 import pytest
 
-from convert.vocab import vocab_metadata
+from llmrun.convert.vocab import vocab_metadata
 from llmrun.errors import ConvertError
 from llmrun.gguf import GGUFReader, GGUFValueType as VT
-from llmrun.tokenizer import TokenType
+from llmrun.text.tokenizer import TokenType
 
 TEMPLATES = [{"name": "default", "template": "{{ messages[0]['content'] }}"},
              {"name": "tool_use", "template": "{{ tools }}"}]

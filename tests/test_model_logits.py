@@ -9,7 +9,7 @@ from helpers.tiny_gguf import (TinySpec, hf_model, mean_kl, reference_logits, re
                                write_gguf)
 from llmrun.errors import ContextFullError, ModelError
 from llmrun.gguf import GGUFReader
-from llmrun.model import LlamaModel
+from llmrun.engine.model import LlamaModel
 
 
 def _prompt(n, vocab, seed=1):

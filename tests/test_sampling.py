@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from llmrun.errors import LlmrunError
-from llmrun.sampling import Sampler, SamplingParams, apply_penalties
+from llmrun.text.sampling import Sampler, SamplingParams, apply_penalties
 
 OFF = dict(top_k=0, top_p=1.0, min_p=0.0)   # no truncation
 

@@ -15,11 +15,11 @@ import random
 import numpy as np
 import pytest
 
-from convert.vocab import vocab_metadata
+from llmrun.convert.vocab import vocab_metadata
 from llmrun.errors import TokenizerError
 from llmrun.gguf import GGUFReader, GGUFWriter
-from llmrun.tokenizer import Tokenizer, TokenType, Utf8Stream, decode_stream
-from llmrun.tokenizer_bpe import PRE_TOKENIZERS, byte_to_char
+from llmrun.text.tokenizer import Tokenizer, TokenType, Utf8Stream, decode_stream
+from llmrun.text.tokenizer_bpe import PRE_TOKENIZERS, byte_to_char
 
 HARD_INPUTS = [
     "",

@@ -11,10 +11,10 @@ import shutil
 
 import pytest
 
-from convert.vocab import vocab_metadata
+from llmrun.convert.vocab import vocab_metadata
 from llmrun.errors import TokenizerError
 from llmrun.gguf import GGUFReader, GGUFWriter
-from llmrun.tokenizer import Tokenizer, Utf8Stream, decode_stream
+from llmrun.text.tokenizer import Tokenizer, Utf8Stream, decode_stream
 
 HARD_INPUTS = [
     "",

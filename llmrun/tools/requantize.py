@@ -12,9 +12,9 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import LlmrunError
-from .gguf import GGUFReader, GGUFWriter, GGMLType, GGUFValueType, LlamaFileType
-from .gguf.constants import GGML_QUANT_VERSION
+from ..errors import LlmrunError
+from ..gguf import GGUFReader, GGUFWriter, GGMLType, GGUFValueType, LlamaFileType
+from ..gguf.constants import GGML_QUANT_VERSION
 
 # How `progress` is told about each tensor: (index from 0, total, name, chosen type).
 Progress = Callable[[int, int, str, GGMLType], None]
@@ -44,8 +44,8 @@ def requantize(in_path, out_path, file_type, *, overwrite: bool = False,
 
     Returns the type chosen for every tensor. Nothing is written unless the whole file is.
     """
-    from .quants import dequantize, quantize
-    from .quants.mixes import parse_file_type, plan_tensor_types
+    from ..quants import dequantize, quantize
+    from ..quants.mixes import parse_file_type, plan_tensor_types
 
     in_path, out_path = Path(in_path), Path(out_path)
     ftype = file_type if isinstance(file_type, LlamaFileType) else parse_file_type(str(file_type))

@@ -14,7 +14,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .errors import TokenizerError
+from ..errors import TokenizerError
 from .tokenizer_bpe import BpeEncoder, piece_bytes, resolve_pre
 from .tokenizer_spm import SPACE_MARK, SpmEncoder
 

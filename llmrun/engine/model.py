@@ -19,10 +19,10 @@ from typing import Sequence
 import numba
 import numpy as np
 
-from .errors import ContextFullError, ModelError
-from .kernels import ops
-from .kernels.qmatmul import dequantize_rows, matmul, matvec
-from .kernels.repack import PackedMatrix, pack_matrix
+from ..errors import ContextFullError, ModelError
+from ..kernels import ops
+from ..kernels.qmatmul import dequantize_rows, matmul, matvec
+from ..kernels.repack import PackedMatrix, pack_matrix
 
 ARCH = "llama"
 _PAGE = mmap.PAGESIZE

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import LlmrunError
+from ..errors import LlmrunError
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import json
 from datetime import datetime
 from typing import Any, Mapping, Sequence
 
-from .errors import LlmrunError
+from ..errors import LlmrunError
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

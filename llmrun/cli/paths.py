@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import LlmrunError
+from ..errors import LlmrunError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -17,7 +17,7 @@ def default_model_path() -> Path:
         if not p.is_file():
             raise LlmrunError(f"LLMRUN_MODEL points to {p}, which is not a file")
         return p
-    p = Path(__file__).resolve().parents[1] / "models" / DEFAULT_MODEL_NAME
+    p = Path(__file__).resolve().parents[2] / "models" / DEFAULT_MODEL_NAME
     if p.is_file():
         return p
     raise LlmrunError(f"no MODEL given and no default model at {p}: run `make model` or set LLMRUN_MODEL")

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .errors import LlmrunError
+from ..errors import LlmrunError
 
 _SCORE_BATCH = 256   # rows of logits held at once while scoring (bounds memory: rows * n_vocab floats)
 
@@ -77,9 +77,9 @@ def perplexity(model, tokens: Sequence[int], n_ctx: int, bos_id: int | None = No
 
 def perplexity_of_file(model_path, text_path, n_ctx: int = 512, n_threads: int | None = None,
                        progress: Callable[[int, int, float], None] | None = None) -> PerplexityResult:
-    from .gguf import GGUFReader
-    from .model import LlamaModel
-    from .tokenizer import Tokenizer
+    from ..gguf import GGUFReader
+    from ..engine.model import LlamaModel
+    from ..text.tokenizer import Tokenizer
 
     try:
         with open(text_path, "rb") as f:

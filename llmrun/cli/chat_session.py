@@ -13,7 +13,7 @@ import threading
 import time
 from typing import TextIO
 
-from .errors import ContextFullError
+from ..errors import ContextFullError
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (new system prompt + reset), /exit"
 

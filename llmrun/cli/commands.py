@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .errors import LlmrunError
+from ..errors import LlmrunError
 
 
 def _one_line_errors(fn):
@@ -44,8 +44,8 @@ def info(file, as_json):
     """Metadata and tensor table of the GGUF FILE."""
     import json
 
-    from .gguf import GGUFReader
-    from .gguf.describe import describe, describe_text
+    from ..gguf import GGUFReader
+    from ..gguf.describe import describe, describe_text
 
     with GGUFReader(file) as r:
         click.echo(json.dumps(describe(r), indent=1) if as_json else describe_text(r))
@@ -63,7 +63,7 @@ def quantize(input_path, output_path, file_type, force):
     import os
     from collections import Counter
 
-    from .requantize import requantize
+    from ..tools.requantize import requantize
 
     show = sys.stderr.isatty()
 
@@ -95,7 +95,7 @@ def bench(model, n_prompt, n_gen, threads, repetitions, as_json):
     """Prefill and decode throughput (tokens/s) of MODEL, llama-bench style."""
     import json
 
-    from .bench import bench_file, format_result
+    from ..tools.bench import bench_file, format_result
 
     result = bench_file(model, n_prompt=n_prompt, n_gen=n_gen, threads=threads, repetitions=repetitions)
     click.echo(json.dumps(result.to_json()) if as_json else format_result(result))
@@ -129,7 +129,7 @@ def _sampling_options(fn):
 
 
 def _load_llama(model, n_ctx, threads, seed, verbose):
-    from .api import Llama
+    from ..api import Llama
     from .paths import resolve_model
 
     return Llama(resolve_model(model), n_ctx=n_ctx, n_threads=threads, seed=seed, verbose=verbose)
@@ -194,7 +194,7 @@ def chat(model, system, temperature, top_k, top_p, min_p, repeat_penalty, seed, 
 def perplexity_cmd(model, text_file, n_ctx, threads):
     """Perplexity of MODEL on TEXT_FILE, llama.cpp-style (windows of --ctx tokens, second halves scored)."""
     from .paths import resolve_model
-    from .perplexity import perplexity_of_file
+    from ..tools.perplexity import perplexity_of_file
 
     def progress(i, n, ppl):
         click.echo(f"[{i}]{ppl:.4f}," + ("\n" if i == n else ""), err=True, nl=False)
@@ -219,8 +219,8 @@ def convert(hf_dir, output_path, out_type, loras, force):
     import os
     import time
 
-    from convert import convert_checkpoint
-    from convert.lora import parse_lora_arg
+    from llmrun.convert import convert_checkpoint
+    from llmrun.convert.lora import parse_lora_arg
 
     show = sys.stderr.isatty()
 
@@ -236,6 +236,3 @@ def convert(hf_dir, output_path, out_type, loras, force):
     click.echo(f"wrote {output_path} ({out_type.lower()}, {os.path.getsize(output_path) / 1e6:.1f} MB"
                f"{', %d LoRA adapter(s) merged' % len(loras) if loras else ''}) in {time.perf_counter() - t0:.1f} s")
 
-
-if __name__ == "__main__":
-    main()

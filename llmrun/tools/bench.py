@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import LlmrunError
+from ..errors import LlmrunError
 
 
 @dataclass
@@ -95,7 +95,7 @@ def bench_model(model, *, n_prompt: int = 128, n_gen: int = 32, repetitions: int
 
 
 def _file_type_name(value) -> str | None:
-    from .gguf import LlamaFileType
+    from ..gguf import LlamaFileType
     try:
         return LlamaFileType(int(value)).name
     except (TypeError, ValueError):
@@ -117,8 +117,8 @@ def _use_threads(requested: int | None) -> int:
 def bench_file(path: str | os.PathLike, *, n_prompt: int = 128, n_gen: int = 32, threads: int | None = None,
                repetitions: int = 3, seed: int = 0) -> BenchResult:
     """Load a GGUF model and measure it (see the module docstring)."""
-    from .gguf import GGUFReader
-    from .model import LlamaModel
+    from ..gguf import GGUFReader
+    from ..engine.model import LlamaModel
 
     _check_counts(n_prompt, n_gen, repetitions)  # validate before the (slow) load
     _use_threads(threads)

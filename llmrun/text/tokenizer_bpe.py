@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .errors import TokenizerError
+from ..errors import TokenizerError
 
 log = logging.getLogger("llmrun.tokenizer")
 

@@ -96,9 +96,9 @@ class _LlmrunEngine:
     name = "llmrun"
 
     def __init__(self, path: str, threads: int, n_ctx: int):
-        from .bench import _use_threads
-        from .gguf import GGUFReader
-        from .model import LlamaModel   # imports the kernels (and their OpenMP settings) before numba's pool
+        from llmrun.tools.bench import _use_threads
+        from llmrun.gguf import GGUFReader
+        from llmrun.engine.model import LlamaModel   # imports the kernels (and their OpenMP settings) before numba's pool
 
         self.model = LlamaModel.load(GGUFReader(path), n_ctx=n_ctx, n_threads=threads)
         _use_threads(threads)

@@ -1,0 +1,1 @@
+"""The engine room: the model graph over quantized weights, and its KV cache."""

@@ -1,0 +1,1 @@
+"""Tools over whole files and models: re-quantization, benchmarks, perplexity."""
