@@ -6,7 +6,7 @@ import gguf
 import numpy as np
 import pytest
 
-from llmrun.kernels import dequantize_rows, matmul, pack_matrix
+from llmrun.kernels import dequantize_rows, matmul, matvec, matvec_batch, pack_matrix
 from llmrun.kernels import ops
 from llmrun.kernels.qmatmul import FEW_TOKENS, VNNI, _matmul_vnni, _matmul_widened
 
@@ -67,6 +67,28 @@ def test_packed_matmul_matches_gguf_py_dequantize(name):
                 assert np.abs(got - want[:T]).max() / np.abs(want[:T]).max() < 1e-4
 
 
+
+
+@pytest.mark.parametrize("name", ["q4_0", "q4_1", "q8_0", "q4_k", "q6_k", "f16"])
+def test_matvec_batch_rows_equal_matvec(name):
+    """Continuous batching decodes several sequences in one pass over the weights; each row must be exactly
+    what that sequence's own decode step computes (so answers do not depend on what else runs), and close
+    to gguf-py's dequantized product."""
+    rng = np.random.default_rng(11)
+    rows, cols = 70, 512
+    raw, qt = _random_rows(rng, name, rows, cols)
+    ref = gguf.quants.dequantize(raw, qt).reshape(rows, cols).astype(np.float64)
+    pm = pack_matrix(raw, int(qt), cols)
+    X = rng.standard_normal((8, cols)).astype(np.float32)
+    for T in (2, 5, 8):
+        got = matvec_batch(pm, X[:T])
+        for i in range(T):
+            np.testing.assert_array_equal(got[i], matvec(pm, X[i]))
+        want = X[:T].astype(np.float64) @ ref.T
+        assert np.abs(got - want).max() / np.abs(want).max() < 1e-4
+        acc = np.ones((T, rows), np.float32)
+        matvec_batch(pm, X[:T], acc, accumulate=True)
+        np.testing.assert_array_equal(acc, np.float32(1) + got)
 
 # Repacked bytes per weight vs ggml's (the RSS bound after load: file + KV cache + 15 %). The legacy types keep
 # ggml's exact size (codes + half scales); K-quants add ~0.25 bit (Q4_K) / ~2 bits (Q6_K, one byte per 6-bit code).

@@ -7,6 +7,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .repack import PackedMatrix, pack_matrix, TILE_ROWS  # noqa: E402
-from .qmatmul import matmul, matvec, dequantize_rows  # noqa: E402
+from .qmatmul import matmul, matvec, matvec_batch, dequantize_rows  # noqa: E402
 
-__all__ = ["PackedMatrix", "pack_matrix", "TILE_ROWS", "matmul", "matvec", "dequantize_rows"]
+__all__ = ["PackedMatrix", "pack_matrix", "TILE_ROWS", "matmul", "matvec", "matvec_batch", "dequantize_rows"]

@@ -240,6 +240,95 @@ def _gemv_i8(codes, d, m, has_m, zero, x, y, accumulate):
         _finish_tile(acc, y, t, y.shape[0], accumulate)
 
 
+# Several tokens at decode time (continuous batching: one token from each of several sequences). Each weight
+# block is read from memory and unpacked once for all of them; every token's sums are the same integers, added
+# in the same order with the same float steps as in the one-token kernels above, so each row of the result is
+# bit-identical to that token's matvec: a sequence decodes the same whether or not others run beside it.
+@njit(parallel=True, fastmath=True, cache=True)
+def _gemv_u4_batch(codes, d, m, has_m, zero, X, Y, accumulate):
+    """Y[i, :n] (=|+=) W X[i] for U4 tiles, each i exactly as _gemv_u4."""
+    n_tok = X.shape[0]
+    n_tiles, nblk = codes.shape[0], codes.shape[1]
+    xq = np.empty((n_tok, X.shape[1]), np.int16)
+    xd = np.empty((n_tok, nblk), np.float32)
+    xsum = np.empty((n_tok, nblk), np.float32)
+    xqsum = np.empty((n_tok, nblk), np.int32)
+    for i in range(n_tok):
+        _quantize_activations(X[i], 32, xq[i], xd[i], xsum[i], xqsum[i])
+    flat = codes.reshape(-1)
+    last = flat.shape[0] - 1
+    for t in prange(n_tiles):
+        acc = np.zeros((n_tok, R), np.float32)
+        s = np.empty(R, np.int32)
+        dbits = np.empty(R, np.uint32)
+        dv = dbits.view(np.float32)
+        mbits = np.empty(R, np.uint32)
+        mv = mbits.view(np.float32)
+        for b in range(nblk):
+            ahead = ((t * nblk + b) * 16 + PREFETCH_LINES) * R
+            for j in range(16):
+                _prefetch(flat, min(ahead + j * R, last))
+            c0 = b * 32
+            for i in range(n_tok):   # the block's 1 KiB of codes stays in L1 for the other tokens
+                s[:] = 0
+                for j in range(0, 16, 2):
+                    x0 = np.int32(xq[i, c0 + j])
+                    x1 = np.int32(xq[i, c0 + j + 16])
+                    x2 = np.int32(xq[i, c0 + j + 1])
+                    x3 = np.int32(xq[i, c0 + j + 17])
+                    for r in range(R):
+                        v = np.int32(codes[t, b, j, r])
+                        w = np.int32(codes[t, b, j + 1, r])
+                        s[r] += (v & 15) * x0 + (v >> 4) * x1 + (w & 15) * x2 + (w >> 4) * x3
+                _add_block(acc[i], s, t, b, d, m, has_m, zero, xd[i], xsum[i], xqsum[i], dbits, dv, mbits, mv)
+        for i in range(n_tok):
+            _finish_tile(acc[i], Y[i], t, Y.shape[1], accumulate)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _gemv_i8_batch(codes, d, m, has_m, zero, X, Y, accumulate):
+    """Y[i, :n] (=|+=) W X[i] for I8 tiles, each i exactly as _gemv_i8."""
+    n_tok = X.shape[0]
+    n_tiles, nblk, bs = codes.shape[0], codes.shape[1], codes.shape[2]
+    xq = np.empty((n_tok, X.shape[1]), np.int16)
+    xd = np.empty((n_tok, nblk), np.float32)
+    xsum = np.empty((n_tok, nblk), np.float32)
+    xqsum = np.empty((n_tok, nblk), np.int32)
+    for i in range(n_tok):
+        _quantize_activations(X[i], bs, xq[i], xd[i], xsum[i], xqsum[i])
+    flat = codes.reshape(-1)
+    last = flat.shape[0] - 1
+    for t in prange(n_tiles):
+        acc = np.zeros((n_tok, R), np.float32)
+        s = np.empty(R, np.int32)
+        dbits = np.empty(R, np.uint32)
+        dv = dbits.view(np.float32)
+        mbits = np.empty(R, np.uint32)
+        mv = mbits.view(np.float32)
+        for b in range(nblk):
+            ahead = ((t * nblk + b) * bs + PREFETCH_LINES) * R
+            for j in range(bs):
+                _prefetch(flat, min(ahead + j * R, last))
+            c0 = b * bs
+            for i in range(n_tok):   # the block's codes stay in L1 for the other tokens
+                s[:] = 0
+                if bs == 32:   # constant trip counts (see _gemv_i8)
+                    for j in range(16):
+                        x0 = np.int32(xq[i, c0 + j])
+                        x1 = np.int32(xq[i, c0 + j + 16])
+                        for r in range(R):
+                            s[r] += np.int32(codes[t, b, j, r]) * x0 + np.int32(codes[t, b, j + 16, r]) * x1
+                else:
+                    for j in range(8):
+                        x0 = np.int32(xq[i, c0 + j])
+                        x1 = np.int32(xq[i, c0 + j + 8])
+                        for r in range(R):
+                            s[r] += np.int32(codes[t, b, j, r]) * x0 + np.int32(codes[t, b, j + 8, r]) * x1
+                _add_block(acc[i], s, t, b, d, m, has_m, zero, xd[i], xsum[i], xqsum[i], dbits, dv, mbits, mv)
+        for i in range(n_tok):
+            _finish_tile(acc[i], Y[i], t, Y.shape[1], accumulate)
+
+
 HALF_REBIAS = np.float32(2.0 ** 56)   # 2**112 split between weights and activations (no under/overflow)
 
 
@@ -615,6 +704,23 @@ def matvec(pm: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None, accum
     return out
 
 
+def matvec_batch(pm: PackedMatrix, X: np.ndarray, out: np.ndarray | None = None,
+                 accumulate: bool = False) -> np.ndarray:
+    """Several decode tokens: X float32 [T, n_cols] -> [T, n_rows], row i bit-identical to matvec(pm, X[i]);
+    U4/I8 weights are streamed once for all T (continuous batching)."""
+    X = np.ascontiguousarray(X, dtype=np.float32)
+    if out is None:
+        out = np.empty((X.shape[0], pm.n_rows), np.float32)
+        accumulate = False
+    if pm.family in (U4, I8) and X.shape[0] > 1:
+        kernel = _gemv_u4_batch if pm.family == U4 else _gemv_i8_batch
+        kernel(pm.codes, *_scale_args(pm), pm.zero, X, out, accumulate)
+    else:
+        for i in range(X.shape[0]):
+            matvec(pm, X[i], out[i], accumulate)
+    return out
+
+
 def matmul(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
     """X float32 [T, n_cols] -> X @ W.T, float32 [T, n_rows]."""
     X = np.ascontiguousarray(X, dtype=np.float32)
@@ -623,10 +729,7 @@ def matmul(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
         _limit_blas_threads()
         return X @ pm.codes.T
     if T <= FEW_TOKENS and pm.family in (U4, I8, H16):
-        Y = np.empty((T, pm.n_rows), np.float32)
-        for i in range(T):
-            matvec(pm, X[i], Y[i])
-        return Y
+        return matvec_batch(pm, X)
     if VNNI and pm.family in (U4, I8):
         return np.ascontiguousarray(_matmul_vnni(pm, X))
     return np.ascontiguousarray(_matmul_widened(pm, X))
