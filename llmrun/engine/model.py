@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import ContextFullError, ModelError
 from ..kernels import ops
-from ..kernels.qmatmul import dequantize_rows, matmul, matvec
+from ..kernels.qmatmul import dequantize_rows, matmul, matvec, matvec_batch
 from ..kernels.repack import PackedMatrix, pack_matrix
 
 ARCH = "llama"
@@ -231,6 +231,59 @@ def _add_matmul(parts: list[PackedMatrix], X: np.ndarray, out: np.ndarray) -> No
         out += _matmul(parts, X)
 
 
+def _matmul_rows(parts: list[PackedMatrix], X: np.ndarray, groups) -> np.ndarray:
+    """X @ W.T over row groups [(r0, r1, decode)]: the decode rows (one token of each of several sequences)
+    through matvec_batch, each other group (one sequence's chunk) through _matmul, so that every row gets
+    exactly the numbers a forward() of its own sequence would give."""
+    if len(groups) == 1 and not groups[0][2]:
+        return _matmul(parts, X)
+    Y = np.empty((X.shape[0], sum(p.n_rows for p in parts)), np.float32)
+    for r0, r1, decode in groups:
+        if decode:
+            c = 0
+            for p in parts:
+                Y[r0:r1, c:c + p.n_rows] = matvec_batch(p, X[r0:r1])
+                c += p.n_rows
+        else:
+            Y[r0:r1] = _matmul(parts, X[r0:r1])
+    return Y
+
+
+def _add_matmul_rows(parts: list[PackedMatrix], X: np.ndarray, out: np.ndarray, groups) -> None:
+    """out += X @ W.T over row groups, as _matmul_rows."""
+    for r0, r1, decode in groups:
+        if not decode:
+            _add_matmul(parts, X[r0:r1], out[r0:r1])
+        elif len(parts) == 1:
+            matvec_batch(parts[0], X[r0:r1], out[r0:r1], accumulate=True)
+        else:
+            out[r0:r1] += _matmul_rows(parts, X[r0:r1], [(0, r1 - r0, True)])
+
+
+class KVCache:
+    """One sequence's keys and values for every layer (float32) and how many positions they hold.
+    A model has one of its own (forward); more come from LlamaModel.new_cache() (forward_batch)."""
+
+    def __init__(self, k: list[np.ndarray], v: list[np.ndarray]):
+        self.k = k            # per layer [n_head_kv, head_dim, n_ctx] (transposed, see ops.attention)
+        self.v = v            # per layer [n_head_kv, n_ctx, v_head_dim]
+        self.n_ctx = int(k[0].shape[2]) if k else 0
+        self.n_past = 0
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n positions (later ones are overwritten by the next forward)."""
+        if not 0 <= n <= self.n_past:
+            raise ModelError(f"cannot truncate the cache to {n} tokens: it holds {self.n_past}")
+        self.n_past = int(n)
+
+    def reset(self) -> None:
+        self.truncate(0)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+
+
 @dataclass
 class _Layer:
     attn_norm: np.ndarray
@@ -242,8 +295,6 @@ class _Layer:
     n_head: int
     n_head_kv: int
     n_ff: int
-    k_cache: np.ndarray   # [n_head_kv, head_dim, n_ctx]
-    v_cache: np.ndarray   # [n_head_kv, n_ctx, v_head_dim]
 
 
 class LlamaModel:
@@ -253,7 +304,7 @@ class LlamaModel:
         self.hparams = hparams
         self.n_ctx = int(n_ctx)
         self.n_threads = n_threads
-        self.n_past = 0
+        self.cache: KVCache | None = None   # the sequence forward() extends
         self.layers: list[_Layer] = []
         self.load_seconds = 0.0
         self.weights_nbytes = 0
@@ -295,10 +346,7 @@ class LlamaModel:
                 out=w.matrix([(b + "attn_output.weight", (E, nh * hp.v_head_dim))]),
                 gate_up=w.matrix([(b + "ffn_gate.weight", (nff, E)), (b + "ffn_up.weight", (nff, E))]),
                 down=w.matrix([(b + "ffn_down.weight", (E, nff))]),
-                n_head=nh, n_head_kv=nkv, n_ff=nff,
-                # zeros: pages are only committed as the context fills
-                k_cache=np.zeros((nkv, hp.head_dim, self.n_ctx), np.float32),   # transposed (ops.attention)
-                v_cache=np.zeros((nkv, self.n_ctx, hp.v_head_dim), np.float32))
+                n_head=nh, n_head_kv=nkv, n_ff=nff)
             self.layers.append(layer)
         self._rope_setup(reader, w)
         extra = [n for n in reader.tensors if n not in w.used and n != "rope_freqs.weight"]
@@ -309,7 +357,8 @@ class LlamaModel:
         for layer in self.layers:
             mats += layer.qkv + layer.out + layer.gate_up + layer.down
         self.weights_nbytes = sum(p.nbytes for p in mats)   # repacked weights held in memory
-        self.kv_nbytes = sum(L.k_cache.nbytes + L.v_cache.nbytes for L in self.layers)  # reserved (committed as used)
+        self.cache = self.new_cache()
+        self.kv_nbytes = self.cache.nbytes   # reserved (committed as used)
         _trim_heap()
         self.load_seconds = time.perf_counter() - t0
         return self
@@ -351,57 +400,105 @@ class LlamaModel:
         return c, s
 
     # ------------------------------------------------------------------------------------- running
+    def new_cache(self) -> KVCache:
+        """An empty KV cache of n_ctx positions for one more sequence (zeros: pages are only committed as
+        the context fills)."""
+        hp = self.hparams
+        return KVCache([np.zeros((L.n_head_kv, hp.head_dim, self.n_ctx), np.float32) for L in self.layers],
+                       [np.zeros((L.n_head_kv, self.n_ctx, hp.v_head_dim), np.float32) for L in self.layers])
+
+    @property
+    def n_past(self) -> int:
+        return self.cache.n_past
+
     def truncate(self, n: int) -> None:
-        """Keep the first n cached positions (later ones are overwritten by the next forward)."""
-        if not 0 <= n <= self.n_past:
-            raise ModelError(f"cannot truncate the cache to {n} tokens: it holds {self.n_past}")
-        self.n_past = int(n)
+        """Keep the first n cached positions of the model's own cache."""
+        self.cache.truncate(n)
 
     def reset(self) -> None:
-        self.truncate(0)
+        self.cache.reset()
 
     def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Extend the model's own cache by `tokens`; logits after the last one ([n_vocab]), or after each."""
+        logits = self._forward([self.cache], [tokens], all_logits)
+        return logits if all_logits else logits[0]
+
+    def forward_batch(self, caches: Sequence[KVCache], tokens: Sequence[Sequence[int]]) -> np.ndarray:
+        """One forward pass for several sequences, each extending its own cache by its own tokens (one
+        token for a decode step, several for a chunk of prompt): float32 [len(caches), n_vocab], the logits
+        after each sequence's last token. Each row equals what forward() on that cache alone returns: the
+        matrix products share one pass over the weights, rope/attention run per sequence at its position."""
+        if len(caches) != len(tokens) or not caches:
+            raise ModelError("forward_batch() needs one token list per cache, and at least one")
+        if len({id(c) for c in caches}) != len(caches):
+            raise ModelError("forward_batch() got the same cache twice")
+        return self._forward(list(caches), list(tokens), False)
+
+    def _forward(self, caches: list[KVCache], tokens: list, all_logits: bool) -> np.ndarray:
         hp = self.hparams
-        ids = np.asarray(list(tokens) if not isinstance(tokens, np.ndarray) else tokens, dtype=np.int64)
-        T = int(ids.size)
-        if T == 0:
-            raise ModelError("forward() needs at least one token")
-        if self.n_past + T > self.n_ctx:
-            raise ContextFullError(f"context full: {self.n_past} cached + {T} new tokens > n_ctx {self.n_ctx}")
-        if ids.min() < 0 or ids.max() >= hp.n_vocab:
-            bad = int(ids[(ids < 0) | (ids >= hp.n_vocab)][0])
-            raise ModelError(f"token id {bad} is outside the vocabulary (0..{hp.n_vocab - 1})")
+        seqs = [np.asarray(list(t) if not isinstance(t, np.ndarray) else t, dtype=np.int64).reshape(-1)
+                for t in tokens]
+        for c, ids in zip(caches, seqs):
+            T = int(ids.size)
+            if T == 0:
+                raise ModelError("forward() needs at least one token")
+            if c.n_past + T > self.n_ctx:
+                raise ContextFullError(f"context full: {c.n_past} cached + {T} new tokens > n_ctx {self.n_ctx}")
+            if ids.min() < 0 or ids.max() >= hp.n_vocab:
+                bad = int(ids[(ids < 0) | (ids >= hp.n_vocab)][0])
+                raise ModelError(f"token id {bad} is outside the vocabulary (0..{hp.n_vocab - 1})")
         # per call: numba's thread count is per OS thread and other models may have changed it
         numba.set_num_threads(min(int(self.n_threads or numba.config.NUMBA_NUM_THREADS),
                                   numba.config.NUMBA_NUM_THREADS))
 
-        pos0 = self.n_past
+        # Rows: the one-token sequences first (decode, batched), then each longer chunk.
+        order = sorted(range(len(seqs)), key=lambda i: seqs[i].size > 1)
+        spans, r = [], 0                      # (row0, row1, cache, pos0) per sequence, in row order
+        for i in order:
+            spans.append((r, r + seqs[i].size, caches[i], caches[i].n_past))
+            r += seqs[i].size
+        n_dec = sum(1 for i in order if seqs[i].size == 1)
+        groups = ([(0, n_dec, True)] if n_dec > 1 or (n_dec == 1 and len(seqs) > 1) else
+                  [(0, 1, False)] if n_dec == 1 else [])
+        groups += [(r0, r1, False) for r0, r1, _, _ in spans[n_dec:]]
+        ids = np.concatenate([seqs[i] for i in order])
+        T = int(ids.size)
         x = dequantize_rows(self.tok_embd, ids)
-        cos, sin = self._rope_tables(pos0, T)
+        ropes = [self._rope_tables(pos0, r1 - r0) for r0, r1, _, pos0 in spans]
         h = np.empty_like(x)
         eps = np.float32(hp.rms_eps)
         scale = np.float32(1.0 / math.sqrt(hp.head_dim))
-        for L in self.layers:
+        for il, L in enumerate(self.layers):
             ops.rmsnorm(x, L.attn_norm, eps, h)
-            qkv = _matmul(L.qkv, h)
-            q = np.empty((T, L.n_head, hp.head_dim), np.float32)
-            ops.rope_store(qkv, cos, sin, q, L.k_cache, L.v_cache, pos0, L.n_head, L.n_head_kv,
-                           hp.head_dim, hp.v_head_dim)
+            qkv = _matmul_rows(L.qkv, h, groups)
             att = np.empty((T, L.n_head * hp.v_head_dim), np.float32)
-            if T >= BLAS_ATTENTION_TOKENS:
-                ops.attention_blas(q, L.k_cache, L.v_cache, pos0, scale, att)
-            else:
-                ops.attention(q, L.k_cache, L.v_cache, pos0, scale, att)
-            _add_matmul(L.out, att, x)
+            for (r0, r1, cache, pos0), (cos, sin) in zip(spans, ropes):
+                k_cache, v_cache = cache.k[il], cache.v[il]
+                q = np.empty((r1 - r0, L.n_head, hp.head_dim), np.float32)
+                ops.rope_store(qkv[r0:r1], cos, sin, q, k_cache, v_cache, pos0, L.n_head, L.n_head_kv,
+                               hp.head_dim, hp.v_head_dim)
+                if r1 - r0 >= BLAS_ATTENTION_TOKENS:
+                    ops.attention_blas(q, k_cache, v_cache, pos0, scale, att[r0:r1])
+                else:
+                    ops.attention(q, k_cache, v_cache, pos0, scale, att[r0:r1])
+            _add_matmul_rows(L.out, att, x, groups)
             ops.rmsnorm(x, L.ffn_norm, eps, h)
-            gu = _matmul(L.gate_up, h)
+            gu = _matmul_rows(L.gate_up, h, groups)
             a = np.empty((T, L.n_ff), np.float32)
             ops.swiglu(gu, L.n_ff, a)
-            _add_matmul(L.down, a, x)
-        self.n_past = pos0 + T
-        if not all_logits:
-            x = x[-1:]
-        hn = np.empty_like(x)
-        ops.rmsnorm(x, self.output_norm, eps, hn)
-        logits = _matmul(self.output, hn)
-        return logits if all_logits else logits[0]
+            _add_matmul_rows(L.down, a, x, groups)
+        for r0, r1, cache, pos0 in spans:
+            cache.n_past = pos0 + (r1 - r0)
+        if all_logits:
+            out_rows, out_groups = x, groups
+        else:   # only each sequence's last position; one row per sequence, as forward() computes it
+            out_rows = x[[r1 - 1 for _, r1, _, _ in spans]]
+            out_groups = [(0, len(spans), True)] if len(spans) > 1 else [(0, 1, False)]
+        hn = np.empty_like(out_rows)
+        ops.rmsnorm(out_rows, self.output_norm, eps, hn)
+        logits = _matmul_rows(self.output, hn, out_groups)
+        if all_logits:
+            return logits
+        back = np.empty_like(logits)
+        back[order] = logits                  # rows back in the callers' order
+        return back
