@@ -236,3 +236,39 @@ def convert(hf_dir, output_path, out_type, loras, force):
     click.echo(f"wrote {output_path} ({out_type.lower()}, {os.path.getsize(output_path) / 1e6:.1f} MB"
                f"{', %d LoRA adapter(s) merged' % len(loras) if loras else ''}) in {time.perf_counter() - t0:.1f} s")
 
+
+
+@main.command("serve")
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on (loopback only by default; 0.0.0.0 for every interface)")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="TCP port (0: any free)")
+@click.option("--parallel", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="sequences generated at once (KV-cache slots sharing the weights)")
+@click.option("--ctx", "n_ctx", type=click.IntRange(min=0), default=4096, show_default=True,
+              help="context window of each slot in tokens (0 = the model's training context)")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="worker threads (default: all cores)")
+@click.option("--api-key", envvar="LLMRUN_API_KEY", default=None,
+              help="require 'Authorization: Bearer KEY' on every endpoint (or set LLMRUN_API_KEY)")
+@click.option("--alias", default=None, help="the model name clients see (default: the file name)")
+@click.option("--cors", "cors", multiple=True, metavar="ORIGIN",
+              help="let web pages from ORIGIN call the API (repeatable; '*' for any); off by default")
+@click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
+              help="requests that may wait for a free slot; more get 503 with Retry-After")
+@click.option("--max-body", "max_body", type=click.IntRange(min=1024), default=8 << 20, show_default=True,
+              help="largest request body in bytes (413 beyond)")
+@click.option("-v", "--verbose", is_flag=True, help="log each request's method, path and status (never its content)")
+@_one_line_errors
+def serve_cmd(model, host, port, parallel, n_ctx, threads, api_key, alias, cors, max_queue, max_body, verbose):
+    """Serve MODEL over HTTP: OpenAI (/v1/...) and Ollama (/api/...) endpoints and a chat page at /.
+
+    Requests run together (continuous batching, --parallel slots); SIGTERM or Ctrl-C stops accepting new
+    ones and lets running ones finish.
+    """
+    from ..server import ServerConfig, serve
+    from .paths import resolve_model
+
+    config = ServerConfig(host=host, port=port, api_key=api_key or None, cors_origins=tuple(cors),
+                          max_body_bytes=max_body, max_queue=max_queue, log_requests=verbose)
+    serve(resolve_model(model), config, n_ctx=n_ctx, n_threads=threads, parallel=parallel, alias=alias,
+          announce=lambda line: click.echo(line, err=True))

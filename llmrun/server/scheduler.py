@@ -1,0 +1,215 @@
+"""Continuous batching: N KV-cache slots over one set of weights, stepped together by one worker thread.
+
+* A request is a `Generation` (generate.py). `submit()` queues it (a bounded queue: `ServerBusy` when full);
+  between steps the worker gives each queued generation a free slot, the one whose cached tokens share the
+  longest prefix with its prompt (so a follow-up turn of a chat only evaluates its new tokens).
+* One step advances every running generation by one token, or one chunk of its prompt, with ONE batched
+  forward (`generate.step` -> `BatchModel.forward_batch`): the decode steps of all slots share one pass over
+  the weights. While some slots decode, prompt chunks are kept small so a long prompt does not stall them.
+* Events go back to the asyncio side through each job's queue. `Job.cancel()` (a client went away) finishes
+  the generation at the next step, or drops it from the queue at once; either way its slot is free again.
+* `run_exclusive(fn)` runs work that needs the model outside the slots (embeddings) between two steps.
+* `close()` refuses new work, lets running and queued generations finish (drain), then stops the worker.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from ..generate import CacheSlot, Event, Generation, step
+from ..protocols import BatchModel
+from .errors import RequestError
+
+log = logging.getLogger("llmrun.server")
+
+PROMPT_CHUNK_ALONE = 256     # prompt tokens per step when no other slot is decoding
+PROMPT_CHUNK_SHARED = 32     # ... and while others decode: they wait for this chunk at every step
+
+
+class ServerBusy(RequestError):
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message, 503, code="server_busy", headers={"Retry-After": str(retry_after)})
+
+
+class Job:
+    """One submitted generation and the asyncio queue its events arrive in."""
+
+    def __init__(self, scheduler: "Scheduler", generation: Generation, loop: asyncio.AbstractEventLoop):
+        self.scheduler = scheduler
+        self.generation = generation
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.submitted = time.perf_counter()
+        self.done = False
+
+    def _deliver(self, item: Event | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:   # the event loop is gone (shutdown): nobody is listening
+            pass
+
+    async def events(self):
+        """The generation's events, up to and including the one with the finish reason. A fault in the
+        engine is raised here."""
+        while True:
+            item = await self.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+
+    def cancel(self) -> None:
+        self.scheduler.cancel(self)
+
+
+class Scheduler:
+    def __init__(self, model: BatchModel, *, max_queue: int = 16):
+        self.model = model
+        self.slots = [CacheSlot(i, int(model.n_ctx)) for i in range(int(model.n_slots))]
+        self.max_queue = int(max_queue)
+        self._last_used = [0.0] * len(self.slots)
+        self._running: dict[int, Job] = {}        # slot index -> job
+        self._queue: collections.deque[Job] = collections.deque()
+        self._exclusive: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._work, name="llmrun-scheduler", daemon=True)
+        self.steps = 0                            # batched forwards run (tests and /health read it)
+
+    # ---- the asyncio side ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, generation: Generation) -> Job:
+        job = Job(self, generation, asyncio.get_running_loop())
+        with self._cond:
+            if self._closing:
+                raise ServerBusy("the server is shutting down")
+            waiting = len(self._queue) - (len(self.slots) - len(self._running))   # beyond the free slots
+            if waiting >= self.max_queue:
+                raise ServerBusy(f"all {len(self.slots)} slots are busy and {len(self._queue)} requests are "
+                                 f"waiting: try again shortly")
+            self._queue.append(job)
+            self._cond.notify()
+        return job
+
+    def cancel(self, job: Job) -> None:
+        with self._cond:
+            if job in self._queue:            # never started: gone at once
+                self._queue.remove(job)
+                job.done = True
+                return
+        job.generation.cancel()               # running: finishes at the next step, which frees the slot
+        with self._cond:
+            self._cond.notify()
+
+    def run_exclusive(self, fn: Callable[[], Any]) -> "asyncio.Future":
+        """Run fn() on the worker thread between two steps; its result (or exception) as an awaitable."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._closing:
+                raise ServerBusy("the server is shutting down")
+            self._exclusive.append((fn, future))
+            self._cond.notify()
+        return asyncio.wrap_future(future)
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {"slots_total": len(self.slots), "slots_busy": len(self._running),
+                    "queued": len(self._queue), "steps": self.steps}
+
+    def close(self, timeout: float | None = None) -> None:
+        """Refuse new work, finish what is running and queued, stop the worker."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ---- the worker ------------------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._running or self._queue or self._exclusive or self._closing):
+                    self._cond.wait()
+                if self._closing and not (self._running or self._queue or self._exclusive):
+                    return
+                exclusive = list(self._exclusive)
+                self._exclusive.clear()
+                self._admit()
+                jobs = list(self._running.values())
+            for fn, future in exclusive:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as e:     # delivered to the awaiting handler
+                        future.set_exception(e)
+            if jobs:
+                self._step(jobs)
+
+    def _admit(self) -> None:
+        """Queued jobs into free slots, in order of arrival (under the lock)."""
+        while self._queue and len(self._running) < len(self.slots):
+            job = self._queue.popleft()
+            slot = self._choose_slot(job.generation.prompt)
+            job.generation.slot = slot
+            self._running[slot.index] = job
+
+    def _choose_slot(self, prompt: list[int]) -> CacheSlot:
+        """The free slot whose cached tokens share the longest prefix with `prompt`; among equals the one
+        used least recently (it keeps the other slots' prefixes for the requests that may want them)."""
+        best, best_key = None, None
+        for slot in self.slots:
+            if slot.index in self._running:
+                continue
+            n = 0
+            for a, b in zip(slot.tokens, prompt):
+                if a != b:
+                    break
+                n += 1
+            key = (n, -self._last_used[slot.index])
+            if best_key is None or key > best_key:
+                best, best_key = slot, key
+        return best
+
+    def _step(self, jobs: list[Job]) -> None:
+        gens = [j.generation for j in jobs]
+        decoding = any(g._n_prompt_fed is not None and g._n_prompt_fed >= len(g.prompt) for g in gens)
+        chunk = PROMPT_CHUNK_SHARED if decoding and len(gens) > 1 else PROMPT_CHUNK_ALONE
+        try:
+            events = step(self.model, gens, prompt_chunk=chunk)
+        except BaseException as e:      # a fault in the engine: these requests fail, the server goes on
+            log.error("generation step failed: %s: %s", type(e).__name__, e)
+            fault = RequestError("the model failed while generating (see the server log)", 500)
+            with self._cond:
+                for job in jobs:
+                    self._release(job)
+            for job in jobs:
+                job.generation.close()
+                job._deliver(fault)
+            return
+        self.steps += 1
+        by_gen = {id(j.generation): j for j in jobs}
+        finished = []
+        for event in events:
+            job = by_gen[id(event.generation)]
+            job._deliver(event)
+            if event.finish_reason is not None:
+                finished.append(job)
+        if finished:
+            with self._cond:
+                for job in finished:
+                    self._release(job)
+
+    def _release(self, job: Job) -> None:
+        job.done = True
+        index = job.generation.slot.index
+        if self._running.get(index) is job:
+            del self._running[index]
+            self._last_used[index] = time.monotonic()
