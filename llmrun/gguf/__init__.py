@@ -1,5 +1,6 @@
 """GGUF v3 container: memory-mapped reader, streaming atomic writer."""
-from .constants import GGMLType, GGUFValueType, LlamaFileType, row_nbytes
+from ..ggml import GGMLType, row_nbytes
+from .constants import GGUFValueType, LlamaFileType
 from .reader import GGUFReader, TensorInfo, read_tensor
 from .writer import GGUFWriter
 

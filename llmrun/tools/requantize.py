@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import LlmrunError
 from ..gguf import GGUFReader, GGUFWriter, GGMLType, GGUFValueType, LlamaFileType
-from ..gguf.constants import GGML_QUANT_VERSION
+from ..ggml import GGML_QUANT_VERSION
 
 # How `progress` is told about each tensor: (index from 0, total, name, chosen type).
 Progress = Callable[[int, int, str, GGMLType], None]
