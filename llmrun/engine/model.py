@@ -23,6 +23,7 @@ from ..errors import ContextFullError, ModelError
 from ..kernels import ops
 from ..kernels.qmatmul import dequantize_rows, matmul, matvec
 from ..kernels.repack import PackedMatrix, pack_matrix
+from ..tensors import tensor_to_float32
 
 ARCH = "llama"
 _PAGE = mmap.PAGESIZE
@@ -188,7 +189,7 @@ class _Weights:
     def vector(self, name, n) -> np.ndarray:
         ti = self.info(name, (n,))
         try:
-            return np.array(ti.numpy(), dtype=np.float32).reshape(n)
+            return np.array(tensor_to_float32(ti), dtype=np.float32).reshape(n)
         except Exception as e:  # an unsupported type for a 1-D tensor
             raise ModelError(f"{self.reader.path}: cannot read tensor {name}: {e}") from None
 
