@@ -25,6 +25,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from ..runtime import cpu_target_has
 from .repack import TILE_ROWS, U4, I8, H16, FP32, PackedMatrix
 
 R = TILE_ROWS
@@ -288,17 +289,9 @@ _VECS = R // 16
 
 
 def _vnni_available() -> bool:
-    """The IR micro-kernel needs AVX-512 VNNI (and 512-bit vectors: TILE_ROWS int32 = whole zmm registers)."""
-    import os
-    forced = os.environ.get("NUMBA_CPU_FEATURES")
-    if forced is not None:   # numba compiles for these features, not the host's (cpu_target.py)
-        return "+avx512vnni" in forced.split(",") and "+avx512bw" in forced.split(",") and R % 16 == 0
-    try:
-        import llvmlite.binding as ll
-        feats = ll.get_host_cpu_features()
-        return bool(feats.get("avx512vnni")) and bool(feats.get("avx512bw")) and R % 16 == 0
-    except Exception:   # an unknown host: keep the portable path
-        return False
+    """The IR micro-kernel needs AVX-512 VNNI (and 512-bit vectors: TILE_ROWS int32 = whole zmm registers),
+    on the CPU numba compiles for (which NUMBA_CPU_FEATURES may set apart from the host's)."""
+    return R % 16 == 0 and cpu_target_has("avx512vnni", "avx512bw")
 
 
 VNNI = _vnni_available()
