@@ -13,6 +13,11 @@ At `import llmrun` (llmrun/__init__.py calls configure_before_numba() before any
       oversubscribed) slows down 5-10x, while passive waiting costs a few microseconds per region. libgomp
       reads it once, when numba first loads its OpenMP pool. Child processes inherit it.
 
+At the engine's first BLAS product (prefill through sgemm, float32 weights, the BLAS attention path):
+  BLAS threads  numpy's BLAS (every BLAS library loaded by then) runs on one thread for the rest of the
+      process, through threadpoolctl. Its worker threads busy-wait: beside Numba's threads (or other
+      processes) on few cores they made prefill 10-50x slower. llmrun parallelizes those products itself.
+
 While a model loads (engine/model.py, glibc on Linux only; elsewhere nothing happens):
   mallopt(M_MMAP_THRESHOLD, 1 MiB)  from the start of the first load on: large blocks get their own mappings,
       returned to the system when freed. glibc's default raises this threshold as large blocks are freed (up to
@@ -33,6 +38,7 @@ import functools
 import mmap
 import os
 import sys
+import threading
 
 # ------------------------------------------------------------------------------------------ at import
 
@@ -85,6 +91,31 @@ def cpu_target_has(*features: str) -> bool:
         return all(bool(host.get(f)) for f in features)
     except Exception:   # an unknown host: claim nothing
         return False
+
+
+# ------------------------------------------------------------------------------------------ BLAS threads
+_blas_limited = False
+_blas_lock = threading.Lock()
+
+
+def limit_blas_threads() -> None:
+    """Run every loaded BLAS library on one thread from now on (see the module doc). Cheap after the first call."""
+    global _blas_limited
+    if _blas_limited:
+        return
+    with _blas_lock:
+        if _blas_limited:
+            return
+        import threadpoolctl
+        # Called, not entered as a `with` block: the limit stays for the whole process. A scoped limit would not
+        # do: OpenBLAS's pthreads pool is shared by all threads, so one Llama per thread would undo each other's.
+        threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+        # threadpoolctl >= 3.8 lets only the thread that last set a shared OpenBLAS pool change it again; hand
+        # that back so that the application's own threadpoolctl calls keep working.
+        release = getattr(getattr(threadpoolctl, "OpenBLASController", None), "clear_controlling_thread", None)
+        if release is not None:
+            release()
+        _blas_limited = True
 
 
 # ------------------------------------------------------------------------------------------ glibc memory
