@@ -1,7 +1,7 @@
 """Re-quantize a GGUF model to another file type (the library behind `llmrun quantize`).
 
-Like llama-quantize: every KV is copied with its type, 2-D+ weights get the per-tensor type
-chosen by llama.cpp's mix rules (`plan_tensor_types`), 1-D tensors (norms) are stored as F32.
+Like llama-quantize: every KV is copied with its type, every tensor gets the type chosen by llama.cpp's
+mix rules (`plan_tensor_types`; norms and other 1-D tensors are stored as F32, see `stays_f32`).
 Tensors are dequantized and quantized one at a time while the writer streams them out.
 """
 from __future__ import annotations
@@ -81,13 +81,7 @@ def requantize(in_path, out_path, file_type, *, overwrite: bool = False,
         chosen: dict[str, GGMLType] = {}
         n = len(r.tensors)
         for i, ti in enumerate(r.tensors.values()):
-            if len(ti.shape) == 1:
-                target = GGMLType.F32
-            elif ti.name in plan:
-                target = GGMLType(plan[ti.name])
-            else:
-                raise LlmrunError(f"{in_path}: no target type planned for tensor {ti.name!r}")
-            chosen[ti.name] = target
+            target = chosen[ti.name] = GGMLType(plan[ti.name])
             w.add_tensor(ti.name, ti.shape, target, _converter(ti, target, dequantize, quantize,
                                                                 progress, i, n))
         w.write()
