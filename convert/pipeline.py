@@ -16,6 +16,7 @@ import numpy as np
 
 from llmrun.errors import ConvertError
 from llmrun.gguf import GGMLType, GGUFValueType as VT, GGUFWriter, LlamaFileType
+from llmrun.gguf.writer import check_output_path
 from llmrun.quants.mixes import parse_file_type, plan_tensor_types
 
 from . import names
@@ -60,17 +61,6 @@ def _expected_shapes(c: HFConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _check_paths(hf_dir: Path, out_path: Path, overwrite: bool) -> None:
-    if not hf_dir.is_dir():
-        raise ConvertError(f"{hf_dir}: input folder not found")
-    if out_path.is_dir():
-        raise ConvertError(f"{out_path}: output path is a folder; give a .gguf file name")
-    if out_path.exists() and not overwrite:
-        raise ConvertError(f"{out_path}: already exists (use --force to replace it)")
-    if not out_path.parent.is_dir():
-        raise ConvertError(f"{out_path.parent}: output folder does not exist")
-
-
 def convert_checkpoint(hf_dir, out_path, out_type: str = "f16",
                        loras: Sequence[tuple[str | Path, float]] = (), overwrite: bool = False,
                        progress: Progress | None = None) -> Path:
@@ -79,19 +69,18 @@ def convert_checkpoint(hf_dir, out_path, out_type: str = "f16",
     loras: [(adapter_dir, scale), ...]. Returns the output path. Raises ConvertError (one line) on bad input;
     the output file is then untouched (or absent)."""
     hf_dir, out_path = Path(hf_dir), Path(out_path)
-    _check_paths(hf_dir, out_path, overwrite)
+    if not hf_dir.is_dir():
+        raise ConvertError(f"{hf_dir}: input folder not found")
+    check_output_path(out_path, overwrite)
     cfg = load_config(hf_dir)
     ftype = parse_file_type(out_type)   # a one-line error listing the valid names
 
     ckpt = Checkpoint(hf_dir)
     adapters: list[LoraAdapter] = []
     try:
-        inputs = {p.resolve() for p in (f.path for f in ckpt.files)}
         for d, scale in loras:
             adapters.append(LoraAdapter(d, scale))
-            inputs.add(adapters[-1].file.path.resolve())
-        if out_path.resolve() in inputs:
-            raise ConvertError(f"{out_path}: output would overwrite one of the input files")
+        check_output_path(out_path, overwrite, inputs=[f.path for f in ckpt.files] + [a.file.path for a in adapters])
 
         plans = _plan_tensors(cfg, ckpt, adapters)
         _assign_types(plans, cfg, ftype)

@@ -6,7 +6,6 @@ Tensors are dequantized and quantized one at a time while the writer streams the
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -15,18 +14,10 @@ import numpy as np
 from ..errors import LlmrunError
 from ..gguf import GGUFReader, GGUFWriter, GGMLType, GGUFValueType, LlamaFileType
 from ..gguf.constants import GGML_QUANT_VERSION
+from ..gguf.writer import check_output_path
 
 # How `progress` is told about each tensor: (index from 0, total, name, chosen type).
 Progress = Callable[[int, int, str, GGMLType], None]
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def _hparam(r: GGUFReader, arch: str, name: str, default=None) -> int:
@@ -49,10 +40,7 @@ def requantize(in_path, out_path, file_type, *, overwrite: bool = False,
 
     in_path, out_path = Path(in_path), Path(out_path)
     ftype = file_type if isinstance(file_type, LlamaFileType) else parse_file_type(str(file_type))
-    if _same_file(in_path, out_path):
-        raise LlmrunError(f"{out_path}: output is the same file as the input")
-    if out_path.exists() and not overwrite:
-        raise LlmrunError(f"{out_path}: already exists (use --force to replace it)")
+    check_output_path(out_path, overwrite, inputs=[in_path])
 
     r = GGUFReader(in_path)
     try:
