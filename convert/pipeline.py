@@ -17,6 +17,7 @@ import numpy as np
 from llmrun.errors import ConvertError
 from llmrun.gguf import GGMLType, GGUFValueType as VT, GGUFWriter, LlamaFileType
 from llmrun.gguf.writer import check_output_path
+from llmrun.quants import quantize
 from llmrun.quants.mixes import parse_file_type, plan_tensor_types
 
 from . import names
@@ -25,6 +26,7 @@ from .hf_config import ARCH, HFConfig, hparam_metadata, llama3_rope_params, load
 from .lora import LoraAdapter
 from .permute import permute_rows
 from .rope import llama3_rope_factors
+from .vocab import vocab_metadata
 
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -84,8 +86,6 @@ def convert_checkpoint(hf_dir, out_path, out_type: str = "f16",
 
         plans = _plan_tensors(cfg, ckpt, adapters)
         _assign_types(plans, cfg, ftype)
-
-        from .vocab import vocab_metadata       # the tokenizer helper's module
         vocab = vocab_metadata(hf_dir, cfg.n_vocab)
 
         writer = GGUFWriter(out_path, overwrite=overwrite)
@@ -230,5 +230,4 @@ def encode(w: np.ndarray, t: GGMLType) -> np.ndarray:
         return np.ascontiguousarray(w, dtype=np.float32)
     if t == GGMLType.F16:
         return w.astype(np.float16)
-    from llmrun.quants import quantize
     return quantize(w, t)

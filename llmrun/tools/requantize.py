@@ -12,9 +12,11 @@ from typing import Callable
 import numpy as np
 
 from ..errors import LlmrunError
-from ..gguf import GGUFReader, GGUFWriter, GGMLType, GGUFValueType, LlamaFileType
+from ..gguf import GGUFReader, GGUFWriter, GGMLType, GGUFValueType
 from ..gguf.constants import GGML_QUANT_VERSION
 from ..gguf.writer import check_output_path
+from ..quants import dequantize, quantize
+from ..quants.mixes import parse_file_type, plan_tensor_types
 
 # How `progress` is told about each tensor: (index from 0, total, name, chosen type).
 Progress = Callable[[int, int, str, GGMLType], None]
@@ -35,11 +37,8 @@ def requantize(in_path, out_path, file_type, *, overwrite: bool = False,
 
     Returns the type chosen for every tensor. Nothing is written unless the whole file is.
     """
-    from ..quants import dequantize, quantize
-    from ..quants.mixes import parse_file_type, plan_tensor_types
-
     in_path, out_path = Path(in_path), Path(out_path)
-    ftype = file_type if isinstance(file_type, LlamaFileType) else parse_file_type(str(file_type))
+    ftype = parse_file_type(file_type)
     check_output_path(out_path, overwrite, inputs=[in_path])
 
     r = GGUFReader(in_path)
@@ -70,15 +69,14 @@ def requantize(in_path, out_path, file_type, *, overwrite: bool = False,
         n = len(r.tensors)
         for i, ti in enumerate(r.tensors.values()):
             target = chosen[ti.name] = GGMLType(plan[ti.name])
-            w.add_tensor(ti.name, ti.shape, target, _converter(ti, target, dequantize, quantize,
-                                                                progress, i, n))
+            w.add_tensor(ti.name, ti.shape, target, _converter(ti, target, progress, i, n))
         w.write()
         return chosen
     finally:
         r.close()
 
 
-def _converter(ti, target: GGMLType, dequantize, quantize, progress, i: int, n: int):
+def _converter(ti, target: GGMLType, progress: Progress | None, i: int, n: int):
     """Zero-arg callable producing the tensor's new bytes when the writer reaches it."""
     def produce():
         if progress is not None:
