@@ -252,7 +252,8 @@ class _Layer:
 
 
 class LlamaModel:
-    """A loaded LLaMA model with its KV cache (see common.md: forward / truncate / reset)."""
+    """A loaded LLaMA model with its KV cache: `forward` appends tokens and returns their logits, `truncate`
+    drops cached positions from the end, `reset` empties the cache."""
 
     def __init__(self, hparams: LlamaHParams, n_ctx: int, n_threads: int | None):
         self.hparams = hparams

@@ -1,4 +1,4 @@
-"""GGUF and ggml constants (see docs: formats.md §1, §2)."""
+"""GGUF and ggml constants (docs/formats.md §1, §2)."""
 from __future__ import annotations
 
 import enum

@@ -1,6 +1,6 @@
 """GGUF writer: explicit value types, streamed tensor data, atomic replace of the target file.
 
-Layout (formats.md §1): header, KVs, tensor infos, zero padding to the alignment, then each
+Layout (docs/formats.md §1): header, KVs, tensor infos, zero padding to the alignment, then each
 tensor's bytes followed by zero padding (after the last one too), in info order.
 """
 from __future__ import annotations

@@ -14,7 +14,7 @@ row and an integer zero point per matrix, so that `w = d*(q - zero) + m`. Signed
 
 For U4 and I8, rows are grouped into tiles of TILE_ROWS; inside a tile the codes are stored *row-innermost*
 ([tile, block, byte, row]) so that the kernels' innermost loop runs over TILE_ROWS independent output
-rows: long, contiguous and without reductions, which is what LLVM vectorizes well (kernels.md).
+rows: long, contiguous and without reductions, which is what LLVM vectorizes well (docs/kernels.md).
 H16 and F32 rows stay row-major. Nothing is dequantized to a float32 copy: U4 keeps 4 bits per weight,
 I8 8 bits, H16 16 bits (prefill widens one chunk of rows at a time, qmatmul.py).
 """
@@ -31,7 +31,7 @@ from ..errors import ModelError
 # file a kernel is defined in, so after changing it here, touch qmatmul.py (or clear __pycache__).
 TILE_ROWS = 64
 
-# ggml type codes (formats.md §2); kept as ints so this module does not depend on the container code.
+# ggml type codes (docs/formats.md §2); kept as ints so this module does not depend on the container code.
 F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
 Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, BF16 = 10, 11, 12, 13, 14, 20, 30
 
@@ -94,7 +94,7 @@ def _pack_nibbles(q: np.ndarray) -> np.ndarray:
 
 
 def _kquant_scales_mins(sc: np.ndarray):
-    """Q4_K/Q5_K 12-byte 6-bit packing [..., 12] -> scales, mins [..., 8] (formats.md §3.2)."""
+    """Q4_K/Q5_K 12-byte 6-bit packing [..., 12] -> scales, mins [..., 8] (docs/formats.md §3.2)."""
     sc = sc.astype(np.uint8)
     s = np.empty(sc.shape[:-1] + (8,), np.uint8)
     mn = np.empty_like(s)
