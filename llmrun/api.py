@@ -24,6 +24,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from .completion_options import CompletionOptions, takes_options
 from .errors import LlmrunError
 from .generate import CacheSlot, Event, Generation, PerSlotModels, check_fits, generate
 from .gguf import GGUFReader
@@ -31,9 +32,8 @@ from .llama_types import (ChatCompletion, ChatCompletionChunk, Completion, Compl
                           FinishReason)
 from .protocols import SequenceModel, TokenizerLike
 from .text.chat_template import render_chat
-from .text.sampling import Sampler, SamplingParams
+from .text.sampling import Sampler
 from .text.tokenizer import Tokenizer
-
 
 def _pieces(events: Iterable[Event]) -> Iterator[tuple[str, FinishReason | None]]:
     """(text, None) for each piece of text to show, then ("", finish_reason) once."""
@@ -180,46 +180,39 @@ class Llama:
             running.cancel()
 
     # ---- completions -----------------------------------------------------------------------------------
-    def create_completion(self, prompt: str | bytes | Sequence[int], max_tokens: int | None = 16,
-                          temperature: float = 0.8, top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
-                          repeat_penalty: float = 1.0, stop: str | Sequence[str] | None = None,
-                          seed: int | None = None, stream: bool = False, *, frequency_penalty: float = 0.0,
-                          presence_penalty: float = 0.0, repeat_last_n: int = 64
+    @takes_options()
+    def create_completion(self, prompt: str | bytes | Sequence[int], options: CompletionOptions
                           ) -> Completion | Iterator[CompletionChunk]:
         """OpenAI-shaped text completion (dict), or an iterator of chunks with stream=True.
 
-        `max_tokens` None or <= 0 means "until end of generation or the context is full".
+        The keywords are CompletionOptions' fields (see the signature). `max_tokens` None or <= 0 means
+        "until end of generation or the context is full".
         """
-        sampler = self._sampler(temperature, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
-                                presence_penalty, repeat_last_n, seed)
-        events = self._events(self._prompt_tokens(prompt), sampler, max_tokens, stop)
+        events = self._events(self._prompt_tokens(prompt), options)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(text: str, finish: FinishReason | None) -> CompletionChunk:
             return {"id": cid, "object": "text_completion", "created": created, "model": self._name,
                     "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
 
-        if stream:
+        if options.stream:
             return (chunk(text, finish) for text, finish in _pieces(events))
         text, finish, usage = _collect(events)
         return {**chunk(text, finish), "usage": usage}
 
     __call__ = create_completion
 
-    def create_chat_completion(self, messages: Sequence[Mapping[str, Any]], max_tokens: int | None = None,
-                               temperature: float = 0.2, top_p: float = 0.95, top_k: int = 40,
-                               min_p: float = 0.05, repeat_penalty: float = 1.0,
-                               stop: str | Sequence[str] | None = None, seed: int | None = None,
-                               stream: bool = False, *, frequency_penalty: float = 0.0,
-                               presence_penalty: float = 0.0, repeat_last_n: int = 64
+    @takes_options(max_tokens=None, temperature=0.2)
+    def create_chat_completion(self, messages: Sequence[Mapping[str, Any]], options: CompletionOptions
                                ) -> ChatCompletion | Iterator[ChatCompletionChunk]:
-        """OpenAI-shaped chat completion using the model's chat template (ChatML if the file has none)."""
-        sampler = self._sampler(temperature, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
-                                presence_penalty, repeat_last_n, seed)
-        events = self._events(self.chat_tokens(messages), sampler, max_tokens, stop)
+        """OpenAI-shaped chat completion using the model's chat template (ChatML if the file has none).
+
+        The keywords are create_completion's, with other defaults for max_tokens and temperature.
+        """
+        events = self._events(self.chat_tokens(messages), options)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-        if stream:
+        if options.stream:
             def chunks() -> Iterator[ChatCompletionChunk]:
                 def chunk(delta, finish):
                     return {"id": cid, "object": "chat.completion.chunk", "created": created,
@@ -260,19 +253,15 @@ class Llama:
             return list(self.tokenizer.encode(prompt, add_bos=None, special=True))
         return [int(t) for t in prompt]
 
-    def _sampler(self, temperature, top_k, top_p, min_p, repeat_penalty, frequency_penalty, presence_penalty,
-                 repeat_last_n, seed) -> Sampler:
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
-                                frequency_penalty=frequency_penalty, presence_penalty=presence_penalty)
-        # A call's own seed restarts the randomness; otherwise this Llama's generator continues.
-        return Sampler(params, rng=np.random.default_rng(seed) if seed is not None else self._rng)
-
-    def _events(self, tokens: list[int], sampler: Sampler, max_tokens: int | None, stop) -> Iterator[Event]:
+    def _events(self, tokens: list[int], options: CompletionOptions) -> Iterator[Event]:
         """The events of one generation. Bad input raises now; the lock is taken at the first next() and
         released when the generator ends or is closed."""
+        # A call's own seed restarts the randomness; otherwise this Llama's generator continues.
+        rng = np.random.default_rng(options.seed) if options.seed is not None else self._rng
+        sampler = Sampler(options.sampling_params(), rng=rng)
         self._require_model()
-        gen = Generation(tokens, self._slot, self.tokenizer, sampler, stop=stop, max_tokens=max_tokens)
+        gen = Generation(tokens, self._slot, self.tokenizer, sampler, stop=options.stop,
+                         max_tokens=options.max_tokens)
 
         def run():
             with self._exclusive():
