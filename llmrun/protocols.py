@@ -9,15 +9,17 @@
   same method.
 * `TokenMask`: restricts the next token (grammars, JSON schemas) between logits and sampling.
 
-Any object with these attributes and methods fits; nothing needs to inherit from them.
+Any object with these attributes and methods fits; nothing needs to inherit from them (isinstance checks
+that the names exist, tests use it to keep the real classes in line).
 """
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple, Protocol, Sequence
+from typing import Iterable, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 
+@runtime_checkable
 class TokenizerLike(Protocol):
     n_vocab: int
     bos_id: int | None
@@ -35,6 +37,7 @@ class TokenizerLike(Protocol):
         """The bytes of one token (control tokens are empty unless `special`)."""
 
 
+@runtime_checkable
 class SequenceModel(Protocol):
     n_ctx: int       # positions the KV cache holds
     n_past: int      # positions in use
@@ -56,6 +59,7 @@ class BatchItem(NamedTuple):
     tokens: Sequence[int]
 
 
+@runtime_checkable
 class BatchModel(Protocol):
     n_slots: int     # independent sequences (KV-cache slots) it holds
     n_ctx: int       # positions per slot
@@ -65,6 +69,7 @@ class BatchModel(Protocol):
         [n_vocab] after its last token."""
 
 
+@runtime_checkable
 class TokenMask(Protocol):
     """A per-sequence filter on the next token, told what was picked so it can follow along (a grammar's
     state). The loop asks `allowed()` before each sampling and calls `accept()` with the token sampled."""

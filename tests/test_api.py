@@ -12,9 +12,12 @@ import time
 import numpy as np
 import pytest
 
+import llmrun
 from helpers.fake_llm import BOS, EOS, GO, IM_END, ByteTokenizer, ScriptedModel
+from llmrun import errors, quants
 from llmrun.api import Llama
 from llmrun.errors import ContextFullError, LlmrunError
+from llmrun.text.chat_template import ChatTemplateError
 
 
 def make(script, n_ctx=64, **kw):
@@ -96,10 +99,6 @@ def test_signatures_keep_the_promised_keywords_and_defaults():
 
 
 def test_llmrun_error_is_the_top_level_base_class():
-    import llmrun
-    from llmrun import errors, quants
-    from llmrun.text.chat_template import ChatTemplateError
-
     assert llmrun.LlmrunError is LlmrunError
     for cls in (errors.GGUFError, errors.QuantError, errors.TokenizerError, errors.ModelError,
                 errors.ConvertError, errors.ContextFullError, ChatTemplateError):

@@ -14,6 +14,7 @@ from llmrun.engine.model import LlamaModel
 from llmrun.errors import LlmrunError
 from llmrun.generate import PROMPT_CHUNK, CacheSlot, Generation, PerSlotModels, generate, step
 from llmrun.gguf import GGUFReader
+from llmrun.protocols import BatchModel, SequenceModel, TokenizerLike, TokenMask
 from llmrun.text.sampling import Sampler, SamplingParams
 from llmrun.text.tokenizer import Tokenizer
 
@@ -141,6 +142,14 @@ def smollm_parts(default_model):
         yield Tokenizer.from_metadata(reader.metadata), [LlamaModel.load(reader, n_ctx=96) for _ in range(2)]
     finally:
         reader.close()
+
+
+def test_real_classes_and_fakes_fit_the_protocols(smollm_parts):
+    tokenizer, models = smollm_parts
+    assert isinstance(tokenizer, TokenizerLike) and isinstance(ByteTokenizer(), TokenizerLike)
+    assert isinstance(models[0], SequenceModel) and isinstance(ScriptedModel(b"x"), SequenceModel)
+    assert isinstance(PerSlotModels(models), BatchModel) and isinstance(Forbid(3), TokenMask)
+    assert not isinstance(object(), SequenceModel)
 
 
 def _greedy(tokenizer, prompt: str, slot: CacheSlot, **kw) -> Generation:

@@ -41,7 +41,7 @@ class ChatSession:
     def _read(self) -> str | None:
         if self.interactive and self.stdin is sys.stdin and self.stdout is sys.stdout:
             try:
-                import readline  # noqa: F401  (line editing and history for input(), where available)
+                import readline  # noqa: F401  (terminal only: gives input() line editing and history)
             except ImportError:
                 pass
             try:
