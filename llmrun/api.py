@@ -35,6 +35,7 @@ from .text.chat_template import render_chat
 from .text.sampling import Sampler
 from .text.tokenizer import Tokenizer
 
+
 def _pieces(events: Iterable[Event]) -> Iterator[tuple[str, FinishReason | None]]:
     """(text, None) for each piece of text to show, then ("", finish_reason) once."""
     for event in events:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import llmrun
-from helpers.fake_llm import BOS, EOS, GO, IM_END, ByteTokenizer, ScriptedModel
+from helpers.fake_llm import BOS, GO, IM_END, ByteTokenizer, ScriptedModel
 from llmrun import errors, quants
 from llmrun.api import Llama
 from llmrun.errors import ContextFullError, LlmrunError
