@@ -2,6 +2,7 @@
 __version__ = "0.1.0"
 
 from . import runtime as _runtime
+from .errors import LlmrunError
 
 _runtime.configure_before_numba()   # first, before anything imports numba: see runtime.py
 
@@ -14,4 +15,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["Llama", "__version__"]
+__all__ = ["Llama", "LlmrunError", "__version__"]
