@@ -189,7 +189,7 @@ class Llama:
         The keywords are CompletionOptions' fields (see the signature). `max_tokens` None or <= 0 means
         "until end of generation or the context is full".
         """
-        events = self._events(self._prompt_tokens(prompt), options)
+        events = self._events(self.prompt_tokens(prompt), options)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(text: str, finish: FinishReason | None) -> CompletionChunk:
@@ -248,21 +248,29 @@ class Llama:
             return ""
         return self.tokenizer.token_to_piece(int(token_id), special=True).decode("utf-8", errors="replace")
 
-    def _prompt_tokens(self, prompt) -> list[int]:
+    def prompt_tokens(self, prompt: str | bytes | Sequence[int]) -> list[int]:
+        """The tokens create_completion evaluates for `prompt` (text: BOS as the model asks, control tokens
+        written in it parsed, like llama-cli; a list: token ids as given)."""
         if isinstance(prompt, (str, bytes)):
-            # Like llama-cli: BOS as the model asks, and control tokens written in the prompt are parsed.
             return list(self.tokenizer.encode(prompt, add_bos=None, special=True))
         return [int(t) for t in prompt]
+
+    def new_generation(self, tokens: Sequence[int], options: CompletionOptions,
+                       slot: CacheSlot | None = None) -> Generation:
+        """The Generation (generate.py) a completion call runs for `tokens` with `options`: what the server
+        steps in its own slots. Bad options raise LlmrunError here. Without `slot` it uses this Llama's cache
+        and, unless options.seed is set, continues this Llama's random generator."""
+        # A call's own seed restarts the randomness; otherwise this Llama's generator continues.
+        rng = np.random.default_rng(options.seed) if options.seed is not None else self._rng
+        sampler = Sampler(options.sampling_params(), rng=rng)
+        return Generation(list(tokens), slot if slot is not None else self._slot, self.tokenizer, sampler,
+                          stop=options.stop, max_tokens=options.max_tokens)
 
     def _events(self, tokens: list[int], options: CompletionOptions) -> Iterator[Event]:
         """The events of one generation. Bad input raises now; the lock is taken at the first next() and
         released when the generator ends or is closed."""
-        # A call's own seed restarts the randomness; otherwise this Llama's generator continues.
-        rng = np.random.default_rng(options.seed) if options.seed is not None else self._rng
-        sampler = Sampler(options.sampling_params(), rng=rng)
         self._require_model()
-        gen = Generation(tokens, self._slot, self.tokenizer, sampler, stop=options.stop,
-                         max_tokens=options.max_tokens)
+        gen = self.new_generation(tokens, options)
 
         def run():
             with self._exclusive():

@@ -101,8 +101,13 @@ class Generation:
         if self.finish_reason is None:
             self._stop_clock()
 
+    @property
+    def prompt_done(self) -> bool:
+        """The whole prompt is in the slot: each further step decodes one token."""
+        return self._n_prompt_fed is not None and self._n_prompt_fed >= len(self.prompt)
+
     # ---- one step (called by step()) ------------------------------------------------------------------------
-    def _advance(self, events: list[Event]) -> list[int] | None:
+    def _advance(self, events: list[Event], prompt_chunk: int = PROMPT_CHUNK) -> list[int] | None:
         """This generation's part of a step: the tokens to feed now, or None when it has finished."""
         if self._t_start is None:
             self._t_start = time.perf_counter()
@@ -111,7 +116,7 @@ class Generation:
         if self._n_prompt_fed is None:
             self._reuse_prefix()
         if self._n_prompt_fed < len(self.prompt):
-            return self.prompt[self._n_prompt_fed:self._n_prompt_fed + PROMPT_CHUNK]
+            return self.prompt[self._n_prompt_fed:self._n_prompt_fed + prompt_chunk]
         token = self._pick()
         if token in self.tokenizer.eog_ids:
             return self._finish("stop", events)
@@ -195,8 +200,11 @@ def _masked(row: np.ndarray, allowed) -> np.ndarray:
     return np.where(allowed, row, np.float32(-np.inf))
 
 
-def step(model: BatchModel, generations: Iterable[Generation]) -> list[Event]:
-    """Advance every unfinished generation by one token (or one prompt chunk) with ONE forward_batch call.
+def step(model: BatchModel, generations: Iterable[Generation],
+         prompt_chunk: int = PROMPT_CHUNK) -> list[Event]:
+    """Advance every unfinished generation by one token (or one prompt chunk of at most `prompt_chunk` tokens)
+    with ONE forward_batch call. A server keeps chunks small while other generations decode, so that a long
+    prompt does not hold up their tokens.
 
     If the forward raises, the slots of that step are cleared and the error propagates; those generations
     cannot continue.
@@ -207,7 +215,7 @@ def step(model: BatchModel, generations: Iterable[Generation]) -> list[Event]:
     events: list[Event] = []
     fed: list[tuple[Generation, list[int]]] = []
     for gen in active:
-        tokens = gen._advance(events)
+        tokens = gen._advance(events, max(1, int(prompt_chunk)))
         if tokens:
             fed.append((gen, tokens))
     if fed:

@@ -13,7 +13,6 @@ import numpy as np
 
 from ..completion_options import CompletionOptions
 from ..generate import CacheSlot, Generation
-from ..text.sampling import Sampler
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,16 +91,15 @@ class ModelHost:
 
     # ---- what requests need --------------------------------------------------------------------------------
     def prompt_tokens(self, prompt: str | Sequence[int]) -> list[int]:
-        """A completion prompt as the Python API reads it (text: BOS as the model asks)."""
-        return self.llm._prompt_tokens(prompt)
+        return self.llm.prompt_tokens(prompt)
 
     def chat_tokens(self, messages: list[dict]) -> list[int]:
         return self.llm.chat_tokens(messages)
 
     def generation(self, tokens: list[int], options: CompletionOptions) -> Generation:
-        """A generation for `tokens` with every option the Python API takes, not yet in a slot (the scheduler
-        gives it one). Bad options raise LlmrunError here, before anything is queued."""
-        rng = np.random.default_rng(options.seed)
-        sampler = Sampler(options.sampling_params(), rng=rng)
-        return Generation(tokens, CacheSlot(-1, self.n_ctx), self.tokenizer, sampler, stop=options.stop,
-                          max_tokens=options.max_tokens)
+        """The Python API's generation for `tokens` with `options` (every option it takes), not yet in a slot:
+        the scheduler gives it one. Without a seed each request draws fresh randomness. Bad options raise
+        LlmrunError here, before anything is queued."""
+        if options.seed is None:
+            options = dataclasses.replace(options, seed=int(np.random.SeedSequence().entropy % (1 << 63)))
+        return self.llm.new_generation(tokens, options, CacheSlot(-1, self.n_ctx))

@@ -88,7 +88,7 @@ def _ndjson(lines, run: Run) -> StreamingResponse:
     async def body():
         try:
             async for line in lines:
-                yield json.dumps(line, ensure_ascii=False) + "\n"
+                yield json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n"
         except RequestError as e:
             yield json.dumps({"error": e.message}) + "\n"
         finally:

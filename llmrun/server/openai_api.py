@@ -301,7 +301,7 @@ def sse_response(chunks: AsyncIterator[dict], run: Run) -> StreamingResponse:
     async def body():
         try:
             async for c in chunks:
-                yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
+                yield f"data: {json.dumps(c, ensure_ascii=False, separators=(',', ':'))}\n\n"
         except RequestError as e:
             yield "data: " + json.dumps({"error": {"message": e.message, "type": e.kind, "param": e.param,
                                                    "code": e.code}}) + "\n\n"

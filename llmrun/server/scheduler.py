@@ -180,8 +180,7 @@ class Scheduler:
 
     def _step(self, jobs: list[Job]) -> None:
         gens = [j.generation for j in jobs]
-        decoding = any(g._n_prompt_fed is not None and g._n_prompt_fed >= len(g.prompt) for g in gens)
-        chunk = PROMPT_CHUNK_SHARED if decoding and len(gens) > 1 else PROMPT_CHUNK_ALONE
+        chunk = PROMPT_CHUNK_SHARED if any(g.prompt_done for g in gens) else PROMPT_CHUNK_ALONE
         try:
             events = step(self.model, gens, prompt_chunk=chunk)
         except BaseException as e:      # a fault in the engine: these requests fail, the server goes on
