@@ -1,0 +1,120 @@
+"""`llmrun serve` through the official `openai` client: models, chat, streaming, completions, stop strings,
+token limits, usage, seeds, several choices. The server must answer exactly as the Python API does for the
+same request (same engine, same defaults), which tests/test_api.py checks against its own references."""
+from __future__ import annotations
+
+import pytest
+
+from helpers.server import ServerProcess
+from llmrun.api import Llama
+
+openai = pytest.importorskip("openai")   # a dev dependency: missing means a broken install, see pyproject
+
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+
+
+@pytest.fixture(scope="module")
+def server(default_model):
+    with ServerProcess(default_model, "--alias", "smol", "--parallel", "2") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=120, max_retries=0) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def llm(default_model):
+    return Llama(default_model, n_ctx=4096, n_threads=2)
+
+
+def test_models(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["smol"]
+    assert client.models.retrieve("smol").id == "smol"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
+
+
+def test_chat_equals_python_api_and_stream_equals_non_stream(client, llm):
+    ref = llm.create_chat_completion(QUESTION, temperature=0, max_tokens=24)
+    out = client.chat.completions.create(model="smol", messages=QUESTION, temperature=0, max_tokens=24)
+    assert out.object == "chat.completion" and out.model == "smol"
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == ref["choices"][0]["message"]["content"]
+    assert out.choices[0].finish_reason == ref["choices"][0]["finish_reason"]
+    assert out.usage.prompt_tokens == len(llm.chat_tokens(QUESTION)) == ref["usage"]["prompt_tokens"]
+    assert out.usage.completion_tokens == ref["usage"]["completion_tokens"]
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+    chunks = list(client.chat.completions.create(model="smol", messages=QUESTION, temperature=0, max_tokens=24,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == out.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [out.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_completions(client, llm):
+    ref = llm.create_completion("Once upon a time", temperature=0, max_tokens=16)
+    out = client.completions.create(model="smol", prompt="Once upon a time", temperature=0, max_tokens=16)
+    assert out.object == "text_completion"
+    assert out.choices[0].text == ref["choices"][0]["text"]
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 16
+    streamed = client.completions.create(model="smol", prompt="Once upon a time", temperature=0, max_tokens=16,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == out.choices[0].text
+    # token ids and echo
+    ids = llm.prompt_tokens("Once upon a time")
+    by_ids = client.completions.create(model="smol", prompt=ids, temperature=0, max_tokens=16, echo=True)
+    assert by_ids.choices[0].text == llm.detokenize(ids).decode() + out.choices[0].text
+
+
+def test_stop_and_max_tokens(client, llm):
+    full = client.chat.completions.create(model="smol", messages=QUESTION, temperature=0, max_tokens=24)
+    text = full.choices[0].message.content
+    assert "Paris" in text
+    cut = client.chat.completions.create(model="smol", messages=QUESTION, temperature=0, max_tokens=24,
+                                         stop=["Paris", "never-appears"])
+    assert cut.choices[0].message.content == text[:text.index("Paris")]
+    assert cut.choices[0].finish_reason == "stop"
+    short = client.chat.completions.create(model="smol", messages=QUESTION, temperature=0, max_tokens=3)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+    assert text.startswith(short.choices[0].message.content)
+    newer = client.chat.completions.create(model="smol", messages=QUESTION, temperature=0,
+                                           max_completion_tokens=3)
+    assert newer.choices[0].message.content == short.choices[0].message.content
+
+
+def test_seeds_and_choices(client):
+    kw = dict(model="smol", messages=[{"role": "user", "content": "Write a short poem about the sea."}],
+              temperature=1.0, max_tokens=24)
+    first = client.chat.completions.create(seed=1234, **kw)
+    a = first.choices[0].message.content
+    b = client.chat.completions.create(seed=1234, **kw).choices[0].message.content
+    c = client.chat.completions.create(seed=99, **kw).choices[0].message.content
+    assert a == b and a != c
+    two = client.chat.completions.create(seed=1234, n=2, **kw)
+    assert [ch.index for ch in two.choices] == [0, 1]
+    assert two.choices[0].message.content == a        # choice i samples with seed + i
+    assert two.choices[1].message.content != a
+    assert two.usage.prompt_tokens == first.usage.prompt_tokens         # the prompt counts once
+    assert first.usage.completion_tokens < two.usage.completion_tokens <= 2 * 24
+
+
+def test_api_errors_through_the_client(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="smol", messages=[], max_tokens=4)
+    assert e.value.body["param"] == "messages"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="smol", messages=QUESTION, temperature=-1)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "hi " * 5000}])
+    assert e.value.body["code"] == "context_length_exceeded"
