@@ -1,0 +1,200 @@
+"""Continuous batching in the server: the scheduler on scripted fakes (slot choice by shared prefix, prompt
+chunks interleaved with decoding, queue bounds, cancel), then the real server: 8 parallel greedy streams give
+the sequential answers, and streams dropped mid-answer (or mid-prompt) free their slots."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import httpx
+import pytest
+
+from helpers.fake_llm import GO, ByteTokenizer, ScriptedModel
+from helpers.server import ServerProcess
+from llmrun.generate import CacheSlot, Generation, PerSlotModels
+from llmrun.server.scheduler import PROMPT_CHUNK_SHARED, Scheduler, ServerBusy
+from llmrun.text.sampling import Sampler, SamplingParams
+
+
+class RecordingBatch:
+    """A BatchModel wrapper recording each step as [(slot, pos, n_tokens), ...]."""
+
+    def __init__(self, inner):
+        self.inner, self.n_slots, self.n_ctx = inner, inner.n_slots, inner.n_ctx
+        self.calls: list[list[tuple[int, int, int]]] = []
+
+    def forward_batch(self, batch):
+        self.calls.append([(item.slot, item.pos, len(item.tokens)) for item in batch])
+        return self.inner.forward_batch(batch)
+
+
+def gen(prompt: bytes, max_tokens=None) -> Generation:
+    tokens = list(prompt) + [GO]
+    return Generation(tokens, CacheSlot(-1, 1024), ByteTokenizer(), Sampler(SamplingParams(temperature=0)),
+                      max_tokens=max_tokens)
+
+
+async def text_of(job) -> tuple[str, str]:
+    parts = []
+    async for ev in job.events():
+        parts.append(ev.text)
+        if ev.finish_reason:
+            return "".join(parts), ev.finish_reason
+
+
+def run_async(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def fake_scheduler(n_slots=2, script=b"reply", max_queue=4, delay=0.0):
+    engine = RecordingBatch(PerSlotModels([ScriptedModel(script, n_ctx=1024, delay=delay) for _ in range(n_slots)]))
+    return Scheduler(engine, max_queue=max_queue), engine
+
+
+def test_slot_with_longest_shared_prefix_is_chosen():
+    sched, engine = fake_scheduler()
+
+    async def main():
+        sched.start()
+        try:
+            a = sched.submit(gen(b"system: be nice. user: hello"))
+            assert await text_of(a) == ("reply", "stop")
+            b = sched.submit(gen(b"another request entirely"))
+            await text_of(b)
+            assert a.generation.slot.index != b.generation.slot.index   # the free, least recently used slot
+            follow = gen(b"system: be nice. user: hello" + b" and more")
+            c = sched.submit(follow)
+            await text_of(c)
+            assert c.generation.slot.index == a.generation.slot.index
+            assert follow.timings["n_prompt_reused"] == len(b"system: be nice. user: hello")
+        finally:
+            sched.close(10)
+    run_async(main())
+
+
+def test_prompt_chunks_stay_small_while_others_decode():
+    sched, engine = fake_scheduler(script=b"x" * 200)
+
+    async def main():
+        sched.start()
+        try:
+            first = sched.submit(gen(b"short", max_tokens=150))
+            it = first.events()
+            await it.__anext__()                       # decoding now
+            second = sched.submit(gen(b"p" * 300, max_tokens=2))
+            await text_of(second)
+            async for _ in it:
+                pass
+        finally:
+            sched.close(10)
+    run_async(main())
+    slot_of_second = [c for c in engine.calls if any(n > 1 for _, _, n in c)]
+    # every step that fed the long prompt also decoded the first generation, with a small chunk
+    assert sum(n for c in slot_of_second for _, _, n in c if n > 1) >= 300 - 1
+    for c in slot_of_second[1:]:
+        assert len(c) == 2 and max(n for _, _, n in c) <= PROMPT_CHUNK_SHARED
+
+
+def test_queue_bound_and_cancel_while_queued():
+    sched, engine = fake_scheduler(n_slots=1, script=b"y" * 50, max_queue=1, delay=0.01)
+
+    async def main():
+        sched.start()
+        try:
+            running = sched.submit(gen(b"a", max_tokens=40))
+            await running.events().__anext__()
+            queued = sched.submit(gen(b"b"))
+            with pytest.raises(ServerBusy) as e:
+                sched.submit(gen(b"c"))
+            assert e.value.status == 503 and e.value.headers["Retry-After"]
+            queued.cancel()                            # never ran: gone at once, room in the queue again
+            assert sched.stats()["queued"] == 0
+            again = sched.submit(gen(b"d", max_tokens=1))
+            running.cancel()
+            assert (await text_of(running))[1] == "cancelled"
+            assert (await text_of(again))[1] == "length"
+            assert queued.generation.slot.index == -1      # the cancelled one never got a slot
+        finally:
+            sched.close(10)
+    run_async(main())
+
+
+# ---- the real server -------------------------------------------------------------------------------------------
+QUESTIONS = ["What is the capital of France?", "Name three colours.", "What is 2 + 2?", "Say hello in Spanish.",
+             "What is the largest planet?", "Who wrote Hamlet?", "What do bees make?", "How many legs has a cat?"]
+
+
+@pytest.fixture(scope="module")
+def server(default_model):
+    with ServerProcess(default_model, "--parallel", "4", "--ctx", "1024") as srv:
+        yield srv
+
+
+def stream_text(http: httpx.Client, question: str, max_tokens=32) -> str:
+    body = {"messages": [{"role": "user", "content": question}], "temperature": 0, "max_tokens": max_tokens,
+            "stream": True}
+    parts = []
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                choice = json.loads(line[6:])["choices"][0]
+                parts.append(choice["delta"].get("content", ""))
+    return "".join(parts)
+
+
+def test_parallel_greedy_streams_equal_sequential(server):
+    with server.client() as http:
+        sequential = [stream_text(http, q) for q in QUESTIONS]
+    results: dict[int, str] = {}
+    errors = []
+
+    def worker(i):
+        try:
+            with server.client() as http:
+                results[i] = stream_text(http, QUESTIONS[i])
+        except Exception as e:   # reported below
+            errors.append(e)
+
+    steps_before = server.wait_idle()["steps"]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(QUESTIONS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors and len(results) == len(QUESTIONS)
+    assert [results[i] for i in range(len(QUESTIONS))] == sequential
+    assert all(sequential)
+    # they really ran together: far fewer batched steps than tokens generated
+    steps = server.wait_idle()["steps"] - steps_before
+    assert steps < 0.6 * sum(len(s) for s in sequential)
+
+
+def test_dropped_streams_free_their_slots(server):
+    body = {"messages": [{"role": "user", "content": "Tell me a very long story about dragons."}],
+            "max_tokens": 500, "temperature": 1, "stop": ["never"], "stream": True}
+    clients = [server.client() for _ in range(4)]
+    try:
+        for http in clients:
+            with http.stream("POST", "/v1/chat/completions", json=body) as r:
+                lines = r.iter_lines()
+                got = 0
+                while got < 2:                         # two chunks, then hang up
+                    if next(lines).startswith("data: "):
+                        got += 1
+        server.wait_idle(30)
+        # dropped while its prompt is still being read: the slot frees too
+        long_prompt = {"messages": [{"role": "user", "content": "word " * 700}], "max_tokens": 500, "stream": True}
+        with clients[0].stream("POST", "/v1/chat/completions", json=long_prompt) as r:
+            assert r.status_code == 200
+        server.wait_idle(30)
+        # a non-streaming request whose client gives up
+        with pytest.raises(httpx.ReadTimeout):
+            clients[1].post("/v1/chat/completions", json={**body, "stream": False}, timeout=1.0)
+        server.wait_idle(30)
+    finally:
+        for http in clients:
+            http.close()
+    with server.client() as http:
+        assert stream_text(http, QUESTIONS[0], max_tokens=4)
