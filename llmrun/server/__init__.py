@@ -20,7 +20,7 @@ def serve(model_path, config: ServerConfig, *, n_ctx: int = 4096, n_threads: int
 
     from ..errors import LlmrunError
 
-    host = ModelHost(model_path, n_ctx=n_ctx, n_threads=n_threads, n_slots=parallel, alias=alias)
+    # The address first (a busy port fails at once, not after loading), listening only once the model is in.
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -29,6 +29,11 @@ def serve(model_path, config: ServerConfig, *, n_ctx: int = 4096, n_threads: int
     except OSError as e:
         sock.close()
         raise LlmrunError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
+    try:
+        host = ModelHost(model_path, n_ctx=n_ctx, n_threads=n_threads, n_slots=parallel, alias=alias)
+    except BaseException:
+        sock.close()
+        raise
     sock.listen(128)
     port = sock.getsockname()[1]
     app = create_app(host, config)
