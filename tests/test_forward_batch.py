@@ -25,7 +25,8 @@ SCHEDULE = [(7, 1, 0), (1, 20, 3), (1, 1, 1), (0, 1, 18), (1, 1, 1), (2, 0, 1), 
 
 
 @pytest.mark.parametrize("name", list(SPECS))
-def test_forward_batch_equals_each_sequence_alone(tmp_path, name):
+@pytest.mark.parametrize("pooled", [True, False], ids=["pooled_caches", "separate_caches"])
+def test_forward_batch_equals_each_sequence_alone(tmp_path, name, pooled):
     spec = SPECS[name]
     path = write_gguf(tmp_path / f"{name}.gguf", hf_model(spec), spec)
     rng = np.random.default_rng(2)
@@ -34,7 +35,8 @@ def test_forward_batch_equals_each_sequence_alone(tmp_path, name):
     refs = [reference_logits(ref_model, s) for s in seqs]
     with GGUFReader(path) as r:
         m = LlamaModel.load(r, n_ctx=64)
-    caches = [m.new_cache() for _ in seqs]
+    # pooled: slices of one array per layer (new_caches), whose decode attention is one launch
+    caches = m.new_caches(3) if pooled else [m.new_cache() for _ in seqs]
     pos = [0, 0, 0]
     alone_cache = {i: m.new_cache() for i in range(3)}
     for step in SCHEDULE:

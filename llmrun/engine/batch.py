@@ -22,7 +22,7 @@ class SlotCaches:
         self.model = model
         self.n_slots = int(n_slots)
         self.n_ctx = int(model.n_ctx)
-        self.caches = [model.new_cache() for _ in range(self.n_slots)]
+        self.caches = model.new_caches(self.n_slots)
 
     @property
     def kv_nbytes(self) -> int:

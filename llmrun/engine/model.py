@@ -226,11 +226,15 @@ class KVCache:
     """One sequence's keys and values for every layer (float32) and how many positions they hold.
     A model has one of its own (forward); more come from LlamaModel.new_cache() (forward_batch)."""
 
-    def __init__(self, k: list[np.ndarray], v: list[np.ndarray]):
+    def __init__(self, k: list[np.ndarray], v: list[np.ndarray], pool: tuple | None = None, slot: int = 0):
         self.k = k            # per layer [n_head_kv, head_dim, n_ctx] (transposed, see ops.attention)
         self.v = v            # per layer [n_head_kv, n_ctx, v_head_dim]
         self.n_ctx = int(k[0].shape[2]) if k else 0
         self.n_past = 0
+        # Caches made together by new_caches() are slices of one array per layer (pool = (K pools, V pools)),
+        # so the decode attention of all of them is one kernel launch (ops.attention_slots).
+        self.pool = pool
+        self.slot = slot
 
     def truncate(self, n: int) -> None:
         """Keep the first n positions (later ones are overwritten by the next forward)."""
@@ -366,6 +370,15 @@ class LlamaModel:
         return KVCache([np.zeros((L.n_head_kv, hp.head_dim, self.n_ctx), np.float32) for L in self.layers],
                        [np.zeros((L.n_head_kv, self.n_ctx, hp.v_head_dim), np.float32) for L in self.layers])
 
+    def new_caches(self, n: int) -> list[KVCache]:
+        """n empty KV caches that are slices of one array per layer (forward_batch runs the decode attention
+        of such caches in one launch)."""
+        hp = self.hparams
+        kp = [np.zeros((n, L.n_head_kv, hp.head_dim, self.n_ctx), np.float32) for L in self.layers]
+        vp = [np.zeros((n, L.n_head_kv, self.n_ctx, hp.v_head_dim), np.float32) for L in self.layers]
+        pool = (kp, vp)
+        return [KVCache([a[i] for a in kp], [a[i] for a in vp], pool=pool, slot=i) for i in range(n)]
+
     @property
     def n_past(self) -> int:
         return self.cache.n_past
@@ -427,19 +440,32 @@ class LlamaModel:
         h = np.empty_like(x)
         eps = np.float32(hp.rms_eps)
         scale = np.float32(1.0 / math.sqrt(hp.head_dim))
+        # The decode rows of caches sharing one pool: their attention is one launch per layer.
+        pool = spans[0][2].pool if n_dec > 1 else None
+        pooled = pool is not None and all(c.pool is pool for _, _, c, _ in spans[:n_dec])
+        if pooled:
+            slots = np.array([c.slot for _, _, c, _ in spans[:n_dec]], np.int64)
+            positions = np.array([p for _, _, _, p in spans[:n_dec]], np.int64)
         for il, L in enumerate(self.layers):
             ops.rmsnorm(x, L.attn_norm, eps, h)
             qkv = _matmul_rows(L.qkv, h, groups)
             att = np.empty((T, L.n_head * hp.v_head_dim), np.float32)
-            for (r0, r1, cache, pos0), (cos, sin) in zip(spans, ropes):
+            if pooled:
+                q_dec = np.empty((n_dec, L.n_head, hp.head_dim), np.float32)
+            for i, ((r0, r1, cache, pos0), (cos, sin)) in enumerate(zip(spans, ropes)):
                 k_cache, v_cache = cache.k[il], cache.v[il]
-                q = np.empty((r1 - r0, L.n_head, hp.head_dim), np.float32)
+                in_pool = pooled and i < n_dec
+                q = q_dec[i:i + 1] if in_pool else np.empty((r1 - r0, L.n_head, hp.head_dim), np.float32)
                 ops.rope_store(qkv[r0:r1], cos, sin, q, k_cache, v_cache, pos0, L.n_head, L.n_head_kv,
                                hp.head_dim, hp.v_head_dim)
+                if in_pool:
+                    continue
                 if r1 - r0 >= BLAS_ATTENTION_TOKENS:
                     ops.attention_blas(q, k_cache, v_cache, pos0, scale, att[r0:r1])
                 else:
                     ops.attention(q, k_cache, v_cache, pos0, scale, att[r0:r1])
+            if pooled:
+                ops.attention_slots(q_dec, pool[0][il], pool[1][il], slots, positions, scale, att[:n_dec])
             _add_matmul_rows(L.out, att, x, groups)
             ops.rmsnorm(x, L.ffn_norm, eps, h)
             gu = _matmul_rows(L.gate_up, h, groups)

@@ -58,6 +58,81 @@ def rope_store(qkv, cos, sin, q_out, k_cache, v_cache, pos0, n_head, n_head_kv, 
                 v_cache[g, p, i] = qkv[t, v0 + g * v_dim + i]
 
 
+@njit(inline="always", fastmath=True, cache=True)
+def _attend(q, t, g, k_cache, v_cache, n, scale, out, row):
+    """One query token t and one K/V group g over the first n cached positions -> out[row] (attention's body,
+    shared with attention_slots so both give the same bits)."""
+    n_head, k_dim = q.shape[1], q.shape[2]
+    n_head_kv = k_cache.shape[0]
+    v_dim = v_cache.shape[2]
+    group = n_head // n_head_kv
+    h0 = g * group
+    scores = np.zeros((group, n), np.float32)
+    i = 0
+    while i + 4 <= k_dim:   # four K rows per pass: a quarter of the loads/stores of `scores`
+        k0 = k_cache[g, i]
+        k1 = k_cache[g, i + 1]
+        k2 = k_cache[g, i + 2]
+        k3 = k_cache[g, i + 3]
+        for hh in range(group):
+            q0 = q[t, h0 + hh, i] * scale
+            q1 = q[t, h0 + hh, i + 1] * scale
+            q2 = q[t, h0 + hh, i + 2] * scale
+            q3 = q[t, h0 + hh, i + 3] * scale
+            sc = scores[hh]
+            for s in range(n):
+                sc[s] += q0 * k0[s] + q1 * k1[s] + q2 * k2[s] + q3 * k3[s]
+        i += 4
+    while i < k_dim:
+        krow = k_cache[g, i]
+        for hh in range(group):
+            qi = q[t, h0 + hh, i] * scale
+            sc = scores[hh]
+            for s in range(n):
+                sc[s] += qi * krow[s]
+        i += 1
+    totals = np.empty(group, np.float32)
+    for hh in range(group):
+        sc = scores[hh]
+        mx = sc[0]
+        for s in range(1, n):
+            mx = max(mx, sc[s])
+        total = np.float32(0.0)
+        for s in range(n):
+            e = np.float32(math.exp(sc[s] - mx))
+            sc[s] = e
+            total += e
+        totals[hh] = total
+    o = np.zeros((group, v_dim), np.float32)
+    s = 0
+    while s + 4 <= n:
+        v0 = v_cache[g, s]
+        v1 = v_cache[g, s + 1]
+        v2 = v_cache[g, s + 2]
+        v3 = v_cache[g, s + 3]
+        for hh in range(group):
+            p0 = scores[hh, s]
+            p1 = scores[hh, s + 1]
+            p2 = scores[hh, s + 2]
+            p3 = scores[hh, s + 3]
+            oh = o[hh]
+            for i in range(v_dim):
+                oh[i] += p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i]
+        s += 4
+    while s < n:
+        vrow = v_cache[g, s]
+        for hh in range(group):
+            p = scores[hh, s]
+            oh = o[hh]
+            for i in range(v_dim):
+                oh[i] += p * vrow[i]
+        s += 1
+    for hh in range(group):
+        inv = np.float32(1.0) / totals[hh]
+        for i in range(v_dim):
+            out[row, (h0 + hh) * v_dim + i] = o[hh, i] * inv
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def attention(q, k_cache, v_cache, pos0, scale, out):
     """Causal softmax attention with grouped K/V heads.
@@ -67,79 +142,24 @@ def attention(q, k_cache, v_cache, pos0, scale, out):
     K is stored transposed so that the scores of all positions build up as contiguous multiply-adds
     (vectorized over positions, no per-position horizontal sum). The heads sharing a K/V group are
     handled together, so each cached K/V row is fetched once (from L1 for the group's other heads)."""
-    T, n_head, k_dim = q.shape
+    T = q.shape[0]
     n_head_kv = k_cache.shape[0]
-    v_dim = v_cache.shape[2]
-    group = n_head // n_head_kv
     for job in prange(T * n_head_kv):
         t = job // n_head_kv
-        g = job % n_head_kv
-        h0 = g * group
-        n = pos0 + t + 1
-        scores = np.zeros((group, n), np.float32)
-        i = 0
-        while i + 4 <= k_dim:   # four K rows per pass: a quarter of the loads/stores of `scores`
-            k0 = k_cache[g, i]
-            k1 = k_cache[g, i + 1]
-            k2 = k_cache[g, i + 2]
-            k3 = k_cache[g, i + 3]
-            for hh in range(group):
-                q0 = q[t, h0 + hh, i] * scale
-                q1 = q[t, h0 + hh, i + 1] * scale
-                q2 = q[t, h0 + hh, i + 2] * scale
-                q3 = q[t, h0 + hh, i + 3] * scale
-                sc = scores[hh]
-                for s in range(n):
-                    sc[s] += q0 * k0[s] + q1 * k1[s] + q2 * k2[s] + q3 * k3[s]
-            i += 4
-        while i < k_dim:
-            krow = k_cache[g, i]
-            for hh in range(group):
-                qi = q[t, h0 + hh, i] * scale
-                sc = scores[hh]
-                for s in range(n):
-                    sc[s] += qi * krow[s]
-            i += 1
-        totals = np.empty(group, np.float32)
-        for hh in range(group):
-            sc = scores[hh]
-            mx = sc[0]
-            for s in range(1, n):
-                mx = max(mx, sc[s])
-            total = np.float32(0.0)
-            for s in range(n):
-                e = np.float32(math.exp(sc[s] - mx))
-                sc[s] = e
-                total += e
-            totals[hh] = total
-        o = np.zeros((group, v_dim), np.float32)
-        s = 0
-        while s + 4 <= n:
-            v0 = v_cache[g, s]
-            v1 = v_cache[g, s + 1]
-            v2 = v_cache[g, s + 2]
-            v3 = v_cache[g, s + 3]
-            for hh in range(group):
-                p0 = scores[hh, s]
-                p1 = scores[hh, s + 1]
-                p2 = scores[hh, s + 2]
-                p3 = scores[hh, s + 3]
-                oh = o[hh]
-                for i in range(v_dim):
-                    oh[i] += p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i]
-            s += 4
-        while s < n:
-            vrow = v_cache[g, s]
-            for hh in range(group):
-                p = scores[hh, s]
-                oh = o[hh]
-                for i in range(v_dim):
-                    oh[i] += p * vrow[i]
-            s += 1
-        for hh in range(group):
-            inv = np.float32(1.0) / totals[hh]
-            for i in range(v_dim):
-                out[t, (h0 + hh) * v_dim + i] = o[hh, i] * inv
+        _attend(q, t, job % n_head_kv, k_cache, v_cache, pos0 + t + 1, scale, out, t)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def attention_slots(q, k_pool, v_pool, slots, pos, scale, out):
+    """attention() for one new token of each of several sequences, in one launch: q [B, n_head, k_dim], token
+    b at position pos[b] of the caches k_pool[slots[b]] / v_pool[slots[b]] ([n_slots, ...] pools of
+    attention()'s cache layout); out [B, n_head*v_dim]. Each row equals attention() of that sequence alone."""
+    B = q.shape[0]
+    n_head_kv = k_pool.shape[1]
+    for job in prange(B * n_head_kv):
+        b = job // n_head_kv
+        k = slots[b]
+        _attend(q[b:b + 1], 0, job % n_head_kv, k_pool[k], v_pool[k], pos[b] + 1, scale, out, b)
 
 
 @njit(fastmath=True, cache=True)
