@@ -96,7 +96,7 @@ def convert_checkpoint(hf_dir, out_path, out_type: str = "f16",
     cfg = load_config(hf_dir)
     ftype, float_type = _resolve_out_type(out_type)
 
-    ckpt = Checkpoint(hf_dir)
+    ckpt = Checkpoint(hf_dir, quantization=cfg.raw.get("quantization_config"))
     adapters: list[LoraAdapter] = []
     try:
         inputs = {p.resolve() for p in (f.path for f in ckpt.files)}

@@ -184,3 +184,48 @@ def mean_kl(ref_logits: np.ndarray, logits: np.ndarray) -> float:
         return x - np.log(np.exp(x).sum(-1, keepdims=True))
     p_log, q_log = logsoftmax(ref_logits), logsoftmax(logits)
     return float((np.exp(p_log) * (p_log - q_log)).sum(-1).mean())
+
+
+BNB_MODES = ("nf4", "nf4-double-bf16", "fp4-double", "int8")
+
+
+def make_bnb_checkpoint(base_dir: Path, out_dir: Path, mode: str) -> Path:
+    """base_dir quantized by transformers' BitsAndBytesConfig on the CPU and saved with save_pretrained (the
+    form QLoRA bases come in), with base_dir's tokenizer files. mode: one of BNB_MODES."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if mode == "int8":
+        q, dtype = BitsAndBytesConfig(load_in_8bit=True), torch.float32
+    else:   # the storage dtype (bf16: quant_state dtype and unquantized tensors); float32 compute
+        dtype = torch.bfloat16 if mode.endswith("bf16") else torch.float32
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=mode[:3],
+                               bnb_4bit_use_double_quant="double" in mode, bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=q, dtype=dtype, device_map="cpu")
+    model.save_pretrained(out_dir)
+    for p in Path(base_dir).glob("tokenizer*"):
+        shutil.copy(p, Path(out_dir) / p.name)
+    return Path(out_dir)
+
+
+def bnb_reference_model(folder: Path, adapter: Path | None = None):
+    """A bitsandbytes checkpoint loaded by transformers (float32 activations), optionally with a PEFT adapter
+    on top (unmerged: QLoRA's own forward). bitsandbytes' AVX512-BF16 inference repacking is switched off so
+    that every 4-bit layer runs bitsandbytes' dequantize + float32 matmul (the repacked path computes in bf16),
+    and unquantized bf16 tensors (which transformers keeps in their stored dtype) are widened, exactly."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu")
+    if adapter is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter)
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    for p in model.parameters():
+        if p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+    model.eval()
+    return model
