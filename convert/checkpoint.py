@@ -25,7 +25,9 @@ _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 stored as uint16 -> float32 (exact: bf16 is the top half of an f32)."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    out = bits.astype(np.uint32)
+    out <<= 16   # in place: no second full-size temporary
+    return out.view(np.float32)
 
 
 @dataclass(frozen=True)

@@ -236,3 +236,21 @@ def convert(hf_dir, output_path, out_type, loras, force):
     click.echo(f"wrote {output_path} ({out_type.lower()}, {os.path.getsize(output_path) / 1e6:.1f} MB"
                f"{', %d LoRA adapter(s) merged' % len(loras) if loras else ''}) in {time.perf_counter() - t0:.1f} s")
 
+
+
+@main.command("convert-lora")
+@click.argument("adapter_dir", metavar="ADAPTER_DIR", type=click.Path())
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(), help="the GGUF LoRA file to write")
+@click.option("--base", "base_dir", type=click.Path(), default=None,
+              help="the base model's HF folder (its config.json: head counts for Q/K, shapes to check)")
+@click.option("-t", "--type", "out_type", default="f32", show_default=True, help="f32, f16 or q8_0")
+@click.option("--force", is_flag=True, help="replace the output file if it exists")
+@_one_line_errors
+def convert_lora(adapter_dir, output_path, base_dir, out_type, force):
+    """Write the PEFT LoRA adapter in ADAPTER_DIR as a GGUF LoRA file (llama.cpp's --lora format)."""
+    import os
+
+    from llmrun.convert.lora_gguf import export_lora
+
+    export_lora(adapter_dir, output_path, base_dir=base_dir, out_type=out_type, overwrite=force)
+    click.echo(f"wrote {output_path} ({out_type.lower()} LoRA, {os.path.getsize(output_path) / 1e6:.2f} MB)")
