@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 
-from helpers.tiny_hf import hf_logits, make_lora, make_tiny_llama, mean_kl
+from helpers.tiny_hf import hf_logits, make_lora, make_tiny_llama, mean_kl, scale_lora_layers
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (bench extra) is not installed")
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -31,12 +31,9 @@ def base_gguf(base, tmp_path_factory):
 def _peft_logits(base, adapter, scale):
     import torch
     from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapter)
-    for m in model.modules():
-        if isinstance(m, LoraLayer):
-            m.scale_layer(scale)
+    scale_lora_layers(model, scale)
     return hf_logits(model.eval(), IDS)
 
 

@@ -117,6 +117,16 @@ def make_lora(base_dir: Path, out_dir: Path, *, r: int = 4, alpha: float = 8, ta
     return Path(out_dir)
 
 
+def scale_lora_layers(peft_model, scale: float) -> None:
+    """Multiply every LoRA layer's scaling by `scale` (PEFT's scale_layer skips embedding layers: their
+    factors are not in lora_A)."""
+    from peft.tuners.lora import LoraLayer
+    for m in peft_model.modules():
+        if isinstance(m, LoraLayer):
+            for name in m.scaling:
+                m.scaling[name] *= scale
+
+
 def merged_reference(base_dir: Path, adapters=()):
     """transformers model (float32) with the adapters merged by PEFT itself, in order, each at its scale."""
     import torch
@@ -127,9 +137,7 @@ def merged_reference(base_dir: Path, adapters=()):
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     for d, scale in adapters:
         pm = PeftModel.from_pretrained(model, d)
-        for m in pm.modules():
-            if isinstance(m, LoraLayer):
-                m.scale_layer(scale)
+        scale_lora_layers(pm, scale)
         model = pm.merge_and_unload()
     model.eval()
     return model
