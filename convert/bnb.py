@@ -1,4 +1,5 @@
-"""bitsandbytes-quantized checkpoints (transformers' `load_in_4bit` / `load_in_8bit` + save_pretrained).
+"""bitsandbytes-quantized checkpoints (transformers' `load_in_4bit` / `load_in_8bit` + save_pretrained;
+docs/formats.md §9).
 
 QLoRA trains adapters against a 4-bit base, so the converter dequantizes that base exactly as bitsandbytes
 does and merges the adapters onto it. Stored forms (per quantized linear layer, `W` = `<module>.weight`):

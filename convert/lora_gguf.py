@@ -1,4 +1,4 @@
-"""PEFT LoRA adapters as low-rank factors in GGUF layout, and llama.cpp's GGUF LoRA files (formats.md §7b).
+"""PEFT LoRA adapters as low-rank factors in GGUF layout, and llama.cpp's GGUF LoRA files (docs/formats.md §7b).
 
 llama.cpp applies an adapter tensor pair as  y += s * alpha/r * B (A x)  with one `adapter.lora.alpha` for the
 whole file and r = B's rank, while PEFT scales each module by its own alpha_m/r_m (alpha_m/sqrt(r_m) for
