@@ -83,6 +83,7 @@ class Llama:
             raise
         self._reader = reader   # stays open: the model's weights are views into its mmap
         self._setup(tokenizer, model, n_ctx, seed, verbose, os.path.basename(self.model_path))
+        self.lora_path, self.lora_scale = lora_path, lora_scale   # llama-cpp-python's attributes
         if lora_path is not None:
             try:
                 self.set_lora([(lora_path, lora_scale)])

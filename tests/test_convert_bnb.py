@@ -16,7 +16,6 @@ from helpers.tiny_hf import (BNB_MODES, bnb_reference_model, expected_gguf_tenso
 import bitsandbytes.functional as bnbf  # dev dependency; a missing one must fail, not skip
 import gguf
 import torch
-from safetensors.numpy import save_file as save_np
 from safetensors.torch import load_file as load_torch, save_file as save_torch
 
 warnings.filterwarnings("ignore", category=UserWarning)
@@ -90,24 +89,26 @@ def test_dequantization_is_bit_exact(quantized, mode):
             assert np.array_equal(got, want), name
 
 
-@pytest.mark.parametrize("shape,blocksize,quant_type,nested,dtype", [
-    ((33, 71), 64, "nf4", True, torch.float32),     # odd element count: a half-filled last byte
-    ((17, 129), 128, "fp4", False, torch.bfloat16),
-    ((5, 301), 32, "fp4", True, torch.float16),
-    ((3, 999), 4096, "nf4", False, torch.float32),  # one partial block
+@pytest.mark.parametrize("shape,blocksize,quant_type,nested,dtype,storage", [
+    ((33, 71), 64, "nf4", True, torch.float32, torch.uint8),     # odd element count: a half-filled last byte
+    ((17, 129), 128, "fp4", False, torch.bfloat16, torch.uint8),
+    ((5, 301), 32, "fp4", True, torch.float16, torch.uint8),
+    ((3, 999), 4096, "nf4", False, torch.float32, torch.uint8),  # one partial block
+    ((64, 127), 64, "nf4", True, torch.bfloat16, torch.bfloat16),  # bnb_4bit_quant_storage: bytes seen as bf16
 ])
-def test_odd_shapes_and_blocksizes(tmp_path, shape, blocksize, quant_type, nested, dtype):
+def test_odd_shapes_and_blocksizes(tmp_path, shape, blocksize, quant_type, nested, dtype, storage):
     """Blocks run over the flattened weight. (Odd row lengths make bitsandbytes' CPU kernel take that flat
     path too; for even rows that are not whole blocks its C kernel restarts blocks per row and disagrees with
     its own quantizer, so such shapes are not compared here.)"""
     from llmrun.convert.checkpoint import Checkpoint
     torch.manual_seed(1)
     w = (torch.randn(*shape) * 0.05).to(dtype)
-    packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+    packed, state = bnbf.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested,
+                                       quant_storage=storage)
     want = bnbf.dequantize_4bit(packed, state).float().numpy()
-    tensors = {"layer.weight": packed.numpy()}
-    tensors.update({f"layer.weight.{k}": v.numpy() for k, v in state.as_dict(packed=True).items()})
-    save_np(tensors, str(tmp_path / "model.safetensors"))
+    tensors = {"layer.weight": packed}
+    tensors.update({f"layer.weight.{k}": v for k, v in state.as_dict(packed=True).items()})
+    save_torch(tensors, str(tmp_path / "model.safetensors"))
     with Checkpoint(tmp_path, quantization={"quant_method": "bitsandbytes"}) as ck:
         assert ck.names() == ["layer.weight"] and ck.shape("layer.weight") == shape
         assert np.array_equal(ck.load_f32("layer.weight"), want)
