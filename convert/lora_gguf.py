@@ -19,9 +19,13 @@ import numpy as np
 
 from llmrun.errors import ConvertError
 from llmrun.gguf import GGMLType, GGUFValueType as VT, GGUFWriter, LlamaFileType
+from llmrun.gguf.writer import check_output_path
 
 from . import names
+from .hf_config import ARCH, load_config
 from .lora import LoraAdapter
+from .permute import permute_rows
+from .pipeline import _expected_shapes, encode
 
 # --type of convert-lora -> (general.file_type, type of every 2-D tensor); q8_0 needs rows of whole 32-blocks
 # and falls back to f16 otherwise, as llama.cpp's converter does
@@ -80,7 +84,6 @@ def peft_factors(adapter: LoraAdapter, heads=None) -> tuple[float, list[LoraFact
             if heads is None:
                 raise ConvertError(f"{adapter.dir}: adapting {hf} needs the base model's head counts "
                                    "(give --base HF_DIR)")
-            from .permute import permute_rows
             b = permute_rows(b, getattr(heads, names.PERMUTED[suffix]))
         out.append(LoraFactors(g, a, np.ascontiguousarray(b, dtype=np.float32)))
     out.sort(key=lambda f: _order(f.name))
@@ -105,8 +108,7 @@ def _base_dir(adapter: LoraAdapter, base_dir) -> Path | None:
 
 
 def _check_against_base(adapter: LoraAdapter, cfg) -> None:
-    from .pipeline import _expected_shapes   # GGUF name -> shape implied by config.json
-    expected = _expected_shapes(cfg)
+    expected = _expected_shapes(cfg)   # GGUF name -> shape implied by config.json
     shapes = {}
     for hf in list(adapter.pairs) + list(adapter.overrides):
         g = names.gguf_name(hf)
@@ -128,22 +130,15 @@ def export_lora(adapter_dir, out_path, base_dir=None, out_type: str = "f32", ove
     key = str(out_type).strip().lower()
     if key not in OUT_TYPES:
         raise ConvertError(f"LoRA output type {out_type!r} is not supported (f32, f16, q8_0)")
-    if out_path.is_dir():
-        raise ConvertError(f"{out_path}: output path is a folder; give a .gguf file name")
-    if out_path.exists() and not overwrite:
-        raise ConvertError(f"{out_path}: already exists (use --force to replace it)")
-    if not out_path.parent.is_dir():
-        raise ConvertError(f"{out_path.parent}: output folder does not exist")
+    check_output_path(out_path, overwrite)
     ftype, tensor_type = OUT_TYPES[key]
     adapter = LoraAdapter(adapter_dir)
     try:
-        if out_path.resolve() == adapter.file.path.resolve():
-            raise ConvertError(f"{out_path}: output would overwrite the adapter's weights")
+        check_output_path(out_path, overwrite, inputs=[adapter.file.path, adapter.dir / "adapter_config.json"])
         check_low_rank_only(adapter)
         base = _base_dir(adapter, base_dir)
         cfg = None
         if base is not None:
-            from .hf_config import load_config
             cfg = load_config(base)
             _check_against_base(adapter, cfg)
         elif needs_heads(adapter) or EMBED_HF in adapter.pairs or LM_HEAD_HF in adapter.pairs:
@@ -151,7 +146,6 @@ def export_lora(adapter_dir, out_path, base_dir=None, out_type: str = "f32", ove
             raise ConvertError(f"{adapter.dir}: adapting {what} needs the base model's config.json (give --base "
                                "HF_DIR)")
         alpha, factors = peft_factors(adapter, cfg)
-        from .hf_config import ARCH
         writer = GGUFWriter(out_path, overwrite=overwrite)
         for k, v, vt in (("general.architecture", ARCH, VT.STRING), ("general.type", "adapter", VT.STRING),
                          ("general.name", adapter.dir.resolve().name or "adapter", VT.STRING),
@@ -159,7 +153,6 @@ def export_lora(adapter_dir, out_path, base_dir=None, out_type: str = "f32", ove
                          ("general.quantization_version", 2, VT.UINT32),
                          ("adapter.type", "lora", VT.STRING), ("adapter.lora.alpha", alpha, VT.FLOAT32)):
             writer.add(k, v, vt)
-        from .pipeline import encode
         for f in factors:
             for suffix, w in ((".lora_a", f.a), (".lora_b", f.b)):
                 t = tensor_type if tensor_type != GGMLType.Q8_0 or w.shape[1] % 32 == 0 else GGMLType.F16

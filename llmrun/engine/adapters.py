@@ -47,7 +47,6 @@ class LoadedAdapter:
     """An adapter checked against one model and laid out for it."""
     path: str
     alpha: float
-    n_tensors: int
     groups: dict[int, _GroupFactors] = field(default_factory=dict)   # index in model.matrix_groups()
     embd: _GroupFactors | None = None                                 # at = token_embd's A (n_vocab, r)
 
@@ -148,7 +147,7 @@ def load_adapter(path, model) -> LoadedAdapter:
         raise AdapterError(f"{path}: LoRA adapter not found (a GGUF LoRA file or a PEFT adapter folder)")
     if not pairs:
         raise AdapterError(f"{path}: the adapter has no LoRA tensors")
-    loaded = LoadedAdapter(path, alpha, len(pairs))
+    loaded = LoadedAdapter(path, alpha)
     per_group: dict[int, list] = {}
     for name, (a, b) in pairs.items():
         rank = b.shape[1]
