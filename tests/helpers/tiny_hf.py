@@ -131,7 +131,6 @@ def merged_reference(base_dir: Path, adapters=()):
     """transformers model (float32) with the adapters merged by PEFT itself, in order, each at its scale."""
     import torch
     from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
