@@ -10,7 +10,7 @@ __all__ = ["create_app", "ModelHost", "ServerConfig", "serve"]
 
 
 def serve(model_path, config: ServerConfig, *, n_ctx: int = 4096, n_threads: int | None = None,
-          parallel: int = 4, alias: str | None = None, announce=print) -> None:
+          parallel: int = 4, alias: str | None = None, loras=(), announce=print) -> None:
     """Load the model, bind the socket, serve until SIGINT/SIGTERM; then stop accepting, let running requests
     finish (up to config.drain_seconds) and return."""
     import signal
@@ -30,7 +30,7 @@ def serve(model_path, config: ServerConfig, *, n_ctx: int = 4096, n_threads: int
         sock.close()
         raise LlmrunError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
     try:
-        host = ModelHost(model_path, n_ctx=n_ctx, n_threads=n_threads, n_slots=parallel, alias=alias)
+        host = ModelHost(model_path, n_ctx=n_ctx, n_threads=n_threads, n_slots=parallel, alias=alias, loras=loras)
     except BaseException:
         sock.close()
         raise
@@ -42,7 +42,7 @@ def serve(model_path, config: ServerConfig, *, n_ctx: int = 4096, n_threads: int
         timeout_graceful_shutdown=int(config.drain_seconds), lifespan="on"))
     shown = f"[{config.host}]" if family == socket.AF_INET6 else config.host
     announce(f"llmrun: serving {host.name} on http://{shown}:{port} ({parallel} slots of {host.n_ctx} tokens)"
-             + ("; API key required" if config.api_key else ""))
+             + (f", {len(loras)} LoRA adapter(s)" if loras else "") + ("; API key required" if config.api_key else ""))
     # uvicorn re-raises the signal that stopped it once it has shut down; a handler of ours (instead of the
     # default, which kills the process) lets that end in a normal return and exit status 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}

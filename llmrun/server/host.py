@@ -43,10 +43,11 @@ class ModelInfo:
 
 
 class ModelHost:
-    """Loads MODEL once; `llm` (tokenize, chat_tokens, embeddings) and `batch` (n_slots KV caches) share it."""
+    """Loads MODEL once (with its run-time LoRA adapters, if any); `llm` (tokenize, chat_tokens, embeddings) and
+    `batch` (n_slots KV caches) share it."""
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | None = None,
-                 n_slots: int = 4, alias: str | None = None):
+                 n_slots: int = 4, alias: str | None = None, loras: Sequence[tuple[str, float]] = ()):
         from ..api import Llama
         from ..engine.batch import SlotCaches
         from ..engine.model import LlamaModel
@@ -70,6 +71,12 @@ class ModelHost:
         self._reader = reader          # stays open: the weights are views into its mmap
         self.name = alias or path.name.removesuffix(".gguf")
         self.llm = Llama.from_parts(tokenizer, model, n_ctx=n_ctx, name=self.name)
+        if loras:   # beside the shared weights, so every slot runs with them
+            try:
+                self.llm.set_lora(list(loras))
+            except BaseException:
+                reader.close()
+                raise
         self.tokenizer = tokenizer
         self.model = model
         self.batch = SlotCaches(model, n_slots)
