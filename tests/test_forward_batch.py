@@ -72,3 +72,31 @@ def test_forward_batch_errors_and_cache_contract(tmp_path):
     with pytest.raises(ModelError):
         a.truncate(2)
     assert a.nbytes == m.cache.nbytes == m.kv_nbytes
+
+
+def test_forward_batch_with_run_time_lora(tmp_path, llama2_tokenizer_model):
+    """LoRA side paths (engine/adapters.py, on every product and token_embd) change nothing of the contract."""
+    from helpers.tiny_hf import make_lora, make_tiny_llama
+    from llmrun.convert import convert_checkpoint
+    from llmrun.engine import adapters
+
+    base = make_tiny_llama(tmp_path / "base", tokenizer="spm", spm_model=llama2_tokenizer_model, seed=50)
+    path = convert_checkpoint(base, tmp_path / "base.gguf", out_type="q8_0")
+    adapter = make_lora(base, tmp_path / "lora", r=4, alpha=8, seed=1,
+                        targets=("q_proj", "v_proj", "o_proj", "down_proj", "embed_tokens", "lm_head"))
+    with GGUFReader(path) as r:
+        m = LlamaModel.load(r, n_ctx=64)
+    adapters.install(m, adapters.build_side_paths(m, [(adapters.load_adapter(str(adapter), m), 0.7)]))
+    assert m.embd_lora is not None and all(g.lora is not None for g in (m.output, m.layers[0].qkv, m.layers[0].down))
+    rng = np.random.default_rng(4)
+    n_vocab = m.hparams.n_vocab
+    seqs = [[int(t) for t in rng.integers(0, n_vocab, sum(step[i] for step in SCHEDULE))] for i in range(3)]
+    caches, alone, pos = m.new_caches(3), [m.new_cache() for _ in range(3)], [0, 0, 0]
+    for step in SCHEDULE:
+        active = [i for i in range(3) if step[i]]
+        feeds = [seqs[i][pos[i]:pos[i] + step[i]] for i in active]
+        got = m.forward_batch([caches[i] for i in active], feeds)
+        for row, i, feed in zip(got, active, feeds):
+            pos[i] += len(feed)
+            m.cache = alone[i]
+            np.testing.assert_array_equal(row, m.forward(feed))

@@ -118,3 +118,30 @@ def test_api_errors_through_the_client(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "hi " * 5000}])
     assert e.value.body["code"] == "context_length_exceeded"
+
+
+def test_lora_is_served(default_model, tmp_path):
+    """`serve --lora` answers as `Llama(lora_path=...)` does, and differently from the base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from helpers.tiny_gguf import reference_model_from_gguf
+
+    pm = get_peft_model(reference_model_from_gguf(default_model),
+                        LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    pm.save_pretrained(tmp_path / "adapter")
+    kw = dict(temperature=0, max_tokens=16)
+    want = Llama(default_model, n_ctx=512, n_threads=2, lora_path=tmp_path / "adapter").create_chat_completion(
+        QUESTION, **kw)["choices"][0]["message"]["content"]
+    base = Llama(default_model, n_ctx=512, n_threads=2).create_chat_completion(QUESTION, **kw)
+    assert want != base["choices"][0]["message"]["content"]
+    with ServerProcess(default_model, "--ctx", "512", "--lora", str(tmp_path / "adapter")) as srv, \
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0) as c:
+        assert any("LoRA" in line for line in srv.log)
+        got = c.chat.completions.create(model="m", messages=QUESTION, **kw).choices[0].message.content
+    assert got == want

@@ -41,8 +41,9 @@ def serve(model_path, config: ServerConfig, *, n_ctx: int = 4096, n_threads: int
         app, log_level="info" if config.log_requests else "warning", access_log=config.log_requests,
         timeout_graceful_shutdown=int(config.drain_seconds), lifespan="on"))
     shown = f"[{config.host}]" if family == socket.AF_INET6 else config.host
+    extras = (f", {len(loras)} LoRA adapter(s)" if loras else "") + ("; API key required" if config.api_key else "")
     announce(f"llmrun: serving {host.name} on http://{shown}:{port} ({parallel} slots of {host.n_ctx} tokens)"
-             + (f", {len(loras)} LoRA adapter(s)" if loras else "") + ("; API key required" if config.api_key else ""))
+             + extras)
     # uvicorn re-raises the signal that stopped it once it has shut down; a handler of ours (instead of the
     # default, which kills the process) lets that end in a normal return and exit status 0.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
