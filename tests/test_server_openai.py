@@ -3,12 +3,11 @@ token limits, usage, seeds, several choices. The server must answer exactly as t
 same request (same engine, same defaults), which tests/test_api.py checks against its own references."""
 from __future__ import annotations
 
+import openai  # dev dependency; a missing one must fail, not skip
 import pytest
 
 from helpers.server import ServerProcess
 from llmrun.api import Llama
-
-openai = pytest.importorskip("openai")   # a dev dependency: missing means a broken install, see pyproject
 
 QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 

@@ -11,14 +11,13 @@ import shutil
 import time
 
 import pytest
+from selenium import webdriver  # dev dependency; a missing one must fail, not skip
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
 
 from helpers.server import ServerProcess
 from llmrun.api import Llama
-
-webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 QUESTION = "What is the capital of France?"
 
