@@ -1,0 +1,206 @@
+"""Tool calls: checking OpenAI ``tools`` / ``tool_choice``, the JSON schema that forces a call, and parsing
+calls out of generated text into OpenAI's ``tool_calls``.
+
+Formats recognised in the output (what the common chat templates teach their models):
+
+* Hermes / Qwen:  ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (one or more, text before them
+  is the message content);
+* Llama 3.x:      ``{"name": ..., "parameters": {...}}`` (optionally after ``<|python_tag|>``, several joined
+  by ``;``);
+* Mistral:        ``[TOOL_CALLS] [{"name": ..., "arguments": {...}, "id": ...}, ...]`` and the newer
+  ``[TOOL_CALLS]name[ARGS]{...}``;
+* plain JSON:     a call object, a list of them, or ``{"tool_calls": [...]}``; also inside a ```json fence.
+
+A call only counts when its name is one of the offered tools. With ``tool_choice="required"`` or a named
+function, decoding is constrained by ``forced_call_schema`` so that the output is one plain-JSON call whose
+arguments validate against the tool's parameters.
+"""
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from typing import Any, Mapping, Sequence
+
+from ..errors import LlmrunError
+
+
+class ToolCallError(LlmrunError):
+    """``tools`` or ``tool_choice`` is malformed."""
+
+
+def check_tools(tools) -> list[dict]:
+    """``tools`` in OpenAI's shape (``[{"type": "function", "function": {"name", "description", "parameters"}}]``),
+    checked; returns plain dicts. A bare function dict (``{"name": ..., "parameters": ...}``) is accepted too."""
+    if tools is None:
+        return []
+    if not isinstance(tools, (list, tuple)):
+        raise ToolCallError(f"tools must be a list (got {type(tools).__name__})")
+    out, names = [], set()
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, Mapping):
+            raise ToolCallError(f"tools[{i}] must be a dict")
+        if "function" not in tool and "name" in tool:
+            tool = {"type": "function", "function": dict(tool)}
+        if tool.get("type", "function") != "function":
+            raise ToolCallError(f"tools[{i}]: only type 'function' is supported (got {tool.get('type')!r})")
+        fn = tool.get("function")
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ToolCallError(f"tools[{i}] needs function.name (a non-empty string)")
+        params = fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, Mapping):
+            raise ToolCallError(f"tools[{i}] ({fn['name']}): parameters must be a JSON schema object")
+        if fn["name"] in names:
+            raise ToolCallError(f"tools: function {fn['name']!r} is listed twice")
+        names.add(fn["name"])
+        out.append({**tool, "type": "function", "function": {**fn, "parameters": params}})
+    return out
+
+
+def resolve_tool_choice(tool_choice, tools: Sequence[Mapping]) -> tuple[str, str | None]:
+    """(mode, function name): mode is "none", "auto" or "required"; a named function gives ("required", name).
+
+    Accepts "none" / "auto" / "required", ``{"type": "function", "function": {"name": N}}`` and a bare name.
+    """
+    names = [t["function"]["name"] for t in tools]
+    if tool_choice is None:
+        return ("auto" if tools else "none"), None
+    if isinstance(tool_choice, str):
+        if tool_choice in ("none", "auto", "required"):
+            if tool_choice == "required" and not tools:
+                raise ToolCallError('tool_choice "required" needs tools')
+            return tool_choice, None
+        name = tool_choice
+    elif isinstance(tool_choice, Mapping):
+        fn = tool_choice.get("function")
+        name = fn.get("name") if isinstance(fn, Mapping) else tool_choice.get("name")
+        if not isinstance(name, str):
+            raise ToolCallError('tool_choice must be "none", "auto", "required" or '
+                                '{"type": "function", "function": {"name": ...}}')
+    else:
+        raise ToolCallError(f"tool_choice must be a string or a dict (got {type(tool_choice).__name__})")
+    if name not in names:
+        raise ToolCallError(f"tool_choice names {name!r}, which is not among the tools ({', '.join(names) or 'none'})")
+    return "required", name
+
+
+def forced_call_schema(tools: Sequence[Mapping], name: str | None = None) -> dict:
+    """JSON schema of one call ``{"name": N, "arguments": {...}}`` to the named tool, or to any of them."""
+    def one(tool):
+        fn = tool["function"]
+        return {"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": fn["parameters"]},
+                "required": ["name", "arguments"], "additionalProperties": False}
+    chosen = [t for t in tools if name is None or t["function"]["name"] == name]
+    if not chosen:
+        raise ToolCallError("no tool to call")
+    return one(chosen[0]) if len(chosen) == 1 else {"anyOf": [one(t) for t in chosen]}
+
+
+# ---- parsing --------------------------------------------------------------------------------------------
+_DECODER = json.JSONDecoder()
+_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S)
+_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+
+
+def new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+def _as_call(obj, names: set[str]) -> dict | None:
+    """One OpenAI tool call from a parsed object, or None when it is not a call to an offered tool."""
+    if not isinstance(obj, Mapping):
+        return None
+    if isinstance(obj.get("function"), Mapping):          # OpenAI's own shape echoed back
+        obj = {**obj["function"], "id": obj.get("id")}
+    name = obj.get("name")
+    if not isinstance(name, str) or name not in names:
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if not isinstance(args, Mapping):
+        return None
+    call_id = obj.get("id") if isinstance(obj.get("id"), str) and obj.get("id") else new_call_id()
+    return {"id": call_id, "type": "function",
+            "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}}
+
+
+def _json_values(text: str) -> list | None:
+    """Consecutive JSON values in ``text`` (separated by whitespace, ';' or ','), or None if anything else."""
+    values, i, n = [], 0, len(text)
+    while True:
+        while i < n and text[i] in " \t\r\n;,":
+            i += 1
+        if i >= n:
+            return values
+        try:
+            value, i = _DECODER.raw_decode(text, i)
+        except ValueError:
+            return None
+        values.append(value)
+
+
+def _calls_from_values(values, names) -> list[dict] | None:
+    objs = []
+    for v in values:
+        if isinstance(v, Mapping) and isinstance(v.get("tool_calls"), list):
+            objs.extend(v["tool_calls"])
+        elif isinstance(v, list):
+            objs.extend(v)
+        else:
+            objs.append(v)
+    calls = [_as_call(o, names) for o in objs]
+    return calls if calls and all(c is not None for c in calls) else None
+
+
+def parse_tool_calls(text: str, tools: Sequence[Mapping]) -> tuple[str | None, list[dict]]:
+    """(content, tool_calls) of a generated message. No recognised call: (text, [])."""
+    names = {t["function"]["name"] for t in tools}
+    if not names or not text:
+        return text, []
+    stripped = text.strip()
+
+    if "<tool_call>" in stripped:                                      # Hermes / Qwen
+        head = stripped[:stripped.index("<tool_call>")].strip()
+        calls = []
+        for body in _HERMES.findall(stripped):
+            values = _json_values(body)
+            found = _calls_from_values(values, names) if values else None
+            if found is None:
+                return text, []
+            calls.extend(found)
+        return (head or None), calls
+
+    if stripped.startswith("[TOOL_CALLS]"):                            # Mistral
+        rest = stripped[len("[TOOL_CALLS]"):].strip()
+        if "[ARGS]" in rest:
+            calls = []
+            for part in rest.split("[TOOL_CALLS]"):
+                name, _, args = part.partition("[ARGS]")
+                call = _as_call({"name": name.strip(), "arguments": args.strip()}, names)
+                if call is None:
+                    return text, []
+                calls.append(call)
+            return None, calls
+        values = _json_values(rest)
+        calls = _calls_from_values(values, names) if values else None
+        return (None, calls) if calls else (text, [])
+
+    body = stripped
+    if body.startswith("<|python_tag|>"):                              # Llama 3.x
+        body = body[len("<|python_tag|>"):].strip()
+    fence = _FENCE.match(body)
+    if fence:
+        body = fence.group(1)
+    if body[:1] in "{[":                                               # Llama 3.x JSON / plain JSON
+        values = _json_values(body)
+        calls = _calls_from_values(values, names) if values else None
+        if calls:
+            return None, calls
+    return text, []
+
+
+__all__ = ["ToolCallError", "check_tools", "forced_call_schema", "parse_tool_calls", "resolve_tool_choice"]
