@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GGUFError, LlmrunError
-from .constants import (GGML_BLOCK, GGML_MAX_DIMS, GGML_MAX_NAME, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC,
-                        GGUF_VERSION, VALUE_DTYPES, GGMLType, GGUFValueType)
+from ..ggml import GGML_BLOCK, GGMLType
+from .constants import (GGML_MAX_DIMS, GGML_MAX_NAME, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION,
+                        VALUE_DTYPES, GGUFValueType)
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")

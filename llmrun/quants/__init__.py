@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import QuantError
-from ..gguf.constants import GGMLType, GGML_BLOCK, row_nbytes
+from ..ggml import GGMLType, GGML_BLOCK, row_nbytes
 from . import floats, legacy, kquants, iq4_nl
 from .common import count_non_finite
 

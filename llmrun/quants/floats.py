@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import QuantError
-from ..gguf.constants import GGMLType
+from ..ggml import GGMLType
 from .common import CHUNK_WEIGHTS
 
 

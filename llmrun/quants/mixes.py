@@ -16,7 +16,8 @@ from __future__ import annotations
 import re
 
 from ..errors import QuantError
-from ..gguf.constants import GGML_BLOCK, GGMLType, LlamaFileType
+from ..ggml import GGML_BLOCK, GGMLType
+from ..gguf.constants import LlamaFileType
 
 F = LlamaFileType
 

@@ -14,7 +14,10 @@ import numpy as np
 
 from ..errors import LlmrunError
 from ..gguf import GGUFReader, GGUFWriter, GGMLType, GGUFValueType, LlamaFileType
-from ..gguf.constants import GGML_QUANT_VERSION
+from ..ggml import GGML_QUANT_VERSION
+from ..quants import quantize
+from ..quants.mixes import parse_file_type, plan_tensor_types
+from ..tensors import tensor_to_float32
 
 # How `progress` is told about each tensor: (index from 0, total, name, chosen type).
 Progress = Callable[[int, int, str, GGMLType], None]
@@ -44,9 +47,6 @@ def requantize(in_path, out_path, file_type, *, overwrite: bool = False,
 
     Returns the type chosen for every tensor. Nothing is written unless the whole file is.
     """
-    from ..quants import dequantize, quantize
-    from ..quants.mixes import parse_file_type, plan_tensor_types
-
     in_path, out_path = Path(in_path), Path(out_path)
     ftype = file_type if isinstance(file_type, LlamaFileType) else parse_file_type(str(file_type))
     if _same_file(in_path, out_path):
@@ -88,22 +88,21 @@ def requantize(in_path, out_path, file_type, *, overwrite: bool = False,
             else:
                 raise LlmrunError(f"{in_path}: no target type planned for tensor {ti.name!r}")
             chosen[ti.name] = target
-            w.add_tensor(ti.name, ti.shape, target, _converter(ti, target, dequantize, quantize,
-                                                                progress, i, n))
+            w.add_tensor(ti.name, ti.shape, target, _converter(ti, target, progress, i, n))
         w.write()
         return chosen
     finally:
         r.close()
 
 
-def _converter(ti, target: GGMLType, dequantize, quantize, progress, i: int, n: int):
+def _converter(ti, target: GGMLType, progress, i: int, n: int):
     """Zero-arg callable producing the tensor's new bytes when the writer reaches it."""
     def produce():
         if progress is not None:
             progress(i, n, ti.name, target)
         if ti.ggml_type == target:  # llama.cpp copies tensors already of the target type
             return ti.data  # zero-copy view of the input's bytes
-        x = dequantize(ti.data, ti.ggml_type, ti.shape)
+        x = tensor_to_float32(ti)
         if target == GGMLType.F32:
             return x
         return quantize(x.reshape(-1, ti.shape[-1]), target)
