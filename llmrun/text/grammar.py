@@ -78,7 +78,22 @@ class Grammar:
         return cls._checked("gbnf", text, _llguidance().LLMatcher.grammar_from_lark(lark))
 
     @classmethod
-    def from_json_schema(cls, schema: Mapping[str, Any] | bool | str) -> "Grammar":
+    def from_string(cls, grammar: str, verbose: bool = False) -> "Grammar":
+        """llama-cpp-python's ``LlamaGrammar.from_string``: GBNF text."""
+        return cls.from_gbnf(grammar)
+
+    @classmethod
+    def from_file(cls, path, verbose: bool = False) -> "Grammar":
+        """GBNF from a file (llama-cpp-python's ``LlamaGrammar.from_file``)."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_GRAMMAR_CHARS * 4 + 1)
+        except OSError as e:
+            raise GrammarError(f"cannot read grammar file {path}: {e.strerror or e}") from None
+        return cls.from_gbnf(data)
+
+    @classmethod
+    def from_json_schema(cls, schema: Mapping[str, Any] | bool | str, verbose: bool = False) -> "Grammar":
         """Output must be JSON valid under ``schema`` (a dict, or its JSON text)."""
         if isinstance(schema, (str, bytes)):
             text = _text_arg(schema, "JSON schema")
