@@ -2,6 +2,7 @@
 __version__ = "0.1.0"
 
 from . import runtime as _runtime
+from .errors import LlmrunError
 
 _runtime.configure_before_numba()   # first, before anything imports numba: see runtime.py
 
@@ -14,9 +15,6 @@ def __getattr__(name):
     if name == "LlamaGrammar":          # llama-cpp-python's name for a compiled grammar
         from .text.grammar import Grammar
         return Grammar
-    if name == "LlmrunError":
-        from .errors import LlmrunError
-        return LlmrunError
     raise AttributeError(name)
 
 

@@ -76,6 +76,8 @@ def _per_layer(reader, key, n_layer, default=None, required=False) -> list[int]:
 
 
 def read_hparams(reader) -> LlamaHParams:
+    """The model's hyper-parameters from the GGUF metadata, and its vocabulary size from the token_embd rows
+    (what the graph indexes; ModelError when anything is missing or inconsistent)."""
     arch = reader.metadata.get("general.architecture")
     if arch != ARCH:
         raise ModelError(f"{reader.path}: architecture {arch!r} is not supported (only 'llama')")
@@ -110,8 +112,11 @@ def read_hparams(reader) -> LlamaHParams:
     freq_scale = 1.0 / factor if factor > 0 and scaling != "none" else 1.0
     if freq_scale == 1.0 and scaling == "linear":
         scaling = "none"
+    emb_ti = reader.tensors.get("token_embd.weight")
+    if emb_ti is None:
+        raise ModelError(f"{reader.path}: missing tensor token_embd.weight")
     hp = LlamaHParams(
-        n_vocab=0, n_embd=n_embd, n_layer=n_layer, n_head=heads[0], n_head_kv=heads_kv[0],
+        n_vocab=int(emb_ti.shape[0]), n_embd=n_embd, n_layer=n_layer, n_head=heads[0], n_head_kv=heads_kv[0],
         head_dim=head_dim, n_ff=n_ffs[0], rms_eps=eps,
         rope_base=float(_meta(reader, p + "rope.freq_base", 10000.0)), v_head_dim=v_head_dim,
         n_rot=n_rot, n_ctx_train=n_ctx_train, rope_scaling=scaling, rope_freq_scale=freq_scale,
@@ -204,7 +209,8 @@ class _Layer:
 
 
 class LlamaModel:
-    """A loaded LLaMA model with its KV cache (see common.md: forward / truncate / reset)."""
+    """A loaded LLaMA model with its KV cache: `forward` appends tokens and returns their logits, `truncate`
+    drops cached positions from the end, `reset` empties the cache."""
 
     def __init__(self, hparams: LlamaHParams, n_ctx: int, n_threads: int | None):
         self.hparams = hparams
@@ -228,10 +234,6 @@ class LlamaModel:
         fixed_mmap_threshold()   # glibc settings for the load's large temporaries: runtime.py
         w = _Weights(reader)
         E = hp.n_embd
-        emb_ti = reader.tensors.get("token_embd.weight")
-        if emb_ti is None:
-            raise ModelError(f"{reader.path}: missing tensor token_embd.weight")
-        hp.n_vocab = int(emb_ti.shape[0])
         self = cls(hp, n_ctx, n_threads)
         self.tok_embd = w.matrix([("token_embd.weight", (hp.n_vocab, E))])[0]
         if "output.weight" in reader.tensors:

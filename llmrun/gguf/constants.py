@@ -1,4 +1,4 @@
-"""GGUF container constants (see docs: formats.md §1): magic, version, alignment, value types, file types.
+"""GGUF container constants (docs/formats.md §1): magic, version, alignment, value types, file types.
 
 ggml's tensor-type facts live in llmrun/ggml.py; GGMLType, GGML_BLOCK, row_nbytes and GGML_QUANT_VERSION
 are re-exported here so that older imports from llmrun.gguf.constants keep working.

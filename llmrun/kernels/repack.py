@@ -14,7 +14,7 @@ row and an integer zero point per matrix, so that `w = d*(q - zero) + m`. Signed
 
 For U4 and I8, rows are grouped into tiles of TILE_ROWS; inside a tile the codes are stored *row-innermost*
 ([tile, block, byte, row]) so that the kernels' innermost loop runs over TILE_ROWS independent output
-rows: long, contiguous and without reductions, which is what LLVM vectorizes well (kernels.md).
+rows: long, contiguous and without reductions, which is what LLVM vectorizes well (docs/kernels.md).
 H16 and F32 rows stay row-major. Nothing is dequantized to a float32 copy: U4 keeps 4 bits per weight,
 I8 8 bits, H16 16 bits (prefill widens one chunk of rows at a time, qmatmul.py).
 """
@@ -82,7 +82,7 @@ def _pack_nibbles(q: np.ndarray) -> np.ndarray:
 
 
 def _kquant_scales_mins(sc: np.ndarray):
-    """Q4_K/Q5_K 12-byte 6-bit packing [..., 12] -> scales, mins [..., 8] (formats.md §3.2)."""
+    """Q4_K/Q5_K 12-byte 6-bit packing [..., 12] -> scales, mins [..., 8] (docs/formats.md §3.2)."""
     sc = sc.astype(np.uint8)
     s = np.empty(sc.shape[:-1] + (8,), np.uint8)
     mn = np.empty_like(s)

@@ -23,9 +23,10 @@ DEQUANTIZE = {**floats.DEQUANTIZE, **legacy.DEQUANTIZE, **kquants.DEQUANTIZE, **
 
 
 def _as_type(qtype) -> GGMLType:
-    if isinstance(qtype, str):
-        return GGMLType.from_name(qtype)
-    return GGMLType(qtype)
+    try:
+        return GGMLType.from_name(qtype) if isinstance(qtype, str) else GGMLType(qtype)
+    except ValueError:
+        raise QuantError(f"unknown tensor type {qtype!r}") from None
 
 
 def quantize(x: np.ndarray, qtype) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""IQ4_NL: 32-weight blocks of 4-bit indices into a fixed non-linear table, one fp16 scale (formats.md §3.9).
+"""IQ4_NL: 32-weight blocks of 4-bit indices into a fixed non-linear table, one fp16 scale (docs/formats.md §3.9).
 
 Quantization is what llama-quantize runs without an imatrix (`quantize_iq4_nl`): ggml's
 quantize_row_iq4_nl_impl with weights x**2 and a scale search over ntry = 7, then every index

@@ -1,7 +1,7 @@
 """K-quants Q2_K..Q6_K (256-weight super-blocks): ggml's reference quantizers, bit-exact, and dequantizers.
 
 Quantization follows `quantize_row_<type>_ref` in ggml-quants.c (what llama-quantize runs without an
-imatrix); see formats.md §3.2-§3.6 for the layouts. Rows run in parallel (they are independent, so
+imatrix); see docs/formats.md §3.2-§3.6 for the layouts. Rows run in parallel (they are independent, so
 threading cannot change a byte). Within a row, chunks of super-blocks go through two stages:
   1. the per-group scale searches (kquant_search.py), all groups of the chunk at once in SIMD lanes;
   2. per block: the fp16 super-scales, 4/6-bit group codes, re-quantization with the rounded scales

@@ -1,4 +1,4 @@
-"""The legacy 32-weight block formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (formats.md §3.1).
+"""The legacy 32-weight block formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (docs/formats.md §3.1).
 
 Quantizers follow ggml's `quantize_row_<type>_ref` (what llama-quantize runs without an imatrix) and
 must stay byte-identical to it, so every step is float32 in ggml's order, with no fused multiply-add
