@@ -203,4 +203,55 @@ def parse_tool_calls(text: str, tools: Sequence[Mapping]) -> tuple[str | None, l
     return text, []
 
 
-__all__ = ["ToolCallError", "check_tools", "forced_call_schema", "parse_tool_calls", "resolve_tool_choice"]
+# How a message that is a tool call starts (after whitespace); Hermes calls may also follow some text.
+_CALL_STARTS = ("<tool_call>", "[TOOL_CALLS]", "<|python_tag|>", "{", "[", "```")
+_HERMES_OPEN = "<tool_call>"
+
+
+class CallStream:
+    """Streams a message's content while holding back what may be a tool call, for ``stream=True`` with tools.
+
+    ``push(text)`` returns the text safe to show as content now; ``finish()`` returns (the rest of the content,
+    tool_calls). A message whose start looks like a call is held whole; in other text, everything from a
+    ``<tool_call>`` (or a prefix of it at the end) on is held.
+    """
+
+    def __init__(self, tools: Sequence[Mapping]):
+        self.tools = tools
+        self.shown = ""        # content already given out
+        self.held = ""
+        self.undecided = True  # still at the start of the message
+        self.calling = False   # a call has started: hold everything from here
+
+    def push(self, text: str) -> str:
+        self.held += text
+        if self.calling:
+            return ""
+        if self.undecided:
+            start = self.held.lstrip()
+            if not start or any(m.startswith(start) or start.startswith(m) for m in _CALL_STARTS):
+                if start.startswith(_CALL_STARTS):
+                    self.calling = True
+                return ""
+            self.undecided = False
+        at = self.held.find(_HERMES_OPEN)
+        if at >= 0:
+            self.calling = True
+            out, self.held = self.held[:at], self.held[at:]
+        else:
+            keep = next((k for k in range(min(len(_HERMES_OPEN) - 1, len(self.held)), 0, -1)
+                         if _HERMES_OPEN.startswith(self.held[-k:])), 0)
+            out, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        self.shown += out
+        return out
+
+    def finish(self) -> tuple[str, list[dict]]:
+        content, calls = parse_tool_calls(self.shown + self.held, self.tools)
+        if not calls:
+            rest, self.held = self.held, ""
+            return rest, []
+        # the content parse_tool_calls found was shown already (a Hermes call after text), or there was none
+        return "", calls
+
+
+__all__ = ["CallStream", "ToolCallError", "check_tools", "forced_call_schema", "parse_tool_calls", "resolve_tool_choice"]
