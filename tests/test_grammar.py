@@ -18,6 +18,8 @@ from llmrun.gguf import GGUFReader, GGUFWriter
 from llmrun.text.grammar import Grammar, GrammarError, response_format_grammar
 from llmrun.text.tokenizer import Tokenizer
 
+from helpers.constraints import GBNF, SCHEMAS
+
 
 @pytest.fixture(scope="module")
 def bpe(default_model) -> Tokenizer:
@@ -62,20 +64,6 @@ def walk(grammar: Grammar, tok: Tokenizer, seed: int, max_steps: int = 200) -> s
     raise AssertionError(f"no end after {max_steps} tokens: {tok.decode(ids)!r}")
 
 
-GBNF = [
-    ('root ::= "yes" | "no"', r"yes|no"),
-    ('root ::= [0-9]{3} "-" [0-9]{4}', r"[0-9]{3}-[0-9]{4}"),
-    ('root ::= "(" [a-z]{1,8} ")" ("," " "? "(" [a-z]{1,8} ")"){0,3}', r"\([a-z]{1,8}\)(, ?\([a-z]{1,8}\)){0,3}"),
-    ('root ::= greeting " " name "!"\ngreeting ::= "Hello" | "Hi" | "Hey"\nname ::= [A-Z] [a-z]{1,6}',
-     r"(Hello|Hi|Hey) [A-Z][a-z]{1,6}!"),
-    ('# a comment\nroot ::= item+\nitem ::= "- " [a-zA-Z ]{1,10} "\\n"', r"(- [a-zA-Z ]{1,10}\n){1,}"),
-    ('root ::= "[" ( num ( ", " num ){0,4} )? "]"\nnum ::= "-"? [1-9] [0-9]{0,2}',
-     r"\[(-?[1-9][0-9]{0,2}(, -?[1-9][0-9]{0,2}){0,4})?\]"),
-    ('root ::= [^"\\n]{1,12}', r'[^"\n]{1,12}'),
-    ('root ::= "caf" "\\u00e9" | "日本" [語人]', r"café|日本[語人]"),
-]
-
-
 @pytest.mark.parametrize("grammar,regex", GBNF, ids=[f"g{i}" for i in range(len(GBNF))])
 def test_gbnf_outputs_match_regex(tok, grammar, regex):
     g = Grammar.from_gbnf(grammar)
@@ -93,37 +81,6 @@ def test_first_mask_of_a_literal_grammar_is_exact(tok):
                          and any(w.startswith(p) for w in words) for i in range(tok.n_vocab)])
     assert expected.sum() >= 3
     assert np.array_equal(allowed, expected)
-
-
-SCHEMAS = [
-    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
-                                      "age": {"type": "integer", "minimum": 0, "maximum": 120}},
-     "required": ["name", "age"], "additionalProperties": False},
-    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
-                                      "shade": {"type": "number", "minimum": 0, "maximum": 1}},
-     "required": ["color"], "additionalProperties": False},
-    {"type": "array", "items": {"type": "integer", "minimum": -50, "maximum": 50}, "minItems": 2, "maxItems": 4},
-    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"}},
-     "required": ["code"], "additionalProperties": False},
-    {"type": "object", "properties": {
-        "user": {"type": "object", "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 9999},
-                                                  "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]},
-                                                           "maxItems": 3}},
-                 "required": ["id", "tags"], "additionalProperties": False},
-        "active": {"type": "boolean"}}, "required": ["user", "active"], "additionalProperties": False},
-    {"anyOf": [{"type": "object", "properties": {"kind": {"const": "circle"}, "r": {"type": "integer",
-                                                                                    "minimum": 1, "maximum": 99}},
-                "required": ["kind", "r"], "additionalProperties": False},
-               {"type": "object", "properties": {"kind": {"const": "square"}, "side": {"type": "integer",
-                                                                                       "minimum": 1, "maximum": 99}},
-                "required": ["kind", "side"], "additionalProperties": False}]},
-    {"type": "object", "properties": {"note": {"type": ["string", "null"], "maxLength": 8}},
-     "required": ["note"], "additionalProperties": False},
-    {"$defs": {"point": {"type": "object", "properties": {"x": {"type": "integer", "minimum": 0, "maximum": 9},
-                                                          "y": {"type": "integer", "minimum": 0, "maximum": 9}},
-                         "required": ["x", "y"], "additionalProperties": False}},
-     "type": "array", "items": {"$ref": "#/$defs/point"}, "minItems": 1, "maxItems": 3},
-]
 
 
 @pytest.mark.parametrize("schema", SCHEMAS, ids=[f"s{i}" for i in range(len(SCHEMAS))])
