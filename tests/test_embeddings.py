@@ -10,9 +10,7 @@ import torch
 from helpers.fake_llm import ByteTokenizer
 from helpers.tiny_gguf import TinySpec, hf_model, write_gguf
 from llmrun import Llama
-from llmrun.engine.model import LlamaModel
 from llmrun.errors import LlmrunError
-from llmrun.gguf import GGUFReader
 
 SPEC = TinySpec(vocab=ByteTokenizer.n_vocab, qtype="f32", seed=5)
 IDS = [[72, 101, 108, 108, 111, 33], [1, 2, 3], list(range(40, 90))]

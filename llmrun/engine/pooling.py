@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import LlmrunError
+from ..errors import EmbeddingError
 
 POOLING_TYPES = {0: "none", 1: "mean", 2: "cls", 3: "last"}
-
-
-class EmbeddingError(LlmrunError):
-    """Embeddings cannot be computed as asked."""
 
 
 def pooling_name(value) -> str:

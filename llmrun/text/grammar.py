@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import LlmrunError
+from ..errors import GrammarError
 
 # Bounds on what a caller may hand us: the text size here, the grammar's size and the per-token work inside
 # llguidance (its default limits), so a hostile grammar costs an error, not minutes.
@@ -33,10 +33,6 @@ MAX_GRAMMAR_CHARS = 512 * 1024
 # whitespace tend to emit runs of newlines; a fixed layout also makes the output what json.dumps writes.
 # A schema's own "x-guidance" options override these.
 JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-
-
-class GrammarError(LlmrunError):
-    """A grammar, JSON schema or response_format cannot be compiled, or generation left the grammar."""
 
 
 def _one_line(message: str, limit: int = 300) -> str:

@@ -20,13 +20,9 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
-from ..errors import LlmrunError
-
-
-class ToolCallError(LlmrunError):
-    """``tools`` or ``tool_choice`` is malformed."""
+from ..errors import ToolCallError
 
 
 def check_tools(tools) -> list[dict]:
