@@ -230,17 +230,17 @@ class Llama:
         grammar = self._constraint(options)
         top_n = _logprobs_count(options.logprobs, "logprobs", self.n_vocab()) if options.logprobs is not None \
             and options.logprobs is not False else None
-        echo = self._echo_text(prompt, tokens) if options.echo else ""
+        prompt_text = self._echo_text(prompt, tokens)
+        echo = prompt_text if options.echo else ""
         echo_logprobs = self._echo_logprobs(tokens, top_n) if options.echo and top_n is not None else []
         events = self._choices(tokens, options, grammar, top_n)
         cid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), options.model or self._name
         suffix = options.suffix or ""
+        # offsets count characters from the start of the prompt, as OpenAI's (and llama-cpp-python's) do
+        start = 0 if options.echo else len(prompt_text)
 
-        def logprobs_of(entries, first: bool):
-            if top_n is None:
-                return None
-            return completion_logprobs(self.tokenizer, entries, text_offset=0 if options.echo else len(echo),
-                                       prompt=echo_logprobs if first else ())
+        def logprobs_of(entries, offset: int, prompt_part=()):
+            return completion_logprobs(self.tokenizer, entries, text_offset=offset, prompt=prompt_part)
 
         def chunk(index: int, text: str, finish: FinishReason | None, logprobs=None) -> CompletionChunk:
             return {"id": cid, "object": "text_completion", "created": created, "model": name,
@@ -248,23 +248,30 @@ class Llama:
 
         if options.stream:
             def chunks() -> Iterator[CompletionChunk]:
-                started = set()
+                offsets: dict[int, int] = {}
                 for index, event in events:
-                    if index not in started:
-                        started.add(index)
+                    if index not in offsets:
+                        offsets[index] = start
                         if echo:
-                            yield chunk(index, echo, None, logprobs_of([], True) if echo_logprobs else None)
+                            yield chunk(index, echo, None,
+                                        logprobs_of([], 0, echo_logprobs) if echo_logprobs else None)
+                            offsets[index] = len(echo)
                     text = event.text + (suffix if event.finish_reason is not None else "")
-                    entries = [event.logprob] if event.logprob is not None else []
-                    if text or entries:
-                        yield chunk(index, text, None, logprobs_of(entries, False) if entries else None)
+                    logprobs = None
+                    if event.logprob is not None:
+                        logprobs = logprobs_of([event.logprob], offsets[index])
+                        offsets[index] += len(logprobs["tokens"][0])
+                    if text or logprobs:
+                        yield chunk(index, text, None, logprobs)
                     if event.finish_reason is not None:
                         yield chunk(index, "", event.finish_reason)
             return chunks()
         logs = _collect(events, options.n)
         return {"id": cid, "object": "text_completion", "created": created, "model": name,
                 "choices": [{"text": echo + log.content + suffix, "index": i,
-                             "logprobs": logprobs_of(log.logprobs, True), "finish_reason": log.finish_reason}
+                             "logprobs": logprobs_of(log.logprobs, start, echo_logprobs) if top_n is not None
+                             else None,
+                             "finish_reason": log.finish_reason}
                             for i, log in enumerate(logs)],
                 "usage": _usage(len(tokens), logs)}
 

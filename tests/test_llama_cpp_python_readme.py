@@ -195,3 +195,11 @@ def test_gpu_and_batching_keywords_are_noted_under_verbose(model_path, capsys):
         Llama(model_path=model_path, vocab_only=True, rope_freq_base=10000.0)
     with pytest.raises(LlmrunError, match="chat_format"):
         Llama(model_path=model_path, vocab_only=True, chat_format="no-such-format")
+
+
+def test_suffix_model_name_and_neutral_samplers(model_path, capsys):
+    llm = Llama(model_path=model_path, n_ctx=256, verbose=True)
+    out = llm.create_completion("Hi", max_tokens=2, temperature=0, suffix="<END>", model="my-model", typical_p=0.5,
+                                mirostat_mode=0)
+    assert out["model"] == "my-model" and out["choices"][0]["text"].endswith("<END>")
+    assert "typical_p=0.5 ignored" in capsys.readouterr().err

@@ -44,11 +44,12 @@ def reference_logprobs(llm, tokens) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
 
 
-def check_against_eval_logits(llm, prompt_ids, generated, lp, top_n, tolerance):
+def check_against_eval_logits(llm, prompt_ids, generated, lp, top_n, tolerance, prompt_chars):
     ref = reference_logprobs(llm, prompt_ids + generated)
     n = len(lp["tokens"])
     assert n == len(generated) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"])
-    assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(n)]
+    # character offsets from the start of the prompt (OpenAI's legacy completions)
+    assert lp["text_offset"] == [prompt_chars + sum(map(len, lp["tokens"][:i])) for i in range(n)]
     for i, tok in enumerate(generated):
         row = ref[len(prompt_ids) - 1 + i]
         assert abs(lp["token_logprobs"][i] - row[tok]) < tolerance
@@ -90,7 +91,7 @@ def test_tiny_float_model_logprobs_equal_eval_logits(tiny):
     out, _, generated = recorded(tiny, prompt, max_tokens=10, temperature=1.0, seed=2, logprobs=4)
     lp = out["choices"][0]["logprobs"]
     assert len(generated) == 10
-    check_against_eval_logits(tiny, prompt, generated, lp, 4, 1e-4)
+    check_against_eval_logits(tiny, prompt, generated, lp, 4, 1e-4, len(tiny.detokenize(prompt).decode()))
 
 
 def test_completion_logprobs_are_the_sampled_rows(llm):
@@ -103,7 +104,7 @@ def test_completion_logprobs_are_the_sampled_rows(llm):
         assert abs(lp["token_logprobs"][i] - logp[tok]) < 1e-5
         assert sorted(lp["top_logprobs"][i].values(), reverse=True)[:5] == pytest.approx(
             np.sort(logp)[::-1][:5], abs=1e-5)
-    check_against_eval_logits(llm, llm.tokenize(PROMPT.encode()), generated, lp, 5, PATH_TOLERANCE)
+    check_against_eval_logits(llm, llm.tokenize(PROMPT.encode()), generated, lp, 5, PATH_TOLERANCE, len(PROMPT))
 
 
 def test_chat_logprobs_openai_shape_match_eval_logits(tiny):
@@ -145,8 +146,9 @@ def test_echo_logprobs_cover_the_prompt(llm):
 def test_logprobs_stream_chunks_carry_their_tokens(llm):
     chunks = list(llm.create_completion(PROMPT, max_tokens=5, temperature=0, logprobs=1, stream=True))
     whole = llm.create_completion(PROMPT, max_tokens=5, temperature=0, logprobs=1)["choices"][0]["logprobs"]
-    streamed = [v for c in chunks if c["choices"][0]["logprobs"] for v in c["choices"][0]["logprobs"]["token_logprobs"]]
-    assert streamed == pytest.approx(whole["token_logprobs"], abs=1e-6)
+    parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert [v for p in parts for v in p["token_logprobs"]] == pytest.approx(whole["token_logprobs"], abs=1e-6)
+    assert [v for p in parts for v in p["text_offset"]] == whole["text_offset"]
 
 
 def test_logit_bias_bans_and_forces(llm):
