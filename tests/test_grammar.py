@@ -146,3 +146,12 @@ def test_rejected_token_is_error(bpe):
     m = Grammar.from_gbnf('root ::= "yes"').matcher(bpe)
     with pytest.raises(GrammarError):
         m.accept(bpe.encode("no", add_bos=False)[0])
+
+
+def test_any_tokenizer_like_works():
+    """A tokenizer with only protocols.py's TokenizerLike methods (no token types) gets masks too."""
+    from helpers.fake_llm import ByteTokenizer
+    tok = ByteTokenizer()
+    assert not hasattr(tok, "token_types")
+    for seed in range(3):
+        assert re.fullmatch(GBNF[1][1], walk(Grammar.from_gbnf(GBNF[1][0]), tok, seed))

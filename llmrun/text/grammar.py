@@ -213,24 +213,33 @@ class _TokenizerView:
     """What llguidance.TokenizerWrapper reads from a tokenizer (attributes and a bytes -> ids call)."""
 
     def __init__(self, tokenizer):
-        from .tokenizer import TokenType
-        special = (TokenType.CONTROL, TokenType.UNKNOWN)
-        types = tokenizer.token_types
-        pieces = []
-        for i in range(tokenizer.n_vocab):
-            piece = tokenizer.token_to_piece(i, special=True)
-            if types[i] in special or (types[i] == TokenType.USER_DEFINED and piece.startswith(b"<")
-                                       and piece.endswith(b">")):
-                piece = b"\xff" + piece     # llguidance's mark for "special token, never text"
-            pieces.append(piece)
+        pieces = [self._piece(tokenizer, i) for i in range(tokenizer.n_vocab)]
         self.tokens = pieces
         self.special_token_ids = [i for i, p in enumerate(pieces) if p.startswith(b"\xff")]
         self.eos_token_id = tokenizer.eos_id
         self.bos_token_id = tokenizer.bos_id
-        self._encode = tokenizer.encode_continuation
+        self._tokenizer = tokenizer
+
+    @staticmethod
+    def _piece(tokenizer, i: int) -> bytes:
+        """Token i's bytes, with llguidance's 0xFF mark on special tokens (control, unknown, and user-defined
+        ones shaped like <...>, as llama.cpp marks them). A tokenizer without token types (any TokenizerLike):
+        special = shown only with special=True."""
+        from .tokenizer import TokenType
+        piece = tokenizer.token_to_piece(i, special=True)
+        types = getattr(tokenizer, "token_types", None)
+        if types is None:
+            special = bool(piece) and not tokenizer.token_to_piece(i, special=False)
+        else:
+            special = types[i] in (TokenType.CONTROL, TokenType.UNKNOWN) or (
+                types[i] == TokenType.USER_DEFINED and piece.startswith(b"<") and piece.endswith(b">"))
+        return b"\xff" + piece if special else piece
 
     def __call__(self, text: bytes) -> list[int]:
-        return self._encode(text, special=True)
+        encode = getattr(self._tokenizer, "encode_continuation", None)
+        if encode is not None:
+            return encode(text, special=True)
+        return list(self._tokenizer.encode(text, add_bos=False, special=True))
 
 
 def grammar_vocabulary(tokenizer):
