@@ -39,3 +39,7 @@ class ToolCallError(LlmrunError):
 
 class EmbeddingError(LlmrunError):
     """Embeddings cannot be computed as asked."""
+
+
+class AdapterError(LlmrunError):
+    """A LoRA adapter cannot be applied to the loaded model (wrong base, ranks, shapes or file)."""
