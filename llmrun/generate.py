@@ -13,10 +13,11 @@ for several stepped together.
 
 One generation in one step: cancelled -> finish "cancelled". Prompt tokens left -> feed the next chunk.
 Otherwise pick a token from the last logits (logit bias, logits processors, token mask, then the sampler;
-with `logprobs` set, the log-softmax of the raw logits is recorded first, before any of those). An end-of-generation token finishes
-with "stop" (it is not counted and has no text). Any other token's text goes through the StopScanner
-(text/stops.py, so no partial stop string or split character is ever shown); a stop string, max_tokens or a
-full slot finish the generation, else the token is fed to get the next logits.
+with `logprobs` set, the log-softmax of the raw logits is recorded first, before any of those). An
+end-of-generation token finishes with "stop" (it is not counted and has no text). Any other token's text
+goes through the StopScanner (text/stops.py, so no partial stop string or split character is ever shown);
+a stop string, a stopping criterion, max_tokens or a full slot finish the generation, else the token is fed
+to get the next logits.
 """
 from __future__ import annotations
 

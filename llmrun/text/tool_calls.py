@@ -250,4 +250,5 @@ class CallStream:
         return "", calls
 
 
-__all__ = ["CallStream", "ToolCallError", "check_tools", "forced_call_schema", "parse_tool_calls", "resolve_tool_choice"]
+__all__ = ["CallStream", "ToolCallError", "check_tools", "forced_call_schema", "parse_tool_calls",
+           "resolve_tool_choice"]
