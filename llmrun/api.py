@@ -37,7 +37,8 @@ from .text.chat_template import render_chat
 from .text.grammar import Grammar, GrammarError, as_grammar, response_format_grammar
 from .text.sampling import Sampler
 from .text.tokenizer import Tokenizer
-from .text.tool_calls import CallStream, check_tools, forced_call_schema, parse_tool_calls, resolve_tool_choice
+from .text.tool_calls import (CallStream, check_tools, describe_tools, forced_call_schema, parse_tool_calls,
+                                resolve_tool_choice)
 
 _DEFAULT_SEEDS = (-1, 0xFFFFFFFF)   # llama-cpp-python's "random seed" values
 
@@ -396,6 +397,8 @@ class Llama:
         """The prompt tokens for a conversation (template rendered as transformers does, special tokens
         parsed). `tools` (OpenAI's shape) and other keywords are template variables."""
         tok = self.tokenizer
+        if tools and "tools" not in (self.chat_template or ""):
+            messages = describe_tools(messages, check_tools(tools))   # the template would not show them
         text = render_chat(messages, self.chat_template, add_generation_prompt=add_generation_prompt,
                            bos_token=self._piece(tok.bos_id), eos_token=self._piece(tok.eos_id), tools=tools,
                            **template_vars)

@@ -140,3 +140,19 @@ def test_forced_choice_gives_a_valid_call(smollm, choice, expected):
         name = call["function"]["name"]
         assert expected in (None, name)
         jsonschema.validate(json.loads(call["function"]["arguments"]), params[name])
+
+
+def test_template_without_tools_gets_them_described(smollm):
+    """SmolLM2's template ignores `tools`: they are described in the system message instead."""
+    assert "tools" not in smollm.chat_template
+    text = smollm.detokenize(smollm.chat_tokens(ASK, tools=[WEATHER]), special=True).decode()
+    assert json.dumps(WEATHER["function"]) in text and '{"name": <function name>' in text
+    assert text.count("<|im_start|>system") == 1
+    plain = smollm.detokenize(smollm.chat_tokens(ASK), special=True).decode()
+    assert "get_weather" not in plain
+
+
+def test_template_with_tools_is_not_given_a_second_description():
+    llm, model = qwen_llm(CALL)
+    llm.create_chat_completion(ASK, tools=[WEATHER], temperature=0)
+    assert "You can call these functions" not in seen_prompt(model)

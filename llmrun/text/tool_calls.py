@@ -92,6 +92,21 @@ def forced_call_schema(tools: Sequence[Mapping], name: str | None = None) -> dic
     return one(chosen[0]) if len(chosen) == 1 else {"anyOf": [one(t) for t in chosen]}
 
 
+def describe_tools(messages: Sequence[Mapping], tools: Sequence[Mapping]) -> list[dict]:
+    """The conversation with the tools described in its system message, for chat templates that ignore
+    `tools` (llama.cpp does the same for them): the model is told the functions and the plain-JSON call
+    format that parse_tool_calls reads."""
+    text = ("You can call these functions. To call one, answer only with a JSON object "
+            '{"name": <function name>, "arguments": <arguments object>}.\n'
+            + "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools))
+    out = [dict(m) for m in messages]
+    if out and out[0].get("role") == "system" and isinstance(out[0].get("content"), str):
+        out[0]["content"] = out[0]["content"] + "\n\n" + text
+    else:
+        out.insert(0, {"role": "system", "content": text})
+    return out
+
+
 # ---- parsing --------------------------------------------------------------------------------------------
 _DECODER = json.JSONDecoder()
 _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.S)
@@ -250,5 +265,5 @@ class CallStream:
         return "", calls
 
 
-__all__ = ["CallStream", "ToolCallError", "check_tools", "forced_call_schema", "parse_tool_calls",
-           "resolve_tool_choice"]
+__all__ = ["CallStream", "ToolCallError", "check_tools", "describe_tools", "forced_call_schema",
+           "parse_tool_calls", "resolve_tool_choice"]
