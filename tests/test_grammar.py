@@ -155,3 +155,22 @@ def test_any_tokenizer_like_works():
     assert not hasattr(tok, "token_types")
     for seed in range(3):
         assert re.fullmatch(GBNF[1][1], walk(Grammar.from_gbnf(GBNF[1][0]), tok, seed))
+
+
+@pytest.mark.parametrize("make", [lambda: Grammar.from_gbnf("root ::= root"),
+                                  lambda: Grammar.from_json_schema({"$ref": "#"}),
+                                  lambda: Grammar.from_json_schema({"allOf": [{"$ref": "#"}]})])
+def test_grammar_matching_nothing_is_one_line_error(bpe, make):
+    with pytest.raises(GrammarError) as e:
+        make().matcher(bpe).allowed()
+    assert "\n" not in str(e.value) and len(str(e.value)) < 200
+
+
+@pytest.mark.parametrize("make", [lambda: Grammar.from_gbnf('root ::= "a"{1000000}'),
+                                  lambda: Grammar.from_gbnf("root ::= [a-z]{1,100000000}"),
+                                  lambda: Grammar.from_json_schema({"type": "array", "minItems": 1000000}),
+                                  lambda: Grammar.from_json_schema({"type": "string",
+                                                                    "pattern": "(a|aa)*(b{1,1000}){1,1000}"})])
+def test_huge_bounds_stay_lazy(bpe, make):
+    """Large repetition counts are not expanded up front: the first mask comes straight away."""
+    assert make().matcher(bpe).allowed().any()

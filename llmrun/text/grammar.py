@@ -265,14 +265,18 @@ class GrammarMatcher:
         llg = _llguidance()
         self.grammar = grammar
         self.n_vocab = int(tokenizer.n_vocab)
-        self._m = llg.LLMatcher(grammar_vocabulary(tokenizer), grammar.compiled, log_level=0)
+        limits = llg.LLParserLimits(verbose_errors=False)   # messages without parser state dumps
+        self._m = llg.LLMatcher(grammar_vocabulary(tokenizer), grammar.compiled, log_level=0, limits=limits)
         self._check()
         self._bits = np.zeros((self.n_vocab + 31) // 32, dtype=np.int32)
         self._n_taken = 0
 
     def _check(self) -> None:
         if self._m.is_error():
-            raise GrammarError(f"grammar: {_one_line(self._m.get_error())}")
+            message = self._m.get_error()
+            if message.startswith("NoExtension"):
+                raise GrammarError("the grammar matches no text here (a rule that only refers to itself?)")
+            raise GrammarError(f"grammar: {_one_line(message)}")
 
     def allowed(self) -> np.ndarray:
         """bool [n_vocab]: the tokens the grammar allows next (end-of-generation tokens once it is complete)."""
