@@ -203,3 +203,11 @@ def test_suffix_model_name_and_neutral_samplers(model_path, capsys):
                                 mirostat_mode=0)
     assert out["model"] == "my-model" and out["choices"][0]["text"].endswith("<END>")
     assert "typical_p=0.5 ignored" in capsys.readouterr().err
+
+
+def test_chat_template_override(model_path):
+    llm = Llama(model_path=model_path, vocab_only=True, chat_template="{{ messages[0]['content'] }}|{{ 'go' }}")
+    assert llm.detokenize(llm.chat_tokens([{"role": "user", "content": "Hi"}])).decode() == "Hi|go"
+    from llmrun.errors import LlmrunError
+    with pytest.raises(LlmrunError):
+        Llama(model_path=model_path, vocab_only=True, chat_template="x", chat_format="chatml")
