@@ -131,14 +131,18 @@ class ChatSession:
                     if text:
                         parts.append(text)
                         self.stdout.write(text)
-                        self.stdout.flush()
+                    if choice["finish_reason"] and finish is None:
+                        # end the answer's line before a verbose timing line is printed
+                        self.stdout.write("\n")
                     finish = choice["finish_reason"] or finish
+                    self.stdout.flush()
         except ContextFullError as e:
             self.messages.pop()
             self._note(f"{e}. Type /reset to start a new conversation.")
             return
-        self.stdout.write("\n")
-        self.stdout.flush()
+        if finish is None:
+            self.stdout.write("\n")
+            self.stdout.flush()
         self.messages.append({"role": "assistant", "content": "".join(parts)})
         t = llm.last_timings
         n_gen, t_gen = t.get("n_gen", 0), t.get("t_gen", time.perf_counter() - t0)
