@@ -423,10 +423,12 @@ class LlamaModel:
     def reset(self) -> None:
         self.cache.reset()
 
-    def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        """Extend the model's own cache by `tokens`; logits after the last one ([n_vocab]), or after each."""
-        logits = self._forward([self.cache], [tokens], all_logits)
-        return logits if all_logits else logits[0]
+    def forward(self, tokens: Sequence[int], all_logits: bool = False, hidden: bool = False) -> np.ndarray:
+        """Extend the model's own cache by `tokens`: logits after the last one ([n_vocab]), or after each
+        ([T, n_vocab]) with all_logits. hidden=True returns the final-normed hidden states instead ([T, n_embd],
+        or [n_embd]): what embeddings pool."""
+        out = self._forward([self.cache], [tokens], all_logits, hidden)
+        return out if all_logits else out[0]
 
     def forward_batch(self, caches: Sequence[KVCache], tokens: Sequence[Sequence[int]]) -> np.ndarray:
         """One forward pass for several sequences, each extending its own cache by its own tokens (one
@@ -439,7 +441,7 @@ class LlamaModel:
             raise ModelError("forward_batch() got the same cache twice")
         return self._forward(list(caches), list(tokens), False)
 
-    def _forward(self, caches: list[KVCache], tokens: list, all_logits: bool) -> np.ndarray:
+    def _forward(self, caches: list[KVCache], tokens: list, all_logits: bool, hidden: bool = False) -> np.ndarray:
         hp = self.hparams
         seqs = [np.asarray(list(t) if not isinstance(t, np.ndarray) else t, dtype=np.int64).reshape(-1)
                 for t in tokens]
@@ -517,9 +519,9 @@ class LlamaModel:
             out_groups = [(0, len(spans), True)] if len(spans) > 1 else [(0, 1, False)]
         hn = np.empty_like(out_rows)
         ops.rmsnorm(out_rows, self.output_norm, eps, hn)
-        logits = _matmul_rows(self.output, hn, out_groups)
+        out = hn if hidden else _matmul_rows(self.output, hn, out_groups)
         if all_logits:
-            return logits
-        back = np.empty_like(logits)
-        back[order] = logits                  # rows back in the callers' order
+            return out
+        back = np.empty_like(out)
+        back[order] = out                     # rows back in the callers' order
         return back
