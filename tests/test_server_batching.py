@@ -3,8 +3,8 @@ chunks interleaved with decoding, queue bounds, cancel), then the real server: 8
 the sequential answers, and streams dropped mid-answer (or mid-prompt) free their slots."""
 from __future__ import annotations
 
-import asyncio
 import json
+import queue
 import threading
 
 import httpx
@@ -35,89 +35,94 @@ def gen(prompt: bytes, max_tokens=None) -> Generation:
                       max_tokens=max_tokens)
 
 
-async def text_of(job) -> tuple[str, str]:
-    parts = []
-    async for ev in job.events():
+def submit(sched, generation):
+    """A job with a queue of its own; events(job) reads it (bounded waits)."""
+    return sched.submit(generation, queue.Queue())
+
+
+def events(job):
+    while True:
+        got, item = job.sink.get(timeout=60)
+        assert got is job
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+        if item.finish_reason is not None:
+            return
+
+
+def text_of(job) -> tuple[str, str]:
+    parts, finish = [], None
+    for ev in events(job):
         parts.append(ev.text)
-        if ev.finish_reason:
-            return "".join(parts), ev.finish_reason
-
-
-def run_async(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
+        finish = ev.finish_reason
+    return "".join(parts), finish
 
 
 def fake_scheduler(n_slots=2, script=b"reply", max_queue=4, delay=0.0):
     engine = RecordingBatch(PerSlotModels([ScriptedModel(script, n_ctx=1024, delay=delay) for _ in range(n_slots)]))
-    return Scheduler(engine, max_queue=max_queue), engine
+    sched = Scheduler(engine, max_queue=max_queue)
+    sched.start()
+    return sched, engine
 
 
 def test_slot_with_longest_shared_prefix_is_chosen():
     sched, engine = fake_scheduler()
-
-    async def main():
-        sched.start()
-        try:
-            a = sched.submit(gen(b"system: be nice. user: hello"))
-            assert await text_of(a) == ("reply", "stop")
-            b = sched.submit(gen(b"another request entirely"))
-            await text_of(b)
-            assert a.generation.slot.index != b.generation.slot.index   # the free, least recently used slot
-            follow = gen(b"system: be nice. user: hello" + b" and more")
-            c = sched.submit(follow)
-            await text_of(c)
-            assert c.generation.slot.index == a.generation.slot.index
-            assert follow.timings["n_prompt_reused"] == len(b"system: be nice. user: hello")
-        finally:
-            sched.close(10)
-    run_async(main())
+    try:
+        a = submit(sched, gen(b"system: be nice. user: hello"))
+        assert text_of(a) == ("reply", "stop")
+        b = submit(sched, gen(b"another request entirely"))
+        text_of(b)
+        assert a.generation.slot.index != b.generation.slot.index   # the free, least recently used slot
+        follow = gen(b"system: be nice. user: hello" + b" and more")
+        c = submit(sched, follow)
+        text_of(c)
+        assert c.generation.slot.index == a.generation.slot.index
+        assert follow.timings["n_prompt_reused"] == len(b"system: be nice. user: hello")
+    finally:
+        sched.close(10)
 
 
 def test_prompt_chunks_stay_small_while_others_decode():
-    sched, engine = fake_scheduler(script=b"x" * 200)
-
-    async def main():
-        sched.start()
-        try:
-            first = sched.submit(gen(b"short", max_tokens=150))
-            it = first.events()
-            await it.__anext__()                       # decoding now
-            second = sched.submit(gen(b"p" * 300, max_tokens=2))
-            await text_of(second)
-            async for _ in it:
-                pass
-        finally:
-            sched.close(10)
-    run_async(main())
-    slot_of_second = [c for c in engine.calls if any(n > 1 for _, _, n in c)]
+    sched, engine = fake_scheduler(script=b"x" * 200, delay=0.005)   # the first still decodes meanwhile
+    try:
+        first = submit(sched, gen(b"short", max_tokens=150))
+        it = events(first)
+        next(it)                                   # decoding now
+        second = submit(sched, gen(b"p" * 300, max_tokens=2))
+        text_of(second)
+        for _ in it:
+            pass
+    finally:
+        sched.close(10)
+    with_prompt = [c for c in engine.calls if any(n > 1 for _, _, n in c)]
     # every step that fed the long prompt also decoded the first generation, with a small chunk
-    assert sum(n for c in slot_of_second for _, _, n in c if n > 1) >= 300 - 1
-    for c in slot_of_second[1:]:
+    assert sum(n for c in with_prompt for _, _, n in c if n > 1) >= 300 - 1
+    for c in with_prompt[1:]:
         assert len(c) == 2 and max(n for _, _, n in c) <= PROMPT_CHUNK_SHARED
 
 
-def test_queue_bound_and_cancel_while_queued():
+def test_queue_bound_cancel_while_queued_and_work_between_steps():
     sched, engine = fake_scheduler(n_slots=1, script=b"y" * 50, max_queue=1, delay=0.01)
-
-    async def main():
-        sched.start()
-        try:
-            running = sched.submit(gen(b"a", max_tokens=40))
-            await running.events().__anext__()
-            queued = sched.submit(gen(b"b"))
-            with pytest.raises(ServerBusy) as e:
-                sched.submit(gen(b"c"))
-            assert e.value.status == 503 and e.value.headers["Retry-After"]
-            queued.cancel()                            # never ran: gone at once, room in the queue again
-            assert sched.stats()["queued"] == 0
-            again = sched.submit(gen(b"d", max_tokens=1))
-            running.cancel()
-            assert (await text_of(running))[1] == "cancelled"
-            assert (await text_of(again))[1] == "length"
-            assert queued.generation.slot.index == -1      # the cancelled one never got a slot
-        finally:
-            sched.close(10)
-    run_async(main())
+    try:
+        running = submit(sched, gen(b"a", max_tokens=40))
+        it = events(running)
+        next(it)
+        queued = submit(sched, gen(b"b"))
+        with pytest.raises(ServerBusy) as e:
+            submit(sched, gen(b"c"))
+        assert e.value.status == 503 and e.value.headers["Retry-After"]
+        queued.cancel()                            # never ran: gone at once, room in the queue again
+        assert sched.stats()["queued"] == 0
+        again = submit(sched, gen(b"d", max_tokens=1))
+        worker = sched.call(threading.current_thread)   # runs on the scheduler's thread, between steps
+        assert worker.name == "llmrun-scheduler"
+        running.cancel()
+        assert [ev.finish_reason for ev in it][-1] == "cancelled"
+        assert text_of(again)[1] == "length"
+        assert queued.generation.slot.index == -1      # the cancelled one never got a slot
+    finally:
+        sched.close(10)
 
 
 # ---- the real server -------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ def test_sse_framing(http):
     data = sse_events(raw)
     assert data[-1] == "[DONE]"
     chunks = [json.loads(d) for d in data[:-1]]
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}   # the API's first chunk
     plain = http.post("/v1/chat/completions", json={**body, "stream": False}).json()
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
     assert all(c["usage"] is None for c in chunks[:-1])
@@ -114,6 +114,38 @@ def test_ollama_generate(http, llm):
     assert out["response"] == want and out["done"]
     assert out["context"][:len(llm.chat_tokens(messages))] == llm.chat_tokens(messages)
     assert http.post("/api/generate", json={"model": "smol"}).json()["done_reason"] == "load"
+
+
+def test_ollama_format_tools_and_embed(http, llm):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"]}
+    msgs = [{"role": "user", "content": "Which city is the capital of France? Answer as JSON."}]
+    out = http.post("/api/chat", json={"messages": msgs, "format": schema, "stream": False,
+                                       "options": {"temperature": 0, "num_predict": 40}}).json()
+    jsonschema.validate(json.loads(out["message"]["content"]), schema)
+    fmt = {"type": "json_schema", "json_schema": {"name": "format", "schema": schema, "strict": True}}
+    want = llm.create_chat_completion(msgs, temperature=0, max_tokens=40, top_p=0.9, min_p=0.0, repeat_penalty=1.1,
+                                      response_format=fmt)["choices"][0]["message"]["content"]
+    assert out["message"]["content"] == want
+    lines = ndjson(http.post("/api/chat", json={"messages": msgs, "format": "json",
+                                                "options": {"temperature": 0, "num_predict": 40}}))
+    json.loads("".join(line["message"]["content"] for line in lines))
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    weather = [{"role": "user", "content": "What is the weather in Paris? Use the tool."}]
+    called = http.post("/api/chat", json={"messages": weather, "tools": [tool], "stream": False,
+                                          "options": {"temperature": 0, "num_predict": 60}}).json()
+    ref = llm.create_chat_completion(weather, tools=[tool], temperature=0, max_tokens=60, top_p=0.9, min_p=0.0,
+                                     repeat_penalty=1.1)["choices"][0]["message"]
+    assert called["message"]["content"] == (ref["content"] or "")
+    assert called["message"].get("tool_calls", []) == [
+        {"function": {"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}}
+        for c in ref.get("tool_calls", [])]
+    emb = http.post("/api/embed", json={"input": ["Paris", "Rome"]}).json()["embeddings"]
+    assert emb == llm.embed(["Paris", "Rome"], normalize=True)
+    legacy = http.post("/api/embeddings", json={"prompt": "Paris"}).json()["embedding"]
+    assert legacy == llm.embed("Paris")
 
 
 def test_ollama_errors_are_ollama_shaped(http):
@@ -187,14 +219,24 @@ BAD = [
     (CHAT, {**OK, "max_tokens": 10 ** 30}), (CHAT, {**OK, "max_tokens": 100_000}), (CHAT, {**OK, "n": 0}),
     (CHAT, {**OK, "n": 1000}), (CHAT, {**OK, "stop": 5}), (CHAT, {**OK, "stop": [1]}),
     (CHAT, {**OK, "stop": ["x"] * 100}), (CHAT, {**OK, "stream": "yes"}), (CHAT, {**OK, "top_p": 2}),
-    (CHAT, {**OK, "seed": "x"}), (CHAT, {**OK, "stream_options": "x"}), (CHAT, {**OK, "logit_bias": {"1": 5}}),
+    (CHAT, {**OK, "seed": "x"}), (CHAT, {**OK, "stream_options": "x"}), (CHAT, {**OK, "logit_bias": {"x": 5}}),
+    (CHAT, {**OK, "logit_bias": {"1": 500}}), (CHAT, {**OK, "logit_bias": {"99999999": 1}}),
+    (CHAT, {**OK, "response_format": {"type": "json_schema", "json_schema": {"schema": 5}}}),
+    (CHAT, {**OK, "response_format": {"type": "yaml"}}), (CHAT, {**OK, "response_format": "json"}),
+    (CHAT, {**OK, "tools": "x"}), (CHAT, {**OK, "tools": [{"type": "function"}]}),
+    (CHAT, {**OK, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            "tool_choice": {"type": "function", "function": {"name": "nope"}}}),
+    (CHAT, {**OK, "logprobs": "yes"}), (CHAT, {**OK, "logprobs": True, "top_logprobs": 50}),
+    (CHAT, {**OK, "grammar": "root ::= ("}), (COMPLETIONS, {"prompt": "x", "logprobs": 99}),
     (CHAT, {**OK, "frequency_penalty": 9}), (CHAT, {**OK, "top_k": -1}),
     (COMPLETIONS, {}), (COMPLETIONS, {"prompt": 5}), (COMPLETIONS, {"prompt": [[]]}),
     (COMPLETIONS, {"prompt": [-1]}), (COMPLETIONS, {"prompt": [10 ** 9]}), (COMPLETIONS, {"prompt": [True]}),
-    (COMPLETIONS, {"prompt": "x", "suffix": "y"}), (COMPLETIONS, {"prompt": ["a"] * 100}),
+    (COMPLETIONS, {"prompt": ["a"] * 100}),
     (COMPLETIONS, {"prompt": "x", "best_of": 3}),
-    ("/v1/embeddings", {}), ("/api/show", {}), ("/api/chat", {"model": "x"}), ("/api/chat", {"messages": [{}]}),
+    ("/v1/embeddings", {}), ("/v1/embeddings", {"input": 5}), ("/v1/embeddings", {"input": ""}),
+    ("/v1/embeddings", {"input": "x", "encoding_format": "hex"}), ("/api/show", {}), ("/api/chat", {"model": "x"}), ("/api/chat", {"messages": [{}]}),
     ("/api/chat", {"messages": QUESTION, "options": "x"}), ("/api/chat", {"messages": QUESTION, "format": 5}),
+    ("/api/chat", {"messages": QUESTION, "format": {"type": 5}}), ("/api/chat", {"messages": QUESTION, "tools": 5}),
     ("/api/generate", {"prompt": 5}), ("/api/generate", {"prompt": "x", "context": ["a"]}),
     ("/api/generate", {"prompt": "x", "template": "{{ .Prompt }}"}), ("/api/embed", {"input": 5}),
     # prompts past the context (the server runs with --ctx 512)

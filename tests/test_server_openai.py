@@ -70,7 +70,7 @@ def test_completions(client, llm):
                                          stream=True)
     assert "".join(c.choices[0].text for c in streamed) == out.choices[0].text
     # token ids and echo
-    ids = llm.prompt_tokens("Once upon a time")
+    ids = llm.tokenize(b"Once upon a time", add_bos=True, special=True)
     by_ids = client.completions.create(model="smol", prompt=ids, temperature=0, max_tokens=16, echo=True)
     assert by_ids.choices[0].text == llm.detokenize(ids).decode() + out.choices[0].text
 
@@ -144,3 +144,75 @@ def test_lora_is_served(default_model, tmp_path):
         assert any("LoRA" in line for line in srv.log)
         got = c.chat.completions.create(model="m", messages=QUESTION, **kw).choices[0].message.content
     assert got == want
+
+
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                        "country": {"type": "string", "maxLength": 20}},
+        "required": ["city", "country"], "additionalProperties": False}
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_json_schema(client, llm):
+    import json
+
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": CITY, "strict": True}}
+    msgs = [{"role": "user", "content": "Give the capital of France and its country as JSON."}]
+    out = client.chat.completions.create(model="smol", messages=msgs, temperature=0, max_tokens=64,
+                                         response_format=fmt)
+    text = out.choices[0].message.content
+    assert out.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(text), CITY)
+    ref = llm.create_chat_completion(msgs, temperature=0, max_tokens=64, response_format=fmt)
+    assert text == ref["choices"][0]["message"]["content"]
+    streamed = client.chat.completions.create(model="smol", messages=msgs, temperature=0, max_tokens=64,
+                                              response_format=fmt, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == text
+    plain = client.chat.completions.create(model="smol", messages=msgs, temperature=0, max_tokens=64,
+                                           response_format={"type": "json_object"})
+    ref = llm.create_chat_completion(msgs, temperature=0, max_tokens=64, response_format={"type": "json_object"})
+    assert plain.choices[0].message.content == ref["choices"][0]["message"]["content"]
+
+
+def test_tools(client, llm):
+    import json
+
+    msgs = [{"role": "user", "content": "What is the weather in Paris?"}]
+    forced = {"type": "function", "function": {"name": "get_weather"}}
+    out = client.chat.completions.create(model="smol", messages=msgs, temperature=0, max_tokens=64,
+                                         tools=[WEATHER_TOOL], tool_choice=forced)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments)
+    ref = llm.create_chat_completion(msgs, temperature=0, max_tokens=64, tools=[WEATHER_TOOL], tool_choice=forced)
+    assert json.loads(call.function.arguments) == json.loads(
+        ref["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"])
+    streamed = list(client.chat.completions.create(model="smol", messages=msgs, temperature=0, max_tokens=64,
+                                                   tools=[WEATHER_TOOL], tool_choice=forced, stream=True))
+    calls = [tc for c in streamed if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert calls[0].function.name == "get_weather"
+    assert json.loads("".join(tc.function.arguments or "" for tc in calls)) == json.loads(call.function.arguments)
+    assert streamed[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_logprobs_logit_bias_and_embeddings(client, llm):
+    msgs = QUESTION
+    out = client.chat.completions.create(model="smol", messages=msgs, temperature=0, max_tokens=6, logprobs=True,
+                                         top_logprobs=3)
+    ref = llm.create_chat_completion(msgs, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3)
+    got = [(t.token, round(t.logprob, 4), [a.token for a in t.top_logprobs]) for t in out.choices[0].logprobs.content]
+    want = [(t["token"], round(t["logprob"], 4), [a["token"] for a in t["top_logprobs"]])
+            for t in ref["choices"][0]["logprobs"]["content"]]
+    assert got == want and len(got) == out.usage.completion_tokens
+    first = llm.tokenize(out.choices[0].message.content.encode(), add_bos=False)[0]
+    banned = client.chat.completions.create(model="smol", messages=msgs, temperature=0, max_tokens=6,
+                                            logit_bias={str(first): -100})
+    assert llm.tokenize(banned.choices[0].message.content.encode(), add_bos=False)[0] != first
+    emb = client.embeddings.create(model="smol", input=["Paris is in France.", "Bonjour"])
+    want = llm.create_embedding(["Paris is in France.", "Bonjour"])
+    assert [d.embedding for d in emb.data] == [d["embedding"] for d in want["data"]]
+    assert emb.usage.prompt_tokens == want["usage"]["prompt_tokens"]

@@ -18,12 +18,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .. import __version__
-from ..completion_options import CompletionOptions
 from .errors import RequestError
-from .openai_api import OPTION_NAMES, _tokens, chat_messages
+from .openai_api import chat_messages
 from .params import Fields, read_json
 from .runs import Run
-from .state import ServerState, until_disconnect
+from .state import ServerState, iterate_in_thread
 
 # Ollama's defaults (its api/types.go DefaultOptions) for the sampling options a request leaves out.
 OLLAMA_DEFAULTS = dict(temperature=0.8, top_k=40, top_p=0.9, min_p=0.0, repeat_penalty=1.1, repeat_last_n=64,
@@ -34,14 +33,15 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def ollama_options(body: Fields, state: ServerState) -> CompletionOptions:
+def ollama_keywords(body: Fields, state: ServerState) -> dict[str, Any]:
+    """Ollama's options and format as the Python API's keywords, with Ollama's defaults for what is absent."""
     o = Fields(body.object("options") or {}, "options.")
     kw = dict(OLLAMA_DEFAULTS)
     num_predict = o.integer("num_predict", None, lo=-2, hi=state.config.max_tokens or state.host.n_ctx)
     if num_predict is not None:
-        kw["max_tokens"] = num_predict if num_predict > 0 else None   # -1: unlimited, -2: fill the context
         if num_predict == 0:
             raise RequestError("'options.num_predict' must not be 0", param="options.num_predict")
+        kw["max_tokens"] = num_predict if num_predict > 0 else None   # -1: unlimited, -2: fill the context
     kw.update({k: v for k, v in {
         "temperature": o.number("temperature", None, lo=0, hi=100),
         "top_k": o.integer("top_k", None, lo=0, hi=1 << 20),
@@ -55,14 +55,13 @@ def ollama_options(body: Fields, state: ServerState) -> CompletionOptions:
         "stop": o.stop("stop"),
     }.items() if v is not None})
     if kw.get("seed") is not None and kw["seed"] < 0:
-        kw["seed"] = None
+        kw.pop("seed")
     o.integer("num_ctx", None, lo=0)   # type-checked; the context size is the server's
     fmt = body.raw("format")
     if fmt is not None and fmt != "":
         kw["response_format"] = _response_format(fmt)
-    if "response_format" in kw and "response_format" not in OPTION_NAMES:
-        raise RequestError("'format' is not supported by this server yet", param="format")
-    return CompletionOptions(**kw)
+    kw["model"] = state.host.name
+    return kw
 
 
 def _response_format(fmt: Any) -> dict:
@@ -74,10 +73,24 @@ def _response_format(fmt: Any) -> dict:
     raise RequestError("'format' must be \"json\" or a JSON schema object", param="format")
 
 
-def _done_fields(run: Run, choice) -> dict:
-    t = choice.job.generation.timings
+def _tool_calls(calls: list[dict]) -> list[dict]:
+    """OpenAI tool calls -> Ollama's (arguments as an object, not a JSON string)."""
+    out = []
+    for call in calls:
+        fn = call.get("function", {})
+        args = fn.get("arguments")
+        try:
+            args = json.loads(args) if isinstance(args, str) else args
+        except ValueError:
+            pass
+        out.append({"function": {"name": fn.get("name"), "arguments": args}})
+    return out
+
+
+def _done_fields(run: Run, finish: str | None) -> dict:
+    t = run.first.timings if run.first is not None else {}
     ns = 1e9
-    return {"done": True, "done_reason": choice.finish_reason,
+    return {"done": True, "done_reason": "stop" if finish == "tool_calls" else finish,
             "total_duration": int((time.perf_counter() - run.started) * ns), "load_duration": 0,
             "prompt_eval_count": int(t.get("n_prompt_eval", t.get("n_prompt", 0))),
             "prompt_eval_duration": int(t.get("t_prompt", 0.0) * ns),
@@ -109,28 +122,38 @@ async def chat(request: Request) -> Response:
         if isinstance(m, dict) and m.get("images"):
             raise RequestError(f"'messages[{i}].images': images are not supported")
     messages = chat_messages(raw_messages)
-    options = ollama_options(f, state)
+    kw = ollama_keywords(f, state)
+    if f.array("tools"):
+        kw["tools"] = f.array("tools")
     stream = f.boolean("stream", True)
-    tokens = await _tokens(state.host.chat_tokens, messages)
-    run = Run(state.host, state.scheduler, [tokens], options)
+    run = Run()
+    result = await state.call(request, run, state.host.llm.create_chat_completion, messages, stream=stream, **kw)
+
+    def line(message: dict) -> dict:
+        return {"model": model, "created_at": _now(), "message": {"role": "assistant", **message}, "done": False}
 
     if stream:
         async def lines():
-            async for c, ev in run.events():
-                if ev.text:
-                    yield {"model": model, "created_at": _now(),
-                           "message": {"role": "assistant", "content": ev.text}, "done": False}
-                if ev.finish_reason is not None:
-                    yield {"model": model, "created_at": _now(), "message": {"role": "assistant", "content": ""},
-                           **_done_fields(run, c)}
+            async for chunk in iterate_in_thread(result):
+                choice = chunk["choices"][0]
+                delta = choice["delta"]
+                if delta.get("content"):
+                    yield line({"content": delta["content"]})
+                if delta.get("tool_calls"):
+                    yield line({"content": "", "tool_calls": _tool_calls(delta["tool_calls"])})
+                if choice["finish_reason"] is not None:
+                    yield {**line({"content": ""}), **_done_fields(run, choice["finish_reason"])}
         return _ndjson(lines(), run)
-    (c,) = await until_disconnect(request, run, run.finish())
-    return JSONResponse({"model": model, "created_at": _now(), "message": {"role": "assistant", "content": c.text},
-                         **_done_fields(run, c)})
+    choice = result["choices"][0]
+    message = {"content": choice["message"].get("content") or ""}
+    if choice["message"].get("tool_calls"):
+        message["tool_calls"] = _tool_calls(choice["message"]["tool_calls"])
+    return JSONResponse({**line(message), **_done_fields(run, choice["finish_reason"])})
 
 
 async def generate(request: Request) -> Response:
     state = ServerState.of(request)
+    llm = state.host.llm
     f = Fields(await read_json(request, state.config.max_body_bytes))
     model = f.string("model", state.host.name)
     prompt = f.string("prompt", "")
@@ -147,31 +170,41 @@ async def generate(request: Request) -> Response:
     if not prompt and not context:   # Ollama: an empty prompt just loads the model
         return JSONResponse({"model": model, "created_at": _now(), "response": "", "done": True,
                              "done_reason": "load"})
-    options = ollama_options(f, state)
+    kw = ollama_keywords(f, state)
     stream = f.boolean("stream", True)
-    if f.boolean("raw", False):
-        tokens = await _tokens(state.host.prompt_tokens, prompt) if prompt else []
-    else:
-        messages = ([{"role": "system", "content": f.string("system")}] if f.string("system") else []) + \
-            [{"role": "user", "content": prompt}]
-        tokens = await _tokens(state.host.chat_tokens, messages)
-    tokens = list(context) + tokens
-    run = Run(state.host, state.scheduler, [tokens], options)
+    system = f.string("system")
+    raw = f.boolean("raw", False)
 
-    def final(c) -> dict:
-        return {"model": model, "created_at": _now(), "response": "" if stream else c.text,
-                "context": tokens + list(c.job.generation.generated), **_done_fields(run, c)}
+    def prompt_tokens() -> list[int]:
+        """The context (an earlier answer's tokens) and then the prompt: raw, or through the chat template."""
+        if raw:
+            new = llm.tokenize(prompt.encode("utf-8"), add_bos=not context, special=True) if prompt else []
+        else:
+            new = llm.chat_tokens(([{"role": "system", "content": system}] if system else []) +
+                                  [{"role": "user", "content": prompt}])
+            if context and new and new[0] == llm.token_bos():
+                new = new[1:]
+        return list(context) + new
+
+    run = Run()
+    tokens = await state.call(request, run, prompt_tokens)
+    result = await state.call(request, run, llm.create_completion, tokens, stream=stream, **kw)
+
+    def final(finish, text="") -> dict:
+        return {"model": model, "created_at": _now(), "response": text,
+                "context": tokens + (list(run.first.generated) if run.first else []), **_done_fields(run, finish)}
 
     if stream:
         async def lines():
-            async for c, ev in run.events():
-                if ev.text:
-                    yield {"model": model, "created_at": _now(), "response": ev.text, "done": False}
-                if ev.finish_reason is not None:
-                    yield final(c)
+            async for chunk in iterate_in_thread(result):
+                choice = chunk["choices"][0]
+                if choice["text"]:
+                    yield {"model": model, "created_at": _now(), "response": choice["text"], "done": False}
+                if choice["finish_reason"] is not None:
+                    yield final(choice["finish_reason"])
         return _ndjson(lines(), run)
-    (c,) = await until_disconnect(request, run, run.finish())
-    return JSONResponse(final(c))
+    choice = result["choices"][0]
+    return JSONResponse(final(choice["finish_reason"], choice["text"]))
 
 
 async def embed(request: Request) -> Response:
@@ -182,7 +215,8 @@ async def embed(request: Request) -> Response:
                                         all(isinstance(s, str) for s in inputs))):
         raise RequestError("'input' must be a string or a non-empty list of strings", param="input")
     t0 = time.perf_counter()
-    result = await state.embed(inputs)
+    # Ollama's /api/embed returns unit vectors
+    result = await state.call(request, Run(), state.host.llm.create_embedding, inputs, normalize=True)
     vectors = [d["embedding"] for d in result["data"]]
     return JSONResponse({"model": f.string("model", state.host.name), "embeddings": vectors,
                          "total_duration": int((time.perf_counter() - t0) * 1e9), "load_duration": 0,
@@ -193,7 +227,7 @@ async def embeddings_legacy(request: Request) -> Response:
     state = ServerState.of(request)
     f = Fields(await read_json(request, state.config.max_body_bytes))
     prompt = f.string("prompt", required=True)
-    result = await state.embed(prompt)
+    result = await state.call(request, Run(), state.host.llm.create_embedding, prompt)
     return JSONResponse({"embedding": result["data"][0]["embedding"]})
 
 
@@ -232,8 +266,7 @@ async def show(request: Request) -> Response:
     model_info = {k: v for k, v in info.metadata.items() if not k.startswith("tokenizer.")}
     return JSONResponse({"modelfile": "", "parameters": "", "template": info.chat_template or "",
                          "details": _details(info), "model_info": model_info,
-                         "capabilities": ["completion"] + (["embedding"] if hasattr(state.host.llm,
-                                                                                      "create_embedding") else []),
+                         "capabilities": ["completion", "tools", "embedding"],
                          "modified_at": _entry(info)["modified_at"]})
 
 

@@ -1,58 +1,47 @@
 """OpenAI's endpoints: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings.
 
-Requests are checked field by field (params.py) and turned into the Python API's CompletionOptions, so the
-server takes every parameter `Llama.create_completion` / `create_chat_completion` take, with their defaults.
-Streams are Server-Sent Events as OpenAI sends them: `data: {chunk}` lines, a last chunk with the usage when
-`stream_options.include_usage`, then `data: [DONE]`.
+A request's fields are checked (params.py: types, ranges, the server's limits) and passed to the Python API's
+own `create_chat_completion` / `create_completion` / `create_embedding`, so the server takes every parameter
+they take (tools, response_format, grammar, logprobs, logit_bias, n, echo, suffix, ...) with their defaults,
+and its results are theirs. Streams are Server-Sent Events as OpenAI sends them: `data: {chunk}` lines, with
+`stream_options.include_usage` a last chunk with the usage, then `data: [DONE]`.
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
-import inspect
 import json
-import time
-import uuid
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
-from starlette.concurrency import run_in_threadpool
+import numpy as np
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from ..api import Llama
 from ..completion_options import CompletionOptions
-from ..errors import LlmrunError
 from .errors import RequestError
 from .params import Fields, read_json
 from .runs import Run
-from .state import ServerState, until_disconnect
+from .state import ServerState, iterate_in_thread
 
 OPTION_NAMES = {f.name for f in dataclasses.fields(CompletionOptions)}
-ROLES = ("system", "developer", "user", "assistant", "tool")
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 MAX_PROMPTS = 16
+# Keywords the server sets itself, or that only Python callers can give (callables).
+NOT_FROM_JSON = {"stream", "model", "logits_processor", "stopping_criteria"}
 
 
-def _api_defaults(method) -> dict[str, Any]:
-    """The defaults of a Llama method's completion keywords (the server's defaults are the API's)."""
-    return {name: p.default for name, p in inspect.signature(method).parameters.items() if name in OPTION_NAMES}
-
-
-CHAT_DEFAULTS = _api_defaults(Llama.create_chat_completion)
-COMPLETION_DEFAULTS = _api_defaults(Llama.create_completion)
-
-
-# ---- request fields -> CompletionOptions -----------------------------------------------------------------
-def completion_options(f: Fields, defaults: dict, state: ServerState) -> CompletionOptions:
-    """The sampling and stopping fields every generation endpoint shares (OpenAI names plus llama.cpp's)."""
+# ---- request fields -> the API's keywords --------------------------------------------------------------------
+def api_keywords(f: Fields, state: ServerState, *, chat: bool) -> dict[str, Any]:
+    """The completion keywords in a request: the sampling and stopping fields checked here (OpenAI's names and
+    llama.cpp's), every other CompletionOptions field passed through for the API to check."""
     limit = state.config.max_tokens or state.host.n_ctx
+    kw: dict[str, Any] = {}
     max_tokens = f.integer("max_completion_tokens", None, lo=1, hi=limit)
     if max_tokens is None:
         max_tokens = f.integer("max_tokens", None, lo=1, hi=limit)
-    kw = dict(defaults)
     if max_tokens is not None:
         kw["max_tokens"] = max_tokens
-    elif defaults.get("max_tokens") is None:
-        kw["max_tokens"] = None
-    kw.update({k: v for k, v in {
+    checked = {
         "temperature": f.number("temperature", None, lo=0, hi=100),
         "top_p": f.number("top_p", None, lo=0, hi=1),
         "top_k": f.integer("top_k", None, lo=0, hi=1 << 20),
@@ -63,46 +52,62 @@ def completion_options(f: Fields, defaults: dict, state: ServerState) -> Complet
         "presence_penalty": f.number("presence_penalty", None, lo=-2, hi=2),
         "seed": f.integer("seed", None, lo=-(1 << 63), hi=(1 << 64) - 1),
         "stop": f.stop("stop"),
-    }.items() if v is not None})
+        "n": f.integer("n", None, lo=1, hi=state.config.max_n),
+        "top_logprobs": f.integer("top_logprobs", None, lo=0, hi=20),
+        "logit_bias": _logit_bias(f, state),
+        "response_format": f.object("response_format"),
+        "suffix": f.string("suffix"),
+        "grammar": f.string("grammar"),
+    }
+    kw.update({k: v for k, v in checked.items() if v is not None})
     if kw.get("seed") is not None and kw["seed"] < 0:
-        kw["seed"] = None                       # -1: random, as llama.cpp
-    kw["stream"] = False                        # the server streams itself
-    kw.update(passthrough_options(f))
-    return CompletionOptions(**kw)
+        kw.pop("seed")                          # -1: random, as llama.cpp
+    if chat:
+        if "logprobs" in f:
+            kw["logprobs"] = f.boolean("logprobs")
+        for name in ("tools", "functions"):
+            if name in f:
+                kw[name] = f.array(name)
+        for name in ("tool_choice", "function_call"):
+            if name in f:
+                kw[name] = f.raw(name)
+    else:
+        if "logprobs" in f:
+            kw["logprobs"] = f.integer("logprobs", lo=0, hi=20)
+        if "echo" in f:
+            kw["echo"] = f.boolean("echo")
+    best_of = f.integer("best_of", None, lo=1)
+    if best_of is not None and best_of != kw.get("n", 1):
+        raise RequestError("'best_of' other than n is not supported", param="best_of")
+    for name in OPTION_NAMES - NOT_FROM_JSON - set(kw) - set(CompletionOptions.CHAT_ONLY if not chat else
+                                                               CompletionOptions.COMPLETION_ONLY):
+        if name in f and name not in checked:   # e.g. llama-cpp-python's typical_p, mirostat_*: the API checks
+            kw[name] = f.raw(name)
+    kw["model"] = state.host.name               # the name results carry (the request's is not checked)
+    return kw
 
 
-# Fields OpenAI defines that the Python API may take (when it does, they go through unchanged), with the
-# values that mean "off" (accepted even when the API does not take the field).
-PASSTHROUGH = {"response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none", "auto"),
-               "logprobs": (False, 0), "top_logprobs": (0,), "logit_bias": ({},), "grammar": ("",),
-               "parallel_tool_calls": (True, False)}
-
-
-def passthrough_options(f: Fields) -> dict[str, Any]:
+def _logit_bias(f: Fields, state: ServerState) -> dict | None:
+    bias = f.object("logit_bias")
+    if bias is None:
+        return None
+    n_vocab = state.host.info.n_vocab
+    if len(bias) > 1024:
+        raise RequestError("'logit_bias' may hold at most 1024 tokens", param="logit_bias")
     out = {}
-    for name, off in PASSTHROUGH.items():
-        value = f.raw(name)
-        if value is None:
-            continue
-        if name in OPTION_NAMES:
-            out[name] = value                   # the API checks it (LlmrunError -> 400)
-        elif not any(value == o and type(value) is type(o) for o in off):
-            raise RequestError(f"'{name}' is not supported by this server yet", param=name,
-                               code="unsupported_parameter")
+    for key, value in bias.items():
+        if not (key.lstrip("-").isdigit() and 0 <= int(key) < n_vocab):
+            raise RequestError(f"'logit_bias' keys must be token ids from 0 to {n_vocab - 1}, got {key!r}",
+                               param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise RequestError("'logit_bias' values must be numbers from -100 to 100", param="logit_bias")
+        out[int(key)] = float(value)
     return out
 
 
-def choice_count(f: Fields, state: ServerState) -> int:
-    n = f.integer("n", 1, lo=1, hi=state.config.max_n)
-    best_of = f.integer("best_of", None, lo=1)
-    if best_of is not None and best_of != n:
-        raise RequestError("'best_of' other than n is not supported", param="best_of")
-    return n
-
-
 def chat_messages(value: Any) -> list[dict]:
-    """OpenAI messages -> what the chat template reads: role, content (text, or text parts), and the
-    tool-call fields as given."""
+    """OpenAI messages as the chat template reads them: role, content (text, or text parts), the tool-call
+    fields as given."""
     if not isinstance(value, list) or not value:
         raise RequestError("'messages' must be a non-empty array of messages", param="messages")
     out = []
@@ -159,88 +164,34 @@ async def chat_completions(request: Request) -> Response:
     state = ServerState.of(request)
     f = Fields(await read_json(request, state.config.max_body_bytes))
     messages = chat_messages(f.raw("messages"))
-    options = completion_options(f, CHAT_DEFAULTS, state)
-    n = choice_count(f, state)
+    kw = api_keywords(f, state, chat=True)
     stream, include_usage = _stream_flags(f)
-    tokens = await _tokens(state.host.chat_tokens, messages)
-    run = Run(state.host, state.scheduler, [tokens], options, n)
-    cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.host.name
-
-    def chunk(choices, usage=None):
-        out = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-               "system_fingerprint": state.fingerprint, "choices": choices}
-        if include_usage:
-            out["usage"] = usage
-        return out
-
+    run = Run()
+    result = await state.call(request, run, state.host.llm.create_chat_completion, messages, stream=stream, **kw)
     if stream:
-        async def chunks():
-            for c in run.choices:
-                yield chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])
-            async for c, ev in run.events():
-                if ev.text:
-                    yield chunk([{"index": c.index, "delta": {"content": ev.text}, "logprobs": None,
-                                  "finish_reason": None}])
-                if ev.finish_reason is not None:
-                    yield chunk([{"index": c.index, "delta": {}, "logprobs": None,
-                                  "finish_reason": ev.finish_reason}])
-            if include_usage:
-                yield chunk([], run.usage())
-        return sse_response(chunks(), run)
-
-    choices = await until_disconnect(request, run, run.finish())
-    return JSONResponse({
-        "id": cid, "object": "chat.completion", "created": created, "model": model,
-        "system_fingerprint": state.fingerprint,
-        "choices": [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                     "logprobs": None, "finish_reason": c.finish_reason} for c in choices],
-        "usage": run.usage()})
+        return sse_response(iterate_in_thread(result), run, include_usage)
+    return JSONResponse(result)
 
 
 async def completions(request: Request) -> Response:
     state = ServerState.of(request)
     f = Fields(await read_json(request, state.config.max_body_bytes))
     prompts = _completion_prompts(f.raw("prompt"), state)
-    options = completion_options(f, COMPLETION_DEFAULTS, state)
-    n = choice_count(f, state)
-    if len(prompts) * n > state.config.max_n * 2:
-        raise RequestError(f"at most {state.config.max_n * 2} choices (prompts x n) per request", param="n")
-    if f.string("suffix"):
-        raise RequestError("'suffix' (fill in the middle) is not supported", param="suffix")
-    echo = f.boolean("echo", False)
+    kw = api_keywords(f, state, chat=False)
     stream, include_usage = _stream_flags(f)
-    token_lists = [await _tokens(state.host.prompt_tokens, p) for p in prompts]
-    run = Run(state.host, state.scheduler, token_lists, options, n)
-    cid, created, model = f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.host.name
-    echoed = [(p if isinstance(p, str) else state.host.llm.detokenize(p).decode("utf-8", "replace"))
-              if echo else "" for p in prompts]
-
-    def body(choices, usage=None):
-        out = {"id": cid, "object": "text_completion", "created": created, "model": model,
-               "system_fingerprint": state.fingerprint, "choices": choices}
-        if usage is not None or include_usage:
-            out["usage"] = usage
-        return out
-
+    n = kw.get("n", 1)
+    run = Run()
+    calls = []
+    for p in prompts:   # one API call per prompt; its choices are numbered after the earlier prompts'
+        calls.append(await state.call(request, run, state.host.llm.create_completion, p, stream=stream, **kw))
     if stream:
-        async def chunks():
-            started = set()
-            async for c, ev in run.events():
-                text = ev.text
-                if c.index not in started:
-                    started.add(c.index)
-                    text = echoed[c.prompt_index] + text
-                if text or ev.finish_reason is not None:
-                    yield body([{"text": text, "index": c.index, "logprobs": None,
-                                 "finish_reason": ev.finish_reason}])
-            if include_usage:
-                yield body([], run.usage())
-        return sse_response(chunks(), run)
-
-    choices = await until_disconnect(request, run, run.finish())
-    return JSONResponse(body([{"text": echoed[c.prompt_index] + c.text, "index": c.index, "logprobs": None,
-                               "finish_reason": c.finish_reason} for c in choices], run.usage()))
+        return sse_response(_merged(calls, n), run, include_usage)
+    if len(calls) == 1:
+        return JSONResponse(calls[0])
+    out = dict(calls[0])
+    out["choices"] = [{**c, "index": k * n + c["index"]} for k, result in enumerate(calls) for c in result["choices"]]
+    out["usage"] = run.usage()
+    return JSONResponse(out)
 
 
 async def embeddings(request: Request) -> Response:
@@ -249,10 +200,15 @@ async def embeddings(request: Request) -> Response:
     inputs = f.raw("input")
     if inputs is None:
         raise RequestError("'input' is required", param="input")
-    if f.string("encoding_format", "float") != "float":
-        raise RequestError("'encoding_format' must be \"float\"", param="encoding_format")
-    result = await state.embed(inputs)
-    result["model"] = state.host.name
+    encoding = f.string("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise RequestError("'encoding_format' must be \"float\" or \"base64\"", param="encoding_format")
+    if f.integer("dimensions") is not None:
+        raise RequestError("'dimensions' is not supported (the model's width is fixed)", param="dimensions")
+    result = await state.call(request, Run(), state.host.llm.create_embedding, inputs, model=state.host.name)
+    if encoding == "base64":   # what the openai client asks for by default: little-endian float32 bytes
+        for item in result["data"]:
+            item["embedding"] = base64.b64encode(np.asarray(item["embedding"], "<f4").tobytes()).decode("ascii")
     return JSONResponse(result)
 
 
@@ -285,26 +241,32 @@ def _token_ids(ids: list, state: ServerState) -> list[int]:
     return list(ids)
 
 
-async def _tokens(fn, arg) -> list[int]:
-    """Tokenize (or render a chat template) off the event loop; a template's refusal is the client's 400."""
-    try:
-        return await run_in_threadpool(fn, arg)
-    except RecursionError:
-        raise RequestError("the request is nested too deeply to render") from None
-    except LlmrunError as e:
-        raise RequestError(str(e)) from None
+async def _merged(calls: list[Iterator[dict]], n: int) -> AsyncIterator[dict]:
+    """The chunks of one streamed call per prompt, one prompt after the other (choice indices renumbered)."""
+    for k, chunks in enumerate(calls):
+        async for chunk in iterate_in_thread(chunks):
+            if k:
+                chunk = {**chunk, "choices": [{**c, "index": k * n + c["index"]} for c in chunk["choices"]]}
+            yield chunk
 
 
-def sse_response(chunks: AsyncIterator[dict], run: Run) -> StreamingResponse:
-    """Server-Sent Events: one `data:` line per chunk, then `data: [DONE]`. A fault after the stream began is
-    sent as an error object (the status line is gone by then). Closing the stream cancels the run."""
+def sse_response(chunks: AsyncIterator[dict], run: Run, include_usage: bool) -> StreamingResponse:
+    """Server-Sent Events: one `data:` line per chunk (with include_usage, `"usage": null` on each and a last
+    chunk with the usage and no choices), then `data: [DONE]`. A fault after the stream began is sent as an
+    error object (the status line is gone by then). Closing the stream cancels the run."""
+    def line(obj) -> str:
+        return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
     async def body():
+        last = None
         try:
             async for c in chunks:
-                yield f"data: {json.dumps(c, ensure_ascii=False, separators=(',', ':'))}\n\n"
+                last = c
+                yield line({**c, "usage": None} if include_usage else c)
+            if include_usage and last is not None:
+                yield line({**last, "choices": [], "usage": run.usage()})
         except RequestError as e:
-            yield "data: " + json.dumps({"error": {"message": e.message, "type": e.kind, "param": e.param,
-                                                   "code": e.code}}) + "\n\n"
+            yield line({"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}})
         finally:
             run.cancel()
         yield "data: [DONE]\n\n"

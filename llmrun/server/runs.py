@@ -1,110 +1,100 @@
-"""One request's generations in the scheduler: its choices (n per prompt), their merged events, cancel.
+"""One request's generations in the scheduler.
 
-Both API families use it: the OpenAI routes turn its events into SSE chunks, the Ollama routes into NDJSON
-lines. A client that goes away cancels every choice (their slots are free at the next step).
+Requests run through the Python API's own methods (`create_chat_completion`, `create_completion`, ...), so
+the server takes every parameter they take and shapes results as they do. Only the running differs:
+`ServedLlama._run_choices` (host.py) hands a call's generations to the scheduler instead of running them
+one after the other, and registers them with the request's `Run`, found through a context variable that
+the route sets before it calls the API in a worker thread. The Run cancels them all when the client goes
+away, and knows what the OpenAI and Ollama shapes need beyond the API's results (usage for
+`stream_options.include_usage`, Ollama's durations and context).
 """
 from __future__ import annotations
 
-import asyncio
-import dataclasses
+import contextvars
+import queue
+import threading
 import time
-from typing import AsyncIterator
+from typing import Iterator
 
-from ..completion_options import CompletionOptions
-from ..errors import LlmrunError
-from ..generate import Event
-from .errors import RequestError
-from .host import ModelHost
+from ..generate import Event, Generation
 from .scheduler import Job, Scheduler
 
-
-@dataclasses.dataclass
-class Choice:
-    index: int
-    prompt_index: int
-    job: Job
-    parts: list[str] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None
-    usage: dict | None = None
-
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
+current_run: contextvars.ContextVar["Run | None"] = contextvars.ContextVar("llmrun_server_run", default=None)
 
 
 class Run:
-    """n generations for each prompt (choice index = prompt * n + i, as OpenAI numbers them). With a seed,
-    choice i samples with seed + i, so the choices differ and the request still repeats exactly."""
+    """The jobs of one request (several API calls may add theirs: one per prompt of a completion)."""
 
-    def __init__(self, host: ModelHost, scheduler: Scheduler, prompts: list[list[int]], options: CompletionOptions,
-                 n: int = 1):
+    def __init__(self):
         self.started = time.perf_counter()
-        self.prompt_tokens = sum(len(p) for p in prompts)
-        generations = []
-        try:
-            for p, tokens in enumerate(prompts):
-                for i in range(n):
-                    opts = options if options.seed is None or i == 0 else \
-                        dataclasses.replace(options, seed=options.seed + i)
-                    generations.append((p, host.generation(tokens, opts)))
-        except LlmrunError as e:   # bad options or a prompt past the context: the client's mistake
-            raise RequestError(str(e), code=_code(e)) from None
-        self.choices: list[Choice] = []
-        self._by_gen: dict[int, Choice] = {}
-        try:
-            for index, (p, gen) in enumerate(generations):
-                choice = Choice(index, p, scheduler.submit(gen))
-                self.choices.append(choice)
-                self._by_gen[id(gen)] = choice
-        except BaseException:
-            self.cancel()
-            raise
+        self.calls: list[list[Job]] = []     # per API call: its choices' jobs (they share one prompt)
+        self._lock = threading.Lock()
+        self._cancelled = False
+
+    @property
+    def jobs(self) -> list[Job]:
+        return [job for call in self.calls for job in call]
+
+    def add(self, jobs: list[Job]) -> None:
+        with self._lock:
+            self.calls.append(jobs)
+            cancelled = self._cancelled
+        if cancelled:             # the client left while this call was being set up
+            for job in jobs:
+                job.cancel()
 
     def cancel(self) -> None:
-        for c in self.choices:
-            if not c.job.done:
-                c.job.cancel()
-
-    async def events(self) -> AsyncIterator[tuple[Choice, Event]]:
-        """(choice, event) as they come from all choices, until every choice has finished."""
-        merged: asyncio.Queue = asyncio.Queue()
-
-        async def pump(choice: Choice):
-            try:
-                async for event in choice.job.events():
-                    await merged.put((choice, event))
-            except BaseException as e:
-                await merged.put((choice, e))
-
-        tasks = [asyncio.ensure_future(pump(c)) for c in self.choices]
-        left = len(self.choices)
-        try:
-            while left:
-                choice, item = await merged.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.text:
-                    choice.parts.append(item.text)
-                if item.finish_reason is not None:
-                    choice.finish_reason, choice.usage = item.finish_reason, item.usage
-                    left -= 1
-                yield choice, item
-        finally:
-            for t in tasks:
-                t.cancel()
-            self.cancel()
-
-    async def finish(self) -> list[Choice]:
-        async for _ in self.events():
-            pass
-        return self.choices
+        with self._lock:
+            self._cancelled = True
+            jobs = list(self.jobs)
+        for job in jobs:
+            if not job.done:
+                job.cancel()
 
     def usage(self) -> dict:
-        gen = sum(c.usage["completion_tokens"] if c.usage else 0 for c in self.choices)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": gen,
-                "total_tokens": self.prompt_tokens + gen}
+        """OpenAI's usage over every choice (each prompt counted once)."""
+        n_prompt = sum(len(call[0].generation.prompt) for call in self.calls if call)
+        n_gen = sum(len(j.generation.generated) for j in self.jobs)
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
+
+    @property
+    def first(self) -> Generation | None:
+        return self.jobs[0].generation if self.jobs else None
 
 
-def _code(e: LlmrunError) -> str | None:
-    from ..errors import ContextFullError
-    return "context_length_exceeded" if isinstance(e, ContextFullError) else None
+def run_choices(scheduler: Scheduler, generations: list[Generation]) -> Iterator[tuple[int, Event]]:
+    """Submit a call's generations (its n choices) at once and yield (choice index, event) as the scheduler
+    steps them. Choices after the first get random streams of their own, spawned from the call's generator,
+    so that a seed gives the same choices whatever else the server runs beside them."""
+    if len(generations) > 1:
+        for gen, child in zip(generations[1:], generations[0].sampler.rng.spawn(len(generations) - 1)):
+            gen.sampler.rng = child
+    sink: queue.Queue = queue.Queue()
+    jobs: list[Job] = []
+    try:
+        for gen in generations:
+            jobs.append(scheduler.submit(gen, sink))
+    except BaseException:
+        for job in jobs:
+            job.cancel()
+        raise
+    run = current_run.get()
+    if run is not None:
+        run.add(jobs)
+    index = {id(job): i for i, job in enumerate(jobs)}
+
+    def events() -> Iterator[tuple[int, Event]]:
+        left = len(jobs)
+        try:
+            while left:
+                job, item = sink.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finish_reason is not None:
+                    left -= 1
+                yield index[id(job)], item
+        finally:
+            for job in jobs:          # the consumer stopped early: free the slots
+                if not job.done:
+                    job.cancel()
+    return events()

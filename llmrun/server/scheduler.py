@@ -6,17 +6,19 @@
 * One step advances every running generation by one token, or one chunk of its prompt, with ONE batched
   forward (`generate.step` -> `BatchModel.forward_batch`): the decode steps of all slots share one pass over
   the weights. While some slots decode, prompt chunks are kept small so a long prompt does not stall them.
-* Events go back to the asyncio side through each job's queue. `Job.cancel()` (a client went away) finishes
-  the generation at the next step, or drops it from the queue at once; either way its slot is free again.
-* `run_exclusive(fn)` runs work that needs the model outside the slots (embeddings) between two steps.
+* Events go back through each request's thread-safe queue (runs.py reads it). `Job.cancel()` (a client went
+  away) finishes the generation at the next step, or drops it from the queue at once; either way its slot is
+  free again.
+* `run_exclusive(fn)` / `call(fn)` run work that needs the model outside the slots (embeddings, prompt
+  logprobs) on the worker thread between two steps: the model is never used from two threads at once.
 * `close()` refuses new work, lets running and queued generations finish (drain), then stops the worker.
 """
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import logging
+import queue
 import threading
 import time
 from typing import Any, Callable
@@ -37,32 +39,17 @@ class ServerBusy(RequestError):
 
 
 class Job:
-    """One submitted generation and the asyncio queue its events arrive in."""
+    """One submitted generation; its events go to `sink` (a thread-safe queue shared by a request's jobs) as
+    (job, event) pairs, or (job, exception) for a fault in the engine."""
 
-    def __init__(self, scheduler: "Scheduler", generation: Generation, loop: asyncio.AbstractEventLoop):
+    def __init__(self, scheduler: "Scheduler", generation: Generation, sink: queue.Queue):
         self.scheduler = scheduler
         self.generation = generation
-        self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.submitted = time.perf_counter()
+        self.sink = sink
         self.done = False
 
     def _deliver(self, item: Event | BaseException) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:   # the event loop is gone (shutdown): nobody is listening
-            pass
-
-    async def events(self):
-        """The generation's events, up to and including the one with the finish reason. A fault in the
-        engine is raised here."""
-        while True:
-            item = await self.queue.get()
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-            if item.finish_reason is not None:
-                return
+        self.sink.put((self, item))
 
     def cancel(self) -> None:
         self.scheduler.cancel(self)
@@ -82,12 +69,12 @@ class Scheduler:
         self._thread = threading.Thread(target=self._work, name="llmrun-scheduler", daemon=True)
         self.steps = 0                            # batched forwards run (tests and /health read it)
 
-    # ---- the asyncio side ------------------------------------------------------------------------------------
+    # ---- the requests' side (any thread) ----------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, generation: Generation) -> Job:
-        job = Job(self, generation, asyncio.get_running_loop())
+    def submit(self, generation: Generation, sink: queue.Queue) -> Job:
+        job = Job(self, generation, sink)
         with self._cond:
             if self._closing:
                 raise ServerBusy("the server is shutting down")
@@ -109,15 +96,22 @@ class Scheduler:
         with self._cond:
             self._cond.notify()
 
-    def run_exclusive(self, fn: Callable[[], Any]) -> "asyncio.Future":
-        """Run fn() on the worker thread between two steps; its result (or exception) as an awaitable."""
+    def run_exclusive(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run fn() on the worker thread between two steps; a Future of its result (or exception)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
+        if threading.current_thread() is self._thread:   # already there (a nested call)
+            future.set_result(fn())
+            return future
         with self._cond:
-            if self._closing:
+            if self._closing and not self._thread.is_alive():
                 raise ServerBusy("the server is shutting down")
             self._exclusive.append((fn, future))
             self._cond.notify()
-        return asyncio.wrap_future(future)
+        return future
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """run_exclusive and wait for the result (from a request's thread)."""
+        return self.run_exclusive(fn).result()
 
     def stats(self) -> dict:
         with self._cond:

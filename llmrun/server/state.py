@@ -1,17 +1,22 @@
-"""What every route needs: the configuration, the model host, the scheduler; and waiting on a run while
-watching for the client to go away."""
+"""What every route needs: the configuration, the model host, the scheduler; calling the Python API for a
+request (in a worker thread, its generations registered with the request's Run) while watching for the client
+to go away."""
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any, Awaitable
+from typing import Awaitable, Iterator
 
+import anyio
+
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from .. import __version__
-from ..errors import LlmrunError
+from ..errors import ContextFullError, LlmrunError
 from .errors import RequestError
 from .host import ModelHost
+from .runs import Run, current_run
 from .scheduler import Scheduler
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -40,24 +45,35 @@ class ServerState:
         self.host = host
         self.config = config
         self.scheduler = Scheduler(host.batch, max_queue=config.max_queue)
+        host.attach(self.scheduler)
         self.fingerprint = f"llmrun-{__version__}"
 
     @staticmethod
     def of(request: Request) -> "ServerState":
         return request.app.state.server
 
-    async def embed(self, inputs: Any) -> dict:
-        """The Python API's create_embedding, run on the scheduler's thread between two steps (the model is
-        never used from two threads at once)."""
-        create = getattr(self.host.llm, "create_embedding", None)
-        if create is None:
-            raise RequestError("embeddings are not supported by this build", 501, code="unsupported")
+    async def call(self, request: Request, run: Run, fn, *args, **kwargs):
+        """fn(*args, **kwargs) (an API call) in a worker thread with `run` as its request, so that the
+        generations it makes join the scheduler under this request; cancelled if the client disconnects.
+        Bad input the API refuses becomes a 400 (ContextFullError: context_length_exceeded)."""
+        token = current_run.set(run)     # run_in_threadpool copies the context into the worker thread
         try:
-            return await self.scheduler.run_exclusive(lambda: create(inputs))
-        except LlmrunError as e:
-            if isinstance(e, RequestError):
-                raise
-            raise RequestError(str(e), param="input") from None
+            return await until_disconnect(request, run, run_in_threadpool(_client_errors, fn, *args, **kwargs))
+        finally:
+            current_run.reset(token)
+
+
+def _client_errors(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except RequestError:
+        raise
+    except ContextFullError as e:
+        raise RequestError(str(e), code="context_length_exceeded") from None
+    except RecursionError:
+        raise RequestError("the request is nested too deeply") from None
+    except LlmrunError as e:
+        raise RequestError(str(e)) from None
 
 
 async def until_disconnect(request: Request, run, work: Awaitable):
@@ -73,6 +89,22 @@ async def until_disconnect(request: Request, run, work: Awaitable):
     task.cancel()
     run.cancel()
     raise ClientGone()
+
+
+async def iterate_in_thread(iterator: Iterator):
+    """The items of a blocking iterator (an API call's stream), each next() in a worker thread. Cancelling
+    abandons a waiting next() instead of waiting for it (during a long prompt no item may come for seconds):
+    the caller then cancels the run, which ends the iterator's generations at the scheduler's next step."""
+    done = object()
+
+    def step():
+        return next(iterator, done)
+
+    while True:
+        item = await anyio.to_thread.run_sync(step, abandon_on_cancel=True)
+        if item is done:
+            return
+        yield item
 
 
 class ClientGone(Exception):
