@@ -2,6 +2,7 @@
 __version__ = "0.1.0"
 
 from .cpu_target import prefer_wide_vectors as _prefer_wide_vectors
+from .errors import LlmrunError
 
 _prefer_wide_vectors()   # before numba starts: see cpu_target.py
 
@@ -14,4 +15,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["Llama", "__version__"]
+__all__ = ["Llama", "LlmrunError", "__version__"]

@@ -232,15 +232,17 @@ class Llama:
                              "logprobs": None, "finish_reason": finish}],
                 "usage": usage}
 
-    def chat_tokens(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """The prompt tokens for a conversation (template rendered, special tokens parsed)."""
-        from .text.chat_template import render_chat
+    def chat_tokens(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, *,
+                    special_in_content: bool = False) -> list[int]:
+        """The prompt tokens for a conversation: the template's own text parsed for special tokens, message
+        contents always as text (a message cannot forge a turn). special_in_content=True parses special
+        tokens in the contents too (the old behaviour: only for fully trusted messages)."""
+        from .text.chat_template import encode_chat
 
         tok = self.tokenizer
-        text = render_chat(messages, getattr(tok, "chat_template", None),
-                           add_generation_prompt=add_generation_prompt,
-                           bos_token=self._piece(tok.bos_id), eos_token=self._piece(tok.eos_id))
-        ids = list(tok.encode(text, add_bos=False, special=True))
+        ids = encode_chat(tok, messages, getattr(tok, "chat_template", None), special_in_content=special_in_content,
+                          add_generation_prompt=add_generation_prompt,
+                          bos_token=self._piece(tok.bos_id), eos_token=self._piece(tok.eos_id))
         # Templates usually write {{ bos_token }} themselves; add it only when the model wants one and the
         # template did not (never two).
         if getattr(tok, "add_bos", False) and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):

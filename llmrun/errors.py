@@ -27,3 +27,30 @@ class ConvertError(LlmrunError):
 
 class ContextFullError(LlmrunError):
     """The context window has no room for more tokens."""
+
+
+class ChatTemplateError(LlmrunError):
+    """A chat template cannot be compiled, refuses the conversation, or exceeds its render budget."""
+
+
+class InvalidArgumentError(LlmrunError, ValueError):
+    """An argument of a Python API call has the right type but an impossible value (a token id outside the
+    vocabulary, a NaN, a context size larger than memory)."""
+
+
+class ArgumentTypeError(LlmrunError, TypeError):
+    """An argument of a Python API call has the wrong type (a string where an integer belongs, ...)."""
+
+
+def is_library_failure(e: BaseException) -> bool:
+    """True for what a third-party library raises on bad input: any Exception, and a Rust panic surfacing as
+    pyo3's PanicException (HF tokenizers), which derives from BaseException so `except Exception` misses it.
+    Use as `except BaseException as e: if not is_library_failure(e): raise`."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name if empty), cut to `limit` characters."""
+    lines = str(e).strip().splitlines()
+    text = lines[0].strip() if lines else type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "…"

@@ -23,6 +23,7 @@ from ..errors import ContextFullError, ModelError
 from ..kernels import ops
 from ..kernels.qmatmul import dequantize_rows, matmul, matvec
 from ..kernels.repack import PackedMatrix, pack_matrix
+from .load_checks import check_context, check_hparams, check_logits, check_matrix, check_vector
 
 ARCH = "llama"
 _PAGE = mmap.PAGESIZE
@@ -122,6 +123,7 @@ def read_hparams(reader) -> LlamaHParams:
     arch = reader.metadata.get("general.architecture")
     if arch != ARCH:
         raise ModelError(f"{reader.path}: architecture {arch!r} is not supported (only 'llama')")
+    check_hparams(reader, ARCH)
     p = ARCH + "."
     n_embd = int(_meta(reader, p + "embedding_length", required=True))
     n_layer = int(_meta(reader, p + "block_count", required=True))
@@ -185,12 +187,14 @@ class _Weights:
         self.used.add(name)
         return ti
 
-    def vector(self, name, n) -> np.ndarray:
+    def vector(self, name, n, positive: bool = False) -> np.ndarray:
         ti = self.info(name, (n,))
         try:
-            return np.array(ti.numpy(), dtype=np.float32).reshape(n)
+            v = np.array(ti.numpy(), dtype=np.float32).reshape(n)
         except Exception as e:  # an unsupported type for a 1-D tensor
             raise ModelError(f"{self.reader.path}: cannot read tensor {name}: {e}") from None
+        check_vector(self.reader.path, name, v, positive)
+        return v
 
     def matrix(self, names_shapes) -> list[PackedMatrix]:
         """Pack one or more matrices that multiply the same input; consecutive tensors of the same
@@ -210,6 +214,7 @@ class _Weights:
             except ModelError as e:
                 raise ModelError(f"{self.reader.path}: tensor {g[0].name} ({g[0].ggml_type.name.lower()}): {e}") \
                     from None
+            check_matrix(self.reader.path, "/".join(ti.name for ti in g), packed[-1])
             del raw
             for ti in g:
                 if isinstance(ti.data, np.ndarray) and not ti.data.flags.owndata:   # a view into the mmap
@@ -268,6 +273,7 @@ class LlamaModel:
         if n_threads is not None and int(n_threads) < 1:
             raise ModelError(f"thread count must be at least 1, got {n_threads}")
         hp = read_hparams(reader)
+        check_context(reader.path, n_ctx, sum(nkv * (hp.head_dim + hp.v_head_dim) for nkv in hp.n_head_kv_per_layer))
         _fixed_mmap_threshold()
         w = _Weights(reader)
         E = hp.n_embd
@@ -320,7 +326,7 @@ class LlamaModel:
         half = hp.n_rot // 2
         inv = hp.rope_base ** (-2.0 * np.arange(half, dtype=np.float64) / hp.n_rot)
         if "rope_freqs.weight" in reader.tensors:
-            inv = inv / w.vector("rope_freqs.weight", half).astype(np.float64)
+            inv = inv / w.vector("rope_freqs.weight", half, positive=True).astype(np.float64)
         self._inv_freq = inv
         self._yarn_mix = None
         self._rope_mscale = 1.0
@@ -403,5 +409,5 @@ class LlamaModel:
             x = x[-1:]
         hn = np.empty_like(x)
         ops.rmsnorm(x, self.output_norm, eps, hn)
-        logits = _matmul(self.output, hn)
+        logits = check_logits(_matmul(self.output, hn))
         return logits if all_logits else logits[0]

@@ -7,7 +7,8 @@ import numpy as np
 from numba import njit, prange
 
 
-@njit(fastmath=True, cache=True)
+# error_model="numpy": a zero or NaN divisor gives Inf/NaN (caught on the logits) instead of a ZeroDivisionError
+@njit(fastmath=True, cache=True, error_model="numpy")
 def rmsnorm(x, w, eps, out):
     """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w   (x, out: [T, n]; same formula as HF's LlamaRMSNorm)."""
     T, n = x.shape
@@ -56,7 +57,7 @@ def rope_store(qkv, cos, sin, q_out, k_cache, v_cache, pos0, n_head, n_head_kv, 
                 v_cache[g, p, i] = qkv[t, v0 + g * v_dim + i]
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def attention(q, k_cache, v_cache, pos0, scale, out):
     """Causal softmax attention with grouped K/V heads.
 
@@ -140,7 +141,7 @@ def attention(q, k_cache, v_cache, pos0, scale, out):
                 out[t, (h0 + hh) * v_dim + i] = o[hh, i] * inv
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, error_model="numpy")
 def swiglu(gate_up, n_ff, out):
     """out = silu(gate) * up, where gate_up [T, 2*n_ff] holds gate then up for each token."""
     T = gate_up.shape[0]
