@@ -23,7 +23,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from . import api_args as args
 from .errors import ContextFullError, LlmrunError
+from .safe_text import printable
 from .text.stops import StopScanner
 from .text.sampling import Sampler, SamplingParams
 
@@ -47,8 +49,9 @@ class Llama:
 
     ``n_ctx=0`` uses the model's training context. ``seed`` seeds this object's random generator (calls with
     their own ``seed=`` use a fresh generator from that seed, so the same seed and settings give the same
-    output). ``vocab_only=True`` loads only the tokenizer. See the module docstring for cache reuse, cancel
-    and threading rules.
+    output; None or -1 = random). ``vocab_only=True`` loads only the tokenizer. See the module docstring for
+    cache reuse, cancel and threading rules. Arguments of the wrong type raise ArgumentTypeError (a
+    TypeError), impossible values InvalidArgumentError (a ValueError); both are LlmrunErrors.
     """
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | None = None,
@@ -56,13 +59,18 @@ class Llama:
         from .gguf import GGUFReader
         from .text.tokenizer import Tokenizer
 
-        self.model_path = str(model_path)
-        reader = GGUFReader(model_path)
+        self.model_path = args.path(model_path, "model_path")
+        n_ctx = args.optional_integer(n_ctx, "n_ctx", lo=0, hi=1 << 32)
+        n_threads = args.optional_integer(n_threads, "n_threads", lo=1)
+        seed = args.seed(seed)
+        vocab_only, verbose = args.flag(vocab_only, "vocab_only"), args.flag(verbose, "verbose")
+        reader = GGUFReader(self.model_path)
         try:
             tokenizer = Tokenizer.from_metadata(reader.metadata)
             if n_ctx is None or n_ctx <= 0:
                 arch = reader.get("general.architecture", "llama")
-                n_ctx = int(reader.get(f"{arch}.context_length", 4096))
+                n_ctx = reader.typed.get_int(f"{arch}.context_length", 4096, lo=1, hi=1 << 32) \
+                    if isinstance(arch, str) else 4096
             model = None
             if not vocab_only:
                 from .engine.model import LlamaModel
@@ -73,7 +81,7 @@ class Llama:
         self._reader = reader   # stays open: the model's weights are views into its mmap
         self._setup(tokenizer, model, n_ctx, seed, verbose, os.path.basename(self.model_path))
         if verbose and model is not None:
-            print(f"llmrun: loaded {self._name} in {model.load_seconds:.2f} s: weights "
+            print(f"llmrun: loaded {printable(self._name)} in {model.load_seconds:.2f} s: weights "
                   f"{model.weights_nbytes / 2**20:.0f} MiB, KV cache {model.kv_nbytes / 2**20:.0f} MiB "
                   f"for {n_ctx} tokens", file=sys.stderr)
 
@@ -92,7 +100,7 @@ class Llama:
         self.tokenizer = tokenizer
         self._model = model
         self._n_ctx = int(n_ctx)
-        self._rng = np.random.default_rng(seed)
+        self._rng = np.random.default_rng(args.seed(seed))
         self.verbose = verbose
         self._name = name
         self._cached: list[int] = []          # tokens whose K/V sit in the model's cache, in order
@@ -139,15 +147,18 @@ class Llama:
     def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
         """Token ids of `text`. As in llama-cpp-python, add_bos=True adds BOS only if the model asks for it
         (GGUF `tokenizer.ggml.add_bos_token`); add_bos=False never adds it."""
+        text = args.text(text, "text")
+        add_bos, special = args.flag(add_bos, "add_bos"), args.flag(special, "special")
         return list(self.tokenizer.encode(text, add_bos=None if add_bos else False, special=special))
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
-        return bytes(self.tokenizer.decode(list(tokens), special=special))
+        tokens = args.token_ids(tokens, self.n_vocab())
+        return bytes(self.tokenizer.decode(tokens, special=args.flag(special, "special")))
 
     # ---- evaluation ------------------------------------------------------------------------------------
     def eval_logits(self, tokens: Sequence[int]) -> np.ndarray:
         """float32 [len(tokens), n_vocab]: logits after each token of a fresh sequence starting at position 0."""
-        tokens = [int(t) for t in tokens]
+        tokens = args.token_ids(tokens, self.n_vocab())
         if not tokens:
             return np.zeros((0, self.n_vocab()), dtype=np.float32)
         self._check_fits(len(tokens))
@@ -182,6 +193,7 @@ class Llama:
         tokens = self._prompt_tokens(prompt)
         sampler = self._sampler(temperature, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
                                 presence_penalty, repeat_last_n, seed)
+        stream = args.flag(stream, "stream")
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         run = self._run(tokens, sampler, max_tokens, stop)
 
@@ -212,6 +224,7 @@ class Llama:
         tokens = self.chat_tokens(messages)
         sampler = self._sampler(temperature, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
                                 presence_penalty, repeat_last_n, seed)
+        stream = args.flag(stream, "stream")
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         run = self._run(tokens, sampler, max_tokens, stop)
 
@@ -240,8 +253,9 @@ class Llama:
         from .text.chat_template import encode_chat
 
         tok = self.tokenizer
-        ids = encode_chat(tok, messages, getattr(tok, "chat_template", None), special_in_content=special_in_content,
-                          add_generation_prompt=add_generation_prompt,
+        ids = encode_chat(tok, messages, getattr(tok, "chat_template", None),
+                          special_in_content=args.flag(special_in_content, "special_in_content"),
+                          add_generation_prompt=args.flag(add_generation_prompt, "add_generation_prompt"),
                           bos_token=self._piece(tok.bos_id), eos_token=self._piece(tok.eos_id))
         # Templates usually write {{ bos_token }} themselves; add it only when the model wants one and the
         # template did not (never two).
@@ -256,19 +270,19 @@ class Llama:
         return self.tokenizer.token_to_piece(int(token_id), special=True).decode("utf-8", errors="replace")
 
     def _prompt_tokens(self, prompt) -> list[int]:
-        if isinstance(prompt, (str, bytes)):
+        if isinstance(prompt, (str, bytes, bytearray)):
             # Like llama-cli: BOS as the model asks, and control tokens written in the prompt are parsed.
-            return list(self.tokenizer.encode(prompt, add_bos=None, special=True))
-        return [int(t) for t in prompt]
+            return list(self.tokenizer.encode(args.text(prompt, "prompt"), add_bos=None, special=True))
+        return args.token_ids(prompt, self.n_vocab(), "prompt")
 
     def _sampler(self, temperature, top_k, top_p, min_p, repeat_penalty, frequency_penalty, presence_penalty,
                  repeat_last_n, seed) -> Sampler:
-        params = SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                                min_p=float(min_p), repeat_penalty=float(repeat_penalty),
-                                repeat_last_n=int(repeat_last_n), frequency_penalty=float(frequency_penalty),
-                                presence_penalty=float(presence_penalty))
-        # A call's own seed restarts the randomness; otherwise this Llama's generator continues.
-        return Sampler(params, rng=np.random.default_rng(seed) if seed is not None else self._rng)
+        params = SamplingParams(**args.sampling(temperature, top_k, top_p, min_p, repeat_penalty,
+                                                frequency_penalty, presence_penalty, repeat_last_n))
+        # A call's own seed restarts the randomness (-1: a random one); otherwise this Llama's generator continues.
+        if seed is None:
+            return Sampler(params, rng=self._rng)
+        return Sampler(params, rng=np.random.default_rng(args.seed(seed)))
 
     def _require_model(self):
         if self._model is None:
@@ -341,7 +355,8 @@ class Llama:
             raise LlmrunError("the prompt is empty (no tokens)")
         self._require_model()
         self._check_fits(len(tokens))
-        limit = max_tokens if max_tokens is not None and max_tokens > 0 else None
+        limit = args.max_tokens(max_tokens)
+        stop = args.stop_strings(stop)
         eog = frozenset(int(t) for t in getattr(self.tokenizer, "eog_ids", ()) or ())
         if not eog and self.tokenizer.eos_id is not None:
             eog = frozenset([int(self.tokenizer.eos_id)])
