@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from llmrun.gguf import GGMLType, GGUFWriter
-from llmrun.gguf.partfiles import stale_parts
 
 SLOW_WRITER = textwrap.dedent("""
     import sys, time
@@ -71,6 +70,7 @@ def test_sigterm_during_quantize_cli(tmp_path, default_model):
 
 
 def test_next_write_removes_stale_parts_of_dead_writers_only(tmp_path):
+    from llmrun.gguf.partfiles import stale_parts
     target = tmp_path / "m.gguf"
     # a writer that is alive right now, and then one killed with SIGKILL (its part file stays)
     live = _start_and_wait([sys.executable, "-c", SLOW_WRITER, str(target)], tmp_path, marker="writing")
