@@ -20,7 +20,7 @@ from ..gguf.metadata import TypedMetadata
 _MAX_DIM = 1 << 31          # any single dimension of a model (int32 arithmetic in the kernels)
 _CHUNK = 1 << 22            # elements per step of the finite checks (bounded temporaries)
 # (exponent mask) of the 16-bit float kinds: an all-ones exponent is Inf or NaN
-_F16_EXP, _BF16_EXP = 0x7C00, 0x7F80
+F16_EXP, BF16_EXP = 0x7C00, 0x7F80
 
 
 def check_hparams(reader, arch: str) -> None:
@@ -77,8 +77,9 @@ def _physical_memory() -> int:
         return 0
 
 
-def _first_nonfinite(a: np.ndarray, exp_mask: int | None = None) -> int | None:
-    """Flat index of the first NaN/Inf in a float array (or in 16-bit float bits, with their exponent mask)."""
+def first_nonfinite(a: np.ndarray, exp_mask: int | None = None) -> int | None:
+    """Flat index of the first NaN/Inf in a float array (or in 16-bit float bits, with their exponent mask:
+    F16_EXP / BF16_EXP). Also used by the converter."""
     flat = a.reshape(-1)
     for start in range(0, flat.size, _CHUNK):
         part = flat[start:start + _CHUNK]
@@ -90,7 +91,7 @@ def _first_nonfinite(a: np.ndarray, exp_mask: int | None = None) -> int | None:
 
 def check_vector(where: str, name: str, v: np.ndarray, positive: bool = False) -> None:
     """A 1-D float32 weight (norms, rope factors) must be finite (and > 0 where it divides)."""
-    if _first_nonfinite(v) is not None:
+    if first_nonfinite(v) is not None:
         raise ModelError(f"{where}: tensor {name} holds NaN or Inf values")
     if positive and v.size and not (v > 0).all():
         raise ModelError(f"{where}: tensor {name} holds values <= 0 (they divide the rotation angles)")
@@ -108,10 +109,10 @@ def check_matrix(where: str, name: str, pm) -> None:
         arrays.append(pm.codes)
     for a in arrays:
         if a.dtype == np.uint16:
-            mask = _BF16_EXP if (pm.family == "h16" and pm.kind == 1 and a is pm.codes) else _F16_EXP
-            bad = _first_nonfinite(a, np.uint16(mask))
+            mask = BF16_EXP if (pm.family == "h16" and pm.kind == 1 and a is pm.codes) else F16_EXP
+            bad = first_nonfinite(a, np.uint16(mask))
         else:
-            bad = _first_nonfinite(a)
+            bad = first_nonfinite(a)
         if bad is not None:
             what = "values" if a is pm.codes else "block scales"
             raise ModelError(f"{where}: tensor {name} holds NaN or Inf {what}")

@@ -35,6 +35,10 @@ def describe_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         kinds = sorted({type(v).__name__ for v in value[:64]})
         return f"an array of {len(value)} {'/'.join(kinds) or 'values'}"
+    if isinstance(value, Mapping):
+        return "an object"
+    if value is None:
+        return "null"
     return f"a {type(value).__name__}"
 
 
@@ -63,15 +67,19 @@ def parse_bool(value: Any) -> bool | None:
 
 
 class TypedMetadata:
-    """Checked getters over a metadata mapping; every error is `error(f"{where}: {key} ...")`."""
+    """Checked getters over a metadata mapping; every error is `error(f"{where}: {label}{key} ...")`.
 
-    def __init__(self, metadata: Mapping[str, Any], where: str, error: type[LlmrunError] = GGUFError):
+    Also used for JSON files (convert/hf_config.py), whose values have the same Python types."""
+
+    def __init__(self, metadata: Mapping[str, Any], where: str, error: type[LlmrunError] = GGUFError,
+                 label: str = "metadata "):
         self.metadata = metadata
         self.where = where
         self.error = error
+        self.label = label
 
     def fail(self, key: str, what: str):
-        raise self.error(f"{self.where}: metadata {key} {what}")
+        raise self.error(f"{self.where}: {self.label}{key} {what}")
 
     def __contains__(self, key: str) -> bool:
         return self.metadata.get(key) is not None
@@ -80,7 +88,7 @@ class TypedMetadata:
         value = self.metadata.get(key)
         if value is None:
             if default is _REQUIRED:
-                raise self.error(f"{self.where}: missing metadata key {key}")
+                raise self.error(f"{self.where}: missing {self.label}key {key}")
             return _REQUIRED, default
         return value, None
 
@@ -119,6 +127,15 @@ class TypedMetadata:
             self.fail(key, f"must be a string, found {describe_value(value)}")
         return value
 
+    def get_dict(self, key: str, default=_REQUIRED) -> dict:
+        """A JSON object (string keys)."""
+        value, fallback = self._value(key, default)
+        if value is _REQUIRED:
+            return fallback
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            self.fail(key, f"must be an object, found {describe_value(value)}")
+        return dict(value)
+
     def get_bool(self, key: str, default=_REQUIRED):
         value, fallback = self._value(key, default)
         if value is _REQUIRED:
@@ -154,6 +171,10 @@ class TypedMetadata:
         if elem == "str":
             if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                 self.fail(key, f"must be an array of strings, found {describe_value(value)}")
+            return list(value)
+        if elem == "dict":
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, Mapping) for v in value):
+                self.fail(key, f"must be an array of objects, found {describe_value(value)}")
             return list(value)
         kinds = {"int": "iu", "float": "iuf", "bool": "b"}[elem]
         arr = self._numeric_array(key, value, kinds)
