@@ -1,4 +1,4 @@
-"""config.json of a HF LLaMA/Mistral checkpoint -> hyper-parameters and the GGUF `llama.*` keys (formats.md §5).
+"""config.json of a HF LLaMA/Mistral checkpoint -> hyper-parameters and the GGUF `llama.*` keys (docs/formats.md §5).
 
 Accepts the shapes found in the wild: `rope_theta` + `rope_scaling` (linear, dynamic, yarn, llama3; `type` or
 `rope_type`), the newer `rope_parameters` block, an explicit `head_dim`, `num_key_value_heads` absent (= heads),

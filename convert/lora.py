@@ -1,4 +1,4 @@
-"""PEFT LoRA adapters: load, validate against the base checkpoint, merge into base weights (formats.md §7a).
+"""PEFT LoRA adapters: load, validate against the base checkpoint, merge into base weights (docs/formats.md §7a).
 
 Merge rule (PEFT's merge_and_unload): W' = W + s * scaling * (B @ A), in float32, in the HF layout (the Q/K
 permutation and quantization happen afterwards), with scaling = alpha/r, or alpha/sqrt(r) for rsLoRA, r and

@@ -1,4 +1,4 @@
-"""THE one map from Hugging Face LLaMA tensor names to GGUF names (formats.md §4).
+"""THE one map from Hugging Face LLaMA tensor names to GGUF names (docs/formats.md §4).
 
 Both the checkpoint conversion and the LoRA merging go through `gguf_name`, so a name is
 spelled in exactly one place.

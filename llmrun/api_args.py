@@ -103,14 +103,3 @@ def max_tokens(value: Any) -> int | None:
     """None or <= 0 means "no limit"."""
     value = optional_integer(value, "max_tokens")
     return value if value is not None and value > 0 else None
-
-
-def sampling(temperature, top_k, top_p, min_p, repeat_penalty, frequency_penalty, presence_penalty,
-             repeat_last_n) -> dict:
-    """The sampling arguments checked and converted (SamplingParams' fields)."""
-    return dict(temperature=number(temperature, "temperature"), top_k=integer(top_k, "top_k"),
-                top_p=number(top_p, "top_p"), min_p=number(min_p, "min_p"),
-                repeat_penalty=number(repeat_penalty, "repeat_penalty"),
-                repeat_last_n=integer(repeat_last_n, "repeat_last_n", lo=-1),
-                frequency_penalty=number(frequency_penalty, "frequency_penalty"),
-                presence_penalty=number(presence_penalty, "presence_penalty"))

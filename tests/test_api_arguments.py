@@ -74,10 +74,10 @@ def test_model_path_of_the_wrong_type():
 @pytest.mark.parametrize("kwargs,kind,natural,match", [
     ({"stop": 5}, ArgumentTypeError, TypeError, "stop"),
     ({"stop": [b"x"]}, ArgumentTypeError, TypeError, "stop"),
-    ({"max_tokens": "5"}, ArgumentTypeError, TypeError, "max_tokens"),
+    ({"max_tokens": "many"}, ArgumentTypeError, TypeError, "max_tokens"),
     ({"temperature": "hot"}, ArgumentTypeError, TypeError, "temperature"),
     ({"temperature": float("nan")}, InvalidArgumentError, ValueError, "temperature"),
-    ({"top_k": 1.5}, ArgumentTypeError, TypeError, "top_k"),
+    ({"top_k": "many"}, ArgumentTypeError, TypeError, "top_k"),
     ({"top_p": 2.0}, InvalidArgumentError, ValueError, "top_p"),
     ({"seed": "x"}, ArgumentTypeError, TypeError, "seed"),
     ({"seed": -2}, InvalidArgumentError, ValueError, "seed"),

@@ -163,7 +163,7 @@ def _sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, n_predict
 @_one_line_errors
 def run(model, prompt, temperature, top_k, top_p, min_p, repeat_penalty, seed, threads, n_ctx, n_predict, verbose):
     """Complete PROMPT with MODEL (default model if omitted), streaming the text to stdout."""
-    from .chat_session import sigint_cancels
+    from .signals import sigint_cancels
 
     llm = _load_llama(model, n_ctx, threads, seed, verbose)
     if n_predict == 0:

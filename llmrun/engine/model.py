@@ -8,10 +8,7 @@ are ever turned into float32.
 """
 from __future__ import annotations
 
-import ctypes
 import math
-import mmap
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -23,51 +20,11 @@ from ..errors import ContextFullError, ModelError
 from ..kernels import ops
 from ..kernels.qmatmul import dequantize_rows, matmul, matvec
 from ..kernels.repack import PackedMatrix, pack_matrix
+from ..runtime import drop_file_pages, fixed_mmap_threshold, trim_heap
+from ..tensors import tensor_to_float32
 from .load_checks import check_context, check_hparams, check_logits, check_matrix, check_vector
 
 ARCH = "llama"
-_PAGE = mmap.PAGESIZE
-_MADV_DONTNEED = 4   # Linux
-
-
-def _libc():
-    try:
-        return ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-
-
-_LIBC = _libc() if sys.platform.startswith("linux") else None
-
-
-def _drop_file_pages(raw: np.ndarray) -> None:
-    """Unmap the pages of a tensor's mmapped bytes once they are repacked: its copy in the tiles is what the
-    kernels read, so the file's pages would only double the resident memory (the page cache keeps them,
-    later reads of the view simply fault them back). Best effort, Linux only."""
-    if _LIBC is None or raw.size == 0:
-        return
-    start = raw.ctypes.data
-    end = start + raw.nbytes
-    lo = -(-start // _PAGE) * _PAGE
-    hi = end // _PAGE * _PAGE
-    if hi > lo:
-        _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(_MADV_DONTNEED))
-
-
-def _fixed_mmap_threshold() -> None:
-    """Serve large blocks (>= 1 MiB) from their own mappings, returned to the system when freed. glibc's
-    default raises this threshold as large blocks are freed (up to 32 MiB), after which repacking's
-    temporaries fragment the heap: ~30 % of the weights' size stayed resident after loading a 1.1B model."""
-    fn = getattr(_LIBC, "mallopt", None) if _LIBC is not None else None
-    if fn is not None:
-        fn(ctypes.c_int(-3), ctypes.c_int(1 << 20))   # M_MMAP_THRESHOLD
-
-
-def _trim_heap() -> None:
-    """Give the load's freed temporaries back to the system (glibc keeps them in its arenas otherwise)."""
-    fn = getattr(_LIBC, "malloc_trim", None) if _LIBC is not None else None
-    if fn is not None:
-        fn(ctypes.c_size_t(0))
 BLAS_ATTENTION_TOKENS = 16   # prefill chunks from this size use the BLAS attention path
 
 
@@ -120,6 +77,8 @@ def _per_layer(reader, key, n_layer, default=None, required=False) -> list[int]:
 
 
 def read_hparams(reader) -> LlamaHParams:
+    """The model's hyper-parameters from the GGUF metadata, and its vocabulary size from the token_embd rows
+    (what the graph indexes; ModelError when anything is missing or inconsistent)."""
     arch = reader.metadata.get("general.architecture")
     if arch != ARCH:
         raise ModelError(f"{reader.path}: architecture {arch!r} is not supported (only 'llama')")
@@ -155,8 +114,11 @@ def read_hparams(reader) -> LlamaHParams:
     freq_scale = 1.0 / factor if factor > 0 and scaling != "none" else 1.0
     if freq_scale == 1.0 and scaling == "linear":
         scaling = "none"
+    emb_ti = reader.tensors.get("token_embd.weight")
+    if emb_ti is None:
+        raise ModelError(f"{reader.path}: missing tensor token_embd.weight")
     hp = LlamaHParams(
-        n_vocab=0, n_embd=n_embd, n_layer=n_layer, n_head=heads[0], n_head_kv=heads_kv[0],
+        n_vocab=int(emb_ti.shape[0]), n_embd=n_embd, n_layer=n_layer, n_head=heads[0], n_head_kv=heads_kv[0],
         head_dim=head_dim, n_ff=n_ffs[0], rms_eps=eps,
         rope_base=float(_meta(reader, p + "rope.freq_base", 10000.0)), v_head_dim=v_head_dim,
         n_rot=n_rot, n_ctx_train=n_ctx_train, rope_scaling=scaling, rope_freq_scale=freq_scale,
@@ -190,7 +152,7 @@ class _Weights:
     def vector(self, name, n, positive: bool = False) -> np.ndarray:
         ti = self.info(name, (n,))
         try:
-            v = np.array(ti.numpy(), dtype=np.float32).reshape(n)
+            v = np.array(tensor_to_float32(ti), dtype=np.float32).reshape(n)
         except Exception as e:  # an unsupported type for a 1-D tensor
             raise ModelError(f"{self.reader.path}: cannot read tensor {name}: {e}") from None
         check_vector(self.reader.path, name, v, positive)
@@ -218,7 +180,7 @@ class _Weights:
             del raw
             for ti in g:
                 if isinstance(ti.data, np.ndarray) and not ti.data.flags.owndata:   # a view into the mmap
-                    _drop_file_pages(ti.data)
+                    drop_file_pages(ti.data)   # its repacked copy is what the kernels read
         return packed
 
 
@@ -252,7 +214,8 @@ class _Layer:
 
 
 class LlamaModel:
-    """A loaded LLaMA model with its KV cache (see common.md: forward / truncate / reset)."""
+    """A loaded LLaMA model with its KV cache: `forward` appends tokens and returns their logits, `truncate`
+    drops cached positions from the end, `reset` empties the cache."""
 
     def __init__(self, hparams: LlamaHParams, n_ctx: int, n_threads: int | None):
         self.hparams = hparams
@@ -273,14 +236,11 @@ class LlamaModel:
         if n_threads is not None and int(n_threads) < 1:
             raise ModelError(f"thread count must be at least 1, got {n_threads}")
         hp = read_hparams(reader)
-        check_context(reader.path, n_ctx, sum(nkv * (hp.head_dim + hp.v_head_dim) for nkv in hp.n_head_kv_per_layer))
-        _fixed_mmap_threshold()
+        check_context(reader.path, n_ctx,
+                      sum(nkv * (hp.head_dim + hp.v_head_dim) for nkv in hp.n_head_kv_per_layer))
+        fixed_mmap_threshold()   # glibc settings for the load's large temporaries: runtime.py
         w = _Weights(reader)
         E = hp.n_embd
-        emb_ti = reader.tensors.get("token_embd.weight")
-        if emb_ti is None:
-            raise ModelError(f"{reader.path}: missing tensor token_embd.weight")
-        hp.n_vocab = int(emb_ti.shape[0])
         self = cls(hp, n_ctx, n_threads)
         self.tok_embd = w.matrix([("token_embd.weight", (hp.n_vocab, E))])[0]
         if "output.weight" in reader.tensors:
@@ -316,7 +276,7 @@ class LlamaModel:
             mats += layer.qkv + layer.out + layer.gate_up + layer.down
         self.weights_nbytes = sum(p.nbytes for p in mats)   # repacked weights held in memory
         self.kv_nbytes = sum(L.k_cache.nbytes + L.v_cache.nbytes for L in self.layers)  # reserved (committed as used)
-        _trim_heap()
+        trim_heap()
         self.load_seconds = time.perf_counter() - t0
         return self
 

@@ -136,7 +136,7 @@ def merged_reference(base_dir: Path, adapters=()):
 
 
 def permute_qk_reference(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """formats.md §4 written out: GGUF_row[h*hd + 2i + j] = HF_row[h*hd + j*hd/2 + i]."""
+    """docs/formats.md §4 written out: GGUF_row[h*hd + 2i + j] = HF_row[h*hd + j*hd/2 + i]."""
     hd = w.shape[0] // n_heads
     out = np.empty_like(w)
     for h in range(n_heads):
@@ -148,7 +148,7 @@ def permute_qk_reference(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def expected_gguf_tensors(model) -> dict[str, np.ndarray]:
     """GGUF name -> float32 array (numpy order) from a transformers LLaMA model, written independently of
-    convert/names.py: the table of formats.md §4 plus the Q/K permutation."""
+    convert/names.py: the table of docs/formats.md §4 plus the Q/K permutation."""
     cfg = model.config
     sd = {k: v.detach().to(dtype=__import__("torch").float32).numpy() for k, v in model.state_dict().items()}
     out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
