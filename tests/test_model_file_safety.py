@@ -80,9 +80,8 @@ def test_non_finite_norm_weights_refused_at_load(base, tmp_path, name, bad):
 
 
 def test_non_finite_f32_matrix_refused_at_load(base, tmp_path):
-    from llmrun.gguf import GGUFReader
-    with GGUFReader(base) as r:
-        w = r.tensors["blk.0.ffn_up.weight"].numpy().copy()
+    from llmrun.gguf import read_tensor
+    w = read_tensor(base, "blk.0.ffn_up.weight")
     w[5, 7] = np.nan
     _load_error(_with_tensor(base, tmp_path, "blk.0.ffn_up.weight", w), "blk.0.ffn_gate.weight/blk.0.ffn_up.weight")
 
@@ -108,9 +107,8 @@ def test_bad_rms_eps_refused(base, tmp_path, eps):
 def test_overflowing_weights_end_in_one_line_at_run_time(base, tmp_path):
     """Finite but huge weights overflow to Inf/NaN inside the graph: the logits guard turns that into a
     ModelError instead of a ZeroDivisionError from the kernels or a stream of garbage."""
-    from llmrun.gguf import GGUFReader
-    with GGUFReader(base) as r:
-        out = r.tensors["output.weight"].numpy() * np.float32(1e30)     # times 1e30 norm weights: overflow
+    from llmrun.gguf import read_tensor
+    out = read_tensor(base, "output.weight") * np.float32(1e30)     # times 1e30 norm weights: overflow
     huge = rewrite(base, tmp_path / "huge.gguf", tensor_bytes={
         "output.weight": out.tobytes(), "output_norm.weight": np.full(32, 1e30, np.float32).tobytes()})
     llm = Llama(str(huge), n_ctx=64)
