@@ -79,9 +79,9 @@ def _per_layer(reader, key, n_layer, default=None, required=False) -> list[int]:
 def read_hparams(reader) -> LlamaHParams:
     """The model's hyper-parameters from the GGUF metadata, and its vocabulary size from the token_embd rows
     (what the graph indexes; ModelError when anything is missing or inconsistent)."""
-    arch = reader.metadata.get("general.architecture")
+    arch = reader.get_str("general.architecture", None)
     if arch != ARCH:
-        raise ModelError(f"{reader.path}: architecture {arch!r} is not supported (only 'llama')")
+        raise ModelError(f"{reader.path}: architecture {arch!r:.80} is not supported (only 'llama')")
     check_hparams(reader, ARCH)
     p = ARCH + "."
     n_embd = int(_meta(reader, p + "embedding_length", required=True))

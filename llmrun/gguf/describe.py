@@ -59,14 +59,18 @@ def describe(r: GGUFReader) -> dict:
         "version": r.version,
         "alignment": r.alignment,
         "data_offset": r.data_offset,
-        "architecture": r.get("general.architecture"),
-        "name": r.get("general.name"),
+        "architecture": _string_or_none(r.get("general.architecture")),
+        "name": _string_or_none(r.get("general.name")),
         "file_type": file_type_name(r.get("general.file_type")),
         "n_params": sum(ti.n_elements for ti in r.tensors.values()),
         "n_tensors": len(r.tensors),
         "metadata": metadata,
         "tensors": tensors,
     }
+
+
+def _string_or_none(value):
+    return value if isinstance(value, str) else None
 
 
 def _show_string(s: str, limit: int = _LONG_STRING) -> str:
@@ -78,7 +82,7 @@ def _show_string(s: str, limit: int = _LONG_STRING) -> str:
 
 def _field(value, missing: str = "(not set)") -> str:
     """A metadata string for the report (escaped); a value of another kind is described, not printed."""
-    if value is None or value == "":
+    if value is None or (isinstance(value, str) and not value):
         return missing
     if isinstance(value, str):
         return printable(value)
@@ -126,8 +130,8 @@ def describe_text(r: GGUFReader) -> str:
         ("file", printable(r.path)),
         ("file size", f"{_human_size(d['file_size'])} ({d['file_size']} bytes)"),
         ("format", f"GGUF v{d['version']}, alignment {d['alignment']}, data at offset {d['data_offset']}"),
-        ("architecture", _field(d["architecture"])),
-        ("name", _field(d["name"])),
+        ("architecture", _field(r.get("general.architecture"))),
+        ("name", _field(r.get("general.name"))),
         ("file type", "(not set)" if ft is None else f"{d['file_type'] or 'unknown'} ({ft})"),
         ("parameters", f"{_human_count(d['n_params'])} ({d['n_params']})"),
         ("tensor types", ", ".join(f"{t}: {c}" for t, c in type_counts.most_common()) or "(none)"),

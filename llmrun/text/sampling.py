@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ArgumentTypeError, InvalidArgumentError
+from ..gguf.metadata import describe_value
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class SamplingParams:
             try:
                 object.__setattr__(self, f.name, type(f.default)(value))
             except (TypeError, ValueError, OverflowError):
-                raise ArgumentTypeError(f"{f.name} must be a number, got {value!r:.40}") from None
+                raise ArgumentTypeError(f"{f.name} must be a number, got {describe_value(value)}") from None
         # ... and nonsense caught early with one readable line instead of NaNs later.
         if not np.isfinite(self.temperature):
             raise InvalidArgumentError(f"temperature must be a finite number, got {self.temperature}")
