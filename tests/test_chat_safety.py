@@ -100,7 +100,7 @@ def test_injection_in_tool_definitions_and_names(smol):
 ATTACKS = {
     "nested_range": "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
     "nested_range_output": "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
-    "loop_over_long_string": "{% set s = 'a' * 1000000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}",
+    "loop_over_long_string": "{% set s = 'a' * 100000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}",
     "lipsum": "{{ lipsum(10**6) }}",
     "format_width": "{{ '{:>1000000000}'.format('a') }}",
     "format_nested_width": "{{ '{:>{w}}'.format('a', w=1000000000) }}",

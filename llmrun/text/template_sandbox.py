@@ -44,8 +44,10 @@ _MAX_INT_BITS = 1 << 16      # integers a template computes (str() refuses > 430
 @dataclass(frozen=True)
 class RenderBudget:
     seconds: float = 1.0            # wall time of one render (compile included)
-    max_chars: int = 1 << 21        # any string made while rendering, and the output
-    max_items: int = 1 << 20        # any list/tuple/dict made while rendering
+    # any string made while rendering, and the output: real templates add a few KB to the conversation; the
+    # prompt is tokenized next, which costs ~250 bytes per character
+    max_chars: int = 1 << 18
+    max_items: int = 1 << 18        # any list/tuple/dict made while rendering
     max_width: int = 100_000        # format widths/precisions, center/indent widths, repeat counts of filters
     max_range: int = 100_000        # items of one range()
     max_depth: int = 64             # nested macro / recursive-loop calls

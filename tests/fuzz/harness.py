@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-CASE_SECONDS = 30          # a hang detector, far above any case's normal time
-CASE_MEGABYTES = 300       # peak-RSS growth allowed during one case
+CASE_SECONDS = 30          # default hang detector, far above any case's normal time
+CASE_MEGABYTES = 300       # default peak-RSS growth allowed during one case
 ISOLATED_EXTRA_MB = 1500   # address space a child process may add after its imports
 
 
@@ -51,6 +51,8 @@ class Target:
     n_cases: int
     generate: Callable[[random.Random, dict], Iterator[Case]]
     isolated: bool = False                      # run in a child process under resource limits
+    seconds: float = CASE_SECONDS               # per case
+    megabytes: float = CASE_MEGABYTES           # per case
 
 
 @dataclass
@@ -66,10 +68,11 @@ TARGETS: dict[str, Target] = {}
 STATS: dict[str, TargetStats] = {}
 
 
-def target(name: str, n_cases: int, isolated: bool = False):
+def target(name: str, n_cases: int, isolated: bool = False, seconds: float = CASE_SECONDS,
+           megabytes: float = CASE_MEGABYTES):
     """Register a case generator `fn(rng, env) -> Iterator[Case]` as fuzz target `name`."""
     def register(fn):
-        TARGETS[name] = Target(name, n_cases, fn, isolated)
+        TARGETS[name] = Target(name, n_cases, fn, isolated, seconds, megabytes)
         return fn
     return register
 
@@ -91,7 +94,7 @@ def _listing(folder: Path) -> list[str]:
 
 
 def _alarm(signum, frame):
-    raise CaseTimeout(f"case ran longer than {CASE_SECONDS} s")
+    raise CaseTimeout("case ran longer than its time bound")
 
 
 def check_clean_message(message: str) -> str | None:
@@ -103,7 +106,8 @@ def check_clean_message(message: str) -> str | None:
     return None
 
 
-def run_case(case: Case, stats: TargetStats, base: Path) -> None:
+def run_case(case: Case, stats: TargetStats, base: Path, seconds: float = CASE_SECONDS,
+             megabytes: float = CASE_MEGABYTES) -> None:
     from llmrun.errors import LlmrunError
 
     stats.cases += 1
@@ -116,7 +120,7 @@ def run_case(case: Case, stats: TargetStats, base: Path) -> None:
         in_main = threading.current_thread() is threading.main_thread()
         if in_main:
             previous = signal.signal(signal.SIGALRM, _alarm)
-            signal.setitimer(signal.ITIMER_REAL, CASE_SECONDS)
+            signal.setitimer(signal.ITIMER_REAL, seconds)
         ok, problem = True, None
         try:
             case.run(workdir)
@@ -134,7 +138,7 @@ def run_case(case: Case, stats: TargetStats, base: Path) -> None:
                 signal.setitimer(signal.ITIMER_REAL, 0)
                 signal.signal(signal.SIGALRM, previous)
         grown = _peak_rss_mb() - rss0
-        if grown > CASE_MEGABYTES and problem is None:
+        if grown > megabytes and problem is None:
             problem = f"peak memory grew by {grown:.0f} MB"
         after = _listing(workdir)
         allowed = set(before) | (set(case.outputs) if ok else set())
@@ -157,7 +161,7 @@ def run_target(name: str, env: dict, base: Path, seed: int = 0) -> TargetStats:
     for i, case in enumerate(t.generate(rng, env)):
         if i >= t.n_cases:
             break
-        run_case(case, stats, base)
+        run_case(case, stats, base, t.seconds, t.megabytes)
     return stats
 
 
