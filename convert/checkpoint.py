@@ -20,33 +20,37 @@ from llmrun.gguf.metadata import is_integer
 from .safepaths import child, inside
 
 # safetensors dtype -> numpy dtype of the stored elements (bf16 kept as raw uint16 bits)
-_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+           "U8": np.dtype("u1"), "I8": np.dtype("i1")}
+FLOAT_DTYPES = ("F32", "F16", "BF16")
 _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 stored as uint16 -> float32 (exact: bf16 is the top half of an f32)."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    out = bits.astype(np.uint32)
+    out <<= 16   # in place: no second full-size temporary
+    return out.view(np.float32)
 
 
 @dataclass(frozen=True)
 class TensorEntry:
     name: str
-    dtype: str          # "F32", "F16" or "BF16"
+    dtype: str          # "F32", "F16", "BF16" (or "U8", "I8": parts of bitsandbytes weights)
     shape: tuple[int, ...]
     file: Path
     start: int          # absolute byte offset in file
     nbytes: int
 
 
-def _entry(path: Path, name: str, info, data_start: int, size: int) -> TensorEntry:
+def _entry(path: Path, name: str, info, data_start: int, size: int, dtypes: tuple[str, ...]) -> TensorEntry:
     """One header entry, every field checked for its type and range (the JSON may hold anything)."""
     if not isinstance(info, dict):
         raise ConvertError(f"{path}: corrupt safetensors header entry for {name!r:.80}")
     dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(dtype, str):
         raise ConvertError(f"{path}: tensor {name!r:.80} has no dtype string in the header")
-    if dtype not in _DTYPES:
+    if dtype not in dtypes:
         raise ConvertError(f"{path}: tensor {name} has dtype {dtype!r:.20}; only F32, F16 and BF16 "
                            "checkpoints are supported")
     if not isinstance(shape, list) or len(shape) > 8 or not all(is_integer(d) and d >= 0 for d in shape):
@@ -69,7 +73,7 @@ class SafetensorsFile:
     """One .safetensors file: its header parsed and validated, its data memory-mapped on demand.
     `folder`: the checkpoint or adapter folder the file must lie in (safepaths.py)."""
 
-    def __init__(self, path: Path, folder: Path | None = None):
+    def __init__(self, path: Path, dtypes: tuple[str, ...] = FLOAT_DTYPES, folder: Path | None = None):
         self.path = Path(path)
         inside(self.path, folder if folder is not None else self.path.parent)
         try:
@@ -98,7 +102,7 @@ class SafetensorsFile:
         self.metadata = metadata if isinstance(metadata, dict) else {}
         self.entries: dict[str, TensorEntry] = {}
         for name, info in header.items():
-            self.entries[name] = _entry(self.path, name, info, self.data_start, size)
+            self.entries[name] = _entry(self.path, name, info, self.data_start, size, dtypes)
         # Two tensors sharing bytes means a corrupt or crafted offset table (safetensors forbids it).
         spans = sorted((e.start, e.start + e.nbytes, e.name) for e in self.entries.values() if e.nbytes)
         for (s0, e0, n0), (s1, _, n1) in zip(spans, spans[1:]):
@@ -141,8 +145,11 @@ class SafetensorsFile:
 class Checkpoint:
     """All tensors of a HF folder: `model.safetensors`, or the shards listed by `model.safetensors.index.json`."""
 
-    def __init__(self, hf_dir: Path, prefix: str = "model"):
+    def __init__(self, hf_dir: Path, prefix: str = "model", quantization: dict | None = None):
+        """quantization: config.json's quantization_config (bitsandbytes checkpoints, see bnb.py)."""
+        from . import bnb
         self.dir = Path(hf_dir)
+        quantized = bnb.is_bitsandbytes(quantization, self.dir / "config.json")
         index = self.dir / f"{prefix}.safetensors.index.json"
         single = self.dir / f"{prefix}.safetensors"
         if index.is_file():
@@ -170,7 +177,7 @@ class Checkpoint:
             p = child(self.dir, shard, "shard") if weight_map is not None else self.dir / shard
             if not p.is_file():
                 raise ConvertError(f"{p}: shard listed in the index is missing")
-            st = SafetensorsFile(p, self.dir)
+            st = SafetensorsFile(p, tuple(_DTYPES) if quantized else FLOAT_DTYPES, folder=self.dir)
             self.files.append(st)
             by_path[st.path] = st
             for name, e in st.entries.items():
@@ -184,6 +191,8 @@ class Checkpoint:
                 raise ConvertError(f"{index}: tensor {missing[0]}{more} not found in its shard "
                                    f"{weight_map[missing[0]]}")
         self._by_path = by_path
+        # the quantized weights' parts leave self.entries; each weight keeps one entry (its packed data)
+        self.bnb = bnb.BnbWeights.take(self.entries, self._read, self.dir) if quantized else None
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -192,10 +201,23 @@ class Checkpoint:
         return list(self.entries)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if self.bnb is not None and name in self.bnb:
+            return self.bnb.shape(name)
         return self.entries[name].shape
+
+    def _read(self, e: TensorEntry) -> np.ndarray:
+        """A copy of any entry's stored values; its mapped pages are released right after."""
+        st = self._by_path[e.file]
+        v = st.view(e)
+        out = v.copy()
+        del v
+        st.release(e)
+        return out
 
     def load_f32(self, name: str) -> np.ndarray:
         """A fresh float32 copy of one tensor; its mapped pages are released right after."""
+        if self.bnb is not None and name in self.bnb:
+            return self.bnb.dequantize(name, self._read)
         e = self.entries[name]
         st = self._by_path[e.file]
         v = st.view(e)
@@ -209,15 +231,11 @@ class Checkpoint:
 
     def load_stored(self, name: str) -> np.ndarray:
         """A copy of one tensor in its stored type (float32, float16, or bf16 bits as uint16)."""
-        e = self.entries[name]
-        st = self._by_path[e.file]
-        v = st.view(e)
-        out = v.copy()
-        del v
-        st.release(e)
-        return out
+        return self._read(self.entries[name])
 
     def stored_type(self, name: str) -> str:
+        if self.bnb is not None and name in self.bnb:
+            return self.bnb.kind(name)
         return self.entries[name].dtype
 
     def close(self) -> None:

@@ -78,7 +78,7 @@ def convert_checkpoint(hf_dir, out_path, out_type: str = "f16",
     cfg = load_config(hf_dir)
     ftype = parse_file_type(out_type)   # a one-line error listing the valid names
 
-    ckpt = Checkpoint(hf_dir)
+    ckpt = Checkpoint(hf_dir, quantization=cfg.raw.get("quantization_config"))
     adapters: list[LoraAdapter] = []
     try:
         for d, scale in loras:

@@ -68,7 +68,8 @@ class Llama:
     """
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | None = None,
-                 seed: int | None = None, vocab_only: bool = False, verbose: bool = False):
+                 seed: int | None = None, vocab_only: bool = False, verbose: bool = False,
+                 lora_path: str | os.PathLike | None = None, lora_scale: float = 1.0):
         self.model_path = args.path(model_path, "model_path")
         n_ctx = args.optional_integer(n_ctx, "n_ctx", lo=0, hi=1 << 32)
         n_threads = args.optional_integer(n_threads, "n_threads", lo=1)
@@ -90,6 +91,13 @@ class Llama:
             raise
         self._reader = reader   # stays open: the model's weights are views into its mmap
         self._setup(tokenizer, model, n_ctx, seed, verbose, os.path.basename(self.model_path))
+        self.lora_path, self.lora_scale = lora_path, lora_scale   # llama-cpp-python's attributes
+        if lora_path is not None:
+            try:
+                self.set_lora([(lora_path, lora_scale)])
+            except BaseException:
+                self.close()
+                raise
         if verbose and model is not None:
             print(f"llmrun: loaded {printable(self._name)} in {model.load_seconds:.2f} s: weights "
                   f"{model.weights_nbytes / 2**20:.0f} MiB, KV cache {model.kv_nbytes / 2**20:.0f} MiB "
@@ -120,6 +128,8 @@ class Llama:
         self._running: Generation | None = None
         # What the last prompt/generation cost; the chat command prints it, tests read it.
         self.last_timings: dict[str, float] = {}
+        self._adapter_cache = None                    # engine.adapters.AdapterCache, made on first set_lora
+        self.lora: list[tuple[str, float]] = []       # the active adapters, as given to set_lora
 
     # ---- small queries ---------------------------------------------------------------------------------
     def n_ctx(self) -> int:
@@ -184,6 +194,39 @@ class Llama:
                 self._drop_cache()
                 raise
         return out.reshape(len(tokens), -1)
+
+    # ---- adapters --------------------------------------------------------------------------------------
+    def set_lora(self, adapters: Sequence[tuple[str | os.PathLike, float]]) -> None:
+        """Replace the active LoRA adapters with [(path, scale), ...]: GGUF LoRA files or PEFT adapter folders,
+        applied beside the base weights (which stay loaded as they are); [] is exactly the base. Each adapter
+        is loaded once and cached. All are checked against the model before anything changes. The KV cache
+        is emptied: it was computed with the previous weights."""
+        if isinstance(adapters, (str, bytes, os.PathLike)) or not isinstance(adapters, Sequence):
+            raise LlmrunError("set_lora takes a list of (path, scale) pairs ([] for the base model)")
+        items = []
+        for item in adapters:
+            if not (isinstance(item, Sequence) and not isinstance(item, (str, bytes)) and len(item) == 2):
+                raise LlmrunError(f"set_lora: {item!r} is not a (path, scale) pair")
+            path, scale = item
+            try:
+                scale = float(scale)
+            except (TypeError, ValueError):
+                raise LlmrunError(f"set_lora: scale {scale!r} of {path} is not a number") from None
+            if not np.isfinite(scale):
+                raise LlmrunError(f"set_lora: scale of {path} must be finite, got {scale}")
+            items.append((os.fspath(path), scale))
+        with self._exclusive():
+            model = self._require_model()
+            if not hasattr(model, "matrix_groups"):
+                raise LlmrunError(f"{self._name}: this model takes no LoRA adapters")
+            from .engine import adapters as lora
+            if self._adapter_cache is None:
+                self._adapter_cache = lora.AdapterCache()
+            loaded = [(self._adapter_cache.get(path, model), scale) for path, scale in items]
+            side_paths = lora.build_side_paths(model, loaded)
+            lora.install(model, side_paths)
+            self._drop_cache()
+            self.lora = items
 
     def cancel(self) -> None:
         """Stop the generation running right now (thread-safe). It ends with finish_reason "cancelled"."""

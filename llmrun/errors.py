@@ -29,6 +29,10 @@ class ContextFullError(LlmrunError):
     """The context window has no room for more tokens."""
 
 
+class AdapterError(LlmrunError):
+    """A LoRA adapter cannot be applied to the loaded model (wrong base, ranks, shapes or file)."""
+
+
 class ChatTemplateError(LlmrunError):
     """A chat template cannot be compiled, refuses the conversation, or exceeds its render budget."""
 

@@ -158,10 +158,14 @@ class _Weights:
         check_vector(self.reader.path, name, v, positive)
         return v
 
-    def matrix(self, names_shapes) -> list[PackedMatrix]:
+    def matrix(self, names_shapes) -> "MatrixGroup":
         """Pack one or more matrices that multiply the same input; consecutive tensors of the same
         type are fused into one PackedMatrix (one kernel call for e.g. Q, K and V)."""
         infos = [self.info(n, s) for n, s in names_shapes]
+        tensors, col = [], 0
+        for n, (rows, cols) in names_shapes:
+            tensors.append((n, col, rows, cols))
+            col += rows
         groups: list[list] = []
         for ti in infos:
             if groups and groups[-1][0].ggml_type == ti.ggml_type:
@@ -181,19 +185,33 @@ class _Weights:
             for ti in g:
                 if isinstance(ti.data, np.ndarray) and not ti.data.flags.owndata:   # a view into the mmap
                     drop_file_pages(ti.data)   # its repacked copy is what the kernels read
-        return packed
+        return MatrixGroup(packed, tensors)
 
 
-def _matmul(parts: list[PackedMatrix], X: np.ndarray) -> np.ndarray:
-    if len(parts) == 1:
-        return matmul(parts[0], X)
-    return np.concatenate([matmul(p, X) for p in parts], axis=1)
+class MatrixGroup(list):
+    """The PackedMatrix parts of one product, their outputs side by side, and the GGUF tensors they hold:
+    `tensors` = [(name, first output column, rows, cols)]. `lora` is the active adapters' low-rank side path
+    beside this product (engine/adapters.py), None without adapters."""
+
+    def __init__(self, parts, tensors):
+        super().__init__(parts)
+        self.tensors = tensors
+        self.lora = None
 
 
-def _add_matmul(parts: list[PackedMatrix], X: np.ndarray, out: np.ndarray) -> None:
+def _matmul(parts: MatrixGroup, X: np.ndarray) -> np.ndarray:
+    Y = matmul(parts[0], X) if len(parts) == 1 else np.concatenate([matmul(p, X) for p in parts], axis=1)
+    if parts.lora is not None:
+        parts.lora.add_to(X, Y)
+    return Y
+
+
+def _add_matmul(parts: MatrixGroup, X: np.ndarray, out: np.ndarray) -> None:
     """out += X @ W.T; for one token straight inside the kernel (no temporary)."""
     if X.shape[0] == 1 and len(parts) == 1:
         matvec(parts[0], X[0], out[0], accumulate=True)
+        if parts.lora is not None:
+            parts.lora.add_to(X, out)
     else:
         out += _matmul(parts, X)
 
@@ -202,10 +220,10 @@ def _add_matmul(parts: list[PackedMatrix], X: np.ndarray, out: np.ndarray) -> No
 class _Layer:
     attn_norm: np.ndarray
     ffn_norm: np.ndarray
-    qkv: list[PackedMatrix]
-    out: list[PackedMatrix]
-    gate_up: list[PackedMatrix]
-    down: list[PackedMatrix]
+    qkv: MatrixGroup
+    out: MatrixGroup
+    gate_up: MatrixGroup
+    down: MatrixGroup
     n_head: int
     n_head_kv: int
     n_ff: int
@@ -226,6 +244,7 @@ class LlamaModel:
         self.load_seconds = 0.0
         self.weights_nbytes = 0
         self.kv_nbytes = 0
+        self.embd_lora = None   # the active adapters' token_embd side path (engine/adapters.py)
 
     # ------------------------------------------------------------------------------------- loading
     @classmethod
@@ -247,7 +266,8 @@ class LlamaModel:
             self.output = w.matrix([("output.weight", (hp.n_vocab, E))])
         else:
             hp.tied_embeddings = True
-            self.output = [self.tok_embd]
+            # the output product of tied embeddings is still "output.weight" to adapters (PEFT's lm_head)
+            self.output = MatrixGroup([self.tok_embd], [("output.weight", 0, hp.n_vocab, E)])
         self.output_norm = w.vector("output_norm.weight", E)
         for il in range(hp.n_layer):
             b = f"blk.{il}."
@@ -279,6 +299,10 @@ class LlamaModel:
         trim_heap()
         self.load_seconds = time.perf_counter() - t0
         return self
+
+    def matrix_groups(self) -> list[MatrixGroup]:
+        """Every product a LoRA adapter may sit beside (token_embd's lookup is `embd_lora`)."""
+        return [self.output] + [g for L in self.layers for g in (L.qkv, L.out, L.gate_up, L.down)]
 
     def _rope_setup(self, reader, w: _Weights) -> None:
         """Per-dimension rotation speeds: theta_i = pos * base^(-2i/n_rot) / rope_freqs_i (ggml NORM)."""
@@ -343,6 +367,8 @@ class LlamaModel:
 
         pos0 = self.n_past
         x = dequantize_rows(self.tok_embd, ids)
+        if self.embd_lora is not None:
+            self.embd_lora.add_rows(ids, x)
         cos, sin = self._rope_tables(pos0, T)
         h = np.empty_like(x)
         eps = np.float32(hp.rms_eps)
