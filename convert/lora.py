@@ -118,7 +118,7 @@ class LoraAdapter:
                 raise ConvertError(f"{self.dir}: adapter_model.bin is not supported; save the adapter with "
                                    "safetensors (PEFT's default)")
             raise ConvertError(f"{self.dir}: no adapter_model.safetensors")
-        self.file = SafetensorsFile(weights, self.dir)
+        self.file = SafetensorsFile(weights, folder=self.dir)
         self.pairs: dict[str, _Pair] = {}             # HF weight name -> LoRA pair
         self.replacements: dict[str, TensorEntry] = {}  # HF weight name -> full weight (modules_to_save)
         self.overrides: dict[str, TensorEntry] = {}     # HF weight name -> saved base weight (base_layer)

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import api_args as args
 from .completion_options import CompletionOptions, takes_options
-from .errors import LlmrunError
+from .errors import ArgumentTypeError, LlmrunError
 from .generate import CacheSlot, Event, Generation, PerSlotModels, check_fits, generate
 from .gguf import GGUFReader
 from .llama_types import (ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, CompletionUsage,
@@ -202,11 +202,11 @@ class Llama:
         is loaded once and cached. All are checked against the model before anything changes. The KV cache
         is emptied: it was computed with the previous weights."""
         if isinstance(adapters, (str, bytes, os.PathLike)) or not isinstance(adapters, Sequence):
-            raise LlmrunError("set_lora takes a list of (path, scale) pairs ([] for the base model)")
+            raise ArgumentTypeError("set_lora takes a list of (path, scale) pairs ([] for the base model)")
         items = []
         for item in adapters:
             if not (isinstance(item, Sequence) and not isinstance(item, (str, bytes)) and len(item) == 2):
-                raise LlmrunError(f"set_lora: {item!r} is not a (path, scale) pair")
+                raise ArgumentTypeError(f"set_lora: {str(item)[:80]} is not a (path, scale) pair")
             path, scale = item
             try:
                 scale = float(scale)
@@ -214,7 +214,7 @@ class Llama:
                 raise LlmrunError(f"set_lora: scale {scale!r} of {path} is not a number") from None
             if not np.isfinite(scale):
                 raise LlmrunError(f"set_lora: scale of {path} must be finite, got {scale}")
-            items.append((os.fspath(path), scale))
+            items.append((args.path(path, "set_lora path"), scale))
         with self._exclusive():
             model = self._require_model()
             if not hasattr(model, "matrix_groups"):

@@ -119,7 +119,18 @@ def _api_call(rng, env):
     llm = env["llm"] if rng.random() < 0.85 else env["llm_vocab_only"]
     v = lambda: rng.choice(_VALUES)  # noqa: E731
     method = rng.choice(["tokenize", "detokenize", "eval_logits", "completion", "completion", "chat", "chat",
-                         "chat_tokens", "constructor"])
+                         "chat_tokens", "constructor", "set_lora"])
+    if method == "set_lora":
+        adapters = rng.choice([[], [(env["lora"], v())], v(), [(v(), 1.0)], [(env["lora"], 1.0, 2)],
+                               [(env["lora"], 0.5), (env["lora"], 0.5)], [env["lora"]]])
+
+        def set_and_reset():
+            try:
+                llm.set_lora(adapters)
+            finally:
+                if llm is env["llm"]:
+                    llm.set_lora([])
+        return f"set_lora({str(adapters)[:80]})", set_and_reset
     if method == "tokenize":
         return "tokenize", lambda: llm.tokenize(rng.choice([v(), "hello", b"<|im_start|>"]), add_bos=v(), special=v())
     if method == "detokenize":

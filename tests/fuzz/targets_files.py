@@ -241,3 +241,74 @@ def checkpoint_json(rng, env):
         yield Case(label, lambda wd, with_lora=with_lora: convert_case(
             wd / "src", wd / "out.gguf", wd / "src" / "adapter" if with_lora else None),
             outputs=("out.gguf",), setup=setup)
+
+
+# --- GGUF LoRA files (run-time adapters) ---------------------------------------------------------------------
+def write_lora(path: Path, set_keys=None, drop_keys=(), tensors=None) -> Path:
+    """A llama.cpp-layout GGUF LoRA for the fuzz model (n_embd 32, 4 heads of 8, 2 KV heads), rank 2."""
+    from llmrun.gguf import GGMLType, GGUFWriter
+    rng = np.random.default_rng(0)
+    meta = {"general.architecture": ("llama", STR, None), "general.type": ("adapter", STR, None),
+            "adapter.type": ("lora", STR, None), "adapter.lora.alpha": (4.0, F32, None)}
+    for key in drop_keys:
+        meta.pop(key, None)
+    meta.update(set_keys or {})
+    if tensors is None:
+        tensors = {"blk.0.attn_q.weight.lora_a": rng.standard_normal((2, 32)).astype(np.float32),
+                   "blk.0.attn_q.weight.lora_b": rng.standard_normal((32, 2)).astype(np.float32) * 0.1,
+                   "blk.0.attn_v.weight.lora_a": rng.standard_normal((2, 32)).astype(np.float32),
+                   "blk.0.attn_v.weight.lora_b": rng.standard_normal((16, 2)).astype(np.float32) * 0.1}
+    w = GGUFWriter(path, overwrite=True)
+    for key, (value, vtype, elem) in meta.items():
+        w.add(key, value, vtype, elem)
+    for name, arr in tensors.items():
+        w.add_tensor(name, arr.shape, GGMLType.F32, np.ascontiguousarray(arr, np.float32))
+    w.write()
+    return path
+
+
+def apply_lora(llm, path: Path, scale) -> None:
+    try:
+        llm.set_lora([(path, scale)])
+        llm.create_completion("hello", max_tokens=2, temperature=0)
+    finally:
+        llm.set_lora([])
+
+
+@target("lora-files", 300)
+def lora_files(rng, env):
+    llm = env["llm"]
+    good = Path(env["lora"]).read_bytes()
+    for i in range(10**9):
+        kind = rng.choice(["meta", "meta", "tensors", "bytes", "scale"])
+        scale = 1.0
+        if kind == "meta":
+            key = rng.choice(["general.architecture", "general.type", "adapter.type", "adapter.lora.alpha",
+                              "adapter.alora.invocation_tokens"])
+            name, kv = rng.choice(_metadata_values(rng))
+            how = rng.choice([dict(set_keys={key: kv}), dict(drop_keys=(key,))])
+            label = f"{key} = {name}" if "set_keys" in how else f"drop {key}"
+            setup = (lambda wd, how=how: write_lora(wd / "l.gguf", **how))
+        elif kind == "tensors":
+            name = rng.choice(["blk.0.attn_q.weight", "blk.0.attn_k.weight", "blk.9.attn_q.weight", "token_embd.weight",
+                               "output.weight", "blk.0.ffn_down.weight", "x", "blk.0.attn_norm.weight"])
+            ra, rb = rng.choice([2, 0, 1, 5]), rng.choice([2, 0, 1, 5])
+            shape_a = rng.choice([(ra, 32), (ra, 16), (32, ra), (ra, 280)])
+            shape_b = rng.choice([(32, rb), (16, rb), (rb, 32), (64, rb)])
+            fill = rng.choice([0.1, math.nan, math.inf, 1e30])
+            parts = {f"{name}.lora_a": np.full([max(d, 1) for d in shape_a], fill, np.float32)}
+            if rng.random() < 0.85:
+                parts[f"{name}.lora_b"] = np.full([max(d, 1) for d in shape_b], 0.01, np.float32)
+            label = f"tensors {list(parts)} A {shape_a} B {shape_b} fill {fill}"
+            setup = (lambda wd, parts=parts: write_lora(wd / "l.gguf", tensors=parts))
+        elif kind == "bytes":
+            b = bytearray(good)
+            for _ in range(rng.randint(1, 4)):
+                b[rng.randrange(24, len(b))] = rng.randrange(256)
+            label, data = "byte flips", bytes(b)
+            setup = (lambda wd, data=data: (wd / "l.gguf").write_bytes(data))
+        else:
+            scale = rng.choice([0.0, -1.0, 1e30, math.nan, math.inf, "x", None, [1]])
+            label, setup = f"scale {scale!r}", (lambda wd: (wd / "l.gguf").write_bytes(good))
+        yield Case(f"lora-files #{i} {label}", lambda wd, scale=scale: apply_lora(llm, wd / "l.gguf", scale),
+                   setup=setup)

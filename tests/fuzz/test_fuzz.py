@@ -51,7 +51,8 @@ def env(workspace):
     st.parent.mkdir()
     shutil.copy(hf / "model.safetensors", st)
     llm = Llama(str(model), n_ctx=48, seed=0)
-    return {"model": str(model), "bad_model": str(bad), "hf": str(hf), "adapter": str(adapter),
+    lora = targets_files.write_lora(workspace / "lora.gguf")
+    return {"model": str(model), "lora": str(lora), "bad_model": str(bad), "hf": str(hf), "adapter": str(adapter),
             "safetensors": str(st), "llm": llm, "llm_vocab_only": Llama(str(model), vocab_only=True),
             "tokenizer": llm.tokenizer}
 
