@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from llmrun.engine.load_checks import BF16_EXP, first_nonfinite
+from llmrun.quants.floats import BF16_EXP, first_nonfinite
 from llmrun.errors import ConvertError
 from llmrun.gguf import GGMLType, GGUFValueType as VT, GGUFWriter, LlamaFileType
 from llmrun.gguf.writer import check_output_path

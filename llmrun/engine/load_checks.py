@@ -16,11 +16,9 @@ import numpy as np
 
 from ..errors import InvalidArgumentError, ModelError
 from ..gguf.metadata import TypedMetadata
+from ..quants.floats import BF16_EXP, F16_EXP, first_nonfinite
 
 _MAX_DIM = 1 << 31          # any single dimension of a model (int32 arithmetic in the kernels)
-_CHUNK = 1 << 22            # elements per step of the finite checks (bounded temporaries)
-# (exponent mask) of the 16-bit float kinds: an all-ones exponent is Inf or NaN
-F16_EXP, BF16_EXP = 0x7C00, 0x7F80
 
 
 def check_hparams(reader, arch: str) -> None:
@@ -75,18 +73,6 @@ def _physical_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 0
-
-
-def first_nonfinite(a: np.ndarray, exp_mask: int | None = None) -> int | None:
-    """Flat index of the first NaN/Inf in a float array (or in 16-bit float bits, with their exponent mask:
-    F16_EXP / BF16_EXP). Also used by the converter."""
-    flat = a.reshape(-1)
-    for start in range(0, flat.size, _CHUNK):
-        part = flat[start:start + _CHUNK]
-        bad = (part & exp_mask) == exp_mask if exp_mask is not None else ~np.isfinite(part)
-        if bad.any():
-            return start + int(np.argmax(bad))
-    return None
 
 
 def check_vector(where: str, name: str, v: np.ndarray, positive: bool = False) -> None:

@@ -17,7 +17,7 @@ from ..gguf.writer import check_output_path
 from ..ggml import GGML_QUANT_VERSION
 from ..quants import quantize
 from ..quants.mixes import parse_file_type, plan_tensor_types
-from ..engine.load_checks import first_nonfinite
+from ..quants.floats import first_nonfinite
 from ..tensors import tensor_to_float32
 
 # How `progress` is told about each tensor: (index from 0, total, name, chosen type).
