@@ -146,7 +146,7 @@ ATTACKS = {
 
 
 def test_every_attack_is_one_line_error_without_big_allocation():
-    """All attacks in one fresh process whose address space may grow by only ~150 MB after imports: a big
+    """All attacks in one fresh process whose address space may grow by only 100 MB after imports: a big
     allocation would show up as a MemoryError ("ran out of memory") instead of a budget error."""
     setup = """
         import json, sys
@@ -166,7 +166,7 @@ def test_every_attack_is_one_line_error_without_big_allocation():
                 out[name] = "ESCAPED " + type(e).__name__ + ": " + str(e)[:200]
         print(json.dumps(out))
     """
-    results = outcomes(run_limited(setup, body, extra_mb=150, stdin=json.dumps(ATTACKS)))
+    results = outcomes(run_limited(setup, body, extra_mb=100, stdin=json.dumps(ATTACKS)))
     assert set(results) == set(ATTACKS)
     for name, outcome in results.items():
         assert outcome.startswith("ChatTemplateError: chat template"), (name, outcome)

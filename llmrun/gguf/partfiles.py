@@ -3,9 +3,9 @@
 * A part file is named `.NAME.PID.XXXXXXXX.part` (beside the target NAME) and holds an exclusive flock for as
   long as its writer lives.
 * It is removed when the write fails, on Ctrl-C, and on SIGTERM / SIGHUP (what `kill`, `timeout` and a closed
-  terminal send): those signals are turned into an exception while the file exists, so the usual cleanup
-  runs; the signal is then re-raised with its previous handler, so the process still ends the way the
-  sender expects.
+  terminal send): while the file exists, those signals (when they would simply end the process) are turned
+  into an exception, so the usual cleanup runs; the signal is then raised again, so the process still ends
+  the way the sender expects. A program with its own handler for them keeps it.
 * SIGKILL and power cuts cannot be handled: the next write of the same target removes part files whose
   writer is gone -- its PID is not running and nobody holds the lock -- and leaves live writers' files alone.
 """
@@ -131,8 +131,8 @@ class PartFile:
         if threading.current_thread() is threading.main_thread():
             for sig in _SIGNALS:
                 previous = signal.getsignal(sig)
-                if previous is signal.SIG_IGN or previous is None:
-                    continue       # ignored on purpose (nohup), or owned by non-Python code: leave it
+                if previous is not signal.SIG_DFL:
+                    continue       # ignored on purpose (nohup), or the program's own handler: leave it
                 self._previous[sig] = previous
                 signal.signal(sig, self._on_signal)
         try:
@@ -163,7 +163,7 @@ class PartFile:
             self._previous = {}
         signum = exc.signum if isinstance(exc, Terminated) else self._pending
         if signum is not None:
-            # the file is gone: now let the signal do what it would have done (end the process, by default)
+            # the file is gone: now let the signal do what it would have done (end the process)
             signal.raise_signal(signum)
-            raise SystemExit(128 + signum)   # a previous handler that returned: still stop here
+            raise SystemExit(128 + signum)   # if it could not (blocked): still stop here
         return False
