@@ -113,6 +113,8 @@ CHECKPOINT_CASES = {
     "config_deep": (lambda f: (f / "config.json").write_text(DEEP), "nested too deeply"),
     "tokenizer_config_deep": (lambda f: (f / "tokenizer_config.json").write_text(DEEP), "nested too deeply"),
     "tokenizer_json_deep": (lambda f: (f / "tokenizer.json").write_text(DEEP), "nested too deeply"),
+    "special_tokens_map_deep": (lambda f: (f / "special_tokens_map.json").write_text(DEEP), "nested too deeply"),
+    "chat_template_json_deep": (lambda f: (f / "chat_template.json").write_text(DEEP), "nested too deeply"),
     "rms_norm_eps_list": (lambda f: _edit_json(f / "config.json", rms_norm_eps=[1e-5]), "rms_norm_eps"),
     "rms_norm_eps_string": (lambda f: _edit_json(f / "config.json", rms_norm_eps="1e-5"), "rms_norm_eps"),
     "sliding_window_string": (lambda f: _edit_json(f / "config.json", sliding_window="abc"), "sliding_window"),
