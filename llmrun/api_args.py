@@ -47,12 +47,15 @@ def flag(value: Any, name: str) -> bool:
     return parsed
 
 
+RANDOM_SEEDS = (-1, 0xFFFFFFFF)   # llama-cpp-python's "random seed" values
+
+
 def seed(value: Any, name: str = "seed") -> int | None:
-    """None or -1 (llama-cpp-python's "random") -> None (fresh entropy); else an integer >= 0."""
+    """None, -1 or 0xFFFFFFFF (llama-cpp-python's "random") -> None (fresh entropy); else an integer >= 0."""
     if value is None:
         return None
     value = integer(value, name, lo=-1)
-    return None if value == -1 else value
+    return None if value in RANDOM_SEEDS else value
 
 
 def text(value: Any, name: str) -> str | bytes:

@@ -350,7 +350,9 @@ class LlamaModel:
     def reset(self) -> None:
         self.truncate(0)
 
-    def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens: Sequence[int], all_logits: bool = False, hidden: bool = False) -> np.ndarray:
+        """Logits after the last token ([n_vocab]), or after each ([T, n_vocab]) with all_logits. hidden=True
+        returns the final-normed hidden states instead ([T, n_embd], or [n_embd]): what embeddings pool."""
         hp = self.hparams
         ids = np.asarray(list(tokens) if not isinstance(tokens, np.ndarray) else tokens, dtype=np.int64)
         T = int(ids.size)
@@ -395,5 +397,7 @@ class LlamaModel:
             x = x[-1:]
         hn = np.empty_like(x)
         ops.rmsnorm(x, self.output_norm, eps, hn)
+        if hidden:
+            return hn if all_logits else hn[0]
         logits = check_logits(_matmul(self.output, hn))
         return logits if all_logits else logits[0]

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import json
 import re
 import threading
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Mapping
 
 from jinja2.compiler import CodeGenerator
@@ -34,6 +32,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
 from jinja2.utils import Namespace, _PassArg, generate_lorem_ipsum
 
 from ..errors import ChatTemplateError, one_line
+from . import jinja_hf
 
 _FORMAT_NUMBER = re.compile(r"\d+")
 # printf-style directives: %[(key)][flags][width][.precision][length]type
@@ -167,6 +166,10 @@ class BudgetedEnvironment(ImmutableSandboxedEnvironment):
 
     def __init__(self):
         super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        jinja_hf.install(self)           # what transformers' environment adds (generation tag, dict, ...)
+        self.filters["tojson"] = _tojson
+        self.globals["raise_exception"] = _raise_exception
+        self.globals["strftime_now"] = _strftime_now
         self.state = _State()
         self.concat = self.checked_join
         self.finalize = self.checked_output
@@ -400,23 +403,23 @@ _FILTER_CHECKS = {
 
 
 # -- helpers templates rely on (transformers' apply_chat_template defines the same) ---------------------------
+# -- jinja_hf's helpers with their sizes bounded ------------------------------------------------------------------
 def _raise_exception(message):
-    from jinja2.exceptions import TemplateError
-    raise TemplateError(str(message)[:500])
+    jinja_hf.raise_exception(str(message)[:500])
 
 
 def _strftime_now(fmt):
     if not isinstance(fmt, str) or len(fmt) > 256:
         raise BudgetExceeded("strftime_now() needs a format string of at most 256 characters")
-    return datetime.now().strftime(fmt)
+    return jinja_hf.strftime_now(fmt)
 
 
-def _tojson(value, indent=None, separators=None, sort_keys=False):
-    # HF's version: ensure_ascii=False so that accents and CJK stay readable inside prompts.
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     if indent is not None and not (isinstance(indent, str) and len(indent) <= 16
                                    or _is_int(indent) and 0 <= indent <= 16):
         raise BudgetExceeded("tojson indent must be at most 16")
-    return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+    return jinja_hf.tojson(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                           sort_keys=sort_keys)
 
 
 _ENV = None
@@ -428,11 +431,7 @@ def environment():
     global _ENV
     with _ENV_LOCK:
         if _ENV is None:
-            env = BudgetedEnvironment()
-            env.filters["tojson"] = env._checked_filter("tojson", _tojson)
-            env.globals["raise_exception"] = _raise_exception
-            env.globals["strftime_now"] = _strftime_now
-            _ENV = env
+            _ENV = BudgetedEnvironment()
         return _ENV
 
 

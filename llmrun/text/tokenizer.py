@@ -258,7 +258,7 @@ class Tokenizer:
                 allowed.append((pos, pos + len(raw)))
             raw_parts.append(raw)
             pos += len(raw)
-        return self._encode_parts(self._partition(b"".join(raw_parts), allowed), False, False)
+        return self._encode_text(b"".join(raw_parts), allowed, self.add_space_prefix)
 
     def encode(self, text: str | bytes, add_bos: bool | None = None, special: bool = False) -> list[int]:
         """Token ids of ``text``.
@@ -269,15 +269,28 @@ class Tokenizer:
         always recognised, as in llama.cpp).
         """
         raw = text if isinstance(text, bytes) else text.encode("utf-8", "replace")
-        want_bos = self.add_bos if add_bos is None else bool(add_bos)
         add_special = add_bos is not False
-        return self._encode_parts(self._partition(raw, special) if raw else [], add_special and want_bos,
-                                  add_special and self.add_eos)
-
-    def _encode_parts(self, parts: list[bytes | int], bos: bool, eos: bool) -> list[int]:
+        want_bos = self.add_bos if add_bos is None else bool(add_bos)
         out: list[int] = []
-        if bos and self.bos_id is not None:
+        if add_special and want_bos and self.bos_id is not None:
             out.append(self.bos_id)
+        out.extend(self._encode_text(raw, special, self.add_space_prefix))
+        if add_special and want_bos and self.bos_id is not None and len(out) >= 2 and out[1] == self.bos_id:
+            log.warning("tokenizer: the prompt starts with a BOS token and another one was added (2 BOS)")
+        if add_special and self.add_eos and self.eos_id is not None:
+            out.append(self.eos_id)
+        return out
+
+    def encode_continuation(self, text: str | bytes, special: bool = True) -> list[int]:
+        """Token ids of ``text`` as it would continue a sequence: no BOS/EOS and no SentencePiece space
+        prefix, so the ids decode to exactly ``text`` (what grammar engines expect of a tokenizer)."""
+        raw = text if isinstance(text, bytes) else text.encode("utf-8", "replace")
+        return self._encode_text(raw, special, False)
+
+    def _encode_text(self, raw: bytes, special: bool | list[tuple[int, int]], space_prefix: bool) -> list[int]:
+        """special: as _partition takes it (True/False, or the byte ranges where control tokens count)."""
+        out: list[int] = []
+        parts = self._partition(raw, special) if raw else []
         prev_special = True  # SentencePiece prefixes a space to text that starts a fragment run
         for p in parts:
             if isinstance(p, int):
@@ -285,16 +298,12 @@ class Tokenizer:
                 prev_special = True
                 continue
             if self.model == "llama":
-                if self.add_space_prefix and prev_special:
+                if space_prefix and prev_special:
                     p = b" " + p
                 out.extend(self._encoder.encode(p.replace(b" ", SPACE_MARK)))
             else:
                 out.extend(self._encoder.encode(p))
             prev_special = False
-        if bos and self.bos_id is not None and len(out) >= 2 and out[1] == self.bos_id:
-            log.warning("tokenizer: the prompt starts with a BOS token and another one was added (2 BOS)")
-        if eos and self.eos_id is not None:
-            out.append(self.eos_id)
         return out
 
     # --- decode -----------------------------------------------------------------------------
