@@ -35,7 +35,7 @@ from .llama_types import (ChatCompletion, ChatCompletionChunk, Completion, Compl
 from .protocols import SequenceModel, TokenizerLike
 from .results import ChoiceLog, chat_logprobs, completion_logprobs, prompt_logprobs
 from .safe_text import printable
-from .text.chat_template import encode_chat
+from .text.chat_template import check_messages, encode_chat
 from .text.grammar import Grammar, GrammarError, as_grammar, response_format_grammar
 from .text.sampling import Sampler
 from .text.tokenizer import Tokenizer
@@ -251,7 +251,8 @@ class Llama:
             try:
                 scale = float(scale)
             except (TypeError, ValueError):
-                raise LlmrunError(f"set_lora: scale {scale!r} of {path} is not a number") from None
+                raise ArgumentTypeError(f"set_lora: the scale of {str(path)[:80]} is not a number "
+                                        f"(got {args.describe_value(scale)})") from None
             if not np.isfinite(scale):
                 raise LlmrunError(f"set_lora: scale of {path} must be finite, got {scale}")
             items.append((args.path(path, "set_lora path"), scale))
@@ -411,6 +412,7 @@ class Llama:
         old behaviour, for fully trusted input). `tools` (OpenAI's shape) and other keywords are template
         variables."""
         tok = self.tokenizer
+        messages = check_messages(messages)
         if tools and "tools" not in (self.chat_template if isinstance(self.chat_template, str) else ""):
             messages = describe_tools(messages, check_tools(tools))   # the template would not show them
         ids = encode_chat(tok, messages, self.chat_template,

@@ -12,6 +12,9 @@ import numpy as np
 from .errors import ArgumentTypeError, InvalidArgumentError
 from .gguf.metadata import describe_value, is_integer, is_number, parse_bool
 
+__all__ = ["describe_value", "integer", "optional_integer", "number", "flag", "seed", "text", "path", "token_ids",
+           "stop_strings", "max_tokens", "RANDOM_SEEDS"]
+
 
 def integer(value: Any, name: str, lo: int | None = None, hi: int | None = None) -> int:
     if not is_integer(value):

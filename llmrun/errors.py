@@ -4,6 +4,11 @@
 class LlmrunError(Exception):
     """Base class: a problem with the user's input or environment, described in one line."""
 
+    def __str__(self) -> str:
+        # messages quote inputs (paths, names, template errors) that may hold line breaks: still one line
+        text = super().__str__()
+        return text.replace("\r", "\\r").replace("\n", "\\n") if "\n" in text or "\r" in text else text
+
 
 class GGUFError(LlmrunError):
     """A GGUF file is malformed, truncated, or uses something we do not support."""

@@ -23,7 +23,7 @@ from ..errors import ChatTemplateError
 from .template_sandbox import RenderBudget, render, text_size
 
 __all__ = ["CHATML_TEMPLATE", "ChatTemplateError", "render_chat", "render_chat_segments", "encode_chat",
-           "openai_to_hf_messages"]
+           "openai_to_hf_messages", "check_messages"]
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -35,13 +35,22 @@ CHATML_TEMPLATE = (
 Segments = list[tuple[str, bool]]   # (text, is_template): special tokens are parsed only where is_template
 
 
-def _variables(messages, template: str, add_generation_prompt, bos_token, eos_token, extra) -> dict:
+def check_messages(messages) -> list[Mapping[str, Any]]:
+    """`messages` as a list of dicts with a 'role', or one ChatTemplateError saying what is wrong."""
     try:
         if isinstance(messages, (str, bytes, Mapping)):
             raise TypeError
         messages = list(messages)
     except TypeError:
         raise ChatTemplateError(f"messages must be a list of dicts, got {type(messages).__name__}") from None
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or "role" not in m:
+            raise ChatTemplateError(f"message {i} must be a dict with a 'role' (got {str(m)[:60]})")
+    return messages
+
+
+def _variables(messages, template: str, add_generation_prompt, bos_token, eos_token, extra) -> dict:
+    messages = check_messages(messages)
     msgs = openai_to_hf_messages(messages, typed_content=isinstance(template, str) and _takes_typed_content(template))
     extra = dict(extra)
     extra.setdefault("tools", None)

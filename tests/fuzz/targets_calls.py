@@ -90,7 +90,7 @@ def _cli_case(rng, env):
     return Case(f"cli {kind}", run, outputs=outputs, setup=setup), holder
 
 
-@target("cli-args", 400)
+@target("cli-args", 500)
 def cli_args(rng, env):
     for i in range(10**9):
         case, holder = _cli_case(rng, env)
@@ -113,6 +113,32 @@ _VALUES = [None, True, False, "false", "true", 0, 1, -1, 7, 2**31, 2**63, -2**63
 _MESSAGES = [[{"role": "user", "content": "hi"}], [{"role": "user", "content": "x<|im_end|>"}], [],
              [{"role": "user"}], [{"content": "x"}], "hello", None, [1], [{"role": "user", "content": [1, 2]}],
              [{"role": "user", "content": None}], [{"role": 5, "content": "x"}]]
+
+
+_GRAMMARS = ['root ::= "yes" | "no"', 'root ::= [a-z]+', 'root ::= root', "", "root ::=", 'root ::= "a"{1000000}',
+             'root ::= ("a" | "a")* "b"', "root ::= x", 'root ::= [', 'root ::= "\x1b[2J"', "x" * 5000, None, 5]
+_SCHEMAS = [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}, {"type": "string",
+            "pattern": "(a+)+$"}, {"enum": list(range(2000))}, {"type": "array", "minItems": 10**9}, {"$ref": "#"},
+            {"type": "object", "properties": {"a": {"$ref": "#/properties/a"}}}, {"anyOf": []}, "not a schema",
+            {"type": "string", "maxLength": 10**12}, {"type": "integer", "minimum": 5, "maximum": 1}]
+_TOOLS = [[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+          [{"type": "function", "function": {"name": "f<|im_end|>", "description": "x" * 5000}}], [{"a": 1}], "f",
+          [{"type": "function", "function": {"name": "", "parameters": []}}], [None]]
+_STRUCTURED = {
+    "grammar": lambda rng: rng.choice(_GRAMMARS),
+    "response_format": lambda rng: rng.choice([{"type": "json_object"}, {"type": "text"}, {"type": "bogus"},
+                                              {"type": "json_schema", "json_schema": {"schema": rng.choice(_SCHEMAS)}},
+                                              {"type": "json_object", "schema": rng.choice(_SCHEMAS)}, "json", None]),
+    "logprobs": lambda rng: rng.choice([None, 0, 2, True, False, -1, 10**6, "3"]),
+    "top_logprobs": lambda rng: rng.choice([None, 0, 2, 21, -1, "x"]),
+    "logit_bias": lambda rng: rng.choice([{5: 100.0}, {"5": -100}, {10**9: 1.0}, {"x": 1}, {5: math.nan}, [1], None]),
+    "n": lambda rng: rng.choice([1, 2, 0, 129, -1, "2", 1.5]),
+    "tools": lambda rng: rng.choice(_TOOLS),
+    "tool_choice": lambda rng: rng.choice(["auto", "none", "required", {"type": "function", "function": {"name": "f"}},
+                                          {"type": "function", "function": {"name": "missing"}}, 5]),
+}
+_COMPLETION_ONLY = {"echo": lambda rng: rng.choice([True, False, "yes"]),
+                    "suffix": lambda rng: rng.choice([None, "", "end", 5])}
 
 
 def _api_call(rng, env):
@@ -152,6 +178,13 @@ def _api_call(rng, env):
             for _ in out:
                 pass
 
+    for name in rng.sample(list(_STRUCTURED), rng.choice([0, 0, 1, 2])):
+        if method in ("completion", "chat") and not (method == "completion" and name in ("tools", "tool_choice",
+                                                                                        "top_logprobs")):
+            kwargs[name] = _STRUCTURED[name](rng)
+    if method == "completion" and rng.random() < 0.2:
+        name = rng.choice(list(_COMPLETION_ONLY))
+        kwargs[name] = _COMPLETION_ONLY[name](rng)
     if method == "completion":
         prompt = rng.choice([v(), "hello", [5, 6, 7], b"<|im_start|>user"])
         return f"completion({str(prompt)[:40]}, {kwargs})", lambda: consume(llm.create_completion(prompt, **kwargs))
@@ -171,7 +204,7 @@ def _api_call(rng, env):
     return f"Llama({path!r:.40}, {kw})", construct
 
 
-@target("api-args", 800)
+@target("api-args", 1500)
 def api_args(rng, env):
     for i in range(10**9):
         label, call = _api_call(rng, env)

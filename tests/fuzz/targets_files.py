@@ -38,7 +38,7 @@ def open_model_everywhere(path: Path) -> None:
 _INTERESTING = [0, 1, 2, 0x7F, 0x80, 0xFF, 2**31, 2**32 - 1, 2**63, 2**64 - 1]
 
 
-@target("gguf-bytes", 1200, isolated=True)
+@target("gguf-bytes", 2000, isolated=True)
 def gguf_bytes(rng, env):
     raw = Path(env["model"]).read_bytes()
     header_end = env["data_offset"]
@@ -94,7 +94,7 @@ _EXTRA_KEYS = ["llama.attention.key_length", "llama.attention.value_length", "ll
                "general.file_type", "general.quantization_version"]
 
 
-@target("gguf-metadata", 700, isolated=True)
+@target("gguf-metadata", 860, isolated=True)
 def gguf_metadata(rng, env):
     from helpers.tiny_files import rewrite
     keys = list(env["keys"]) + _EXTRA_KEYS
@@ -142,7 +142,7 @@ def open_safetensors(path: Path) -> None:
         st.close()
 
 
-@target("safetensors-headers", 500)
+@target("safetensors-headers", 800)
 def safetensors_headers(rng, env):
     header, data = _safetensors_header(Path(env["safetensors"]))
     names = [k for k in header if k != "__metadata__"]
@@ -207,7 +207,7 @@ def convert_case(src: Path, out: Path, lora: Path | None) -> None:
                        loras=[(lora, 1.0)] if lora is not None else [])
 
 
-@target("checkpoint-json", 400)
+@target("checkpoint-json", 500)
 def checkpoint_json(rng, env):
     hf, adapter = Path(env["hf"]), Path(env["adapter"])
     for i in range(10**9):
@@ -275,7 +275,7 @@ def apply_lora(llm, path: Path, scale) -> None:
         llm.set_lora([])
 
 
-@target("lora-files", 300)
+@target("lora-files", 400)
 def lora_files(rng, env):
     llm = env["llm"]
     good = Path(env["lora"]).read_bytes()

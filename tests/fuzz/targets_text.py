@@ -72,7 +72,7 @@ def render_and_tokenize(tokenizer, template, messages, special_in_content, tools
                 **({"tools": tools} if tools is not None else {}))
 
 
-@target("chat-templates", 1000, seconds=5, megabytes=100)   # the bound: 2 s, ~100 MB
+@target("chat-templates", 1500, seconds=5, megabytes=100)   # the bound: 2 s, ~100 MB
 def chat_templates(rng, env):
     tokenizer = env["tokenizer"]
     for i in range(10**9):
