@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from llmrun.errors import ConvertError
+from llmrun.gguf.metadata import is_integer
+
+from .safepaths import child, inside
 
 # safetensors dtype -> numpy dtype of the stored elements (bf16 kept as raw uint16 bits)
 _DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
@@ -40,11 +43,39 @@ class TensorEntry:
     nbytes: int
 
 
-class SafetensorsFile:
-    """One .safetensors file: its header parsed and validated, its data memory-mapped on demand."""
+def _entry(path: Path, name: str, info, data_start: int, size: int, dtypes: tuple[str, ...]) -> TensorEntry:
+    """One header entry, every field checked for its type and range (the JSON may hold anything)."""
+    if not isinstance(info, dict):
+        raise ConvertError(f"{path}: corrupt safetensors header entry for {name!r:.80}")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise ConvertError(f"{path}: tensor {name!r:.80} has no dtype string in the header")
+    if dtype not in dtypes:
+        raise ConvertError(f"{path}: tensor {name} has dtype {dtype!r:.20}; only F32, F16 and BF16 "
+                           "checkpoints are supported")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(is_integer(d) and d >= 0 for d in shape):
+        raise ConvertError(f"{path}: tensor {name!r:.80} has an invalid shape in the header")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_integer(o) for o in offsets):
+        raise ConvertError(f"{path}: tensor {name!r:.80} has invalid data_offsets in the header")
+    a, b = offsets
+    count = 1
+    for d in shape:
+        count *= d
+    if not 0 <= a <= b or b - a != count * _DTYPES[dtype].itemsize:
+        raise ConvertError(f"{path}: tensor {name} has inconsistent shape/offsets in the header")
+    if data_start + b > size:
+        raise ConvertError(f"{path}: truncated safetensors file (tensor {name} needs bytes up to "
+                           f"{data_start + b}, file has {size})")
+    return TensorEntry(name, dtype, tuple(shape), path, data_start + a, b - a)
 
-    def __init__(self, path: Path, dtypes: tuple[str, ...] = FLOAT_DTYPES):
+
+class SafetensorsFile:
+    """One .safetensors file: its header parsed and validated, its data memory-mapped on demand.
+    `folder`: the checkpoint or adapter folder the file must lie in (safepaths.py)."""
+
+    def __init__(self, path: Path, dtypes: tuple[str, ...] = FLOAT_DTYPES, folder: Path | None = None):
         self.path = Path(path)
+        inside(self.path, folder if folder is not None else self.path.parent)
         try:
             size = self.path.stat().st_size
             with open(self.path, "rb") as f:
@@ -62,26 +93,21 @@ class SafetensorsFile:
             header = json.loads(raw.decode("utf-8"))
             if not isinstance(header, dict):
                 raise ValueError("not an object")
+        except RecursionError:
+            raise ConvertError(f"{self.path}: corrupt safetensors header (nested too deeply)") from None
         except (UnicodeDecodeError, ValueError) as e:
             raise ConvertError(f"{self.path}: corrupt safetensors header ({e})") from None
         self.data_start = 8 + n
-        self.metadata = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None) or {}
+        self.metadata = metadata if isinstance(metadata, dict) else {}
         self.entries: dict[str, TensorEntry] = {}
         for name, info in header.items():
-            try:
-                dtype, shape, (a, b) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise ConvertError(f"{self.path}: corrupt safetensors header entry for {name!r}") from None
-            if dtype not in dtypes:
-                raise ConvertError(f"{self.path}: tensor {name} has dtype {dtype}; only F32, F16 and BF16 "
-                                   "checkpoints are supported")
-            count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-            if any(s < 0 for s in shape) or b - a != count * _DTYPES[dtype].itemsize or a < 0:
-                raise ConvertError(f"{self.path}: tensor {name} has inconsistent shape/offsets in the header")
-            if self.data_start + b > size:
-                raise ConvertError(f"{self.path}: truncated safetensors file (tensor {name} needs bytes up to "
-                                   f"{self.data_start + b}, file has {size})")
-            self.entries[name] = TensorEntry(name, dtype, shape, self.path, self.data_start + a, b - a)
+            self.entries[name] = _entry(self.path, name, info, self.data_start, size, dtypes)
+        # Two tensors sharing bytes means a corrupt or crafted offset table (safetensors forbids it).
+        spans = sorted((e.start, e.start + e.nbytes, e.name) for e in self.entries.values() if e.nbytes)
+        for (s0, e0, n0), (s1, _, n1) in zip(spans, spans[1:]):
+            if s1 < e0:
+                raise ConvertError(f"{self.path}: tensors {n0} and {n1} overlap in the data section")
         self._map: mmap.mmap | None = None
 
     def _mmap(self) -> mmap.mmap:
@@ -127,12 +153,11 @@ class Checkpoint:
         index = self.dir / f"{prefix}.safetensors.index.json"
         single = self.dir / f"{prefix}.safetensors"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                if not isinstance(weight_map, dict):
-                    raise TypeError
-            except (OSError, ValueError, KeyError, TypeError):
-                raise ConvertError(f"{index}: not a valid safetensors index (no weight_map)") from None
+            from .jsonfile import read_json_object
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConvertError(f"{index}: not a valid safetensors index (weight_map must map tensor names to "
+                                   "shard file names)")
             shard_names = sorted(set(weight_map.values()))
         elif single.is_file():
             weight_map, shard_names = None, [single.name]
@@ -149,10 +174,10 @@ class Checkpoint:
         self.entries: dict[str, TensorEntry] = {}
         by_path: dict[Path, SafetensorsFile] = {}
         for shard in shard_names:
-            p = self.dir / shard
+            p = child(self.dir, shard, "shard") if weight_map is not None else self.dir / shard
             if not p.is_file():
                 raise ConvertError(f"{p}: shard listed in the index is missing")
-            st = SafetensorsFile(p, tuple(_DTYPES) if quantized else FLOAT_DTYPES)
+            st = SafetensorsFile(p, tuple(_DTYPES) if quantized else FLOAT_DTYPES, folder=self.dir)
             self.files.append(st)
             by_path[st.path] = st
             for name, e in st.entries.items():

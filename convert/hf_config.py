@@ -11,6 +11,7 @@ from pathlib import Path
 
 from llmrun.errors import ConvertError
 from llmrun.gguf import GGUFValueType as VT
+from llmrun.gguf.metadata import TypedMetadata
 
 from .jsonfile import read_json_object
 
@@ -38,14 +39,41 @@ class HFConfig:
 
     @property
     def rope_type(self) -> str:
-        return str(self.rope.get("rope_type", "default")).lower()
+        return self.rope.get("rope_type", "default")
 
 
-def _int(cfg: dict, key: str, path: Path, default=None) -> int:
-    v = cfg.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ConvertError(f"{path}: {key} must be a positive integer, got {v!r}")
-    return v
+_MAX_DIM = 1 << 31
+_MAX_F32 = 3.0e38          # values written as float32 must stay finite there
+
+
+def config_values(cfg: dict, path: Path) -> TypedMetadata:
+    """Checked getters over a JSON object: each wrong type or range is a ConvertError naming file and key."""
+    return TypedMetadata(cfg, str(path), ConvertError, label="")
+
+
+def _rope_block(c: TypedMetadata, path: Path) -> dict:
+    """The scaling block (`rope_parameters`, else `rope_scaling`; {} = none) with its values checked."""
+    key = "rope_parameters" if c.metadata.get("rope_parameters") is not None else "rope_scaling"
+    rope = c.get_dict(key, {})
+    if isinstance(rope.get("full_attention"), dict):
+        rope = dict(rope["full_attention"])
+    r = config_values(rope, f"{path}: {key}")
+    if "rope_type" not in rope and "type" in rope:
+        rope["rope_type"] = r.get_str("type")
+    if "rope_type" in rope:
+        rope["rope_type"] = r.get_str("rope_type").lower()
+    for name in ("factor", "low_freq_factor", "high_freq_factor", "attention_factor", "attn_factor", "beta_fast",
+                 "beta_slow", "rope_theta"):
+        if rope.get(name) is not None:
+            rope[name] = r.get_float(name, lo=0.0, lo_open=True, hi=_MAX_F32)
+    if rope.get("extrapolation_factor") is not None:
+        rope["extrapolation_factor"] = r.get_float("extrapolation_factor", hi=_MAX_F32)
+    if rope.get("original_max_position_embeddings") is not None:
+        rope["original_max_position_embeddings"] = r.get_int("original_max_position_embeddings", lo=1,
+                                                             hi=_MAX_DIM)
+    if rope.get("rope_type") == "llama3" and rope.get("high_freq_factor", 4.0) <= rope.get("low_freq_factor", 1.0):
+        r.fail("high_freq_factor", "must be larger than low_freq_factor (llama3 scaling divides by the difference)")
+    return rope
 
 
 def load_config(hf_dir: Path) -> HFConfig:
@@ -53,73 +81,64 @@ def load_config(hf_dir: Path) -> HFConfig:
     if not path.is_file():
         raise ConvertError(f"{hf_dir}: no config.json (not a Hugging Face checkpoint folder)")
     cfg = read_json_object(path)
+    c = config_values(cfg, path)
 
-    archs = cfg.get("architectures") or []
-    hf_arch = archs[0] if isinstance(archs, list) and archs else None
-    if hf_arch is None and cfg.get("model_type") in ("llama", "mistral"):
-        hf_arch = "MistralForCausalLM" if cfg["model_type"] == "mistral" else "LlamaForCausalLM"
+    archs = c.get_array("architectures", "str", None) or []
+    hf_arch = archs[0] if archs else None
+    model_type = c.get_str("model_type", None)
+    if hf_arch is None and model_type in ("llama", "mistral"):
+        hf_arch = "MistralForCausalLM" if model_type == "mistral" else "LlamaForCausalLM"
     if hf_arch not in SUPPORTED_ARCHITECTURES:
-        raise ConvertError(f"{path}: architecture {hf_arch!r} is not supported "
+        raise ConvertError(f"{path}: architecture {hf_arch!r:.80} is not supported "
                            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ConvertError(f"{path}: hidden_act {cfg.get('hidden_act')!r} is not supported (LLaMA uses silu)")
+    act = c.get_str("hidden_act", "silu")
+    if act != "silu":
+        raise ConvertError(f"{path}: hidden_act {act!r:.80} is not supported (LLaMA uses silu)")
     for flag in ("attention_bias", "mlp_bias"):
-        if cfg.get(flag):
+        if c.get_bool(flag, False):
             raise ConvertError(f"{path}: {flag}=true is not supported")
-    n_ctx = cfg.get("max_position_embeddings", 2048)
-    sw = cfg.get("sliding_window")
-    if sw is not None and cfg.get("use_sliding_window", True) and isinstance(n_ctx, int) and sw < n_ctx:
+    n_ctx = c.get_int("max_position_embeddings", 2048, lo=1, hi=_MAX_DIM)
+    sw = c.get_int("sliding_window", None, lo=0)
+    if sw is not None and c.get_bool("use_sliding_window", True) and sw < n_ctx:
         raise ConvertError(f"{path}: sliding-window attention (sliding_window={sw}) is not supported")
 
-    n_embd = _int(cfg, "hidden_size", path)
-    n_head = _int(cfg, "num_attention_heads", path)
-    n_head_kv = cfg.get("num_key_value_heads")
-    if n_head_kv is None:
-        n_head_kv = n_head
-    n_head_kv = _int({"num_key_value_heads": n_head_kv}, "num_key_value_heads", path)
+    n_embd = c.get_int("hidden_size", lo=1, hi=_MAX_DIM)
+    n_head = c.get_int("num_attention_heads", lo=1, hi=_MAX_DIM)
+    n_head_kv = c.get_int("num_key_value_heads", n_head, lo=1, hi=_MAX_DIM)
     if n_head % n_head_kv:
         raise ConvertError(f"{path}: num_attention_heads {n_head} is not a multiple of "
                            f"num_key_value_heads {n_head_kv}")
-    head_dim = cfg.get("head_dim")
+    head_dim = c.get_int("head_dim", None, lo=1, hi=_MAX_DIM)
     if head_dim is None:
         if n_embd % n_head:
             raise ConvertError(f"{path}: hidden_size {n_embd} is not divisible by num_attention_heads {n_head}")
         head_dim = n_embd // n_head
-    head_dim = _int({"head_dim": head_dim}, "head_dim", path)
     if head_dim % 2:
         raise ConvertError(f"{path}: head_dim {head_dim} must be even for RoPE")
 
     # rope: the newer `rope_parameters` block, else `rope_scaling` + top-level `rope_theta`
-    rope = cfg.get("rope_parameters")
-    if rope is None:
-        rope = cfg.get("rope_scaling")
-    rope = dict(rope) if isinstance(rope, dict) else {}
-    if "full_attention" in rope and isinstance(rope["full_attention"], dict):
-        rope = dict(rope["full_attention"])
-    if "rope_type" not in rope and "type" in rope:
-        rope["rope_type"] = rope["type"]
-    rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    try:
-        rope_theta = float(rope_theta)
-    except (TypeError, ValueError):
-        raise ConvertError(f"{path}: rope_theta {rope_theta!r} is not a number") from None
-    rtype = str(rope.get("rope_type", "default")).lower()
+    rope = _rope_block(c, path)
+    rope_theta = rope["rope_theta"] if "rope_theta" in rope else \
+        c.get_float("rope_theta", 10000.0, lo=0.0, lo_open=True, hi=_MAX_F32)
+    rtype = rope.get("rope_type", "default")
     if rtype not in ("default", "linear", "dynamic", "yarn", "llama3"):
-        raise ConvertError(f"{path}: rope scaling type {rtype!r} is not supported "
+        raise ConvertError(f"{path}: rope scaling type {rtype!r:.80} is not supported "
                            "(supported: linear, dynamic, yarn, llama3)")
     if rtype == "yarn" and "original_max_position_embeddings" not in rope:
         raise ConvertError(f"{path}: yarn rope scaling needs original_max_position_embeddings")
+    if c.metadata.get("original_max_position_embeddings") is not None:
+        c.get_int("original_max_position_embeddings", lo=1, hi=_MAX_DIM)
 
     return HFConfig(
         path=path, hf_arch=hf_arch,
-        n_vocab=_int(cfg, "vocab_size", path, 32000),
-        n_embd=n_embd, n_layer=_int(cfg, "num_hidden_layers", path),
+        n_vocab=c.get_int("vocab_size", 32000, lo=1, hi=_MAX_DIM),
+        n_embd=n_embd, n_layer=c.get_int("num_hidden_layers", lo=1, hi=_MAX_DIM),
         n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
-        n_ff=_int(cfg, "intermediate_size", path),
-        n_ctx_train=_int({"max_position_embeddings": n_ctx}, "max_position_embeddings", path),
-        rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        n_ff=c.get_int("intermediate_size", lo=1, hi=_MAX_DIM),
+        n_ctx_train=n_ctx,
+        rms_eps=c.get_float("rms_norm_eps", 1e-6, lo=0.0, lo_open=True, hi=1.0),
         rope_theta=rope_theta,
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        tie_embeddings=c.get_bool("tie_word_embeddings", False),
         rope=rope,
         raw=cfg,
     )
@@ -170,7 +189,7 @@ def llama3_rope_params(c: HFConfig) -> dict | None:
     r = c.rope
     # llama.cpp reads original_max_position_embeddings at the top level (absent in real configs -> 8192);
     # HF reads it from the rope block. Use the rope block's when present so the model matches HF.
-    top = c.raw.get("original_max_position_embeddings")
+    top = c.raw.get("original_max_position_embeddings")     # checked by load_config
     old = r.get("original_max_position_embeddings", top if top is not None else 8192)
     return dict(head_dim=c.head_dim, base=c.rope_theta, factor=float(r.get("factor", 8.0)),
                 low_freq_factor=float(r.get("low_freq_factor", 1.0)),

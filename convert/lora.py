@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from llmrun.errors import ConvertError
+from llmrun.gguf.metadata import is_number, parse_bool
 
-from .jsonfile import read_json_object
 from .checkpoint import SafetensorsFile, TensorEntry, bf16_bits_to_f32
+from .hf_config import config_values
+from .jsonfile import read_json_object
 from .names import gguf_name
 
 # HF module names LoRA may target in a LLaMA model (as PEFT target_modules suffixes)
@@ -52,11 +54,36 @@ def parse_lora_arg(arg: str) -> tuple[str, float]:
 
 
 def _pattern_value(patterns: dict, key: str, default):
-    """PEFT's get_pattern_key: the first pattern matching the end of the module name (at a dot boundary)."""
-    for pat, value in patterns.items():
-        if re.match(rf"(.*\.)?({pat})$", key):
+    """PEFT's get_pattern_key: the first pattern matching the end of the module name (at a dot boundary).
+    `patterns` maps compiled regexes to values (see _patterns)."""
+    for regex, value in patterns.items():
+        if regex.match(key):
             return value
     return default
+
+
+def _patterns(path: Path, cfg: dict, key: str, integer: bool) -> dict:
+    """rank_pattern / alpha_pattern: {regex: positive number}, compiled the way PEFT matches them."""
+    raw = config_values(cfg, path).get_dict(key, None) or {}
+    out = {}
+    for pat, value in raw.items():
+        if isinstance(value, bool) or not (isinstance(value, int) if integer else is_number(value)) or \
+                not math.isfinite(value) or value <= 0:
+            raise ConvertError(f"{path}: {key}[{pat!r:.60}] must be a positive {'integer' if integer else 'number'}, "
+                               f"got {value!r:.40}")
+        if len(pat) > 1000:
+            raise ConvertError(f"{path}: {key} pattern of {len(pat)} characters is too long")
+        try:
+            out[re.compile(rf"(.*\.)?({pat})$")] = value
+        except (re.error, RecursionError, OverflowError) as e:
+            raise ConvertError(f"{path}: {key} key {pat!r:.60} is not a valid regular expression ({e})") from None
+    return out
+
+
+def _is_set(value) -> bool:
+    """Is a config switch on? ("false" is off, unlike bool("false")); lists and objects: when non-empty."""
+    parsed = parse_bool(value)
+    return parsed if parsed is not None else bool(value)
 
 
 @dataclass
@@ -91,7 +118,7 @@ class LoraAdapter:
                 raise ConvertError(f"{self.dir}: adapter_model.bin is not supported; save the adapter with "
                                    "safetensors (PEFT's default)")
             raise ConvertError(f"{self.dir}: no adapter_model.safetensors")
-        self.file = SafetensorsFile(weights)
+        self.file = SafetensorsFile(weights, folder=self.dir)
         self.pairs: dict[str, _Pair] = {}             # HF weight name -> LoRA pair
         self.replacements: dict[str, TensorEntry] = {}  # HF weight name -> full weight (modules_to_save)
         self.overrides: dict[str, TensorEntry] = {}     # HF weight name -> saved base weight (base_layer)
@@ -99,36 +126,40 @@ class LoraAdapter:
 
     # -- reading -------------------------------------------------------------------------------------------
     def _check_config(self, path: Path, cfg: dict) -> None:
-        ptype = cfg.get("peft_type", "LORA")
-        if str(ptype).upper() != "LORA":
-            raise ConvertError(f"{path}: PEFT type {ptype!r} is not supported (only LORA)")
+        c = config_values(cfg, path)
+        ptype = c.get_str("peft_type", "LORA")
+        if ptype.upper() != "LORA":
+            raise ConvertError(f"{path}: PEFT type {ptype!r:.60} is not supported (only LORA)")
         for flag, what in _UNSUPPORTED_FLAGS.items():
-            if cfg.get(flag):
+            if _is_set(cfg.get(flag)):
                 raise ConvertError(f"{path}: {what} are not supported")
-        if cfg.get("bias", "none") != "none":
-            raise ConvertError(f"{path}: bias={cfg['bias']!r} is not supported (LLaMA layers have no bias)")
+        bias = c.get_str("bias", "none")
+        if bias != "none":
+            raise ConvertError(f"{path}: bias={bias!r:.60} is not supported (LLaMA layers have no bias)")
         for key in ("r", "lora_alpha"):
-            v = cfg.get(key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-                raise ConvertError(f"{path}: {key} must be a positive number, got {v!r}")
-        for key in ("rank_pattern", "alpha_pattern"):
-            if not isinstance(cfg.get(key) or {}, dict):
-                raise ConvertError(f"{path}: {key} must be an object")
+            c.get_float(key, lo=0.0, lo_open=True)
+        self.rank_pattern = _patterns(path, cfg, "rank_pattern", integer=True)
+        self.alpha_pattern = _patterns(path, cfg, "alpha_pattern", integer=False)
+        self.use_rslora = c.get_bool("use_rslora", False)
+        self.fan_in_fan_out = c.get_bool("fan_in_fan_out", False)
         targets = cfg.get("target_modules")
         if isinstance(targets, list):
+            targets = c.get_array("target_modules", "str")
             unknown = [t for t in targets if t.rsplit(".", 1)[-1] not in KNOWN_MODULES]
             if unknown:
-                raise ConvertError(f"{path}: target module {unknown[0]!r} is not a LLaMA linear layer "
+                raise ConvertError(f"{path}: target module {unknown[0]!r:.80} is not a LLaMA linear layer "
                                    f"(known: {', '.join(KNOWN_MODULES)})")
-        for m in cfg.get("modules_to_save") or []:
+        elif targets is not None:
+            c.get_str("target_modules")          # PEFT also takes one regular expression
+        for m in c.get_array("modules_to_save", "str", None) or []:
             if m.rsplit(".", 1)[-1] not in ("lm_head", "embed_tokens"):
-                raise ConvertError(f"{path}: modules_to_save entry {m!r} is not supported "
+                raise ConvertError(f"{path}: modules_to_save entry {m!r:.80} is not supported "
                                    "(only lm_head and embed_tokens)")
 
     def _index_tensors(self) -> None:
         cfg = self.config
         r0, alpha0 = cfg["r"], cfg["lora_alpha"]
-        rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        rank_pattern, alpha_pattern = self.rank_pattern, self.alpha_pattern
         for key, e in self.file.entries.items():
             m = _KEY_RE.match(key)
             if m is None:
@@ -162,6 +193,8 @@ class LoraAdapter:
             if len(p.a.shape) != 2 or len(p.b.shape) != 2:
                 raise ConvertError(f"{self.file.path}: LoRA matrices of {p.module} must be 2-D")
             r = p.a.shape[0]
+            if r < 1:
+                raise ConvertError(f"{self.file.path}: LoRA matrices of {p.module} have rank 0")
             if p.b.shape[1] != r:
                 raise ConvertError(f"{self.file.path}: {p.module}: lora_A has rank {r} but lora_B has "
                                    f"{p.b.shape[1]}")
@@ -170,7 +203,7 @@ class LoraAdapter:
                 raise ConvertError(f"{self.file.path}: {p.module} has rank {r} but adapter_config.json says "
                                    f"{want_r}")
             alpha = _pattern_value(alpha_pattern, p.module, alpha0)
-            scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+            scaling = alpha / math.sqrt(r) if self.use_rslora else alpha / r
             p.scale, p.alpha = self.user_scale * scaling, alpha
         if not self.pairs and not self.replacements and not self.overrides:
             raise ConvertError(f"{self.file.path}: the adapter holds no LoRA tensors")
@@ -206,7 +239,7 @@ class LoraAdapter:
                 got = (p.a.shape[1], p.b.shape[0])
             else:             # A (r, in), B (out, r); delta = B @ A (transposed if fan_in_fan_out)
                 got = (p.b.shape[0], p.a.shape[1])
-                if got != want and self.config.get("fan_in_fan_out") and got[::-1] == want:
+                if got != want and self.fan_in_fan_out and got[::-1] == want:
                     got = want
             if got != want:
                 raise ConvertError(f"{self.dir}: LoRA for {hf} gives a {list(got)} update but the base weight is "

@@ -66,14 +66,14 @@ def peft_factors(adapter: LoraAdapter, heads=None) -> tuple[float, list[LoraFact
     check_low_rank_only(adapter)
     cfg = adapter.config
     alpha = float(cfg["lora_alpha"])
-    rslora = bool(cfg.get("use_rslora"))
+    rslora = adapter.use_rslora
     out = []
     for hf, pair in adapter.pairs.items():
         g = names.gguf_name(hf)
         a, b = adapter.low_rank(hf)
         if pair.embedding:
             a = np.ascontiguousarray(a.T)
-        elif cfg.get("fan_in_fan_out"):
+        elif adapter.fan_in_fan_out:
             raise ConvertError(f"{adapter.dir}: fan_in_fan_out adapters are not supported for LLaMA linear layers")
         rank = b.shape[1]
         fold = (pair.alpha / alpha) * (math.sqrt(rank) if rslora else 1.0)

@@ -32,7 +32,7 @@ _BLOCK = {
 # HF tensors that carry no weights for inference and are dropped
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
-_BLOCK_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")   # group 1: the layer of a per-layer HF tensor
 
 ROPE_FREQS = "rope_freqs.weight"
 TOKEN_EMBD = "token_embd.weight"
@@ -49,7 +49,7 @@ def gguf_name(hf_name: str) -> str | None:
     """GGUF name of a HF tensor, None for tensors to drop; ConvertError for anything unknown."""
     if hf_name in _GLOBAL:
         return _GLOBAL[hf_name]
-    m = _BLOCK_RE.match(hf_name)
+    m = LAYER_RE.match(hf_name)
     if m and m.group(2) in _BLOCK:
         return f"blk.{int(m.group(1))}.{_BLOCK[m.group(2)]}"
     if _IGNORED.search(hf_name):

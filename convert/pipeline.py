@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from llmrun.quants.floats import BF16_EXP, first_nonfinite
 from llmrun.errors import ConvertError
 from llmrun.gguf import GGMLType, GGUFValueType as VT, GGUFWriter, LlamaFileType
 from llmrun.gguf.writer import check_output_path
@@ -115,7 +116,18 @@ def _metadata(cfg: HFConfig, hf_dir: Path, ftype: LlamaFileType):
             ("general.quantization_version", 2, VT.UINT32, None)]
 
 
+def _check_layer_count(cfg: HFConfig, ckpt: Checkpoint) -> None:
+    """config.json's layer count against the layers the checkpoint holds, before anything of that size is
+    built (num_hidden_layers: 10**7 would otherwise make 90 million expected shapes)."""
+    layers = {int(m.group(1)) for m in map(names.LAYER_RE.match, ckpt.names()) if m}
+    held = max(layers) + 1 if layers else 0
+    if cfg.n_layer > held:
+        raise ConvertError(f"{cfg.path}: num_hidden_layers is {cfg.n_layer} but the checkpoint holds "
+                           f"{held} layer(s)")
+
+
 def _plan_tensors(cfg: HFConfig, ckpt: Checkpoint, adapters: list[LoraAdapter]) -> list[_TensorPlan]:
+    _check_layer_count(cfg, ckpt)
     expected = _expected_shapes(cfg)
     found: dict[str, str] = {}   # GGUF name -> HF name
     for hf in ckpt.names():
@@ -207,6 +219,7 @@ def _producer(plan: _TensorPlan, ckpt: Checkpoint, adapters: list[LoraAdapter], 
             # same type in and out, nothing merged: pass the stored bits through (identical to the
             # float32 round trip, without its cost)
             w = ckpt.load_stored(plan.source)
+            _check_finite(plan, w, BF16_EXP if plan.ggml_type == GGMLType.BF16 else None)   # bf16 as raw bits
             if plan.permute_heads:
                 w = permute_rows(w, plan.permute_heads)
             return w
@@ -218,10 +231,18 @@ def _producer(plan: _TensorPlan, ckpt: Checkpoint, adapters: list[LoraAdapter], 
                     w = r
                 a.apply_override(plan.source, w)
                 a.add_delta(plan.source, w)
+        _check_finite(plan, w)
         if plan.permute_heads:
             w = permute_rows(w, plan.permute_heads)
         return encode(w, plan.ggml_type)
     return make
+
+
+def _check_finite(plan: _TensorPlan, w: np.ndarray, exp_mask: int | None = None) -> None:
+    """NaN/Inf weights (or a LoRA merge that overflowed) would make a file that only produces garbage."""
+    if first_nonfinite(w, None if exp_mask is None else np.uint16(exp_mask)) is not None:
+        source = f" (from {plan.source})" if plan.source else ""
+        raise ConvertError(f"tensor {plan.name}{source} holds NaN or Inf values; refusing to convert it")
 
 
 def encode(w: np.ndarray, t: GGMLType) -> np.ndarray:

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from llmrun.errors import ConvertError
+from llmrun.errors import ConvertError, is_library_failure, one_line
 from llmrun.gguf import GGUFValueType as VT
+from llmrun.gguf.metadata import is_integer, parse_bool
 from llmrun.text.tokenizer import TokenType
 
 from .jsonfile import read_json_object
+from .safepaths import inside
 
 log = logging.getLogger("convert.vocab")
 
@@ -51,6 +53,34 @@ def _read_json(path: Path) -> dict | None:
     return read_json_object(path) if path.is_file() else None
 
 
+def _obj(value) -> dict:
+    """A JSON value expected to be an object: itself, or {} for anything else (the file may hold anything)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _objects(value) -> list[dict]:
+    """A JSON value expected to be a list of objects: its objects (other entries ignored)."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _tokenizers_call(path: Path, what: str, fn, *args, **kwargs):
+    """A call into HF tokenizers, whose errors (and Rust panics, BaseExceptions) become one ConvertError."""
+    try:
+        return fn(*args, **kwargs)
+    except BaseException as e:
+        if not is_library_failure(e):
+            raise
+        raise ConvertError(f"{path}: {what} ({one_line(e)})") from None
+
+
+def _read_text(path: Path, folder: Path) -> str:
+    inside(path, folder)
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{path}: cannot read ({e})") from None
+
+
 def does_token_look_special(text: str) -> bool:
     """Added tokens some models forget to flag as special (same rule as llama.cpp's converter)."""
     return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
@@ -63,7 +93,7 @@ def does_token_look_special(text: str) -> bool:
 def _sentencepiece_vocab(hf_dir: Path, n_vocab: int | None):
     from sentencepiece import SentencePieceProcessor
 
-    path = hf_dir / "tokenizer.model"
+    path = inside(hf_dir / "tokenizer.model", hf_dir)
     sp = SentencePieceProcessor()
     try:
         sp.LoadFromFile(str(path))
@@ -91,23 +121,31 @@ def _sentencepiece_vocab(hf_dir: Path, n_vocab: int | None):
 
     added = _read_json(hf_dir / "added_tokens.json") or {}
     for text, tid in added.items():
-        if isinstance(tid, int) and 0 <= tid < vocab_size:
+        if is_integer(tid) and 0 <= tid < vocab_size:
             tokens[tid], scores[tid], types[tid] = text, -1000.0, int(TokenType.USER_DEFINED)
     config = _read_json(hf_dir / "tokenizer_config.json") or {}
-    for key, data in (config.get("added_tokens_decoder") or {}).items():
-        try:
-            tid, text = int(key), data["content"]
-        except (ValueError, KeyError, TypeError):
+    for key, data in _added_tokens_decoder(hf_dir, config).items():
+        tid, text = int(key), data.get("content")
+        if not isinstance(text, str) or not 0 <= tid < vocab_size:
             continue
-        if not 0 <= tid < vocab_size:
-            continue
-        if data.get("special") or does_token_look_special(text):
+        if parse_bool(data.get("special")) or does_token_look_special(text):
             types[tid] = int(TokenType.CONTROL)
         else:
             text = text.replace("\u2581", " ")  # user-defined tokens are matched pre-normalized
             types[tid] = int(TokenType.USER_DEFINED)
         tokens[tid], scores[tid] = text, -1000.0
     return tokens, scores, types
+
+
+def _added_tokens_decoder(hf_dir: Path, config: dict) -> dict[str, dict]:
+    """tokenizer_config.json's added_tokens_decoder: {"<id>": {"content": ..., "special": ...}} (entries of
+    another shape are skipped; a value that is not an object at all is an error)."""
+    decoder = config.get("added_tokens_decoder")
+    if decoder is None:
+        return {}
+    if not isinstance(decoder, dict):
+        raise ConvertError(f"{hf_dir / 'tokenizer_config.json'}: added_tokens_decoder must be an object")
+    return {k: v for k, v in decoder.items() if k.isdigit() and len(k) < 12 and isinstance(v, dict)}
 
 
 # --- byte-level BPE ---------------------------------------------------------------------------
@@ -118,13 +156,13 @@ def detect_pre(tokenizer_json: dict, where: Path) -> str:
     Qwen2 regex -> "qwen2"; Digits(individual) + ByteLevel(regex) -> "smollm" (SmolLM/StarCoder,
     one pre-tokenizer); a lone ByteLevel(regex) -> "gpt-2".
     """
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    pre = _obj(tokenizer_json.get("pre_tokenizer"))
+    steps = _objects(pre.get("pretokenizers")) if pre.get("type") == "Sequence" else [pre]
     kinds = []
     for s in steps:
         t = s.get("type")
         if t == "Split":
-            pattern = s.get("pattern") or {}
+            pattern = _obj(s.get("pattern"))
             kinds.append(("Split", pattern.get("Regex", pattern.get("String"))))
         elif t == "ByteLevel":
             kinds.append(("ByteLevel", bool(s.get("use_regex", True))))
@@ -140,7 +178,7 @@ def detect_pre(tokenizer_json: dict, where: Path) -> str:
         return "smollm"
     if kinds == [("ByteLevel", True)]:
         return "gpt-2"
-    raise ConvertError(f"{where}: pre-tokenizer {kinds} is not one we know how to name for llama.cpp "
+    raise ConvertError(f"{where}: pre-tokenizer {str(kinds)[:200]} is not one we know how to name for llama.cpp "
                        f"(known: llama-bpe, qwen2, smollm, gpt-2)")
 
 
@@ -151,25 +189,22 @@ def _bpe_vocab(hf_dir: Path, n_vocab: int | None):
     data = _read_json(path)
     if data is None:
         raise ConvertError(f"{path}: not a JSON object")
-    model = data.get("model") or {}
+    model = _obj(data.get("model"))
     is_byte_level = any(step.get("type") == "ByteLevel" for step in _walk_pre(data.get("pre_tokenizer")))
     if model.get("type") != "BPE" or not is_byte_level:
         raise ConvertError(f"{path}: only byte-level BPE tokenizer.json files are supported "
-                           f"(model {model.get('type')!r}); SentencePiece models need tokenizer.model")
-    try:
-        hf = HFTokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers' own exception type
-        raise ConvertError(f"{path}: cannot load ({str(e).splitlines()[0] if str(e) else e})") from None
-    vocab = hf.get_vocab(with_added_tokens=True)
+                           f"(model {str(model.get('type'))[:40]!r}); SentencePiece models need tokenizer.model")
+    hf = _tokenizers_call(path, "cannot load", HFTokenizer.from_file, str(path))
+    vocab = _tokenizers_call(path, "cannot read the vocabulary", hf.get_vocab, with_added_tokens=True)
     vocab_size = n_vocab or len(vocab)
     if vocab and max(vocab.values()) >= vocab_size:
         raise ConvertError(f"{path}: token id {max(vocab.values())} does not fit vocab_size {vocab_size}")
     pre = detect_pre(data, path)
 
-    added = {a["id"]: a for a in data.get("added_tokens") or [] if isinstance(a, dict) and "id" in a}
+    added = {a["id"]: a for a in _objects(data.get("added_tokens")) if is_integer(a.get("id"))}
     config = _read_json(hf_dir / "tokenizer_config.json") or {}
-    for key, a in (config.get("added_tokens_decoder") or {}).items():
-        if key.isdigit() and isinstance(a, dict) and int(key) not in added and a.get("content") in vocab:
+    for key, a in _added_tokens_decoder(hf_dir, config).items():
+        if int(key) not in added and isinstance(a.get("content"), str) and a["content"] in vocab:
             added[int(key)] = {"id": int(key), **a}
     reverse = {i: t for t, i in vocab.items()}
     tokens, types = [], []
@@ -181,10 +216,13 @@ def _bpe_vocab(hf_dir: Path, n_vocab: int | None):
             continue
         info = added.get(i)
         if info is not None and info.get("content") == text:
-            if not info.get("normalized", True):
+            if parse_bool(info.get("normalized", True)) is False:
                 # llama.cpp stores added tokens in their encoded-then-decoded form
-                text = hf.decode(hf.encode(text, add_special_tokens=False).ids, skip_special_tokens=False)
-            if info.get("special") or does_token_look_special(text):
+                ids = _tokenizers_call(path, "cannot encode an added token", hf.encode, text,
+                                       add_special_tokens=False).ids
+                text = _tokenizers_call(path, "cannot decode an added token", hf.decode, ids,
+                                        skip_special_tokens=False)
+            if parse_bool(info.get("special")) or does_token_look_special(text):
                 types.append(int(TokenType.CONTROL))
             else:
                 text = text.replace("\u2581", " ")
@@ -196,18 +234,21 @@ def _bpe_vocab(hf_dir: Path, n_vocab: int | None):
 
 
 def _walk_pre(pre: dict | None):
-    if not pre:
+    if not isinstance(pre, dict) or not pre:
         return []
     if pre.get("type") == "Sequence":
-        return [s for s in pre.get("pretokenizers", []) if isinstance(s, dict)]
+        return _objects(pre.get("pretokenizers"))
     return [pre]
 
 
 def _merges(hf_dir: Path, tokenizer_json: dict | None) -> list[str]:
-    merges = ((tokenizer_json or {}).get("model") or {}).get("merges")
+    merges = _obj(_obj(tokenizer_json).get("model")).get("merges")
     if isinstance(merges, list) and merges:
-        if isinstance(merges[0], str):
+        if all(isinstance(m, str) for m in merges):
             return list(merges)
+        if not all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p) for p in merges):
+            raise ConvertError(f"{hf_dir / 'tokenizer.json'}: model.merges must be strings \"a b\" or pairs "
+                               "[\"a\", \"b\"]")
         # pair form (transformers >= 4.45): spaces inside a part are stored as U+0120 like llama.cpp
         return [" ".join("".join(chr(ord(c) + 256) if c == " " else c for c in part) for part in pair)
                 for pair in merges]
@@ -215,14 +256,13 @@ def _merges(hf_dir: Path, tokenizer_json: dict | None) -> list[str]:
     if not path.is_file():
         return []
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            line = line.strip()
-            if not line or (n == 0 and line.startswith("#")):
-                continue
-            parts = line.split()
-            if len(parts) == 2:
-                out.append(f"{parts[0]} {parts[1]}")
+    for n, line in enumerate(_read_text(path, hf_dir).split("\n")):  # as a text file reads lines
+        line = line.strip()
+        if not line or (n == 0 and line.startswith("#")):
+            continue
+        parts = line.split()
+        if len(parts) == 2:
+            out.append(f"{parts[0]} {parts[1]}")
     return out
 
 
@@ -235,26 +275,29 @@ def _content(entry) -> str | None:
 
 
 def _special_id(item: dict) -> str | None:
-    return (item.get("SpecialToken") or {}).get("id") if isinstance(item, dict) else None
+    return _obj(_obj(item).get("SpecialToken")).get("id")
 
 
 def _sequence_id(item: dict) -> str | None:
-    return (item.get("Sequence") or {}).get("id") if isinstance(item, dict) else None
+    return _obj(_obj(item).get("Sequence")).get("id")
 
 
 def _read_post_processor(post: dict, texts: dict[str, str | None], add: dict[str, bool], have_config: bool):
     """What a tokenizer.json post-processor says about BOS / EOS / SEP (as gguf-py reads it:
     RobertaProcessing adds all three; a simple TemplateProcessing is read for the single-sequence
     wrapping and for a separator between the two sequences of a pair)."""
-    for proc in post.get("processors", [post]):
+    for proc in _objects(post.get("processors", [post])):
         if proc.get("type") == "RobertaProcessing":
             add.update(bos=True, eos=True, sep=True)
-            texts["cls"] = texts["cls"] or (proc.get("cls") or [texts["bos"]])[0]
-            texts["sep"] = texts["sep"] or (proc.get("sep") or [texts["eos"]])[0]
+            for kind, fallback in (("cls", "bos"), ("sep", "eos")):
+                given = proc.get(kind)
+                given = given[0] if isinstance(given, list) and given and isinstance(given[0], str) else None
+                texts[kind] = texts[kind] or given or texts[fallback]
             continue
         if proc.get("type") != "TemplateProcessing":
             continue
-        single, pair = proc.get("single") or [], proc.get("pair") or []
+        single = proc.get("single") if isinstance(proc.get("single"), list) else []
+        pair = proc.get("pair") if isinstance(proc.get("pair"), list) else []
         first = last = None
         if len(single) > 1:
             first, last = _special_id(single[0]), _special_id(single[-1])
@@ -295,20 +338,21 @@ def _special_vocab(hf_dir: Path, n_vocab: int, tokenizer_json: dict | None):
         texts["bos"] = texts["bos"] or texts["cls"]
         texts["eos"] = texts["eos"] or texts["sep"]
     add: dict[str, bool] = {}
-    if tokenizer_json and tokenizer_json.get("post_processor"):
+    if tokenizer_json and isinstance(tokenizer_json.get("post_processor"), dict):
         _read_post_processor(tokenizer_json["post_processor"], texts, add, config is not None)
 
     template = None
     jinja = hf_dir / "chat_template.jinja"
     if jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
+        template = _read_text(jinja, hf_dir)
     elif (hf_dir / "chat_template.json").is_file():
         template = (_read_json(hf_dir / "chat_template.json") or {}).get("chat_template")
     if config is not None:
         template = config.get("chat_template", template)
         for kind in _SPECIAL_KEYS:
-            if isinstance(config.get(f"add_{kind}_token"), bool):
-                add[kind] = config[f"add_{kind}_token"]
+            flag = parse_bool(config.get(f"add_{kind}_token"))
+            if flag is not None:
+                add[kind] = flag
     if not isinstance(template, (str, list)):
         template = None
 
@@ -318,7 +362,7 @@ def _special_vocab(hf_dir: Path, n_vocab: int, tokenizer_json: dict | None):
         if isinstance(tid, int) and not isinstance(tid, bool) and 0 <= tid < n_vocab and kind not in ids:
             ids[kind] = tid
 
-    added_tokens = (tokenizer_json or {}).get("added_tokens") or []
+    added_tokens = _objects(_obj(tokenizer_json).get("added_tokens"))
     if config is not None:
         for kind, text in texts.items():
             if text is not None:
@@ -403,8 +447,8 @@ def vocab_metadata(hf_dir: Path, n_vocab: int) -> list[KV]:
 
     # LlamaModel.set_vocab extras
     config = _read_json(hf_dir / "tokenizer_config.json") or {}
-    if isinstance(config.get("add_prefix_space"), bool):
-        kvs.append(("tokenizer.ggml.add_space_prefix", config["add_prefix_space"], VT.BOOL, None))
+    if parse_bool(config.get("add_prefix_space")) is not None:
+        kvs.append(("tokenizer.ggml.add_space_prefix", parse_bool(config["add_prefix_space"]), VT.BOOL, None))
     if n_vocab == 49152:  # llama.cpp: "granite small models" (and SmolLM) never get a BOS
         kvs = [kv for kv in kvs if kv[0] != "tokenizer.ggml.add_bos_token"]
         kvs.append(("tokenizer.ggml.add_bos_token", False, VT.BOOL, None))

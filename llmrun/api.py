@@ -24,8 +24,9 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from . import api_args as args
 from .completion_options import CompletionOptions, takes_options
-from .errors import LlmrunError
+from .errors import ArgumentTypeError, LlmrunError
 from .generate import CacheSlot, Event, Generation, PerSlotModels, check_fits, generate
 from .gguf import GGUFReader
 from .llama_compat import check_constructor_keywords, completion_notes
@@ -33,14 +34,14 @@ from .llama_types import (ChatCompletion, ChatCompletionChunk, Completion, Compl
                           CreateEmbeddingResponse, FinishReason)
 from .protocols import SequenceModel, TokenizerLike
 from .results import ChoiceLog, chat_logprobs, completion_logprobs, prompt_logprobs
-from .text.chat_template import render_chat
+from .safe_text import printable
+from .text.chat_template import check_messages, encode_chat
 from .text.grammar import Grammar, GrammarError, as_grammar, response_format_grammar
 from .text.sampling import Sampler
 from .text.tokenizer import Tokenizer
 from .text.tool_calls import (CallStream, check_tools, describe_tools, forced_call_schema, parse_tool_calls,
                                 resolve_tool_choice)
 
-_DEFAULT_SEEDS = (-1, 0xFFFFFFFF)   # llama-cpp-python's "random seed" values
 
 
 def _collect(events: Iterable[tuple[int, Event]], n: int) -> list[ChoiceLog]:
@@ -68,7 +69,9 @@ class Llama:
     text) replace the file's chat template. ``embedding=True`` is accepted (embeddings always work here);
     ``pooling_type`` (llama.cpp's enum or "mean"/"cls"/"last"/"none") overrides the file's pooling.
     llama-cpp-python's GPU / batching / mmap keywords are accepted and ignored (a note under ``verbose``).
-    See the module docstring for cache reuse, cancel and threading rules.
+    See the module docstring for cache reuse, cancel and threading rules. Arguments of the wrong type raise
+    ArgumentTypeError (a TypeError), impossible values InvalidArgumentError (a ValueError); both are
+    LlmrunErrors.
     """
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | None = None,
@@ -77,13 +80,17 @@ class Llama:
                  pooling_type: int | str | None = -1, chat_format: str | None = None,
                  chat_template: str | None = None, **kwargs):
         notes = check_constructor_keywords(kwargs)
-        self.model_path = str(model_path)
-        reader = GGUFReader(model_path)
+        self.model_path = args.path(model_path, "model_path")
+        n_ctx = args.optional_integer(n_ctx, "n_ctx", lo=0, hi=1 << 32)
+        n_threads = args.optional_integer(n_threads, "n_threads", lo=1)
+        seed = args.seed(seed)
+        vocab_only, verbose = args.flag(vocab_only, "vocab_only"), args.flag(verbose, "verbose")
+        reader = GGUFReader(self.model_path)
         try:
             tokenizer = Tokenizer.from_metadata(reader.metadata)
             arch = reader.get("general.architecture", "llama")
             if n_ctx is None or n_ctx <= 0:
-                n_ctx = int(reader.get(f"{arch}.context_length", 4096))
+                n_ctx = reader.typed.get_int(f"{arch}.context_length", 4096, lo=1, hi=1 << 32)
             model = None
             if not vocab_only:
                 from .engine.model import LlamaModel   # here: vocab_only never imports numba and the kernels
@@ -110,7 +117,7 @@ class Llama:
                 self.close()
                 raise
         if verbose and model is not None:
-            print(f"llmrun: loaded {self._name} in {model.load_seconds:.2f} s: weights "
+            print(f"llmrun: loaded {printable(self._name)} in {model.load_seconds:.2f} s: weights "
                   f"{model.weights_nbytes / 2**20:.0f} MiB, KV cache {model.kv_nbytes / 2**20:.0f} MiB "
                   f"for {n_ctx} tokens", file=sys.stderr)
 
@@ -132,7 +139,7 @@ class Llama:
         self.tokenizer = tokenizer
         self._model = model
         self._slot = CacheSlot(0, int(n_ctx))    # the model's one KV cache and the tokens in it
-        self._rng = np.random.default_rng(None if seed in _DEFAULT_SEEDS else seed)
+        self._rng = np.random.default_rng(args.seed(seed))
         self.verbose = verbose
         self._name = name
         self._lock = threading.Lock()
@@ -201,15 +208,18 @@ class Llama:
     def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
         """Token ids of `text`. As in llama-cpp-python, add_bos=True adds BOS only if the model asks for it
         (GGUF `tokenizer.ggml.add_bos_token`); add_bos=False never adds it."""
+        text = args.text(text, "text")
+        add_bos, special = args.flag(add_bos, "add_bos"), args.flag(special, "special")
         return list(self.tokenizer.encode(text, add_bos=None if add_bos else False, special=special))
 
     def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
-        return bytes(self.tokenizer.decode(list(tokens), special=special))
+        tokens = args.token_ids(tokens, self.n_vocab())
+        return bytes(self.tokenizer.decode(tokens, special=args.flag(special, "special")))
 
     # ---- evaluation ------------------------------------------------------------------------------------
     def eval_logits(self, tokens: Sequence[int]) -> np.ndarray:
         """float32 [len(tokens), n_vocab]: logits after each token of a fresh sequence starting at position 0."""
-        tokens = [int(t) for t in tokens]
+        tokens = args.token_ids(tokens, self.n_vocab())
         if not tokens:
             return np.zeros((0, self.n_vocab()), dtype=np.float32)
         check_fits(len(tokens), self._slot.capacity)
@@ -232,19 +242,20 @@ class Llama:
         is loaded once and cached. All are checked against the model before anything changes. The KV cache
         is emptied: it was computed with the previous weights."""
         if isinstance(adapters, (str, bytes, os.PathLike)) or not isinstance(adapters, Sequence):
-            raise LlmrunError("set_lora takes a list of (path, scale) pairs ([] for the base model)")
+            raise ArgumentTypeError("set_lora takes a list of (path, scale) pairs ([] for the base model)")
         items = []
         for item in adapters:
             if not (isinstance(item, Sequence) and not isinstance(item, (str, bytes)) and len(item) == 2):
-                raise LlmrunError(f"set_lora: {item!r} is not a (path, scale) pair")
+                raise ArgumentTypeError(f"set_lora: {str(item)[:80]} is not a (path, scale) pair")
             path, scale = item
             try:
                 scale = float(scale)
             except (TypeError, ValueError):
-                raise LlmrunError(f"set_lora: scale {scale!r} of {path} is not a number") from None
+                raise ArgumentTypeError(f"set_lora: the scale of {str(path)[:80]} is not a number "
+                                        f"(got {args.describe_value(scale)})") from None
             if not np.isfinite(scale):
                 raise LlmrunError(f"set_lora: scale of {path} must be finite, got {scale}")
-            items.append((os.fspath(path), scale))
+            items.append((args.path(path, "set_lora path"), scale))
         with self._exclusive():
             model = self._require_model()
             if not hasattr(model, "matrix_groups"):
@@ -295,7 +306,7 @@ class Llama:
             return {"id": cid, "object": "text_completion", "created": created, "model": name,
                     "choices": [{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}]}
 
-        if options.stream:
+        if args.flag(options.stream, "stream"):
             def chunks() -> Iterator[CompletionChunk]:
                 offsets: dict[int, int] = {}
                 for index, event in events:
@@ -352,7 +363,7 @@ class Llama:
         def finish_of(reason, calls):
             return "tool_calls" if calls and reason == "stop" else reason
 
-        if options.stream:
+        if args.flag(options.stream, "stream"):
             def chunks() -> Iterator[ChatCompletionChunk]:
                 def chunk(index, delta, finish, entries=None):
                     logprobs = chat_logprobs(self.tokenizer, entries) if entries else None
@@ -393,16 +404,22 @@ class Llama:
                 "usage": _usage(len(tokens), logs)}
 
     def chat_tokens(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                    tools: Sequence[Mapping[str, Any]] | None = None, **template_vars: Any) -> list[int]:
-        """The prompt tokens for a conversation (template rendered as transformers does, special tokens
-        parsed). `tools` (OpenAI's shape) and other keywords are template variables."""
+                    tools: Sequence[Mapping[str, Any]] | None = None, *, special_in_content: bool = False,
+                    **template_vars: Any) -> list[int]:
+        """The prompt tokens for a conversation (template rendered as transformers does). Only the template's
+        own text is parsed for special tokens: message contents, tool definitions and other caller-given
+        strings stay text, so a message cannot forge a turn (special_in_content=True parses them too, the
+        old behaviour, for fully trusted input). `tools` (OpenAI's shape) and other keywords are template
+        variables."""
         tok = self.tokenizer
-        if tools and "tools" not in (self.chat_template or ""):
+        messages = check_messages(messages)
+        if tools and "tools" not in (self.chat_template if isinstance(self.chat_template, str) else ""):
             messages = describe_tools(messages, check_tools(tools))   # the template would not show them
-        text = render_chat(messages, self.chat_template, add_generation_prompt=add_generation_prompt,
-                           bos_token=self._piece(tok.bos_id), eos_token=self._piece(tok.eos_id), tools=tools,
-                           **template_vars)
-        ids = list(tok.encode(text, add_bos=False, special=True))
+        ids = encode_chat(tok, messages, self.chat_template,
+                          special_in_content=args.flag(special_in_content, "special_in_content"),
+                          add_generation_prompt=args.flag(add_generation_prompt, "add_generation_prompt"),
+                          bos_token=self._piece(tok.bos_id), eos_token=self._piece(tok.eos_id), tools=tools,
+                          **template_vars)
         # Templates usually write {{ bos_token }} themselves; add it only when the model wants one and the
         # template did not (never two).
         if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
@@ -447,7 +464,7 @@ class Llama:
 
     def _embedding_tokens(self, item, truncate: bool) -> list[int]:
         tokens = (self.tokenize(item.encode("utf-8", "replace") if isinstance(item, str) else item)
-                  if isinstance(item, (str, bytes)) else [int(t) for t in item])
+                  if isinstance(item, (str, bytes)) else args.token_ids(item, self.n_vocab(), "input"))
         if not tokens:
             raise LlmrunError("cannot embed an empty input (no tokens)")
         if len(tokens) > self._slot.capacity:
@@ -481,10 +498,10 @@ class Llama:
         return self.tokenizer.token_to_piece(int(token_id), special=True).decode("utf-8", errors="replace")
 
     def _prompt_tokens(self, prompt) -> list[int]:
-        if isinstance(prompt, (str, bytes)):
+        if isinstance(prompt, (str, bytes, bytearray)):
             # Like llama-cli: BOS as the model asks, and control tokens written in the prompt are parsed.
-            return list(self.tokenizer.encode(prompt, add_bos=None, special=True))
-        return [int(t) for t in prompt]
+            return list(self.tokenizer.encode(args.text(prompt, "prompt"), add_bos=None, special=True))
+        return args.token_ids(prompt, self.n_vocab(), "prompt")
 
     def _echo_text(self, prompt, tokens: list[int]) -> str:
         if isinstance(prompt, str):
@@ -519,7 +536,7 @@ class Llama:
                 print(f"llmrun: {note}", file=sys.stderr)
         # A call's own seed restarts the randomness (one generator for all its choices, so they differ);
         # otherwise this Llama's generator continues.
-        rng = np.random.default_rng(options.seed) if options.seed is not None else self._rng
+        rng = np.random.default_rng(args.seed(options.seed)) if options.seed is not None else self._rng
         return self._run_choices([self._generation(tokens, options, grammar, top_n, rng) for _ in range(n)])
 
     def _run_choices(self, generations: list[Generation]) -> Iterator[tuple[int, Event]]:
@@ -534,7 +551,7 @@ class Llama:
     def _generation(self, tokens, options: CompletionOptions, grammar: Grammar | None, top_n, rng) -> Generation:
         sampler = Sampler(options.sampling_params(), rng=rng)
         self._require_model()
-        return Generation(tokens, self._slot, self.tokenizer, sampler, stop=options.stop,
+        return Generation(tokens, self._slot, self.tokenizer, sampler, stop=args.stop_strings(options.stop),
                           max_tokens=options.max_tokens,
                           token_mask=grammar.matcher(self.tokenizer) if grammar is not None else None,
                           logit_bias=options.logit_bias, logprobs=top_n,

@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .errors import ContextFullError, LlmrunError, ModelError
+from .errors import ArgumentTypeError, ContextFullError, LlmrunError, ModelError
 from .llama_types import CompletionUsage, FinishReason
 from .protocols import BatchItem, BatchModel, SequenceModel, TokenizerLike, TokenMask
 from .text.sampling import Sampler
@@ -243,7 +243,7 @@ def _token_limit(max_tokens) -> int | None:
     try:
         n = int(max_tokens)
     except (TypeError, ValueError):
-        raise LlmrunError(f"max_tokens must be an integer, got {max_tokens!r}") from None
+        raise ArgumentTypeError(f"max_tokens must be an integer, got {max_tokens!r:.40}") from None
     return n if n > 0 else None
 
 

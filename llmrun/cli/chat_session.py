@@ -12,6 +12,7 @@ import time
 from typing import TextIO
 
 from ..errors import ContextFullError
+from ..safe_text import printable, terminal_text
 from .signals import sigint_cancels
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (new system prompt + reset), /exit"
@@ -34,7 +35,9 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def _note(self, text: str) -> None:
-        # Notes go to stderr (dim on a terminal) so stdout carries only the answers.
+        # Notes go to stderr (dim on a terminal) so stdout carries only the answers. They may quote file
+        # contents (error messages): escaped before our own dimming codes are added.
+        text = printable(text)
         if self.stderr.isatty():
             text = f"\x1b[2m{text}\x1b[0m"
         print(text, file=self.stderr, flush=True)
@@ -130,7 +133,7 @@ class ChatSession:
                     text = choice["delta"].get("content")
                     if text:
                         parts.append(text)
-                        self.stdout.write(text)
+                        self.stdout.write(terminal_text(text) if self.stdout.isatty() else text)
                     if choice["finish_reason"] and finish is None:
                         # end the answer's line before a verbose timing line is printed
                         self.stdout.write("\n")

@@ -7,6 +7,13 @@ import sys
 import click
 
 from ..errors import LlmrunError
+from ..safe_text import printable, terminal_text
+
+
+def _error(message: str) -> None:
+    # messages quote file contents (keys, tensor names, template errors): escaped, and always one line
+    click.echo(f"error: {printable(message)}", err=True)
+    sys.exit(1)
 
 
 def _one_line_errors(fn):
@@ -15,22 +22,31 @@ def _one_line_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except LlmrunError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
-        except (OSError, ValueError) as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
+        except (LlmrunError, OSError, ValueError) as e:
+            _error(str(e))
         except MemoryError:
-            click.echo("error: out of memory", err=True)
-            sys.exit(1)
+            _error("out of memory")
+        except KeyboardInterrupt:
+            sys.exit(130)
+        except Exception as e:  # a bug: still one line (the fuzz tests treat this message as a failure)
+            _error(f"internal error ({type(e).__name__}): {e}")
     return wrapper
+
+
+def _echo_generated(text: str) -> None:
+    """Model output: raw into a pipe, control characters escaped on a terminal (a vocabulary may hold ESC)."""
+    click.echo(terminal_text(text) if sys.stdout.isatty() else text, nl=False)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="llmrun")
 def main():
     """llmrun: run and convert LLaMA-family GGUF models on the CPU."""
+    import numpy as np
+
+    # Overflowing weights are reported as one error (the engine checks its logits); numpy's own
+    # RuntimeWarnings on the way there would be stray lines on stderr.
+    np.seterr(over="ignore", invalid="ignore", divide="ignore")
 
 
 # Commands are added below by their owners: info, quantize, convert, run, chat, bench, perplexity.
@@ -69,7 +85,7 @@ def quantize(input_path, output_path, file_type, force):
 
     def progress(i, n, name, qtype):
         if show:
-            click.echo(f"\r[{i + 1:>4}/{n}] {qtype.lower:<7} {name:<48}", err=True, nl=False)
+            click.echo(f"\r[{i + 1:>4}/{n}] {qtype.lower:<7} {printable(name):<48}", err=True, nl=False)
 
     chosen = requantize(input_path, output_path, file_type, overwrite=force, progress=progress)
     if show:
@@ -212,7 +228,7 @@ def run(model, prompt, prompt_file, stops, grammar_file, json_schema, temperatur
                                            **_sampling_kwargs(temperature, top_k, top_p, min_p,
                                                               repeat_penalty, n_predict)):
             choice = chunk["choices"][0]
-            click.echo(choice["text"], nl=False)
+            _echo_generated(choice["text"])
             finish = choice["finish_reason"] or finish
             if finish and not ended_line:
                 # end the text's line now, before the timing line `-v` prints when the generation closes

@@ -79,12 +79,13 @@ def _read_gguf_lora(path: str, arch: str) -> tuple[float, dict[str, tuple[np.nda
     from ..tensors import tensor_to_float32
     with GGUFReader(path) as r:
         md = r.metadata
-        if md.get("general.type") != "adapter" or md.get("adapter.type") != "lora":
-            raise AdapterError(f"{path}: not a LoRA adapter (general.type {md.get('general.type')!r}, "
-                               f"adapter.type {md.get('adapter.type')!r})")
-        if md.get("general.architecture") != arch:
-            raise AdapterError(f"{path}: adapter for architecture {md.get('general.architecture')!r}, the model "
-                               f"is {arch!r}")
+        kind, adapter_type = r.get_str("general.type", None), r.get_str("adapter.type", None)
+        if kind != "adapter" or adapter_type != "lora":
+            raise AdapterError(f"{path}: not a LoRA adapter (general.type {kind!r:.40}, "
+                               f"adapter.type {adapter_type!r:.40})")
+        adapter_arch = r.get_str("general.architecture", None)
+        if adapter_arch != arch:
+            raise AdapterError(f"{path}: adapter for architecture {adapter_arch!r:.40}, the model is {arch!r}")
         alpha = md.get("adapter.lora.alpha", 0.0)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.floating)) or not math.isfinite(alpha):
             raise AdapterError(f"{path}: adapter.lora.alpha {alpha!r} is not a finite number")

@@ -22,6 +22,7 @@ from ..kernels.qmatmul import dequantize_rows, matmul, matvec, matvec_batch
 from ..kernels.repack import PackedMatrix, pack_matrix
 from ..runtime import drop_file_pages, fixed_mmap_threshold, trim_heap
 from ..tensors import tensor_to_float32
+from .load_checks import check_context, check_hparams, check_logits, check_matrix, check_vector
 
 ARCH = "llama"
 BLAS_ATTENTION_TOKENS = 16   # prefill chunks from this size use the BLAS attention path
@@ -78,9 +79,10 @@ def _per_layer(reader, key, n_layer, default=None, required=False) -> list[int]:
 def read_hparams(reader) -> LlamaHParams:
     """The model's hyper-parameters from the GGUF metadata, and its vocabulary size from the token_embd rows
     (what the graph indexes; ModelError when anything is missing or inconsistent)."""
-    arch = reader.metadata.get("general.architecture")
+    arch = reader.get_str("general.architecture", None)
     if arch != ARCH:
-        raise ModelError(f"{reader.path}: architecture {arch!r} is not supported (only 'llama')")
+        raise ModelError(f"{reader.path}: architecture {arch!r:.80} is not supported (only 'llama')")
+    check_hparams(reader, ARCH)
     p = ARCH + "."
     n_embd = int(_meta(reader, p + "embedding_length", required=True))
     n_layer = int(_meta(reader, p + "block_count", required=True))
@@ -147,12 +149,14 @@ class _Weights:
         self.used.add(name)
         return ti
 
-    def vector(self, name, n) -> np.ndarray:
+    def vector(self, name, n, positive: bool = False) -> np.ndarray:
         ti = self.info(name, (n,))
         try:
-            return np.array(tensor_to_float32(ti), dtype=np.float32).reshape(n)
+            v = np.array(tensor_to_float32(ti), dtype=np.float32).reshape(n)
         except Exception as e:  # an unsupported type for a 1-D tensor
             raise ModelError(f"{self.reader.path}: cannot read tensor {name}: {e}") from None
+        check_vector(self.reader.path, name, v, positive)
+        return v
 
     def matrix(self, names_shapes) -> "MatrixGroup":
         """Pack one or more matrices that multiply the same input; consecutive tensors of the same
@@ -176,6 +180,7 @@ class _Weights:
             except ModelError as e:
                 raise ModelError(f"{self.reader.path}: tensor {g[0].name} ({g[0].ggml_type.name.lower()}): {e}") \
                     from None
+            check_matrix(self.reader.path, "/".join(ti.name for ti in g), packed[-1])
             del raw
             for ti in g:
                 if isinstance(ti.data, np.ndarray) and not ti.data.flags.owndata:   # a view into the mmap
@@ -314,6 +319,8 @@ class LlamaModel:
         if n_threads is not None and int(n_threads) < 1:
             raise ModelError(f"thread count must be at least 1, got {n_threads}")
         hp = read_hparams(reader)
+        check_context(reader.path, n_ctx,
+                      sum(nkv * (hp.head_dim + hp.v_head_dim) for nkv in hp.n_head_kv_per_layer))
         fixed_mmap_threshold()   # glibc settings for the load's large temporaries: runtime.py
         w = _Weights(reader)
         E = hp.n_embd
@@ -365,7 +372,7 @@ class LlamaModel:
         half = hp.n_rot // 2
         inv = hp.rope_base ** (-2.0 * np.arange(half, dtype=np.float64) / hp.n_rot)
         if "rope_freqs.weight" in reader.tensors:
-            inv = inv / w.vector("rope_freqs.weight", half).astype(np.float64)
+            inv = inv / w.vector("rope_freqs.weight", half, positive=True).astype(np.float64)
         self._inv_freq = inv
         self._yarn_mix = None
         self._rope_mscale = 1.0
@@ -519,7 +526,7 @@ class LlamaModel:
             out_groups = [(0, len(spans), True)] if len(spans) > 1 else [(0, 1, False)]
         hn = np.empty_like(out_rows)
         ops.rmsnorm(out_rows, self.output_norm, eps, hn)
-        out = hn if hidden else _matmul_rows(self.output, hn, out_groups)
+        out = hn if hidden else check_logits(_matmul_rows(self.output, hn, out_groups))
         if all_logits:
             return out
         back = np.empty_like(out)

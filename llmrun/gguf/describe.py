@@ -5,7 +5,9 @@ from collections import Counter
 
 import numpy as np
 
+from ..safe_text import printable
 from .constants import GGUFValueType, LlamaFileType
+from .metadata import describe_value, is_integer
 from .reader import GGUFReader
 
 _SHORT_ARRAY = 8      # arrays up to this length are printed in full
@@ -14,7 +16,7 @@ _LONG_STRING = 80     # strings are cut after this many characters in the human 
 
 def file_type_name(value) -> str | None:
     """general.file_type as a lower-case name ("q4_k_m", "f32"), None when absent or unknown."""
-    if value is None:
+    if not is_integer(value):
         return None
     try:
         ft = LlamaFileType(int(value))
@@ -57,8 +59,8 @@ def describe(r: GGUFReader) -> dict:
         "version": r.version,
         "alignment": r.alignment,
         "data_offset": r.data_offset,
-        "architecture": r.get("general.architecture"),
-        "name": r.get("general.name"),
+        "architecture": _string_or_none(r.get("general.architecture")),
+        "name": _string_or_none(r.get("general.name")),
         "file_type": file_type_name(r.get("general.file_type")),
         "n_params": sum(ti.n_elements for ti in r.tensors.values()),
         "n_tensors": len(r.tensors),
@@ -67,11 +69,24 @@ def describe(r: GGUFReader) -> dict:
     }
 
 
+def _string_or_none(value):
+    return value if isinstance(value, str) else None
+
+
 def _show_string(s: str, limit: int = _LONG_STRING) -> str:
-    text = s.encode("unicode_escape", "backslashreplace").decode("ascii") if not s.isprintable() else s
-    if len(text) > limit:
+    text = printable(s[:limit * 2])
+    if len(text) > limit or len(s) > limit * 2:
         return f'"{text[:limit]}…" ({len(s)} chars)'
     return f'"{text}"'
+
+
+def _field(value, missing: str = "(not set)") -> str:
+    """A metadata string for the report (escaped); a value of another kind is described, not printed."""
+    if value is None or (isinstance(value, str) and not value):
+        return missing
+    if isinstance(value, str):
+        return printable(value)
+    return f"({describe_value(value)})"
 
 
 def _show_value(value, vtype: GGUFValueType, etype: GGUFValueType | None) -> str:
@@ -112,11 +127,11 @@ def describe_text(r: GGUFReader) -> str:
     ft = r.get("general.file_type")
     type_counts = Counter(ti.ggml_type.lower for ti in r.tensors.values())
     rows = [
-        ("file", r.path),
+        ("file", printable(r.path)),
         ("file size", f"{_human_size(d['file_size'])} ({d['file_size']} bytes)"),
         ("format", f"GGUF v{d['version']}, alignment {d['alignment']}, data at offset {d['data_offset']}"),
-        ("architecture", d["architecture"] or "(not set)"),
-        ("name", d["name"] or "(not set)"),
+        ("architecture", _field(r.get("general.architecture"))),
+        ("name", _field(r.get("general.name"))),
         ("file type", "(not set)" if ft is None else f"{d['file_type'] or 'unknown'} ({ft})"),
         ("parameters", f"{_human_count(d['n_params'])} ({d['n_params']})"),
         ("tensor types", ", ".join(f"{t}: {c}" for t, c in type_counts.most_common()) or "(none)"),
@@ -133,23 +148,25 @@ def describe_text(r: GGUFReader) -> str:
             add("hyper-parameters")
             for short, key in hp:
                 vtype, etype = r.metadata_types[key]
-                add(f"  {short:<36}{_show_value(r.metadata[key], vtype, etype)}")
+                add(f"  {printable(short):<36}{_show_value(r.metadata[key], vtype, etype)}")
     model = r.get("tokenizer.ggml.model")
     tokens = r.get("tokenizer.ggml.tokens")
     if model is not None or tokens is not None:
-        add(f"  {'vocabulary':<36}{model or '?'}, {len(tokens) if tokens is not None else 0} tokens")
+        count = len(tokens) if isinstance(tokens, (list, np.ndarray)) else 0
+        add(f"  {'vocabulary':<36}{_field(model, '?')}, {count} tokens")
 
     add("")
     add(f"metadata ({len(r.metadata)} keys)")
     for key, value in r.metadata.items():
         vtype, etype = r.metadata_types[key]
         tname = value_type_name(vtype) if etype is None else f"{value_type_name(etype)}[{len(value)}]"
-        add(f"  {key:<40} {tname:<14} {_show_value(value, vtype, etype)}")
+        add(f"  {printable(key):<40} {tname:<14} {_show_value(value, vtype, etype)}")
 
     add("")
     add(f"tensors ({len(r.tensors)})")
-    width = max((len(n) for n in r.tensors), default=4)
+    names = [printable(n) for n in r.tensors]
+    width = max((len(n) for n in names), default=4)
     add(f"  {'#':>4}  {'name':<{width}}  {'type':<7} shape")
-    for i, ti in enumerate(r.tensors.values()):
-        add(f"  {i:>4}  {ti.name:<{width}}  {ti.ggml_type.lower:<7} {list(ti.shape)}")
+    for i, (name, ti) in enumerate(zip(names, r.tensors.values())):
+        add(f"  {i:>4}  {name:<{width}}  {ti.ggml_type.lower:<7} {list(ti.shape)}")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ from ..errors import GGUFError
 from ..ggml import GGML_BLOCK, GGMLType
 from .constants import (GGML_MAX_DIMS, GGML_MAX_NAME, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, VALUE_DTYPES,
                         GGUFValueType)
+from .metadata import TypedMetadata
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -304,6 +305,26 @@ class GGUFReader:
     # --- access --------------------------------------------------------------------------------
     def get(self, key: str, default=None):
         return self.metadata.get(key, default)
+
+    @property
+    def typed(self) -> TypedMetadata:
+        """Checked getters (get_int, get_float, get_str, get_bool, get_array, ...) over this file's metadata."""
+        return TypedMetadata(self.metadata, self.path, GGUFError)
+
+    def get_int(self, key: str, *default, lo=None, hi=None) -> int:
+        return self.typed.get_int(key, *default, lo=lo, hi=hi)
+
+    def get_float(self, key: str, *default, lo=None, hi=None, lo_open=False) -> float:
+        return self.typed.get_float(key, *default, lo=lo, hi=hi, lo_open=lo_open)
+
+    def get_str(self, key: str, *default) -> str:
+        return self.typed.get_str(key, *default)
+
+    def get_bool(self, key: str, *default) -> bool:
+        return self.typed.get_bool(key, *default)
+
+    def get_array(self, key: str, elem: str, *default):
+        return self.typed.get_array(key, elem, *default)
 
     def close(self) -> None:
         # Dropping the reference unmaps once no tensor view is alive (numpy owns the mapping).

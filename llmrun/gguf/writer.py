@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from ..errors import GGUFError, LlmrunError
 from ..ggml import GGML_BLOCK, GGMLType
 from .constants import (GGML_MAX_DIMS, GGML_MAX_NAME, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION,
                         VALUE_DTYPES, GGUFValueType)
+from .partfiles import PartFile
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -226,34 +226,33 @@ class GGUFWriter:
         os.unlink(tmp)
 
     def write(self) -> None:
-        """Write everything to a temp file beside the target, fsync, then rename over the target."""
+        """Write everything to a temp file beside the target, fsync, then rename over the target.
+
+        The temp file (`.NAME.PID.XXXXXXXX.part`) is removed on any error, on SIGTERM/SIGHUP and on Ctrl-C;
+        part files that killed writers of the same target left behind are removed first (partfiles.py)."""
         if self._written:
             raise GGUFError(f"{self.path}: write() was already called")
         check_output_path(self.path, self.overwrite)
         folder = self.path.parent
         header = self._header_bytes()
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=folder)
-        try:
-            with os.fdopen(fd, "wb", buffering=1 << 20) as f:
-                f.write(header)
-                for t in self._tensors.values():
-                    data = t.data() if callable(t.data) else t.data
-                    arr = self._as_bytes(t, data)
-                    f.write(memoryview(arr.reshape(-1)).cast("B"))
-                    f.write(bytes(_pad(t.nbytes, self.alignment)))
-                    t.data = None  # free the array (and anything the callable captured) early
-                f.flush()
-                os.fsync(f.fileno())
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-            self._publish(tmp)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        with PartFile(self.path) as part:
+            self._write_part(part.fd, part.path, header, folder)
+
+    def _write_part(self, fd: int, tmp: str, header: bytes, folder: Path) -> None:
+        with os.fdopen(os.dup(fd), "wb", buffering=1 << 20) as f:
+            f.write(header)
+            for t in self._tensors.values():
+                data = t.data() if callable(t.data) else t.data
+                arr = self._as_bytes(t, data)
+                f.write(memoryview(arr.reshape(-1)).cast("B"))
+                f.write(bytes(_pad(t.nbytes, self.alignment)))
+                t.data = None  # free the array (and anything the callable captured) early
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
+        self._publish(tmp)
         self._written = True
         try:  # make the rename itself durable; not fatal where directories cannot be fsynced
             dfd = os.open(folder, os.O_RDONLY)

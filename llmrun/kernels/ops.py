@@ -9,7 +9,8 @@ from numba import njit, prange
 from ..runtime import limit_blas_threads
 
 
-@njit(fastmath=True, cache=True)
+# error_model="numpy": a zero or NaN divisor gives Inf/NaN (caught on the logits) instead of a ZeroDivisionError
+@njit(fastmath=True, cache=True, error_model="numpy")
 def rmsnorm(x, w, eps, out):
     """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w   (x, out: [T, n]; same formula as HF's LlamaRMSNorm)."""
     T, n = x.shape
@@ -58,7 +59,7 @@ def rope_store(qkv, cos, sin, q_out, k_cache, v_cache, pos0, n_head, n_head_kv, 
                 v_cache[g, p, i] = qkv[t, v0 + g * v_dim + i]
 
 
-@njit(inline="always", fastmath=True, cache=True)
+@njit(inline="always", fastmath=True, cache=True, error_model="numpy")
 def _attend(q, t, g, k_cache, v_cache, n, scale, out, row):
     """One query token t and one K/V group g over the first n cached positions -> out[row] (attention's body,
     shared with attention_slots so both give the same bits)."""
@@ -133,7 +134,7 @@ def _attend(q, t, g, k_cache, v_cache, n, scale, out, row):
             out[row, (h0 + hh) * v_dim + i] = o[hh, i] * inv
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def attention(q, k_cache, v_cache, pos0, scale, out):
     """Causal softmax attention with grouped K/V heads.
 
@@ -149,7 +150,7 @@ def attention(q, k_cache, v_cache, pos0, scale, out):
         _attend(q, t, job % n_head_kv, k_cache, v_cache, pos0 + t + 1, scale, out, t)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
 def attention_slots(q, k_pool, v_pool, slots, pos, scale, out):
     """attention() for one new token of each of several sequences, in one launch: q [B, n_head, k_dim], token
     b at position pos[b] of the caches k_pool[slots[b]] / v_pool[slots[b]] ([n_slots, ...] pools of
@@ -162,7 +163,7 @@ def attention_slots(q, k_pool, v_pool, slots, pos, scale, out):
         _attend(q[b:b + 1], 0, job % n_head_kv, k_pool[k], v_pool[k], pos[b] + 1, scale, out, b)
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True, cache=True, error_model="numpy")
 def swiglu(gate_up, n_ff, out):
     """out = silu(gate) * up, where gate_up [T, 2*n_ff] holds gate then up for each token."""
     T = gate_up.shape[0]

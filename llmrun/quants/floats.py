@@ -12,6 +12,23 @@ from ..ggml import GGMLType
 from .common import CHUNK_WEIGHTS
 
 
+# exponent masks of the 16-bit float kinds: an all-ones exponent is Inf or NaN
+F16_EXP, BF16_EXP = 0x7C00, 0x7F80
+_FINITE_CHUNK = 1 << 22     # elements per step of first_nonfinite (bounded temporaries)
+
+
+def first_nonfinite(a: np.ndarray, exp_mask: int | None = None) -> int | None:
+    """Flat index of the first NaN/Inf in a float array (or in 16-bit float bits, with their exponent mask:
+    F16_EXP / BF16_EXP): the engine's load checks, the converter and quantize refuse such values."""
+    flat = a.reshape(-1)
+    for start in range(0, flat.size, _FINITE_CHUNK):
+        part = flat[start:start + _FINITE_CHUNK]
+        bad = (part & exp_mask) == exp_mask if exp_mask is not None else ~np.isfinite(part)
+        if bad.any():
+            return start + int(np.argmax(bad))
+    return None
+
+
 def _chunked(x: np.ndarray, out: np.ndarray, convert) -> np.ndarray:
     """Apply convert(x_rows) -> out_rows over row chunks of at most ~CHUNK_WEIGHTS weights."""
     n_rows, n_cols = x.shape

@@ -60,6 +60,11 @@ def api_keywords(f: Fields, state: ServerState, *, chat: bool) -> dict[str, Any]
         "grammar": f.string("grammar"),
     }
     kw.update({k: v for k, v in checked.items() if v is not None})
+    other = CompletionOptions.COMPLETION_ONLY if chat else CompletionOptions.CHAT_ONLY
+    for name in other:
+        if name in kw or name in f:
+            where = "/v1/completions" if chat else "/v1/chat/completions"
+            raise RequestError(f"'{name}' applies to {where} only", param=name)
     if kw.get("seed") is not None and kw["seed"] < 0:
         kw.pop("seed")                          # -1: random, as llama.cpp
     if chat:
@@ -79,8 +84,7 @@ def api_keywords(f: Fields, state: ServerState, *, chat: bool) -> dict[str, Any]
     best_of = f.integer("best_of", None, lo=1)
     if best_of is not None and best_of != kw.get("n", 1):
         raise RequestError("'best_of' other than n is not supported", param="best_of")
-    for name in OPTION_NAMES - NOT_FROM_JSON - set(kw) - set(CompletionOptions.CHAT_ONLY if not chat else
-                                                               CompletionOptions.COMPLETION_ONLY):
+    for name in OPTION_NAMES - NOT_FROM_JSON - set(kw) - set(other):
         if name in f and name not in checked:   # e.g. llama-cpp-python's typical_p, mirostat_*: the API checks
             kw[name] = f.raw(name)
     kw["model"] = state.host.name               # the name results carry (the request's is not checked)

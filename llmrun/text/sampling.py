@@ -18,7 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import LlmrunError
+from ..errors import ArgumentTypeError, InvalidArgumentError
+from ..gguf.metadata import describe_value
 
 
 @dataclass(frozen=True)
@@ -39,16 +40,16 @@ class SamplingParams:
             try:
                 object.__setattr__(self, f.name, type(f.default)(value))
             except (TypeError, ValueError, OverflowError):
-                raise LlmrunError(f"{f.name} must be a number, got {value!r}") from None
+                raise ArgumentTypeError(f"{f.name} must be a number, got {describe_value(value)}") from None
         # ... and nonsense caught early with one readable line instead of NaNs later.
         if not np.isfinite(self.temperature):
-            raise LlmrunError(f"temperature must be a finite number, got {self.temperature}")
+            raise InvalidArgumentError(f"temperature must be a finite number, got {self.temperature}")
         if not 0.0 <= self.top_p <= 1.0 or not np.isfinite(self.top_p):
-            raise LlmrunError(f"top_p must be between 0 and 1, got {self.top_p}")
+            raise InvalidArgumentError(f"top_p must be between 0 and 1, got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0 or not np.isfinite(self.min_p):
-            raise LlmrunError(f"min_p must be between 0 and 1, got {self.min_p}")
+            raise InvalidArgumentError(f"min_p must be between 0 and 1, got {self.min_p}")
         if not self.repeat_penalty > 0 or not np.isfinite(self.repeat_penalty):
-            raise LlmrunError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+            raise InvalidArgumentError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
 
 
 # --- the individual steps. Candidates are (ids, logits) pairs so steps compose like llama.cpp's chain. ---------

@@ -7,6 +7,7 @@ token -> bytes, and an incremental UTF-8 decoder for streaming.
 """
 from __future__ import annotations
 
+import bisect
 import codecs
 import enum
 import logging
@@ -15,6 +16,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from ..errors import TokenizerError
+from ..gguf.metadata import TypedMetadata
 from .tokenizer_bpe import BpeEncoder, piece_bytes, resolve_pre
 from .tokenizer_spm import SPACE_MARK, SpmEncoder
 
@@ -48,13 +50,10 @@ FIM_EOG_TEXTS = (("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
                  ("<|file_sep|>",))
 
 
-def _as_list(value, key: str) -> list:
-    if value is None:
-        return []
-    try:
-        return list(value)
-    except TypeError:
-        raise TokenizerError(f"tokenizer: metadata {KEY}{key} is not an array") from None
+# The largest vocabularies in use hold ~260k tokens; building a tokenizer costs ~5 us and ~250 bytes per
+# token, so a file claiming millions of (tiny) tokens is refused instead of costing gigabytes and minutes.
+MAX_VOCAB = 1 << 20
+MAX_MERGES = 1 << 22
 
 
 def _as_bytes(text) -> bytes:
@@ -64,43 +63,61 @@ def _as_bytes(text) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-def _optional_id(metadata: Mapping, key: str, default: int | None, n_vocab: int) -> int | None:
-    value = metadata.get(KEY + key)
-    if value is None:
-        value = default
+def _optional_id(md: TypedMetadata, key: str, default: int | None, n_vocab: int) -> int | None:
+    value = md.get_int(KEY + key, default)
     if value is None:
         return None
-    value = int(value)
     if not 0 <= value < n_vocab:
         log.warning("tokenizer: %s%s = %d is outside the vocab (%d tokens), ignored", KEY, key, value, n_vocab)
         return default if default is not None and 0 <= default < n_vocab else None
     return value
 
 
+def _inside(ranges: list[tuple[int, int]], starts: list[int], a: int, b: int) -> bool:
+    """Is [a, b) inside one of the sorted, disjoint ranges?"""
+    i = bisect.bisect_right(starts, a) - 1
+    return i >= 0 and b <= ranges[i][1]
+
+
+def _first_ids(texts) -> dict:
+    """text -> the first id holding it (a file may list a text twice; llama.cpp refuses such files)."""
+    ids: dict = {}
+    setdefault = ids.setdefault
+    for i, t in enumerate(texts):
+        setdefault(t, i)
+    return ids
+
+
 class Tokenizer:
     """Text <-> token ids for one GGUF vocabulary (see the module docstring)."""
 
     def __init__(self, metadata: Mapping[str, object]):
-        model = metadata.get(KEY + "model")
+        md = TypedMetadata(metadata, "tokenizer", TokenizerError)
+        model = md.get_str(KEY + "model", None)
         if model is None:
             raise TokenizerError(f"tokenizer: metadata has no {KEY}model key (no vocabulary in this file)")
         if model not in ("llama", "gpt2"):
-            raise TokenizerError(f"tokenizer: unsupported {KEY}model {model!r} (supported: 'llama', 'gpt2')")
-        tokens = _as_list(metadata.get(KEY + "tokens"), "tokens")
-        if tokens and not isinstance(tokens[0], str):
-            tokens = [_as_bytes(t).decode("utf-8", "surrogateescape") for t in tokens]
+            raise TokenizerError(f"tokenizer: unsupported {KEY}model {model!r:.80} (supported: 'llama', 'gpt2')")
+        raw_tokens = metadata.get(KEY + "tokens")
+        if isinstance(raw_tokens, list) and all(isinstance(t, (bytes, bytearray)) for t in raw_tokens):
+            raw_tokens = [_as_bytes(t).decode("utf-8", "surrogateescape") for t in raw_tokens]
+            metadata = {**metadata, KEY + "tokens": raw_tokens}
+            md = TypedMetadata(metadata, "tokenizer", TokenizerError)
+        tokens = md.get_array(KEY + "tokens", "str", [])
         if not tokens:
             raise TokenizerError(f"tokenizer: metadata has no {KEY}tokens")
         n = len(tokens)
-        types_raw = metadata.get(KEY + "token_type")
-        types = np.asarray(types_raw, dtype=np.int64).ravel().tolist() if types_raw is not None else []
-        if types and len(types) < n:
-            raise TokenizerError(f"tokenizer: {KEY}token_type has {len(types)} entries for {n} tokens")
-        types = types[:n] if types else [TokenType.NORMAL] * n
+        if n > MAX_VOCAB:
+            raise TokenizerError(f"tokenizer: {KEY}tokens holds {n} tokens, more than the {MAX_VOCAB} supported")
+        types_raw = md.get_array(KEY + "token_type", "int", None)
+        if types_raw is not None and len(types_raw) < n:
+            raise TokenizerError(f"tokenizer: {KEY}token_type has {len(types_raw)} entries for {n} tokens")
+        types = types_raw[:n].astype(np.int64).tolist() if types_raw is not None else [TokenType.NORMAL] * n
         self.model: str = model
         self.tokens: list[str] = tokens
         self.token_types: list[int] = types
         self.n_vocab: int = n
+        # kept as found: rendering refuses a template that is not a string (ChatTemplateError)
         self.chat_template: str | None = metadata.get("tokenizer.chat_template")
 
         spm = model == "llama"
@@ -108,40 +125,42 @@ class Tokenizer:
             pre = None
             default_bos, default_eos, default_unk, add_bos, self.add_space_prefix = 1, 2, 0, True, True
         else:
-            pre = resolve_pre(metadata.get(KEY + "pre"))
+            pre = resolve_pre(md.get_str(KEY + "pre", None))
             default_bos = None if pre.no_bos else 11
             default_eos, default_unk, add_bos, self.add_space_prefix = 11, None, pre.add_bos, False
-        self.pre: str | None = metadata.get(KEY + "pre")
-        self.add_space_prefix = bool(metadata.get(KEY + "add_space_prefix", self.add_space_prefix))
-        self.bos_id = _optional_id(metadata, "bos_token_id", default_bos, n)
-        self.eos_id = _optional_id(metadata, "eos_token_id", default_eos, n)
-        self.unk_id = _optional_id(metadata, "unknown_token_id", default_unk, n)
-        self.pad_id = _optional_id(metadata, "padding_token_id", None, n)
-        self.add_bos: bool = bool(metadata.get(KEY + "add_bos_token", add_bos))
-        self.add_eos: bool = bool(metadata.get(KEY + "add_eos_token", False))
+        self.pre: str | None = md.get_str(KEY + "pre", None)
+        self.add_space_prefix = md.get_bool(KEY + "add_space_prefix", self.add_space_prefix)
+        self.bos_id = _optional_id(md, "bos_token_id", default_bos, n)
+        self.eos_id = _optional_id(md, "eos_token_id", default_eos, n)
+        self.unk_id = _optional_id(md, "unknown_token_id", default_unk, n)
+        self.pad_id = _optional_id(md, "padding_token_id", None, n)
+        self.add_bos: bool = md.get_bool(KEY + "add_bos_token", add_bos)
+        self.add_eos: bool = md.get_bool(KEY + "add_eos_token", False)
         if self.add_bos and self.bos_id is None:
             raise TokenizerError(f"tokenizer: {KEY}add_bos_token is true but there is no BOS token id")
         if self.add_eos and self.eos_id is None:
             raise TokenizerError(f"tokenizer: {KEY}add_eos_token is true but there is no EOS token id")
 
         # first id wins when a text appears twice (llama.cpp refuses such files)
-        self._token_to_id: dict[str, int] = {t: i for i, t in reversed(list(enumerate(tokens)))}
-        self._find_end_tokens(metadata)
+        self._token_to_id: dict[str, int] = _first_ids(tokens)
+        self._find_end_tokens(md)
         self._special_pieces = self._special_cache()
 
         if spm:
-            scores_raw = metadata.get(KEY + "scores")
-            scores = (np.asarray(scores_raw, dtype=np.float64).ravel().tolist()
-                      if scores_raw is not None else [0.0] * n)
-            if len(scores) < n:
-                raise TokenizerError(f"tokenizer: {KEY}scores has {len(scores)} entries for {n} tokens")
-            byte_ids = {_as_bytes(t): i for i, t in reversed(list(enumerate(tokens)))}
+            scores_raw = md.get_array(KEY + "scores", "float", None, finite=False)
+            if scores_raw is not None and len(scores_raw) < n:
+                raise TokenizerError(f"tokenizer: {KEY}scores has {len(scores_raw)} entries for {n} tokens")
+            scores = scores_raw[:n].astype(np.float64).tolist() if scores_raw is not None else [0.0] * n
+            byte_ids = _first_ids([_as_bytes(t) for t in tokens])
             self._encoder = SpmEncoder(byte_ids, scores, self.unk_id)
         else:
-            merges = metadata.get(KEY + "merges")
+            merges = md.get_array(KEY + "merges", "str", None)
             if merges is None:
                 raise TokenizerError(f"tokenizer: a 'gpt2' vocabulary needs {KEY}merges, the file has none")
-            self._encoder = BpeEncoder(tokens, _as_list(merges, "merges"), pre)
+            if len(merges) > MAX_MERGES:
+                raise TokenizerError(f"tokenizer: {KEY}merges holds {len(merges)} merges, more than the "
+                                     f"{MAX_MERGES} supported")
+            self._encoder = BpeEncoder(tokens, merges, pre)
         self._pieces: dict[tuple[int, bool], bytes] = {}
 
     @classmethod
@@ -149,13 +168,13 @@ class Tokenizer:
         return cls(metadata)
 
     # --- special tokens ---------------------------------------------------------------------
-    def _find_end_tokens(self, metadata: Mapping) -> None:
+    def _find_end_tokens(self, md: TypedMetadata) -> None:
         """EOT and the end-of-generation set, as llama.cpp derives them (ids and token texts)."""
         n, types, lookup = self.n_vocab, self.token_types, self._token_to_id
         by_text: set[int] = set()  # found by their text: llama.cpp makes these control tokens
 
         def detect(key: str | None, texts: Sequence[str]) -> int | None:
-            tid = _optional_id(metadata, key, None, n) if key else None
+            tid = _optional_id(md, key, None, n) if key else None
             if tid is None:
                 tid = next((lookup[t] for t in texts if t in lookup), None)
                 if tid is not None:
@@ -183,27 +202,63 @@ class Tokenizer:
         return found
 
     # --- encode -----------------------------------------------------------------------------
-    def _partition(self, text: bytes, special: bool) -> list[bytes | int]:
-        """Split on special tokens (llama.cpp tokenizer_st_partition); user-defined ones always."""
-        parts: list[bytes | int] = [text]
+    def _partition(self, text: bytes, special: bool | list[tuple[int, int]]) -> list[bytes | int]:
+        """Split on special tokens (llama.cpp tokenizer_st_partition); user-defined ones always.
+
+        special: True/False, or the sorted (start, end) byte ranges of `text` in which control tokens may
+        be recognised (a token is taken only if it lies wholly inside one range)."""
+        if special is True:
+            special = [(0, len(text))]
+        allowed = special or []
+        starts = [a for a, _ in allowed]
+        parts: list[tuple[bytes, int] | int] = [(text, 0)]
         for piece, tid, ttype in self._special_pieces:
-            if not special and ttype != TokenType.USER_DEFINED:
+            anywhere = ttype == TokenType.USER_DEFINED
+            if not anywhere and not allowed:
                 continue
-            if not any(isinstance(p, bytes) and piece in p for p in parts):
+            if not any(not isinstance(p, int) and piece in p[0] for p in parts):
                 continue
-            new: list[bytes | int] = []
+            new: list[tuple[bytes, int] | int] = []
             for p in parts:
-                if isinstance(p, int) or piece not in p:
+                if isinstance(p, int) or piece not in p[0]:
                     new.append(p)
                     continue
-                chunks = p.split(piece)
-                for k, chunk in enumerate(chunks):
-                    if k:
+                data, offset = p
+                start = search = 0
+                while (k := data.find(piece, search)) >= 0:
+                    if anywhere or _inside(allowed, starts, offset + k, offset + k + len(piece)):
+                        if k > start:
+                            new.append((data[start:k], offset + start))
                         new.append(tid)
-                    if chunk:
-                        new.append(chunk)
+                        start = search = k + len(piece)
+                    else:
+                        search = k + 1
+                if start < len(data):
+                    new.append((data[start:], offset + start))
             parts = new
-        return parts
+        return [p if isinstance(p, int) else p[0] for p in parts]
+
+    def special_ids(self, text: str | bytes) -> list[int]:
+        """The control/unknown tokens `encode(text, special=True)` would parse in text, in order (user-defined
+        tokens are left out: they are recognised in any text anyway)."""
+        raw = text if isinstance(text, bytes) else text.encode("utf-8", "replace")
+        if not raw:
+            return []
+        return [p for p in self._partition(raw, True)
+                if isinstance(p, int) and self.token_types[p] != TokenType.USER_DEFINED]
+
+    def encode_segments(self, segments: Sequence[tuple[str | bytes, bool]]) -> list[int]:
+        """Token ids of the joined segment texts (no BOS/EOS added), control tokens parsed only inside the
+        segments marked True. The text between control tokens is encoded as one piece, exactly as
+        encode(joined, special=True) would when the other segments hold no control-token text."""
+        raw_parts, allowed, pos = [], [], 0
+        for text, parse_special in segments:
+            raw = text if isinstance(text, bytes) else text.encode("utf-8", "replace")
+            if parse_special and raw:
+                allowed.append((pos, pos + len(raw)))
+            raw_parts.append(raw)
+            pos += len(raw)
+        return self._encode_text(b"".join(raw_parts), allowed, self.add_space_prefix)
 
     def encode(self, text: str | bytes, add_bos: bool | None = None, special: bool = False) -> list[int]:
         """Token ids of ``text``.
@@ -232,7 +287,8 @@ class Tokenizer:
         raw = text if isinstance(text, bytes) else text.encode("utf-8", "replace")
         return self._encode_text(raw, special, False)
 
-    def _encode_text(self, raw: bytes, special: bool, space_prefix: bool) -> list[int]:
+    def _encode_text(self, raw: bytes, special: bool | list[tuple[int, int]], space_prefix: bool) -> list[int]:
+        """special: as _partition takes it (True/False, or the byte ranges where control tokens count)."""
         out: list[int] = []
         parts = self._partition(raw, special) if raw else []
         prev_special = True  # SentencePiece prefixes a space to text that starts a fragment run

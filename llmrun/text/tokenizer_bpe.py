@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..errors import TokenizerError
+from ..errors import TokenizerError, is_library_failure, one_line
 
 log = logging.getLogger("llmrun.tokenizer")
 
@@ -184,20 +184,21 @@ class BpeEncoder:
         from tokenizers import Regex, Tokenizer
         from tokenizers import models, pre_tokenizers
 
-        vocab = {t: i for i, t in reversed(list(enumerate(tokens)))}  # first id wins for duplicates
-        pairs = [split_merge(m) for m in merges]
+        vocab: dict[str, int] = {}
+        for i, t in enumerate(tokens):
+            vocab.setdefault(t, i)  # first id wins for duplicates
+        # Only merges whose parts and result are tokens: tokenizers accepts the others but panics when one
+        # applies (llama.cpp could use such a merge as an intermediate step; real vocabularies do not need that).
+        pairs = [p for p in map(split_merge, merges)
+                 if p and p[0] in vocab and p[1] in vocab and p[0] + p[1] in vocab]
         try:
-            model = models.BPE(vocab=vocab, merges=[p for p in pairs if p],
-                               ignore_merges=pre.ignore_merges, fuse_unk=False, byte_fallback=False)
-        except Exception:
-            # tokenizers rejects merges whose parts or result are not tokens; llama.cpp could only
-            # use such a merge as an intermediate step, which real vocabularies do not need.
-            pairs = [p for p in pairs if p and p[0] in vocab and p[1] in vocab and p[0] + p[1] in vocab]
-            try:
-                model = models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre.ignore_merges,
-                                   fuse_unk=False, byte_fallback=False)
-            except Exception as e:  # tokenizers raises its own exception types
-                raise TokenizerError(f"tokenizer: cannot build the BPE model from the GGUF vocab: {e}") from e
+            model = models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre.ignore_merges,
+                               fuse_unk=False, byte_fallback=False)
+        except BaseException as e:  # tokenizers' own exception types, or a Rust panic
+            if not is_library_failure(e):
+                raise
+            raise TokenizerError(f"tokenizer: cannot build the BPE model from the GGUF vocab: {one_line(e)}") \
+                from None
         tk = Tokenizer(model)
         try:
             steps = [pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False)
@@ -211,5 +212,10 @@ class BpeEncoder:
     def encode(self, text: bytes) -> list[int]:
         if not text:
             return []
-        # llama.cpp replaces invalid UTF-8 by U+FFFD before splitting
-        return self._tk.encode(text.decode("utf-8", "replace"), add_special_tokens=False).ids
+        try:
+            # llama.cpp replaces invalid UTF-8 by U+FFFD before splitting
+            return self._tk.encode(text.decode("utf-8", "replace"), add_special_tokens=False).ids
+        except BaseException as e:
+            if not is_library_failure(e):
+                raise
+            raise TokenizerError(f"tokenizer: the BPE vocabulary cannot encode this text: {one_line(e)}") from None

@@ -17,6 +17,7 @@ from ..gguf.writer import check_output_path
 from ..ggml import GGML_QUANT_VERSION
 from ..quants import quantize
 from ..quants.mixes import parse_file_type, plan_tensor_types
+from ..quants.floats import first_nonfinite
 from ..tensors import tensor_to_float32
 
 # How `progress` is told about each tensor: (index from 0, total, name, chosen type).
@@ -24,12 +25,14 @@ Progress = Callable[[int, int, str, GGMLType], None]
 
 
 def _hparam(r: GGUFReader, arch: str, name: str, default=None) -> int:
-    v = r.get(f"{arch}.{name}", default)
+    key = f"{arch}.{name}"
+    v = r.get(key, default)
     if v is None:
-        raise LlmrunError(f"{r.path}: missing metadata {arch}.{name}, needed to choose tensor types")
+        raise LlmrunError(f"{r.path}: missing metadata {key}, needed to choose tensor types")
     if isinstance(v, np.ndarray):  # per-layer arrays: the mix rules only need one representative value
-        v = int(v.max()) if v.size else 0
-    return int(v)
+        v = r.get_array(key, "int")
+        return int(v.max()) if v.size else 0
+    return r.get_int(key, default, lo=0)
 
 
 def requantize(in_path, out_path, file_type, *, overwrite: bool = False,
@@ -85,6 +88,8 @@ def _converter(ti, target: GGMLType, progress: Progress | None, i: int, n: int):
         if ti.ggml_type == target:  # llama.cpp copies tensors already of the target type
             return ti.data  # zero-copy view of the input's bytes
         x = tensor_to_float32(ti)
+        if first_nonfinite(x) is not None:
+            raise LlmrunError(f"tensor {ti.name} holds NaN or Inf values; refusing to quantize it")
         if target == GGMLType.F32:
             return x
         return quantize(x.reshape(-1, ti.shape[-1]), target)
