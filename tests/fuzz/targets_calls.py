@@ -75,8 +75,11 @@ def _cli_case(rng, env):
             return ["perplexity", rng.choice([env["model"], env["bad_model"]]), "-f",
                     rng.choice([str(wd / "t.txt"), str(wd / "none.txt"), str(wd)]), "--ctx",
                     rng.choice(["4", "16", "3", "x", "100000"])]
-        return rng.choice([["--bogus"], ["run"], ["info"], ["quantize", "a"], ["convert"], ["serve"], [],
-                           ["run", "-p"], ["chat", "--temp"], ["--version"], ["-h"]])
+        return rng.choice([["--bogus"], ["run"], ["info"], ["quantize", "a"], ["convert"], [],
+                           ["run", "-p"], ["chat", "--temp"], ["--version"], ["-h"],
+                           # serve exists (issue 13): only arguments it refuses before serving
+                           ["serve", "--port", "x"], ["serve", "--parallel", "0"], ["serve", "--max-body", "1"],
+                           ["serve", str(wd / "none.gguf"), "--port", "0"], ["serve", env["bad_model"], "--port", "0"]])
 
     if kind in ("quantize", "convert"):
         outputs = ("out.gguf",)
