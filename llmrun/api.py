@@ -315,7 +315,9 @@ class Llama:
             n -= 1                       # the last token must be evaluated again to get its logits
         try:
             if n < model.n_past:
-                model.truncate(n)
+                kept = model.truncate(n)
+                if isinstance(kept, int) and kept < n:
+                    n = kept             # a sliding-window cache could not keep that prefix: evaluate it again
             self._cached = self._cached[:n]
             logits = None
             for i in range(n, len(tokens), _PROMPT_CHUNK):
