@@ -21,9 +21,9 @@ from .jsonfile import read_json_object
 from .checkpoint import SafetensorsFile, TensorEntry, bf16_bits_to_f32
 from .names import gguf_name
 
-# HF module names LoRA may target in a LLaMA model (as PEFT target_modules suffixes)
+# HF module names LoRA may target (as PEFT target_modules suffixes); Phi-3 fuses qkv_proj and gate_up_proj
 KNOWN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                 "lm_head", "embed_tokens")
+                 "qkv_proj", "gate_up_proj", "lm_head", "embed_tokens")
 
 # adapter_config.json switches that change what merging means; we refuse rather than merge wrongly
 _UNSUPPORTED_FLAGS = {
@@ -71,8 +71,9 @@ class _Pair:
 class LoraAdapter:
     """One PEFT adapter folder, validated; `apply(hf_weight_name, w)` merges it into a float32 weight."""
 
-    def __init__(self, adapter_dir: str | Path, user_scale: float = 1.0):
+    def __init__(self, adapter_dir: str | Path, user_scale: float = 1.0, arch: str = "llama"):
         self.dir = Path(adapter_dir)
+        self.arch = arch   # the base's GGUF architecture: names the weights an adapter may target
         self.user_scale = float(user_scale)
         if not math.isfinite(self.user_scale):
             raise ConvertError(f"{self.dir}: LoRA scale must be a finite number")
@@ -105,7 +106,7 @@ class LoraAdapter:
             if cfg.get(flag):
                 raise ConvertError(f"{path}: {what} are not supported")
         if cfg.get("bias", "none") != "none":
-            raise ConvertError(f"{path}: bias={cfg['bias']!r} is not supported (LLaMA layers have no bias)")
+            raise ConvertError(f"{path}: bias={cfg['bias']!r} is not supported (only LoRA matrices are merged)")
         for key in ("r", "lora_alpha"):
             v = cfg.get(key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
@@ -117,7 +118,7 @@ class LoraAdapter:
         if isinstance(targets, list):
             unknown = [t for t in targets if t.rsplit(".", 1)[-1] not in KNOWN_MODULES]
             if unknown:
-                raise ConvertError(f"{path}: target module {unknown[0]!r} is not a LLaMA linear layer "
+                raise ConvertError(f"{path}: target module {unknown[0]!r} is not a linear layer we know "
                                    f"(known: {', '.join(KNOWN_MODULES)})")
         for m in cfg.get("modules_to_save") or []:
             if m.rsplit(".", 1)[-1] not in ("lm_head", "embed_tokens"):
@@ -176,12 +177,12 @@ class LoraAdapter:
 
     def _known_target(self, hf_weight: str, key: str) -> None:
         try:
-            g = gguf_name(hf_weight)
+            g = gguf_name(hf_weight, self.arch)
         except ConvertError:
             g = None
         if g is None or g.endswith("_norm.weight"):
             raise ConvertError(f"{self.file.path}: tensor {key} targets {hf_weight[:-7]!r}, which is not a "
-                               "LLaMA weight matrix")
+                               f"weight matrix of a {self.arch} model")
 
     # -- validation against the base -----------------------------------------------------------------------
     def validate(self, base_shapes: dict[str, tuple[int, ...]], n_layer: int) -> None:

@@ -29,7 +29,8 @@ class Arch:
     post_norms: bool = False           # post_attention_norm / post_ffw_norm on each sub-block's output
     embed_scale_sqrt: bool = False     # input embeddings times sqrt(n_embd)
     output_tensor: bool = True         # output.weight may be present (else always tied to token_embd)
-    softcaps: bool = False             # attn_logit_softcapping / final_logit_softcapping keys are read
+    # attn_logit_softcapping / final_logit_softcapping are read, with these defaults (None: never soft-capped)
+    softcaps: tuple[float, float] | None = None
     # sliding-window attention: with a window, layer il slides iff il % swa_period < swa_period - 1
     # (0: every layer slides); default_window applies when the file declares none (0: no window)
     swa_period: int = 0
@@ -41,8 +42,16 @@ class Arch:
 
 
 LLAMA = Arch("llama")
+QWEN2 = Arch("qwen2", rope="neox", qkv_bias="required")
+QWEN3 = Arch("qwen3", rope="neox", qk_norm=True)
+PHI3 = Arch("phi3", rope="neox", rope_full_width=False, rope_factors="longrope", qkv_fused=True, gate_up_fused=True)
+_GEMMA = dict(rope="neox", activation="gelu_tanh", post_norms=True, embed_scale_sqrt=True)
+GEMMA2 = Arch("gemma2", output_tensor=False, softcaps=(50.0, 30.0), swa_period=2, default_window=4096,
+              scale_by_embd_per_head_at=(46,), **_GEMMA)
+GEMMA3 = Arch("gemma3", qk_norm=True, softcaps=(0.0, 0.0), swa_period=6, swa_rope_base=10000.0,
+              scale_by_embd_per_head_at=(62,), **_GEMMA)
 
-ARCHS: dict[str, Arch] = {a.name: a for a in (LLAMA,)}
+ARCHS: dict[str, Arch] = {a.name: a for a in (LLAMA, QWEN2, QWEN3, PHI3, GEMMA2, GEMMA3)}
 
 
 def supported() -> str:

@@ -173,9 +173,9 @@ def _read_relatives(m: _Meta, hp: HParams, path) -> None:
         p = arch.swa_period
         hp.swa_layers = [p == 0 or il % p < p - 1 for il in range(hp.n_layer)]
     hp.rope_base_swa = m.get("rope.freq_base_swa", float, arch.swa_rope_base or hp.rope_base)
-    if arch.softcaps:
-        hp.attn_softcap = m.get("attn_logit_softcapping", float, 0.0)
-        hp.final_softcap = m.get("final_logit_softcapping", float, 0.0)
+    if arch.softcaps is not None:
+        hp.attn_softcap = m.get("attn_logit_softcapping", float, arch.softcaps[0])
+        hp.final_softcap = m.get("final_logit_softcapping", float, arch.softcaps[1])
     if m.has("attention.scale"):
         hp.attn_scale = m.get("attention.scale", float)
     elif hp.n_layer in arch.scale_by_embd_per_head_at:
