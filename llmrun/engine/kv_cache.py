@@ -32,6 +32,11 @@ class LayerCache:
         return self.k.shape[2]
 
     @property
+    def max_batch(self) -> int | None:
+        """Most tokens one forward may write (None: no limit) so that no query loses a key it needs."""
+        return self.capacity - self.window + 1 if self.ring else None
+
+    @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 

@@ -24,7 +24,7 @@ from ..kernels import ops
 from ..kernels.qmatmul import dequantize_rows, matmul, matvec
 from ..kernels.repack import PackedMatrix
 from .hparams import HParams, LlamaHParams, read_hparams  # noqa: F401  (LlamaHParams: the older name)
-from .kv_cache import RING_BATCH, LayerCache
+from .kv_cache import LayerCache
 from .rope import Rope
 from .weights import Weights, fixed_mmap_threshold, trim_heap
 
@@ -122,7 +122,7 @@ class LlamaModel:
         self.weights_nbytes = sum(p.nbytes for p in mats)   # repacked weights held in memory
         self.kv_nbytes = sum(L.cache.nbytes for L in self.layers)  # reserved (committed as used)
         # forwards longer than a ring's spare room run in batches (kv_cache.py)
-        self._max_batch = RING_BATCH if any(L.cache.ring for L in self.layers) else None
+        self._max_batch = min((L.cache.max_batch for L in self.layers if L.cache.ring), default=None)
         trim_heap()
         self.load_seconds = time.perf_counter() - t0
         return self

@@ -1,0 +1,166 @@
+"""The LLaMA relatives end to end on tiny random checkpoints built here with transformers: `llmrun convert`
+(names, keys and value types against gguf-py's own tables and writer), then the engine against transformers'
+float32 logits on the same checkpoint (f32 file) or on the file's own dequantized weights (quantized file),
+token-by-token decode against prefill, sliding-window ring buffers and prefix reuse, LoRA merges."""
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+
+import gguf  # dev dependency: a missing one must fail, not skip
+from helpers.tiny_hf import hf_logits, make_lora, mean_kl, merged_reference
+from helpers.tiny_relatives import GGUF_ARCH, as_multimodal, hf_model, make_tiny, reference_from_gguf
+from llmrun.convert import convert_checkpoint
+from llmrun.engine import kv_cache
+from llmrun.engine.model import LlamaModel
+from llmrun.errors import ModelError
+from llmrun.gguf import GGUFReader
+
+warnings.filterwarnings("ignore", category=UserWarning)
+
+_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+             "short_factor": [1.0, 1.3, 1.7, 2.1], "long_factor": [1.5, 2.5, 4.0, 6.0],
+             "original_max_position_embeddings": 32}
+_GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+CASES = {
+    # name: (HF class, tokenizer, config) -- windows (8) shorter than the 40-token prompts
+    "qwen2_tied_biases": ("Qwen2ForCausalLM", "bpe-qwen2", dict(tie_word_embeddings=True)),
+    "qwen3_head_dim_qk_norm": ("Qwen3ForCausalLM", "bpe-qwen2", dict(head_dim=32, tie_word_embeddings=False)),
+    "mistral_window": ("MistralForCausalLM", "spm", dict(sliding_window=8)),
+    "phi3_longrope_partial_rotary": ("Phi3ForCausalLM", "phi3", dict(max_position_embeddings=128,
+                                     original_max_position_embeddings=32, rope_parameters=_LONGROPE)),
+    "phi3_mha_window_tied": ("Phi3ForCausalLM", "phi3", dict(num_key_value_heads=4, sliding_window=8,
+                                                             tie_word_embeddings=True)),
+    "gemma2_softcaps_windows": ("Gemma2ForCausalLM", "gemma", dict(
+        head_dim=32, num_hidden_layers=4, sliding_window=8, query_pre_attn_scalar=32,
+        attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+    "gemma3_local_global": ("Gemma3ForCausalLM", "gemma", dict(
+        head_dim=32, num_hidden_layers=7, sliding_window=8, query_pre_attn_scalar=24, rope_parameters=_GEMMA3_ROPE)),
+    "gemma3_layer_types_untied": ("Gemma3ForCausalLM", "gemma", dict(
+        head_dim=16, num_hidden_layers=3, num_key_value_heads=1, sliding_window=8, tie_word_embeddings=False,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], final_logit_softcapping=4.0)),
+}
+N_TOKENS = 40
+
+
+def _prompt(n, vocab, seed=1):
+    return [int(t) for t in np.random.default_rng(seed).integers(3, vocab, n)]
+
+
+def _load(path, n_ctx=512):
+    with GGUFReader(path) as r:
+        return LlamaModel.load(r, n_ctx=n_ctx)
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request, tmp_path_factory, llama2_tokenizer_model):
+    hf_arch, tokenizer, config = CASES[request.param]
+    d = make_tiny(tmp_path_factory.mktemp("hf") / request.param, hf_arch, tokenizer=tokenizer,
+                  spm_model=llama2_tokenizer_model, seed=list(CASES).index(request.param), **config)
+    f32 = convert_checkpoint(d, tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf", out_type="f32")
+    model = hf_model(d)
+    ids = _prompt(N_TOKENS, model.config.vocab_size)
+    return dict(name=request.param, hf_arch=hf_arch, dir=d, f32=f32, model=model, ids=ids,
+                ref=hf_logits(model, ids))
+
+
+def test_f32_logits_match_transformers(case):
+    ids, ref = case["ids"], case["ref"]
+    m = _load(case["f32"])
+    ours = m.forward(ids, all_logits=True)
+    kl = mean_kl(ref, ours)
+    assert kl <= 1e-5, kl
+    assert (ref.argmax(-1) == ours.argmax(-1)).all()
+    # the last tokens again, one at a time (decode kernels, ring slots)
+    m.truncate(N_TOKENS - 8)
+    dec = np.stack([m.forward([t]) for t in ids[-8:]])
+    np.testing.assert_allclose(dec, ours[-8:], rtol=0, atol=2e-4 * np.abs(ours).max())
+    assert mean_kl(ref[-8:], dec) <= 1e-5
+
+
+def test_q8_0_matches_transformers_on_its_weights(case, tmp_path):
+    q8 = convert_checkpoint(case["dir"], tmp_path / "q8.gguf", out_type="q8_0")
+    ref = hf_logits(reference_from_gguf(case["dir"], q8), case["ids"])
+    ours = _load(q8).forward(case["ids"], all_logits=True)
+    assert mean_kl(ref, ours) <= 1e-4
+    assert (ref.argmax(-1) == ours.argmax(-1)).mean() >= 0.97
+
+
+# keys llama.cpp reads, with the type gguf-py's own writer gives them
+_WRITER_CALLS = {
+    "block_count": ("add_block_count", 1), "context_length": ("add_context_length", 1),
+    "embedding_length": ("add_embedding_length", 1), "feed_forward_length": ("add_feed_forward_length", 1),
+    "attention.head_count": ("add_head_count", 1), "attention.head_count_kv": ("add_head_count_kv", 1),
+    "rope.freq_base": ("add_rope_freq_base", 1.0), "attention.layer_norm_rms_epsilon": ("add_layer_norm_rms_eps", 1.0),
+    "attention.key_length": ("add_key_length", 1), "attention.value_length": ("add_value_length", 1),
+    "vocab_size": ("add_vocab_size", 1), "rope.dimension_count": ("add_rope_dimension_count", 1),
+    "attention.sliding_window": ("add_sliding_window", 1),
+    "attention.sliding_window_pattern": ("add_sliding_window_pattern", [True, False]),
+    "attn_logit_softcapping": ("add_attn_logit_softcapping", 1.0),
+    "final_logit_softcapping": ("add_final_logit_softcapping", 1.0),
+    "attention.scale": ("add_attention_scale", 1.0), "rope.freq_base_swa": ("add_rope_freq_base_swa", 1.0),
+    "rope.scaling.type": ("add_rope_scaling_type", gguf.RopeScalingType.LINEAR),
+    "rope.scaling.factor": ("add_rope_scaling_factor", 1.0),
+    "rope.scaling.original_context_length": ("add_rope_scaling_orig_ctx_len", 1),
+    "rope.scaling.attn_factor": ("add_rope_scaling_attn_factors", 1.0),
+}
+
+
+def _gguf_py_types(arch: str) -> dict[str, tuple]:
+    w = gguf.GGUFWriter(None, arch)
+    for method, value in _WRITER_CALLS.values():
+        getattr(w, method)(value)
+    # arrays: gguf-py picks the element type from the values when it writes them
+    return {k: (v.type, v.sub_type or (gguf.GGUFValueType.get_type(v.value[0]) if v.type == gguf.GGUFValueType.ARRAY
+                                      else None)) for k, v in w.kv_data[0].items()}
+
+
+def test_file_as_llama_cpp_names_it(case):
+    r = gguf.GGUFReader(str(case["f32"]))
+    arch = GGUF_ARCH[case["hf_arch"]]
+    assert r.fields["general.architecture"].contents() == arch
+    cfg = case["model"].config
+    # tensor names: gguf-py's map of the HF model's own parameters (lm_head only when untied)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
+    want = {names.get_name(n, try_suffixes=(".weight", ".bias"))
+            for n in case["model"].state_dict() if not (n == "lm_head.weight" and cfg.tie_word_embeddings)}
+    rope = cfg.rope_parameters if isinstance(getattr(cfg, "rope_parameters", None), dict) else {}
+    if rope.get("rope_type") == "longrope":
+        want |= {"rope_factors_short.weight", "rope_factors_long.weight"}
+        np.testing.assert_array_equal(r.get_tensor(
+            [t.name for t in r.tensors].index("rope_factors_long.weight")).data, np.float32(rope["long_factor"]))
+    assert {t.name for t in r.tensors} == want
+    known = {gguf.TENSOR_NAMES[k].format(bid=i) for k in gguf.constants.MODEL_TENSORS[gguf.MODEL_ARCH[arch.upper()]]
+             for i in range(cfg.num_hidden_layers)}
+    assert {t.name.rsplit(".", 1)[0] for t in r.tensors} <= known
+    # every key under the architecture is one llama.cpp knows, typed as gguf-py writes it
+    types = _gguf_py_types(arch)
+    for key, field in r.fields.items():
+        if key.startswith(arch + "."):
+            assert key in types, key
+            sub = gguf.GGUFValueType(field.types[1]) if len(field.types) > 1 else None
+            assert (gguf.GGUFValueType(field.types[0]), sub) == types[key], key
+
+    def kv(key, default=None):
+        f = r.fields.get(f"{arch}.{key}")
+        return default if f is None else f.contents()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert kv("attention.key_length") == head_dim
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None) or ["sliding_attention"] * cfg.num_hidden_layers
+    if window and "sliding_attention" in layer_types:
+        assert kv("attention.sliding_window") == window
+    if arch == "phi3":
+        assert kv("rope.dimension_count") == int(head_dim * rope.get("partial_rotary_factor", 1.0))
+        assert kv("rope.scaling.original_context_length") == cfg.original_max_position_embeddings
+    if arch.startswith("gemma"):
+        assert r.fields["tokenizer.ggml.add_space_prefix"].contents() is False
+        assert kv("final_logit_softcapping", 0.0) == pytest.approx(cfg.final_logit_softcapping or 0.0)
+        assert kv("attn_logit_softcapping", 0.0) == pytest.approx(cfg.attn_logit_softcapping or 0.0)
+        scale = kv("attention.scale", cfg.head_dim ** -0.5)
+        assert scale == pytest.approx(cfg.query_pre_attn_scalar ** -0.5)
