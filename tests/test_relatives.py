@@ -4,8 +4,6 @@ float32 logits on the same checkpoint (f32 file) or on the file's own dequantize
 token-by-token decode against prefill, sliding-window ring buffers and prefix reuse, LoRA merges."""
 from __future__ import annotations
 
-import json
-import shutil
 import warnings
 
 import numpy as np
@@ -15,7 +13,6 @@ import gguf  # dev dependency: a missing one must fail, not skip
 from helpers.tiny_hf import hf_logits, make_lora, mean_kl, merged_reference
 from helpers.tiny_relatives import GGUF_ARCH, as_multimodal, hf_model, make_tiny, reference_from_gguf
 from llmrun.convert import convert_checkpoint
-from llmrun.engine import kv_cache
 from llmrun.engine.model import LlamaModel
 from llmrun.errors import ModelError
 from llmrun.gguf import GGUFReader
@@ -164,3 +161,84 @@ def test_file_as_llama_cpp_names_it(case):
         assert kv("attn_logit_softcapping", 0.0) == pytest.approx(cfg.attn_logit_softcapping or 0.0)
         scale = kv("attention.scale", cfg.head_dim ** -0.5)
         assert scale == pytest.approx(cfg.query_pre_attn_scalar ** -0.5)
+
+
+def test_gemma3_conditional_generation_converts_its_text_model(tmp_path):
+    """Gemma3ForConditionalGeneration: the text config and model.language_model.* tensors give the same file
+    as the text-only class; vision tensors are left out."""
+    text = make_tiny(tmp_path / "text", "Gemma3ForCausalLM", tokenizer="gemma", seed=12, head_dim=16,
+                     num_hidden_layers=2, sliding_window=8, query_pre_attn_scalar=16)
+    multi = as_multimodal(text, tmp_path / "multi")
+    a = gguf.GGUFReader(str(convert_checkpoint(text, tmp_path / "text.gguf", out_type="f32")))
+    b = gguf.GGUFReader(str(convert_checkpoint(multi, tmp_path / "multi.gguf", out_type="f32")))
+    assert [t.name for t in a.tensors] == [t.name for t in b.tensors]
+    for ta, tb in zip(a.tensors, b.tensors):
+        np.testing.assert_array_equal(ta.data, tb.data, err_msg=ta.name)
+    fields = lambda r: {k: f.contents() for k, f in r.fields.items() if k != "general.name" and
+                        not k.startswith("GGUF.")}
+    assert fields(a) == fields(b)
+
+
+# LoRA on each family's own module names: fused (Phi-3's qkv_proj, gate_up_proj), biased (Qwen2's q/k/v),
+# and Gemma's norm-shifted neighbours; the reference is PEFT's own merge_and_unload
+LORA_CASES = {
+    "phi3_fused": ("Phi3ForCausalLM", "phi3", dict(), ("qkv_proj", "gate_up_proj", "o_proj", "down_proj")),
+    "qwen2_biased": ("Qwen2ForCausalLM", "bpe-qwen2", dict(), ("q_proj", "k_proj", "v_proj", "o_proj")),
+    "gemma3_all": ("Gemma3ForCausalLM", "gemma", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=16),
+                   ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+}
+
+
+@pytest.mark.parametrize("name", list(LORA_CASES))
+def test_lora_merges_into_each_family(name, tmp_path, llama2_tokenizer_model):
+    hf_arch, tokenizer, config, targets = LORA_CASES[name]
+    base = make_tiny(tmp_path / "base", hf_arch, tokenizer=tokenizer, spm_model=llama2_tokenizer_model, seed=13,
+                     **config)
+    adapter = make_lora(base, tmp_path / "lora", targets=targets, steps=2)
+    out = convert_checkpoint(base, tmp_path / "merged.gguf", out_type="f32", loras=[(adapter, 0.7)])
+    ref_model = merged_reference(base, [(adapter, 0.7)])
+    ids = _prompt(24, ref_model.config.vocab_size, seed=14)
+    ref, ours = hf_logits(ref_model, ids), _load(out).forward(ids, all_logits=True)
+    assert mean_kl(ref, ours) <= 1e-5
+    assert mean_kl(hf_logits(hf_model(base), ids), ours) > 1e-6   # the adapter changed the model
+
+
+def test_k_quant_mix_on_gemma3(tmp_path):
+    """q4_k_m on a Gemma 3 wide enough for K-quant rows (Q4_K/Q6_K mix, the tied embedding as output)."""
+    d = make_tiny(tmp_path / "g3", "Gemma3ForCausalLM", tokenizer="gemma", seed=15, hidden_size=256,
+                  intermediate_size=512, head_dim=64, num_hidden_layers=2, sliding_window=8,
+                  query_pre_attn_scalar=64)
+    q = convert_checkpoint(d, tmp_path / "q4km.gguf", out_type="q4_k_m")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(q)).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_K" and types["token_embd.weight"] == "Q6_K"
+    ids = _prompt(40, 500, seed=16)
+    ref = hf_logits(reference_from_gguf(d, q), ids)
+    m = _load(q)
+    ours = m.forward(ids, all_logits=True)
+    assert mean_kl(ref, ours) <= 1e-4
+    assert (ref.argmax(-1) == ours.argmax(-1)).mean() >= 0.97
+    m.truncate(32)
+    dec = np.stack([m.forward([t]) for t in ids[32:]])
+    assert mean_kl(ref[32:], dec) <= 1e-4
+
+
+def test_relative_files_with_a_missing_piece_are_one_line_errors(tmp_path):
+    d = make_tiny(tmp_path / "q2", "Qwen2ForCausalLM", tokenizer="bpe-qwen2", seed=17)
+    path = convert_checkpoint(d, tmp_path / "q2.gguf", out_type="f32")
+    r = gguf.GGUFReader(str(path))
+    w = gguf.GGUFWriter(str(tmp_path / "nobias.gguf"), "qwen2")
+    for key, f in r.fields.items():
+        if key.startswith(("GGUF.", "general.architecture")):
+            continue
+        vt = gguf.GGUFValueType(f.types[0])
+        sub = gguf.GGUFValueType(f.types[1]) if len(f.types) > 1 else None
+        w.add_key_value(key, f.contents(), vt, sub_type=sub)
+    for t in r.tensors:
+        if t.name != "blk.1.attn_k.bias":
+            w.add_tensor(t.name, np.asarray(t.data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with GGUFReader(tmp_path / "nobias.gguf") as rr, pytest.raises(ModelError, match="blk.1.attn_k.bias"):
+        LlamaModel.load(rr)
