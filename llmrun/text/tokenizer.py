@@ -128,6 +128,7 @@ class Tokenizer:
         self._token_to_id: dict[str, int] = {t: i for i, t in reversed(list(enumerate(tokens)))}
         self._find_end_tokens(metadata)
         self._special_pieces = self._special_cache()
+        self._rstrip_ids = self._rstrip_tokens(metadata.get("general.architecture"))
 
         if spm:
             scores_raw = metadata.get(KEY + "scores")
@@ -182,6 +183,16 @@ class Tokenizer:
         found.sort(key=lambda e: (-len(e[0]), e[1]))
         return found
 
+    def _rstrip_tokens(self, arch) -> frozenset[int]:
+        """Tokens that swallow the whitespace after them, as llama.cpp marks them for Phi-3 (its added chat
+        tokens are rstrip=True in HF's tokenizer config; the GGUF vocabulary does not say so)."""
+        if arch != "phi3":
+            return frozenset()
+        ids = {tid for _, tid, _ in self._special_pieces}
+        ids |= {self._token_to_id[t] for t in ("</s>",) if t in self._token_to_id}
+        ids -= {self._token_to_id[t] for t in ("<unk>", "<s>", "<|endoftext|>") if t in self._token_to_id}
+        return frozenset(ids)
+
     def is_eog(self, token_id: int) -> bool:
         return token_id in self.eog_ids
 
@@ -207,6 +218,8 @@ class Tokenizer:
                 for k, chunk in enumerate(chunks):
                     if k:
                         new.append(tid)
+                        if tid in self._rstrip_ids:
+                            chunk = chunk.lstrip(b" \t\n\v\f\r")
                     if chunk:
                         new.append(chunk)
             parts = new

@@ -46,10 +46,19 @@ def write_gemma_tokenizer(folder: Path, vocab_size: int = 500) -> int:
         byte_fallback=True, add_dummy_prefix=False, split_digits=True, remove_extra_whitespaces=False,
         normalization_rule_name="identity", allow_whitespace_only_pieces=True,
         pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
-        unk_piece="<unk>", user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], minloglevel=2)
+        unk_piece="<unk>", control_symbols=["<mask>"], user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+        minloglevel=2)
     (folder / "tokenizer.model").write_bytes(model.getvalue())
-    tok = GemmaTokenizer(vocab_file=str(folder / "tokenizer.model"))
+    # transformers converts the SentencePiece model to its tokenizer.json (needs protobuf)
+    tok = GemmaTokenizer.from_pretrained(folder)
+    tok.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})  # as Gemma's
     tok.save_pretrained(folder)
+    # published Gemma folders (saved by transformers 4) list the added tokens in tokenizer_config.json too,
+    # which is where llama.cpp's converter reads them
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    added = json.loads((folder / "tokenizer.json").read_text())["added_tokens"]
+    cfg["added_tokens_decoder"] = {str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added}
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
     return spm.SentencePieceProcessor(model_proto=model.getvalue()).get_piece_size()
 
 
