@@ -103,32 +103,31 @@ def attention(q, k_cache, v_cache, pos0, scale, out, window=0, softcap=0.0):
         first = lo % cap
         n1 = min(n, cap - first)   # positions lo.. in slots first..first+n1-1, the rest in slots 0..
         scores = np.zeros((group, n), np.float32)
+        n2 = n - n1
         i = 0
         while i + 4 <= k_dim:   # four K rows per pass: a quarter of the loads/stores of `scores`
-            k0 = k_cache[g, i]
-            k1 = k_cache[g, i + 1]
-            k2 = k_cache[g, i + 2]
-            k3 = k_cache[g, i + 3]
+            # views of both runs (an offset index in the inner loop would keep LLVM from vectorizing it)
+            a0, a1 = k_cache[g, i, first:first + n1], k_cache[g, i + 1, first:first + n1]
+            a2, a3 = k_cache[g, i + 2, first:first + n1], k_cache[g, i + 3, first:first + n1]
+            b0, b1, b2, b3 = k_cache[g, i, :n2], k_cache[g, i + 1, :n2], k_cache[g, i + 2, :n2], k_cache[g, i + 3, :n2]
             for hh in range(group):
                 q0 = q[t, h0 + hh, i] * scale
                 q1 = q[t, h0 + hh, i + 1] * scale
                 q2 = q[t, h0 + hh, i + 2] * scale
                 q3 = q[t, h0 + hh, i + 3] * scale
-                sc = scores[hh]
-                for s in range(n1):
-                    sc[s] += q0 * k0[first + s] + q1 * k1[first + s] + q2 * k2[first + s] + q3 * k3[first + s]
-                for s in range(n - n1):
-                    sc[n1 + s] += q0 * k0[s] + q1 * k1[s] + q2 * k2[s] + q3 * k3[s]
+                _add_dot4(scores[hh, :n1], a0, a1, a2, a3, q0, q1, q2, q3)
+                if n2:
+                    _add_dot4(scores[hh, n1:], b0, b1, b2, b3, q0, q1, q2, q3)
             i += 4
         while i < k_dim:
-            krow = k_cache[g, i]
+            a0, b0 = k_cache[g, i, first:first + n1], k_cache[g, i, :n2]
             for hh in range(group):
                 qi = q[t, h0 + hh, i] * scale
                 sc = scores[hh]
                 for s in range(n1):
-                    sc[s] += qi * krow[first + s]
-                for s in range(n - n1):
-                    sc[n1 + s] += qi * krow[s]
+                    sc[s] += qi * a0[s]
+                for s in range(n2):
+                    sc[n1 + s] += qi * b0[s]
             i += 1
         totals = np.empty(group, np.float32)
         for hh in range(group):
@@ -175,6 +174,12 @@ def attention(q, k_cache, v_cache, pos0, scale, out, window=0, softcap=0.0):
                 out[t, (h0 + hh) * v_dim + i] = o[hh, i] * inv
 
 
+@njit(inline="always", fastmath=True, cache=True)
+def _add_dot4(sc, k0, k1, k2, k3, q0, q1, q2, q3):
+    for s in range(sc.shape[0]):
+        sc[s] += q0 * k0[s] + q1 * k1[s] + q2 * k2[s] + q3 * k3[s]
+
+
 @njit(inline="always", cache=True)
 def _slot(j, cap):
     """Slot of the j-th position counted from slot 0 of the first run (first + s, wrapping once)."""
@@ -193,14 +198,15 @@ def swiglu(gate_up, n_ff, out):
 
 @njit(fastmath=True, cache=True)
 def geglu(gate_up, n_ff, out):
-    """out = gelu_tanh(gate) * up (Gemma's GELU, tanh approximation, as HF's gelu_pytorch_tanh), gate_up as swiglu."""
+    """out = gelu_tanh(gate) * up (Gemma's GELU, tanh approximation, as HF's gelu_pytorch_tanh), gate_up as swiglu.
+    0.5 x (1 + tanh(u)) = x * sigmoid(2u): one exp per element, which vectorizes (tanh does not)."""
     T = gate_up.shape[0]
-    c = np.float32(math.sqrt(2.0 / math.pi))
+    c = np.float32(-2.0 * math.sqrt(2.0 / math.pi))
     for t in range(T):
         for i in range(n_ff):
             g = gate_up[t, i]
-            inner = c * (g + np.float32(0.044715) * g * g * g)
-            out[t, i] = np.float32(0.5) * g * (np.float32(1.0) + np.float32(math.tanh(inner))) * gate_up[t, n_ff + i]
+            e = np.float32(math.exp(c * (g + np.float32(0.044715) * g * g * g)))
+            out[t, i] = g / (np.float32(1.0) + e) * gate_up[t, n_ff + i]
 
 
 QUERY_CHUNK = 256   # prefill attention: queries per score matrix (bounds its memory)
