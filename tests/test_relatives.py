@@ -242,3 +242,16 @@ def test_relative_files_with_a_missing_piece_are_one_line_errors(tmp_path):
     w.close()
     with GGUFReader(tmp_path / "nobias.gguf") as rr, pytest.raises(ModelError, match="blk.1.attn_k.bias"):
         LlamaModel.load(rr)
+
+
+def test_info_names_every_supported_architecture(case):
+    from click.testing import CliRunner
+    from llmrun.cli import main
+    from llmrun.engine.archs import ARCHS
+
+    assert set(ARCHS) == set(GGUF_ARCH.values())
+    res = CliRunner().invoke(main, ["info", str(case["f32"])])
+    assert res.exit_code == 0, res.output
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("supported"))
+    assert line.split()[1] == "yes" and all(a in line for a in ARCHS)
+    assert all(a in CliRunner().invoke(main, ["info", "--help"]).output for a in ARCHS)

@@ -40,8 +40,9 @@ def _element_list(value, etype: GGUFValueType) -> list:
     return list(value)
 
 
-def describe(r: GGUFReader) -> dict:
-    """Everything `llmrun info --json` prints, as one JSON-serializable object."""
+def describe(r: GGUFReader, runnable: Sequence[str] = ()) -> dict:
+    """Everything `llmrun info --json` prints, as one JSON-serializable object. `runnable`: the architectures
+    the engine runs (the report says whether this file's is one of them)."""
     metadata = {}
     for key, value in r.metadata.items():
         vtype, etype = r.metadata_types[key]
@@ -58,6 +59,7 @@ def describe(r: GGUFReader) -> dict:
         "alignment": r.alignment,
         "data_offset": r.data_offset,
         "architecture": r.get("general.architecture"),
+        "runs_in_llmrun": r.get("general.architecture") in runnable,
         "name": r.get("general.name"),
         "file_type": file_type_name(r.get("general.file_type")),
         "n_params": sum(ti.n_elements for ti in r.tensors.values()),
@@ -104,9 +106,9 @@ def _human_count(n: int) -> str:
     return str(n)
 
 
-def describe_text(r: GGUFReader) -> str:
+def describe_text(r: GGUFReader, runnable: Sequence[str] = ()) -> str:
     """The human-readable `llmrun info` report."""
-    d = describe(r)
+    d = describe(r, runnable)
     lines = []
     add = lines.append
     ft = r.get("general.file_type")
@@ -116,6 +118,7 @@ def describe_text(r: GGUFReader) -> str:
         ("file size", f"{_human_size(d['file_size'])} ({d['file_size']} bytes)"),
         ("format", f"GGUF v{d['version']}, alignment {d['alignment']}, data at offset {d['data_offset']}"),
         ("architecture", d["architecture"] or "(not set)"),
+        ("supported", f"{'yes' if d['runs_in_llmrun'] else 'no'} (llmrun runs: {', '.join(runnable)})"),
         ("name", d["name"] or "(not set)"),
         ("file type", "(not set)" if ft is None else f"{d['file_type'] or 'unknown'} ({ft})"),
         ("parameters", f"{_human_count(d['n_params'])} ({d['n_params']})"),
