@@ -1,10 +1,10 @@
 """`make bench`: llmrun and llama.cpp (through llama-cpp-python) side by side on the same GGUF files.
 
-    python -m llmrun.bench_compare            # all cases (builds the random TinyLlama models once)
-    python -m llmrun.bench_compare --quick    # only the default SmolLM2 model
-    python -m llmrun.bench_compare --case q4_0 --case smollm2 -p 128 -n 32 -r 3
+    python bench/bench_compare.py            # all cases (builds the random TinyLlama models once)
+    python bench/bench_compare.py --quick    # only the default SmolLM2 model
+    python bench/bench_compare.py --case q4_0 --case smollm2 -p 128 -n 32 -r 3
 
-Both engines measure the same thing the same way (see llmrun/bench.py): prefill = one batched evaluation of
+Both engines measure the same thing the same way (see llmrun/tools/bench.py): prefill = one batched evaluation of
 n_prompt random tokens from an empty cache, decode = n_gen single-token evaluations after it, a warm-up
 pass first, the median of the repetitions reported. Each engine runs in its own worker process (their
 OpenMP thread pools would otherwise fight over the two cores), and the timed passes alternate between
@@ -12,14 +12,26 @@ the two engines, so background load from the shared machine hits both alike; com
 
 The TinyLlama-1.1B-shaped models are random-weight checkpoints (bench/make_random_checkpoint.py) converted
 with `llmrun convert`, cached under models/bench/ and built only when missing.
+
+Honest by default: each engine runs with its own default settings. llama.cpp's worker gets exactly the
+environment the benchmark was started with (nothing llmrun sets for itself leaks into it); llmrun runs as
+shipped. Any other policy (`--omp-wait`) is a flag and is printed in the table's header. Before each case
+the load average is checked (a busy machine is waited for, then reported), and the machine's measured read
+bandwidth gives each case's decode ceiling (weight bytes per token / GB/s).
 """
 from __future__ import annotations
 
+import os
+
+# The user's environment, taken before anything can import llmrun (whose runtime.py sets defaults such as
+# OMP_WAIT_POLICY for its own process): the llama.cpp worker runs with exactly this.
+_USER_ENV = dict(os.environ)
+
 import argparse
+import contextlib
 import json
 import math
 import multiprocessing as mp
-import os
 import platform
 import statistics
 import subprocess
@@ -58,6 +70,7 @@ CASES = [
     Case("tinyllama-q4_0-t1", "tinyllama", "q4_0", 1),
     Case("tinyllama-q4_0-t2", "tinyllama", "q4_0", 2),
     Case("tinyllama-q8_0-t2", "tinyllama", "q8_0", 2),
+    Case("tinyllama-q4_k_m-t1", "tinyllama", "q4_k_m", 1),
     Case("tinyllama-q4_k_m-t2", "tinyllama", "q4_k_m", 2),
     Case("smollm2-q4_1-t2", "smollm2", "q4_1", 2),
 ]
@@ -166,23 +179,31 @@ def _worker(conn, engine: str, path: str, threads: int, n_ctx: int) -> None:
         conn.close()
 
 
+@contextlib.contextmanager
+def _environment(env: dict):
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 class Worker:
     def __init__(self, engine: str, path: Path, threads: int, n_ctx: int, omp_wait: str | None = None):
         ctx = mp.get_context("spawn")
         self.engine = engine
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker, args=(child, engine, str(path), threads, n_ctx), daemon=True)
-        # The child inherits os.environ as it is at start(); libgomp reads OMP_WAIT_POLICY when it loads.
-        saved = os.environ.get("OMP_WAIT_POLICY")
-        try:
-            if omp_wait:
-                os.environ["OMP_WAIT_POLICY"] = omp_wait
+        # A spawned child inherits os.environ as it is at start(), and libgomp reads OMP_WAIT_POLICY when it
+        # loads: start it under the user's own environment (plus an explicit --omp-wait, if given).
+        env = dict(_USER_ENV)
+        if omp_wait:
+            env["OMP_WAIT_POLICY"] = omp_wait
+        with _environment(env):
             self.proc.start()
-        finally:
-            if saved is None:
-                os.environ.pop("OMP_WAIT_POLICY", None)
-            else:
-                os.environ["OMP_WAIT_POLICY"] = saved
         child.close()
         self.info = self._recv("ready")
 
@@ -212,7 +233,7 @@ class Worker:
 
 # ----------------------------------------------------------------------------------------------- measure
 def measure_case(case: Case, engines: list[str], n_prompt: int, n_gen: int, repetitions: int, seed: int = 0,
-                 omp_wait: str | None = "PASSIVE"):
+                 omp_wait: str | None = None):
     """{engine: {"pp_tps", "tg_tps", "pp_runs", "tg_runs", "load_s"} or {"error": msg}}."""
     import numpy as np
 
@@ -280,6 +301,9 @@ def format_table(rows, have_llamacpp: bool, cpu: bool = False) -> str:
     head = f"{'case':<22} {'thr':>3} {'llmrun pp':>10} {'llmrun tg':>10}"
     if have_llamacpp:
         head += f" {'llama.cpp pp':>12} {'llama.cpp tg':>12} {'pp ratio':>9} {'tg ratio':>9}"
+    width = len(head)
+    if not cpu:   # the machine's side: decode ceiling from read bandwidth, cores other processes took
+        head += f" {'tg ceiling':>10} {'llmrun/ceil':>11} {'others':>6}"
     lines = [head, "-" * len(head)]
     pp_ratios, tg_ratios = [], []
     for case, res in rows:
@@ -295,14 +319,19 @@ def format_table(rows, have_llamacpp: bool, cpu: bool = False) -> str:
                 ratios.append(ratio)
             line += (f" {_fmt(ref.get(pp_key)):>12} {_fmt(ref.get(tg_key)):>12}"
                      f" {_fmt(ratios[0], '.3f'):>9} {_fmt(ratios[1], '.3f'):>9}")
+        if not cpu:
+            mach = res.get("machine", {})
+            ceil, tg = mach.get("tg_ceiling"), ours.get(tg_key)
+            line += (f" {_fmt(ceil):>10} {_fmt(tg / ceil if tg and ceil else None, '.0%'):>11}"
+                     f" {_fmt(mach.get('other_cores'), '.2f'):>6}")
         lines.append(line)
         for eng, r in res.items():
-            if "error" in r:
+            if eng != "machine" and "error" in r:
                 lines.append(f"  ! {eng}: {r['error']}")
     if have_llamacpp:
         gm = f"{'geometric mean (llmrun / llama.cpp)':<49}"
         lines.append("-" * len(head))
-        lines.append(f"{gm:<{len(head) - 20}} {_fmt(_geomean(pp_ratios), '.3f'):>9} "
+        lines.append(f"{gm:<{width - 20}} {_fmt(_geomean(pp_ratios), '.3f'):>9} "
                      f"{_fmt(_geomean(tg_ratios), '.3f'):>9}")
     return "\n".join(lines)
 
@@ -338,6 +367,68 @@ def _llamacpp_available() -> bool:
         return False
 
 
+def weight_bytes_per_token(path: Path) -> int:
+    """Bytes of weights one decode step reads from the file: every matrix once; of the token embeddings
+    only one row, unless they double as the output matrix (tied)."""
+    from llmrun.gguf import GGUFReader
+
+    with GGUFReader(path) as r:
+        total = sum(ti.nbytes for ti in r.tensors.values() if ti.name != "token_embd.weight")
+        if "output.weight" not in r.tensors and "token_embd.weight" in r.tensors:
+            total += r.tensors["token_embd.weight"].nbytes
+    return total
+
+
+def measure_bandwidth(threads: list[int]) -> dict[int, float]:
+    """GB/s per thread count, measured in a fresh process (bench/bandwidth.py) under the user's environment."""
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bandwidth.py"), "--json",
+                           "--threads", ",".join(map(str, sorted(set(threads))))],
+                          capture_output=True, text=True, env=_USER_ENV, cwd=REPO_ROOT)
+    if proc.returncode != 0:
+        print(f"[bench] bandwidth measurement failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+        return {}
+    return {int(k): float(v) for k, v in json.loads(proc.stdout).items()}
+
+
+def wait_for_quiet(max_load: float, max_wait_s: float) -> float:
+    """Wait up to max_wait_s for the 1-minute load average to fall to max_load; return the last reading."""
+    deadline = time.monotonic() + max_wait_s
+    load = os.getloadavg()[0]
+    while load > max_load and time.monotonic() < deadline:
+        print(f"[bench] load average {load:.2f} > {max_load}: waiting for a quiet machine ...", flush=True)
+        time.sleep(10)
+        load = os.getloadavg()[0]
+    return load
+
+
+class ForeignLoad:
+    """CPU time the rest of the machine used while a case ran: all busy CPU time (/proc/stat) minus this
+    benchmark's own (its process and its finished workers). Average number of cores taken by others."""
+
+    def __init__(self):
+        self._start = self._read()
+
+    @staticmethod
+    def _read():
+        import resource
+        try:
+            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+            ticks = [int(v) for v in fields]
+            busy = (sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            busy = None
+        own = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                  for f in ("ru_utime", "ru_stime"))
+        return time.monotonic(), busy, own
+
+    def cores(self) -> float | None:
+        t1, busy1, own1 = self._read()
+        t0, busy0, own0 = self._start
+        if busy0 is None or busy1 is None or t1 <= t0:
+            return None
+        return max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0)
+
+
 def select_cases(patterns: list[str] | None, quick: bool) -> list[Case]:
     if quick:
         return [c for c in CASES if c.model == "smollm2"]
@@ -350,7 +441,7 @@ def select_cases(patterns: list[str] | None, quick: bool) -> list[Case]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m llmrun.bench_compare",
+    ap = argparse.ArgumentParser(prog="python bench/bench_compare.py",
                                  description="llmrun vs llama.cpp prefill/decode throughput, side by side")
     ap.add_argument("--quick", action="store_true", help="only the default SmolLM2 model")
     ap.add_argument("--case", action="append", metavar="SUBSTRING",
@@ -360,10 +451,13 @@ def main(argv=None) -> int:
     ap.add_argument("-n", "--n-gen", type=int, default=32)
     ap.add_argument("-r", "--repetitions", type=int, default=3)
     ap.add_argument("--llmrun-only", action="store_true", help="do not run llama.cpp")
-    ap.add_argument("--omp-wait", choices=("passive", "active", "default"), default="passive",
-                    help="OMP_WAIT_POLICY of both engines' OpenMP pools (default: passive, llmrun's own setting; "
-                         "busy-waiting collapses when another process takes a core). 'default' leaves the "
-                         "environment alone (llama.cpp then spins between graph nodes, llmrun stays passive)")
+    ap.add_argument("--omp-wait", choices=("passive", "active"), default=None,
+                    help="force OMP_WAIT_POLICY on both engines (not their defaults; labelled in the output). "
+                         "Default: each engine as its users run it")
+    ap.add_argument("--max-load", type=float, default=0.5,
+                    help="1-minute load average that counts as quiet (default 0.5)")
+    ap.add_argument("--quiet-wait", type=float, default=120,
+                    help="seconds to wait for a quiet machine before timing (default 120)")
     ap.add_argument("--cpu-time", action="store_true", help="also print the table in tokens per CPU-second")
     ap.add_argument("--json", type=Path, metavar="FILE", help="also write the raw results as JSON")
     a = ap.parse_args(argv)
@@ -379,17 +473,28 @@ def main(argv=None) -> int:
         print("llama-cpp-python is not installed (`make install-bench`): printing llmrun numbers only.")
     engines = ["llmrun"] + (["llama.cpp"] if have_llamacpp else [])
 
+    load = wait_for_quiet(a.max_load, a.quiet_wait)
+    bandwidth = measure_bandwidth([c.threads for c in cases])
     print(machine_line())
+    policy = (f"OMP_WAIT_POLICY={a.omp_wait.upper()} FORCED on both engines (not their defaults)" if a.omp_wait
+              else "both engines at their default settings")
     print(f"pp{a.n_prompt} / tg{a.n_gen}, median of {a.repetitions} after 1 warm-up, tokens/s, ratio = "
-          f"llmrun / llama.cpp, OMP_WAIT_POLICY {a.omp_wait}", flush=True)
+          f"llmrun / llama.cpp, {policy}", flush=True)
+    quiet = "quiet" if load <= a.max_load else "BUSY: these numbers are not a quiet-machine measurement"
+    print(f"load average before timing: {load:.2f} ({quiet}); read bandwidth: "
+          + (", ".join(f"{t} thr {g:.1f} GB/s" for t, g in sorted(bandwidth.items())) or "not measured"), flush=True)
     rows = []
     for case in cases:
         print(f"[bench] {case.name} ...", flush=True)
+        foreign = ForeignLoad()
         try:
             res = measure_case(case, engines, a.n_prompt, a.n_gen, a.repetitions,
-                               omp_wait=None if a.omp_wait == "default" else a.omp_wait.upper())
+                               omp_wait=a.omp_wait.upper() if a.omp_wait else None)
         except Exception as e:
             res = {"llmrun": {"error": str(e)}}
+        res["machine"] = {"other_cores": foreign.cores()}
+        if case.threads in bandwidth and case.path().exists():
+            res["machine"]["tg_ceiling"] = bandwidth[case.threads] * 1e9 / weight_bytes_per_token(case.path())
         rows.append((case, res))
     print()
     print(format_table(rows, have_llamacpp))
@@ -399,10 +504,11 @@ def main(argv=None) -> int:
         print(format_table(rows, have_llamacpp, cpu=True))
     if a.json:
         a.json.write_text(json.dumps({
-            "machine": machine_line(), "omp_wait": a.omp_wait, "n_prompt": a.n_prompt, "n_gen": a.n_gen, "repetitions": a.repetitions,
+            "machine": machine_line(), "omp_wait": a.omp_wait, "load_before": load,
+            "bandwidth_gbs": bandwidth, "n_prompt": a.n_prompt, "n_gen": a.n_gen, "repetitions": a.repetitions,
             "cases": [{"case": c.name, "model": str(c.path()), "threads": c.threads, **res} for c, res in rows],
         }, indent=2) + "\n")
-    failed = any("error" in r for _, res in rows for r in res.values())
+    failed = any("error" in r for _, res in rows for eng, r in res.items() if eng != "machine")
     return 1 if failed else 0
 
 

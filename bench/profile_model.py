@@ -27,7 +27,7 @@ class Profiler:
     def __init__(self, model):
         import llmrun.engine.model as M
         from llmrun.kernels import ops
-        from llmrun.kernels.repack import TYPE_NAMES
+        from llmrun.ggml import GGMLType
 
         self.M, self.model = M, model
         self.time = collections.defaultdict(float)      # (kind, role, type) -> seconds
@@ -44,7 +44,7 @@ class Profiler:
             self.who[id(pm)] = (-1, "output")
         self.who.setdefault(id(model.tok_embd), (-1, "token_embd"))
         self.attn_norm = {id(L.attn_norm): il for il, L in enumerate(model.layers)}
-        self.type_names = TYPE_NAMES
+        self.type_names = {int(t): t.lower for t in GGMLType}
         self.orig = {name: getattr(M, name) for name in ("matmul", "matvec", "dequantize_rows")}
         self.orig_ops = ops
 

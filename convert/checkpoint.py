@@ -17,19 +17,23 @@ import numpy as np
 from llmrun.errors import ConvertError
 
 # safetensors dtype -> numpy dtype of the stored elements (bf16 kept as raw uint16 bits)
-_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+           "U8": np.dtype("u1"), "I8": np.dtype("i1")}
+FLOAT_DTYPES = ("F32", "F16", "BF16")
 _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 stored as uint16 -> float32 (exact: bf16 is the top half of an f32)."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    out = bits.astype(np.uint32)
+    out <<= 16   # in place: no second full-size temporary
+    return out.view(np.float32)
 
 
 @dataclass(frozen=True)
 class TensorEntry:
     name: str
-    dtype: str          # "F32", "F16" or "BF16"
+    dtype: str          # "F32", "F16", "BF16" (or "U8", "I8": parts of bitsandbytes weights)
     shape: tuple[int, ...]
     file: Path
     start: int          # absolute byte offset in file
@@ -39,7 +43,7 @@ class TensorEntry:
 class SafetensorsFile:
     """One .safetensors file: its header parsed and validated, its data memory-mapped on demand."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, dtypes: tuple[str, ...] = FLOAT_DTYPES):
         self.path = Path(path)
         try:
             size = self.path.stat().st_size
@@ -68,7 +72,7 @@ class SafetensorsFile:
                 dtype, shape, (a, b) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
             except (KeyError, TypeError, ValueError):
                 raise ConvertError(f"{self.path}: corrupt safetensors header entry for {name!r}") from None
-            if dtype not in _DTYPES:
+            if dtype not in dtypes:
                 raise ConvertError(f"{self.path}: tensor {name} has dtype {dtype}; only F32, F16 and BF16 "
                                    "checkpoints are supported")
             count = int(np.prod(shape, dtype=np.int64)) if shape else 1
@@ -115,8 +119,11 @@ class SafetensorsFile:
 class Checkpoint:
     """All tensors of a HF folder: `model.safetensors`, or the shards listed by `model.safetensors.index.json`."""
 
-    def __init__(self, hf_dir: Path, prefix: str = "model"):
+    def __init__(self, hf_dir: Path, prefix: str = "model", quantization: dict | None = None):
+        """quantization: config.json's quantization_config (bitsandbytes checkpoints, see bnb.py)."""
+        from . import bnb
         self.dir = Path(hf_dir)
+        quantized = bnb.is_bitsandbytes(quantization, self.dir / "config.json")
         index = self.dir / f"{prefix}.safetensors.index.json"
         single = self.dir / f"{prefix}.safetensors"
         if index.is_file():
@@ -145,7 +152,7 @@ class Checkpoint:
             p = self.dir / shard
             if not p.is_file():
                 raise ConvertError(f"{p}: shard listed in the index is missing")
-            st = SafetensorsFile(p)
+            st = SafetensorsFile(p, tuple(_DTYPES) if quantized else FLOAT_DTYPES)
             self.files.append(st)
             by_path[st.path] = st
             for name, e in st.entries.items():
@@ -159,6 +166,8 @@ class Checkpoint:
                 raise ConvertError(f"{index}: tensor {missing[0]}{more} not found in its shard "
                                    f"{weight_map[missing[0]]}")
         self._by_path = by_path
+        # the quantized weights' parts leave self.entries; each weight keeps one entry (its packed data)
+        self.bnb = bnb.BnbWeights.take(self.entries, self._read, self.dir) if quantized else None
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -167,10 +176,23 @@ class Checkpoint:
         return list(self.entries)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if self.bnb is not None and name in self.bnb:
+            return self.bnb.shape(name)
         return self.entries[name].shape
+
+    def _read(self, e: TensorEntry) -> np.ndarray:
+        """A copy of any entry's stored values; its mapped pages are released right after."""
+        st = self._by_path[e.file]
+        v = st.view(e)
+        out = v.copy()
+        del v
+        st.release(e)
+        return out
 
     def load_f32(self, name: str) -> np.ndarray:
         """A fresh float32 copy of one tensor; its mapped pages are released right after."""
+        if self.bnb is not None and name in self.bnb:
+            return self.bnb.dequantize(name, self._read)
         e = self.entries[name]
         st = self._by_path[e.file]
         v = st.view(e)
@@ -184,15 +206,11 @@ class Checkpoint:
 
     def load_stored(self, name: str) -> np.ndarray:
         """A copy of one tensor in its stored type (float32, float16, or bf16 bits as uint16)."""
-        e = self.entries[name]
-        st = self._by_path[e.file]
-        v = st.view(e)
-        out = v.copy()
-        del v
-        st.release(e)
-        return out
+        return self._read(self.entries[name])
 
     def stored_type(self, name: str) -> str:
+        if self.bnb is not None and name in self.bnb:
+            return self.bnb.kind(name)
         return self.entries[name].dtype
 
     def close(self) -> None:

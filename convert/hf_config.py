@@ -1,4 +1,4 @@
-"""config.json of a HF checkpoint -> hyper-parameters and the GGUF `{arch}.*` keys (formats.md §5).
+"""config.json of a HF checkpoint -> hyper-parameters and the GGUF `{arch}.*` keys (docs/formats.md §5).
 
 One `HFArch` per supported HF class says what converting it means (the GGUF side of each architecture is
 llmrun/engine/archs.py). Accepts the shapes found in the wild: `rope_theta` + `rope_scaling` (linear,
@@ -23,7 +23,6 @@ from .jsonfile import read_json_object
 class HFArch:
     gguf: str                          # general.architecture written
     model_types: tuple[str, ...]       # config.json model_type naming this class when `architectures` is absent
-    permute_qk: bool = False           # NORM RoPE: Q/K rows permuted (formats.md §4)
     norm_shift: float = 0.0            # added to every *norm.weight (Gemma's RMSNorm multiplies by 1 + w)
     activation: str = "silu"           # the hidden_act / hidden_activation the GGUF graph implements
     qkv_bias: bool = False             # q/k/v_proj always have biases (Qwen2); elsewhere attention_bias is refused
@@ -33,11 +32,16 @@ class HFArch:
     text_config: bool = False          # hyper-parameters in config["text_config"] (a multimodal checkpoint)
     rope_types: tuple[str, ...] = ("default", "linear", "dynamic", "yarn", "llama3")
 
+    @property
+    def permute_qk(self) -> bool:
+        """NORM RoPE (the engine's table says which): Q/K rows are permuted (docs/formats.md §4)."""
+        return ARCHS[self.gguf].rope == "norm"
+
 
 _GEMMA = dict(norm_shift=1.0, activation="gelu_pytorch_tanh", window="layers", softcaps=True)
 HF_ARCHS = {
-    "LlamaForCausalLM": HFArch("llama", ("llama",), permute_qk=True),
-    "MistralForCausalLM": HFArch("llama", ("mistral",), permute_qk=True, window="all"),
+    "LlamaForCausalLM": HFArch("llama", ("llama",)),
+    "MistralForCausalLM": HFArch("llama", ("mistral",), window="all"),
     "Qwen2ForCausalLM": HFArch("qwen2", ("qwen2",), qkv_bias=True, window="layers"),
     "Qwen3ForCausalLM": HFArch("qwen3", ("qwen3",), window="layers"),
     "Phi3ForCausalLM": HFArch("phi3", ("phi3",), window="all", rope_types=("default", "longrope", "su")),

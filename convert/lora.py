@@ -1,4 +1,4 @@
-"""PEFT LoRA adapters: load, validate against the base checkpoint, merge into base weights (formats.md §7a).
+"""PEFT LoRA adapters: load, validate against the base checkpoint, merge into base weights (docs/formats.md §7a).
 
 Merge rule (PEFT's merge_and_unload): W' = W + s * scaling * (B @ A), in float32, in the HF layout (the Q/K
 permutation and quantization happen afterwards), with scaling = alpha/r, or alpha/sqrt(r) for rsLoRA, r and
@@ -66,6 +66,7 @@ class _Pair:
     b: TensorEntry | None = None
     embedding: bool = False
     scale: float = 0.0   # user scale * alpha/r (or alpha/sqrt(r))
+    alpha: float = 0.0   # this module's lora_alpha (alpha_pattern or the adapter's)
 
 
 class LoraAdapter:
@@ -171,7 +172,7 @@ class LoraAdapter:
                                    f"{want_r}")
             alpha = _pattern_value(alpha_pattern, p.module, alpha0)
             scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-            p.scale = self.user_scale * scaling
+            p.scale, p.alpha = self.user_scale * scaling, alpha
         if not self.pairs and not self.replacements and not self.overrides:
             raise ConvertError(f"{self.file.path}: the adapter holds no LoRA tensors")
 
@@ -231,12 +232,18 @@ class LoraAdapter:
         if e is not None:
             w[...] = self._load(e)
 
+    def low_rank(self, hf_weight: str) -> tuple[np.ndarray, np.ndarray]:
+        """(A, B) of one LoRA pair as float32, as PEFT stores them: A (r, in), B (out, r); for embeddings
+        A (r, num_embeddings), B (embedding_dim, r). The pair's scaling is `self.pairs[hf_weight].scale`."""
+        p = self.pairs[hf_weight]
+        return self._load(p.a), self._load(p.b)
+
     def add_delta(self, hf_weight: str, w: np.ndarray) -> None:
         """w += scale * delta, in place (w float32, HF layout)."""
         p = self.pairs.get(hf_weight)
         if p is None:
             return
-        a, b = self._load(p.a), self._load(p.b)
+        a, b = self.low_rank(hf_weight)
         delta = b @ a
         if p.embedding or delta.shape != w.shape:   # embeddings, and fan_in_fan_out adapters
             delta = delta.T

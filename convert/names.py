@@ -1,4 +1,4 @@
-"""THE one map from Hugging Face tensor names to GGUF names, per GGUF architecture (formats.md §4).
+"""THE one map from Hugging Face tensor names to GGUF names, per GGUF architecture (docs/formats.md §4).
 
 Both the checkpoint conversion and the LoRA merging go through `gguf_name`, so a name is spelled in
 exactly one place. Each architecture's block table is the LLaMA table plus what that family adds or

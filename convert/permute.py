@@ -1,4 +1,4 @@
-"""Q/K row permutation (formats.md §4).
+"""Q/K row permutation (docs/formats.md §4).
 
 HF's rotate_half pairs dimension i with i + hd/2 inside each head; ggml's NORM RoPE, which llama.cpp uses for
 the llama architecture, pairs 2i with 2i+1. Reordering the output rows of q_proj/k_proj per head as

@@ -16,6 +16,9 @@ import numpy as np
 
 from llmrun.errors import ConvertError
 from llmrun.gguf import GGMLType, GGUFValueType as VT, GGUFWriter, LlamaFileType
+from llmrun.gguf.writer import check_output_path
+from llmrun.quants import quantize
+from llmrun.quants.mixes import parse_file_type, plan_tensor_types
 
 from . import names
 from .checkpoint import Checkpoint
@@ -23,11 +26,7 @@ from .hf_config import HFConfig, hparam_metadata, llama3_rope_params, load_confi
 from .lora import LoraAdapter
 from .permute import permute_rows
 from .rope import llama3_rope_factors
-
-# output types converted without a quantization mix: every 2-D tensor in this type, 1-D tensors in F32
-_FLOAT_TYPES = {"f32": (LlamaFileType.ALL_F32, GGMLType.F32),
-                "f16": (LlamaFileType.MOSTLY_F16, GGMLType.F16),
-                "bf16": (LlamaFileType.MOSTLY_BF16, GGMLType.BF16)}
+from .vocab import vocab_metadata
 
 EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
@@ -71,52 +70,30 @@ def _expected_shapes(c: HFConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _resolve_out_type(out_type: str):
-    """-> (LlamaFileType, GGMLType for every 2-D tensor or None when a quantization mix decides)."""
-    key = str(out_type).strip().lower()
-    if key in _FLOAT_TYPES:
-        return _FLOAT_TYPES[key]
-    from llmrun.quants.mixes import parse_file_type   # raises a one-line LlmrunError listing valid names
-    return parse_file_type(key), None
-
-
-def _check_paths(hf_dir: Path, out_path: Path, overwrite: bool) -> None:
-    if not hf_dir.is_dir():
-        raise ConvertError(f"{hf_dir}: input folder not found")
-    if out_path.is_dir():
-        raise ConvertError(f"{out_path}: output path is a folder; give a .gguf file name")
-    if out_path.exists() and not overwrite:
-        raise ConvertError(f"{out_path}: already exists (use --force to replace it)")
-    if not out_path.parent.is_dir():
-        raise ConvertError(f"{out_path.parent}: output folder does not exist")
-
-
 def convert_checkpoint(hf_dir, out_path, out_type: str = "f16",
                        loras: Sequence[tuple[str | Path, float]] = (), overwrite: bool = False,
                        progress: Progress | None = None) -> Path:
-    """Convert a HF LLaMA/Mistral safetensors checkpoint, with LoRA adapters merged in order, to GGUF.
+    """Convert a HF safetensors checkpoint of a supported class (hf_config.HF_ARCHS), with LoRA adapters merged
+    in order, to GGUF.
 
     loras: [(adapter_dir, scale), ...]. Returns the output path. Raises ConvertError (one line) on bad input;
     the output file is then untouched (or absent)."""
     hf_dir, out_path = Path(hf_dir), Path(out_path)
-    _check_paths(hf_dir, out_path, overwrite)
+    if not hf_dir.is_dir():
+        raise ConvertError(f"{hf_dir}: input folder not found")
+    check_output_path(out_path, overwrite)
     cfg = load_config(hf_dir)
-    ftype, float_type = _resolve_out_type(out_type)
+    ftype = parse_file_type(out_type)   # a one-line error listing the valid names
 
-    ckpt = Checkpoint(hf_dir)
+    ckpt = Checkpoint(hf_dir, quantization=cfg.raw.get("quantization_config"))
     adapters: list[LoraAdapter] = []
     try:
-        inputs = {p.resolve() for p in (f.path for f in ckpt.files)}
         for d, scale in loras:
             adapters.append(LoraAdapter(d, scale, arch=cfg.arch.gguf))
-            inputs.add(adapters[-1].file.path.resolve())
-        if out_path.resolve() in inputs:
-            raise ConvertError(f"{out_path}: output would overwrite one of the input files")
+        check_output_path(out_path, overwrite, inputs=[f.path for f in ckpt.files] + [a.file.path for a in adapters])
 
         plans = _plan_tensors(cfg, ckpt, adapters)
-        _assign_types(plans, cfg, ftype, float_type)
-
-        from .vocab import vocab_metadata       # the tokenizer helper's module
+        _assign_types(plans, cfg, ftype)
         vocab = vocab_metadata(hf_dir, cfg.n_vocab, flavor=cfg.arch.gguf)
 
         writer = GGUFWriter(out_path, overwrite=overwrite)
@@ -231,19 +208,12 @@ def _tied_pair(ckpt: Checkpoint, adapters: list[LoraAdapter], plan: _TensorPlan)
     return embed if plan.tied_role == "embed" else output
 
 
-def _assign_types(plans: list[_TensorPlan], cfg: HFConfig, ftype: LlamaFileType,
-                  float_type: GGMLType | None) -> None:
-    if float_type is not None:
-        for p in plans:
-            p.ggml_type = GGMLType.F32 if len(p.shape) < 2 or p.name.endswith("_norm.weight") else float_type
-        return
-    from llmrun.quants.mixes import plan_tensor_types
+def _assign_types(plans: list[_TensorPlan], cfg: HFConfig, ftype: LlamaFileType) -> None:
+    """Each tensor's type as llama-quantize would choose it (norms and 1-D tensors F32, see stays_f32)."""
     chosen = plan_tensor_types([(p.name, p.shape) for p in plans], ftype, n_layer=cfg.n_layer,
                                n_head=cfg.n_head, n_head_kv=cfg.n_head_kv)
     for p in plans:
-        t = GGMLType(chosen[p.name])
-        # norms and other 1-D tensors stay float32 whatever the mix says
-        p.ggml_type = GGMLType.F32 if len(p.shape) < 2 or p.name.endswith("_norm.weight") else t
+        p.ggml_type = GGMLType(chosen[p.name])
 
 
 def _producer(plan: _TensorPlan, ckpt: Checkpoint, adapters: list[LoraAdapter], i: int, n: int,
@@ -286,5 +256,4 @@ def encode(w: np.ndarray, t: GGMLType) -> np.ndarray:
         return np.ascontiguousarray(w, dtype=np.float32)
     if t == GGMLType.F16:
         return w.astype(np.float16)
-    from llmrun.quants import quantize
     return quantize(w, t)

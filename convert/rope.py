@@ -1,4 +1,4 @@
-"""Llama 3 ("llama3") RoPE frequency factors: the `rope_freqs.weight` tensor (formats.md §5).
+"""Llama 3 ("llama3") RoPE frequency factors: the `rope_freqs.weight` tensor (docs/formats.md §5).
 
 ggml divides each rotation angle theta_i by factor_i; these factors reproduce HF's llama3 inv_freq scaling.
 The arithmetic follows what torch does with the reference's float32 tensors and python scalars, so the

@@ -1,9 +1,10 @@
 """llmrun: run LLaMA-family GGUF models on the CPU, in Python."""
 __version__ = "0.1.0"
 
-from .cpu_target import prefer_wide_vectors as _prefer_wide_vectors
+from . import runtime as _runtime
+from .errors import LlmrunError
 
-_prefer_wide_vectors()   # before numba starts: see cpu_target.py
+_runtime.configure_before_numba()   # first, before anything imports numba: see runtime.py
 
 
 def __getattr__(name):
@@ -14,4 +15,4 @@ def __getattr__(name):
     raise AttributeError(name)
 
 
-__all__ = ["Llama", "__version__"]
+__all__ = ["Llama", "LlmrunError", "__version__"]

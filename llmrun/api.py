@@ -1,4 +1,5 @@
-"""`llmrun.Llama`: a llama-cpp-python-shaped Python API over the engine, the tokenizer and the samplers.
+"""`llmrun.Llama`: a llama-cpp-python-shaped Python API. It loads a GGUF file, runs the generation loop
+(generate.py) and shapes its events into OpenAI dicts (llama_types.py).
 
 Behaviour worth knowing (also in the class docstring):
 
@@ -19,25 +20,37 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .errors import ContextFullError, LlmrunError
-from .text.stops import StopScanner
-from .text.sampling import Sampler, SamplingParams
+from .completion_options import CompletionOptions, takes_options
+from .errors import LlmrunError
+from .generate import CacheSlot, Event, Generation, PerSlotModels, check_fits, generate
+from .gguf import GGUFReader
+from .llama_types import (ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, CompletionUsage,
+                          FinishReason)
+from .protocols import SequenceModel, TokenizerLike
+from .text.chat_template import render_chat
+from .text.sampling import Sampler
+from .text.tokenizer import Tokenizer
 
-_PROMPT_CHUNK = 256   # prompt tokens per forward call: bounds memory and lets cancel() act between chunks
+
+def _pieces(events: Iterable[Event]) -> Iterator[tuple[str, FinishReason | None]]:
+    """(text, None) for each piece of text to show, then ("", finish_reason) once."""
+    for event in events:
+        if event.text:
+            yield event.text, None
+        if event.finish_reason is not None:
+            yield "", event.finish_reason
 
 
-def _collect(run) -> tuple[str, str, dict]:
-    parts, finish, usage = [], None, None
-    for text, f, u in run:
-        if f is None:
-            parts.append(text)
-        else:
-            finish, usage = f, u
-    return "".join(parts), finish, usage
+def _collect(events: Iterable[Event]) -> tuple[str, FinishReason, CompletionUsage]:
+    parts, last = [], None
+    for event in events:
+        parts.append(event.text)
+        last = event
+    return "".join(parts), last.finish_reason, last.usage
 
 
 class Llama:
@@ -52,10 +65,8 @@ class Llama:
     """
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | None = None,
-                 seed: int | None = None, vocab_only: bool = False, verbose: bool = False):
-        from .gguf import GGUFReader
-        from .text.tokenizer import Tokenizer
-
+                 seed: int | None = None, vocab_only: bool = False, verbose: bool = False,
+                 lora_path: str | os.PathLike | None = None, lora_scale: float = 1.0):
         self.model_path = str(model_path)
         reader = GGUFReader(model_path)
         try:
@@ -65,46 +76,56 @@ class Llama:
                 n_ctx = int(reader.get(f"{arch}.context_length", 4096))
             model = None
             if not vocab_only:
-                from .engine.model import LlamaModel
+                from .engine.model import LlamaModel   # here: vocab_only never imports numba and the kernels
                 model = LlamaModel.load(reader, n_ctx=n_ctx, n_threads=n_threads)
         except BaseException:
             reader.close()
             raise
         self._reader = reader   # stays open: the model's weights are views into its mmap
         self._setup(tokenizer, model, n_ctx, seed, verbose, os.path.basename(self.model_path))
+        self.lora_path, self.lora_scale = lora_path, lora_scale   # llama-cpp-python's attributes
+        if lora_path is not None:
+            try:
+                self.set_lora([(lora_path, lora_scale)])
+            except BaseException:
+                self.close()
+                raise
         if verbose and model is not None:
             print(f"llmrun: loaded {self._name} in {model.load_seconds:.2f} s: weights "
                   f"{model.weights_nbytes / 2**20:.0f} MiB, KV cache {model.kv_nbytes / 2**20:.0f} MiB "
                   f"for {n_ctx} tokens", file=sys.stderr)
 
     @classmethod
-    def from_parts(cls, tokenizer, model, *, n_ctx: int | None = None, seed: int | None = None,
-                   name: str = "model", verbose: bool = False) -> "Llama":
-        """A Llama over an already-built tokenizer and model (any objects with their interfaces)."""
+    def from_parts(cls, tokenizer: TokenizerLike, model: SequenceModel | None, *, n_ctx: int | None = None,
+                   seed: int | None = None, name: str = "model", verbose: bool = False) -> "Llama":
+        """A Llama over an already-built tokenizer and model (any objects with the interfaces in protocols.py;
+        model None: vocab only). n_ctx defaults to the model's."""
         self = cls.__new__(cls)
         self.model_path = name
         self._reader = None
-        self._setup(tokenizer, model, n_ctx if n_ctx is not None else getattr(model, "n_ctx", 0),
-                    seed, verbose, name)
+        if n_ctx is None:
+            n_ctx = model.n_ctx if model is not None else 0
+        self._setup(tokenizer, model, n_ctx, seed, verbose, name)
         return self
 
-    def _setup(self, tokenizer, model, n_ctx, seed, verbose, name):
+    def _setup(self, tokenizer: TokenizerLike, model: SequenceModel | None, n_ctx: int, seed, verbose, name):
         self.tokenizer = tokenizer
         self._model = model
-        self._n_ctx = int(n_ctx)
+        self._slot = CacheSlot(0, int(n_ctx))    # the model's one KV cache and the tokens in it
         self._rng = np.random.default_rng(seed)
         self.verbose = verbose
         self._name = name
-        self._cached: list[int] = []          # tokens whose K/V sit in the model's cache, in order
         self._lock = threading.Lock()
         self._owner: int | None = None        # thread id holding the lock (to refuse same-thread re-entry)
-        self._cancel: threading.Event | None = None
+        self._running: Generation | None = None
         # What the last prompt/generation cost; the chat command prints it, tests read it.
         self.last_timings: dict[str, float] = {}
+        self._adapter_cache = None                    # engine.adapters.AdapterCache, made on first set_lora
+        self.lora: list[tuple[str, float]] = []       # the active adapters, as given to set_lora
 
     # ---- small queries ---------------------------------------------------------------------------------
     def n_ctx(self) -> int:
-        return self._n_ctx
+        return self._slot.capacity
 
     def n_vocab(self) -> int:
         return int(self.tokenizer.n_vocab)
@@ -118,13 +139,13 @@ class Llama:
     @property
     def n_cached(self) -> int:
         """Tokens currently held in the KV cache (reused by the next prompt sharing that prefix)."""
-        return len(self._cached)
+        return len(self._slot.tokens)
 
     def close(self) -> None:
         """Drop the weights and the file mapping (waits for a running generation on another thread)."""
         with self._exclusive():
             self._model = None
-            self._cached = []
+            self._slot.clear()
             if self._reader is not None:
                 self._reader.close()
                 self._reader = None
@@ -150,83 +171,103 @@ class Llama:
         tokens = [int(t) for t in tokens]
         if not tokens:
             return np.zeros((0, self.n_vocab()), dtype=np.float32)
-        self._check_fits(len(tokens))
+        check_fits(len(tokens), self._slot.capacity)
         with self._exclusive():
             model = self._require_model()
             try:
                 model.reset()
-                self._cached = []
+                self._slot.clear()
                 out = np.asarray(model.forward(tokens, all_logits=True), dtype=np.float32)
-                self._cached = list(tokens)
+                self._slot.tokens.extend(tokens)
             except BaseException:
                 self._drop_cache()
                 raise
         return out.reshape(len(tokens), -1)
 
+    # ---- adapters --------------------------------------------------------------------------------------
+    def set_lora(self, adapters: Sequence[tuple[str | os.PathLike, float]]) -> None:
+        """Replace the active LoRA adapters with [(path, scale), ...]: GGUF LoRA files or PEFT adapter folders,
+        applied beside the base weights (which stay loaded as they are); [] is exactly the base. Each adapter
+        is loaded once and cached. All are checked against the model before anything changes. The KV cache
+        is emptied: it was computed with the previous weights."""
+        if isinstance(adapters, (str, bytes, os.PathLike)) or not isinstance(adapters, Sequence):
+            raise LlmrunError("set_lora takes a list of (path, scale) pairs ([] for the base model)")
+        items = []
+        for item in adapters:
+            if not (isinstance(item, Sequence) and not isinstance(item, (str, bytes)) and len(item) == 2):
+                raise LlmrunError(f"set_lora: {item!r} is not a (path, scale) pair")
+            path, scale = item
+            try:
+                scale = float(scale)
+            except (TypeError, ValueError):
+                raise LlmrunError(f"set_lora: scale {scale!r} of {path} is not a number") from None
+            if not np.isfinite(scale):
+                raise LlmrunError(f"set_lora: scale of {path} must be finite, got {scale}")
+            items.append((os.fspath(path), scale))
+        with self._exclusive():
+            model = self._require_model()
+            if not hasattr(model, "matrix_groups"):
+                raise LlmrunError(f"{self._name}: this model takes no LoRA adapters")
+            from .engine import adapters as lora
+            if self._adapter_cache is None:
+                self._adapter_cache = lora.AdapterCache()
+            loaded = [(self._adapter_cache.get(path, model), scale) for path, scale in items]
+            side_paths = lora.build_side_paths(model, loaded)
+            lora.install(model, side_paths)
+            self._drop_cache()
+            self.lora = items
+
     def cancel(self) -> None:
         """Stop the generation running right now (thread-safe). It ends with finish_reason "cancelled"."""
-        ev = self._cancel
-        if ev is not None:
-            ev.set()
+        running = self._running
+        if running is not None:
+            running.cancel()
 
     # ---- completions -----------------------------------------------------------------------------------
-    def create_completion(self, prompt: str | bytes | Sequence[int], max_tokens: int | None = 16,
-                          temperature: float = 0.8, top_p: float = 0.95, top_k: int = 40, min_p: float = 0.05,
-                          repeat_penalty: float = 1.0, stop: str | Sequence[str] | None = None,
-                          seed: int | None = None, stream: bool = False, *, frequency_penalty: float = 0.0,
-                          presence_penalty: float = 0.0, repeat_last_n: int = 64):
+    @takes_options()
+    def create_completion(self, prompt: str | bytes | Sequence[int], options: CompletionOptions
+                          ) -> Completion | Iterator[CompletionChunk]:
         """OpenAI-shaped text completion (dict), or an iterator of chunks with stream=True.
 
-        `max_tokens` None or <= 0 means "until end of generation or the context is full".
+        The keywords are CompletionOptions' fields (see the signature). `max_tokens` None or <= 0 means
+        "until end of generation or the context is full".
         """
-        tokens = self._prompt_tokens(prompt)
-        sampler = self._sampler(temperature, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
-                                presence_penalty, repeat_last_n, seed)
+        events = self._events(self._prompt_tokens(prompt), options)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        run = self._run(tokens, sampler, max_tokens, stop)
 
-        def chunk(text, finish):
+        def chunk(text: str, finish: FinishReason | None) -> CompletionChunk:
             return {"id": cid, "object": "text_completion", "created": created, "model": self._name,
                     "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
 
-        if stream:
-            def chunks():
-                for text, finish, _ in run:
-                    yield chunk(text if finish is None else "", finish)
-            return chunks()
-
-        text, finish, usage = _collect(run)
-        out = chunk(text, finish)
-        out["usage"] = usage
-        return out
+        if options.stream:
+            return (chunk(text, finish) for text, finish in _pieces(events))
+        text, finish, usage = _collect(events)
+        return {**chunk(text, finish), "usage": usage}
 
     __call__ = create_completion
 
-    def create_chat_completion(self, messages: Sequence[Mapping[str, Any]], max_tokens: int | None = None,
-                               temperature: float = 0.2, top_p: float = 0.95, top_k: int = 40,
-                               min_p: float = 0.05, repeat_penalty: float = 1.0,
-                               stop: str | Sequence[str] | None = None, seed: int | None = None,
-                               stream: bool = False, *, frequency_penalty: float = 0.0,
-                               presence_penalty: float = 0.0, repeat_last_n: int = 64):
-        """OpenAI-shaped chat completion using the model's chat template (ChatML if the file has none)."""
-        tokens = self.chat_tokens(messages)
-        sampler = self._sampler(temperature, top_k, top_p, min_p, repeat_penalty, frequency_penalty,
-                                presence_penalty, repeat_last_n, seed)
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        run = self._run(tokens, sampler, max_tokens, stop)
+    @takes_options(max_tokens=None, temperature=0.2)
+    def create_chat_completion(self, messages: Sequence[Mapping[str, Any]], options: CompletionOptions
+                               ) -> ChatCompletion | Iterator[ChatCompletionChunk]:
+        """OpenAI-shaped chat completion using the model's chat template (ChatML if the file has none).
 
-        if stream:
-            def chunks():
+        The keywords are create_completion's, with other defaults for max_tokens and temperature.
+        """
+        events = self._events(self.chat_tokens(messages), options)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        if options.stream:
+            def chunks() -> Iterator[ChatCompletionChunk]:
                 def chunk(delta, finish):
                     return {"id": cid, "object": "chat.completion.chunk", "created": created,
                             "model": self._name,
                             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
                 yield chunk({"role": "assistant"}, None)
-                for text, finish, _ in run:
+                for text, finish in _pieces(events):
                     yield chunk({"content": text} if finish is None else {}, finish)
             return chunks()
 
-        text, finish, usage = _collect(run)
+        text, finish, usage = _collect(events)
         return {"id": cid, "object": "chat.completion", "created": created, "model": self._name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "logprobs": None, "finish_reason": finish}],
@@ -234,16 +275,13 @@ class Llama:
 
     def chat_tokens(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
         """The prompt tokens for a conversation (template rendered, special tokens parsed)."""
-        from .text.chat_template import render_chat
-
         tok = self.tokenizer
-        text = render_chat(messages, getattr(tok, "chat_template", None),
-                           add_generation_prompt=add_generation_prompt,
+        text = render_chat(messages, tok.chat_template, add_generation_prompt=add_generation_prompt,
                            bos_token=self._piece(tok.bos_id), eos_token=self._piece(tok.eos_id))
         ids = list(tok.encode(text, add_bos=False, special=True))
         # Templates usually write {{ bos_token }} themselves; add it only when the model wants one and the
         # template did not (never two).
-        if getattr(tok, "add_bos", False) and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
+        if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
             ids.insert(0, int(tok.bos_id))
         return ids
 
@@ -259,28 +297,37 @@ class Llama:
             return list(self.tokenizer.encode(prompt, add_bos=None, special=True))
         return [int(t) for t in prompt]
 
-    def _sampler(self, temperature, top_k, top_p, min_p, repeat_penalty, frequency_penalty, presence_penalty,
-                 repeat_last_n, seed) -> Sampler:
-        params = SamplingParams(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
-                                min_p=float(min_p), repeat_penalty=float(repeat_penalty),
-                                repeat_last_n=int(repeat_last_n), frequency_penalty=float(frequency_penalty),
-                                presence_penalty=float(presence_penalty))
+    def _events(self, tokens: list[int], options: CompletionOptions) -> Iterator[Event]:
+        """The events of one generation. Bad input raises now; the lock is taken at the first next() and
+        released when the generator ends or is closed."""
         # A call's own seed restarts the randomness; otherwise this Llama's generator continues.
-        return Sampler(params, rng=np.random.default_rng(seed) if seed is not None else self._rng)
+        rng = np.random.default_rng(options.seed) if options.seed is not None else self._rng
+        sampler = Sampler(options.sampling_params(), rng=rng)
+        self._require_model()
+        gen = Generation(tokens, self._slot, self.tokenizer, sampler, stop=options.stop,
+                         max_tokens=options.max_tokens)
 
-    def _require_model(self):
+        def run():
+            with self._exclusive():
+                self._running = gen
+                self.last_timings = gen.timings
+                try:
+                    yield from generate(PerSlotModels([self._require_model()]), gen)
+                finally:
+                    self._running = None
+                    gen.close()
+                    if self.verbose:
+                        self._print_timings()
+        return run()
+
+    def _require_model(self) -> SequenceModel:
         if self._model is None:
             raise LlmrunError(f"{self.model_path}: loaded with vocab_only=True (or closed): no weights to evaluate")
         return self._model
 
-    def _check_fits(self, n: int) -> None:
-        if n > self._n_ctx:
-            raise ContextFullError(f"the prompt has {n} tokens but the context window holds {self._n_ctx} "
-                                   f"(use a larger n_ctx or a shorter prompt)")
-
     def _drop_cache(self) -> None:
         # After an interrupted forward the cache content is unknown: start clean next time.
-        self._cached = []
+        self._slot.clear()
         if self._model is not None:
             self._model.reset()
 
@@ -302,108 +349,6 @@ class Llama:
 
     def _exclusive(self):
         return Llama._Exclusive(self)
-
-    def _ingest(self, tokens: list[int], cancel: threading.Event) -> np.ndarray | None:
-        """Bring the cache to `tokens` reusing the common prefix; logits after the last token (None if cancelled)."""
-        model = self._require_model()
-        n = 0
-        for a, b in zip(self._cached, tokens):
-            if a != b:
-                break
-            n += 1
-        if n == len(tokens):
-            n -= 1                       # the last token must be evaluated again to get its logits
-        try:
-            if n < model.n_past:
-                kept = model.truncate(n)
-                if isinstance(kept, int) and kept < n:
-                    n = kept             # a sliding-window cache could not keep that prefix: evaluate it again
-            self._cached = self._cached[:n]
-            logits = None
-            for i in range(n, len(tokens), _PROMPT_CHUNK):
-                if cancel.is_set():
-                    return None
-                part = tokens[i:i + _PROMPT_CHUNK]
-                logits = model.forward(part)
-                self._cached.extend(part)
-        except BaseException:
-            self._drop_cache()
-            raise
-        self.last_timings.update(n_prompt=len(tokens), n_prompt_eval=len(tokens) - n, n_prompt_reused=n)
-        return logits
-
-    def _run(self, tokens: list[int], sampler: Sampler, max_tokens: int | None, stop) -> Iterator[tuple]:
-        """The token loop. Yields (text, None, None) per piece of safe text, then ("", finish_reason, usage).
-
-        A generator: the lock is taken at the first next() and released when it ends or is closed.
-        """
-        if not tokens:
-            raise LlmrunError("the prompt is empty (no tokens)")
-        self._require_model()
-        self._check_fits(len(tokens))
-        limit = max_tokens if max_tokens is not None and max_tokens > 0 else None
-        eog = frozenset(int(t) for t in getattr(self.tokenizer, "eog_ids", ()) or ())
-        if not eog and self.tokenizer.eos_id is not None:
-            eog = frozenset([int(self.tokenizer.eos_id)])
-
-        def loop():
-            with self._exclusive():
-                cancel = threading.Event()
-                self._cancel = cancel
-                try:
-                    yield from self._loop(tokens, sampler, limit, stop, eog, cancel)
-                finally:
-                    self._cancel = None
-        return loop()
-
-    def _loop(self, tokens, sampler, limit, stop, eog, cancel):
-        model = self._model
-        self.last_timings = {"n_gen": 0}
-        t0 = time.perf_counter()
-        logits = self._ingest(tokens, cancel)
-        t1 = time.perf_counter()
-        self.last_timings["t_prompt"] = t1 - t0
-        scanner = StopScanner(stop)
-        history = list(tokens)
-        n_gen, finish = 0, None
-        try:
-            while finish is None:
-                if cancel.is_set() or logits is None:
-                    finish = "cancelled"
-                    break
-                tok = sampler.sample(np.asarray(logits, dtype=np.float32).reshape(-1), history)
-                if tok in eog:
-                    finish = "stop"
-                    break
-                n_gen += 1
-                self.last_timings["n_gen"] = n_gen
-                history.append(tok)
-                text = scanner.push(self.tokenizer.token_to_piece(tok, special=False))
-                if text:
-                    yield text, None, None
-                if scanner.stopped:
-                    finish = "stop"
-                elif limit is not None and n_gen >= limit:
-                    finish = "length"
-                elif len(self._cached) + 1 > self._n_ctx:
-                    finish = "length"      # no room to evaluate this token and predict another
-                else:
-                    try:
-                        logits = model.forward([tok])
-                    except BaseException:
-                        self._drop_cache()
-                        raise
-                    self._cached.append(tok)
-            tail = scanner.flush()
-            if tail:
-                yield tail, None, None
-        finally:
-            t2 = time.perf_counter()
-            self.last_timings.update(t_gen=t2 - t1, n_gen=n_gen)
-            if self.verbose:
-                self._print_timings()
-        usage = {"prompt_tokens": len(tokens), "completion_tokens": n_gen, "total_tokens": len(tokens) + n_gen}
-        yield "", finish, usage
 
     def _print_timings(self) -> None:
         t = self.last_timings

@@ -27,3 +27,7 @@ class ConvertError(LlmrunError):
 
 class ContextFullError(LlmrunError):
     """The context window has no room for more tokens."""
+
+
+class AdapterError(LlmrunError):
+    """A LoRA adapter cannot be applied to the loaded model (wrong base, ranks, shapes or file)."""

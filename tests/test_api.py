@@ -5,104 +5,19 @@ the end-to-end tests at the bottom use the default SmolLM2 model.
 """
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 
 import numpy as np
 import pytest
 
+import llmrun
+from helpers.fake_llm import BOS, GO, IM_END, ByteTokenizer, ScriptedModel
+from llmrun import errors, quants
 from llmrun.api import Llama
 from llmrun.errors import ContextFullError, LlmrunError
-
-BOS, EOS, IM_END, IM_START, GO = 256, 257, 258, 259, 260
-SPECIAL = {BOS: b"<s>", EOS: b"</s>", IM_END: b"<|im_end|>", IM_START: b"<|im_start|>", GO: b"<|go|>"}
-
-
-class ByteTokenizer:
-    """One token per byte (so multi-byte characters are split across tokens) plus a few control tokens."""
-    n_vocab = 261
-    bos_id, eos_id, eot_id = BOS, EOS, None
-    eog_ids = frozenset({EOS, IM_END})
-    add_bos, add_eos = True, False
-    chat_template = None   # -> ChatML
-
-    def encode(self, text, add_bos=None, special=False):
-        data = text.encode() if isinstance(text, str) else bytes(text)
-        ids = [BOS] if (self.add_bos if add_bos is None else add_bos) else []
-        i = 0
-        while i < len(data):
-            for tid, s in SPECIAL.items():
-                if special and data.startswith(s, i):
-                    ids.append(tid)
-                    i += len(s)
-                    break
-            else:
-                ids.append(data[i])
-                i += 1
-        return ids
-
-    def token_to_piece(self, tid, special=False):
-        if tid in SPECIAL:
-            return SPECIAL[tid] if special else b""
-        return bytes([tid])
-
-    def decode(self, ids, special=False):
-        return b"".join(self.token_to_piece(t, special) for t in ids)
-
-
-class ScriptedModel:
-    """Predicts `script[j]` where j counts tokens since the last <|go|> (or <|im_start|>assistant\\n); after
-    the script it predicts `after` (EOS by default). Counts evaluated tokens; honours the engine contract."""
-
-    def __init__(self, script: bytes | list[int], n_ctx=64, after=EOS, delay=0.0):
-        self.script = list(script)
-        self.n_ctx, self.after, self.delay = n_ctx, after, delay
-        self.seq: list[int] = []
-        self.n_evaluated = 0
-        self.calls: list[int] = []
-
-    @property
-    def n_past(self):
-        return len(self.seq)
-
-    def _next(self):
-        start = None
-        for i in range(len(self.seq) - 1, -1, -1):
-            if self.seq[i] == GO:
-                start = i + 1
-                break
-            if self.seq[i] == IM_START and self.seq[i + 1:i + 11] == list(b"assistant\n"):
-                start = i + 11
-                break
-        j = len(self.seq) - start if start is not None else 0
-        if j < len(self.script):
-            return self.script[j]
-        return self.after if self.after != "cycle" else self.script[j % len(self.script)]
-
-    def _row(self):
-        row = np.zeros(ByteTokenizer.n_vocab, dtype=np.float32)
-        row[self._next()] = 20.0
-        return row
-
-    def forward(self, tokens, all_logits=False):
-        from llmrun.errors import ContextFullError as CFE
-        if len(self.seq) + len(tokens) > self.n_ctx:
-            raise CFE("fake: full")
-        if self.delay:
-            time.sleep(self.delay)
-        rows = []
-        for t in tokens:
-            self.seq.append(int(t))
-            rows.append(self._row())
-        self.n_evaluated += len(tokens)
-        self.calls.append(len(tokens))
-        return np.stack(rows) if all_logits else rows[-1]
-
-    def truncate(self, n):
-        del self.seq[n:]
-
-    def reset(self):
-        self.truncate(0)
+from llmrun.text.chat_template import ChatTemplateError
 
 
 def make(script, n_ctx=64, **kw):
@@ -164,6 +79,35 @@ def test_im_end_is_end_of_generation():
     llm, _ = make(list(b"Yes") + [IM_END] + list(b"junk"))
     out = llm.create_chat_completion([{"role": "user", "content": "ok?"}], temperature=0)
     assert out["choices"][0]["message"]["content"] == "Yes"
+
+
+def test_signatures_keep_the_promised_keywords_and_defaults():
+    # the names, order and defaults the interface promises (llama-cpp-python's), chat differing in two
+    order = ["max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "stop", "seed", "stream"]
+    shared = dict(top_p=0.95, top_k=40, min_p=0.05, repeat_penalty=1.0, stop=None, seed=None, stream=False,
+                  frequency_penalty=0.0, presence_penalty=0.0, repeat_last_n=64)
+    for method, first, own in [(Llama.create_completion, "prompt", dict(max_tokens=16, temperature=0.8)),
+                               (Llama.create_chat_completion, "messages", dict(max_tokens=None, temperature=0.2))]:
+        params = inspect.signature(method).parameters
+        assert list(params)[:2 + len(order)] == ["self", first] + order
+        assert {n: p.default for n, p in params.items() if p.default is not p.empty} == {**shared, **own}
+    llm, _ = make("Hello world")
+    out = llm.create_completion(PROMPT, 4, 0)          # max_tokens and temperature by position still work
+    assert out["choices"][0]["text"] == "Hell" and out["choices"][0]["finish_reason"] == "length"
+    with pytest.raises(TypeError):
+        llm.create_completion(PROMPT, max_token=4)
+
+
+def test_llmrun_error_is_the_top_level_base_class():
+    assert llmrun.LlmrunError is LlmrunError
+    for cls in (errors.GGUFError, errors.QuantError, errors.TokenizerError, errors.ModelError,
+                errors.ConvertError, errors.ContextFullError, ChatTemplateError):
+        assert issubclass(cls, llmrun.LlmrunError)
+    with pytest.raises(llmrun.LlmrunError, match="bogus"):
+        quants.quantize(np.zeros((1, 32), np.float32), "bogus")
+    llm, _ = make("x")
+    with pytest.raises(llmrun.LlmrunError, match="temperature"):
+        llm.create_completion(PROMPT, temperature="warm")
 
 
 # ---- stop strings & UTF-8 --------------------------------------------------------------------------------

@@ -93,5 +93,22 @@ def test_compare_case_selection():
     assert [c.model for c in select_cases(None, quick=True)] == ["smollm2"]
     assert select_cases(None, quick=False) == CASES
     assert {c.qtype for c in select_cases(["tinyllama-q4_0"], quick=False)} == {"q4_0"}
-    assert {(c.qtype, c.threads) for c in CASES} == {("q4_0", 1), ("q4_0", 2), ("q8_0", 2), ("q4_k_m", 2),
+    assert {(c.qtype, c.threads) for c in CASES} == {("q4_0", 1), ("q4_0", 2), ("q8_0", 2), ("q4_k_m", 1), ("q4_k_m", 2),
                                                       ("q4_1", 2)}
+
+
+def test_compare_gives_llamacpp_the_users_environment_not_llmruns():
+    # llmrun sets OMP_WAIT_POLICY for its own process when imported; the benchmark must capture the user's
+    # environment before that, so llama.cpp's worker runs at its own defaults.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "bench"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import bench_compare, llmrun.engine.model, os; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), bench_compare._USER_ENV.get('OMP_WAIT_POLICY'))")
+    out = subprocess.run([sys.executable, "-c", code, str(bench_dir)], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["PASSIVE", "None"]

@@ -6,7 +6,7 @@ import pytest
 
 from llmrun.errors import LlmrunError
 from llmrun.gguf import GGUFReader
-from llmrun.gguf.constants import GGMLType as T
+from llmrun.ggml import GGMLType as T
 from llmrun.gguf.constants import LlamaFileType
 from llmrun.quants.mixes import FILE_TYPE_NAMES, parse_file_type, plan_tensor_types
 

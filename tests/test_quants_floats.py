@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from llmrun.errors import QuantError
-from llmrun.gguf.constants import GGMLType
+from llmrun.ggml import GGMLType
 from llmrun.quants import dequantize, floats, quantize
 
 

@@ -253,7 +253,8 @@ def _ggml_best_index(values, x):
 
 
 def test_iq4_nl_level_choice_matches_ggml_search():
-    from llmrun.quants.iq4_nl import _IDX_TAB, _LEVEL_TAB, KVALUES, _level_slot
+    from llmrun.ggml import IQ4_NL_VALUES as KVALUES
+    from llmrun.quants.iq4_nl import _IDX_TAB, _LEVEL_TAB, _level_slot
 
     values = [int(v) for v in KVALUES]
     mids = [(a + b) / 2 for a, b in zip(values[:-1], values[1:])]

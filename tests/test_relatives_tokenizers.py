@@ -89,7 +89,7 @@ def test_phi3_added_tokens(phi3):
     tok, hf = phi3
     chat = {"<|user|>": 32003, "<|end|>": 32002, "<|assistant|>": 32001, "<|endoftext|>": 32000}
     for text, tid in chat.items():
-        assert tok.token_id(text) == tid and tok.token_types[tid] == TokenType.CONTROL
+        assert tok.tokens[tid] == text and tok.token_types[tid] == TokenType.CONTROL
     assert tok.eot_id == 32002 and {32000, 32002} <= tok.eog_ids
     texts = ["<|user|>\nHi there<|end|>\n<|assistant|>\n Answer<|end|>",
              "<|system|>You are helpful.<|end|><|user|>Hi",

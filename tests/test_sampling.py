@@ -122,3 +122,12 @@ def test_same_seed_same_tokens_other_seed_differs():
 def test_bad_parameters_are_one_line_errors(kw):
     with pytest.raises(LlmrunError):
         SamplingParams(**kw)
+
+
+def test_parameters_become_plain_numbers_or_one_line_errors():
+    p = SamplingParams(temperature=np.float32(0.5), top_k=np.int64(7), top_p="0.9")
+    assert (p.temperature, p.top_k, p.top_p) == (0.5, 7, 0.9)
+    assert type(p.temperature) is float and type(p.top_k) is int and type(p.top_p) is float
+    for kw in (dict(top_k="many"), dict(temperature=None), dict(repeat_last_n=float("inf"))):
+        with pytest.raises(LlmrunError, match=next(iter(kw))):
+            SamplingParams(**kw)

@@ -6,29 +6,14 @@ user turn (plus the template's glue) is evaluated. Ctrl-C while an answer stream
 """
 from __future__ import annotations
 
-import contextlib
-import signal
 import sys
-import threading
 import time
 from typing import TextIO
 
 from ..errors import ContextFullError
+from .signals import sigint_cancels
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (new system prompt + reset), /exit"
-
-
-@contextlib.contextmanager
-def sigint_cancels(llm):
-    """While active, Ctrl-C cancels the running generation instead of raising KeyboardInterrupt."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: llm.cancel())
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 class ChatSession:
@@ -56,7 +41,7 @@ class ChatSession:
     def _read(self) -> str | None:
         if self.interactive and self.stdin is sys.stdin and self.stdout is sys.stdout:
             try:
-                import readline  # noqa: F401  (line editing and history for input(), where available)
+                import readline  # noqa: F401  (terminal only: gives input() line editing and history)
             except ImportError:
                 pass
             try:

@@ -129,11 +129,21 @@ def _sampling_options(fn):
     return fn
 
 
-def _load_llama(model, n_ctx, threads, seed, verbose):
+def _load_llama(model, n_ctx, threads, seed, verbose, loras=()):
     from ..api import Llama
     from .paths import resolve_model
 
-    return Llama(resolve_model(model), n_ctx=n_ctx, n_threads=threads, seed=seed, verbose=verbose)
+    llm = Llama(resolve_model(model), n_ctx=n_ctx, n_threads=threads, seed=seed, verbose=verbose)
+    if loras:
+        from llmrun.convert.lora import parse_lora_arg
+        llm.set_lora([parse_lora_arg(a) for a in loras])
+    return llm
+
+
+def _lora_option(fn):
+    return click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]",
+                        help="LoRA adapter applied at run time: a GGUF LoRA file or a PEFT folder, scale 1.0 "
+                             "(repeatable)")(fn)
 
 
 def _sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, n_predict):
@@ -145,12 +155,14 @@ def _sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, n_predict
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("-p", "--prompt", required=True, help="the text to complete (not echoed: stdout is only the completion)")
 @_sampling_options
+@_lora_option
 @_one_line_errors
-def run(model, prompt, temperature, top_k, top_p, min_p, repeat_penalty, seed, threads, n_ctx, n_predict, verbose):
+def run(model, prompt, temperature, top_k, top_p, min_p, repeat_penalty, seed, threads, n_ctx, n_predict, verbose,
+        loras):
     """Complete PROMPT with MODEL (default model if omitted), streaming the text to stdout."""
-    from .chat_session import sigint_cancels
+    from .signals import sigint_cancels
 
-    llm = _load_llama(model, n_ctx, threads, seed, verbose)
+    llm = _load_llama(model, n_ctx, threads, seed, verbose, loras)
     if n_predict == 0:
         return
     finish = None
@@ -171,15 +183,17 @@ def run(model, prompt, temperature, top_k, top_p, min_p, repeat_penalty, seed, t
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--system", default=None, help="system prompt")
 @_sampling_options
+@_lora_option
 @_one_line_errors
-def chat(model, system, temperature, top_k, top_p, min_p, repeat_penalty, seed, threads, n_ctx, n_predict, verbose):
+def chat(model, system, temperature, top_k, top_p, min_p, repeat_penalty, seed, threads, n_ctx, n_predict, verbose,
+         loras):
     """Multi-turn chat with MODEL (default model if omitted) using its chat template.
 
     Type a message per line; /reset, /system TEXT, /exit. Works with piped stdin.
     """
     from .chat_session import ChatSession
 
-    llm = _load_llama(model, n_ctx, threads, seed, verbose)
+    llm = _load_llama(model, n_ctx, threads, seed, verbose, loras)
     sampling = _sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, n_predict)
     sys.exit(ChatSession(llm, system=system, sampling=sampling).run())
 
@@ -237,3 +251,21 @@ def convert(hf_dir, output_path, out_type, loras, force):
     click.echo(f"wrote {output_path} ({out_type.lower()}, {os.path.getsize(output_path) / 1e6:.1f} MB"
                f"{', %d LoRA adapter(s) merged' % len(loras) if loras else ''}) in {time.perf_counter() - t0:.1f} s")
 
+
+
+@main.command("convert-lora")
+@click.argument("adapter_dir", metavar="ADAPTER_DIR", type=click.Path())
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(), help="the GGUF LoRA file to write")
+@click.option("--base", "base_dir", type=click.Path(), default=None,
+              help="the base model's HF folder (its config.json: head counts for Q/K, shapes to check)")
+@click.option("-t", "--type", "out_type", default="f32", show_default=True, help="f32, f16 or q8_0")
+@click.option("--force", is_flag=True, help="replace the output file if it exists")
+@_one_line_errors
+def convert_lora(adapter_dir, output_path, base_dir, out_type, force):
+    """Write the PEFT LoRA adapter in ADAPTER_DIR as a GGUF LoRA file (llama.cpp's --lora format)."""
+    import os
+
+    from llmrun.convert.lora_gguf import export_lora
+
+    export_lora(adapter_dir, output_path, base_dir=base_dir, out_type=out_type, overwrite=force)
+    click.echo(f"wrote {output_path} ({out_type.lower()} LoRA, {os.path.getsize(output_path) / 1e6:.2f} MB)")

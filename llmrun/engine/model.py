@@ -22,26 +22,29 @@ import numpy as np
 from ..errors import ContextFullError, ModelError
 from ..kernels import ops
 from ..kernels.qmatmul import dequantize_rows, matmul, matvec
-from ..kernels.repack import PackedMatrix
+from ..runtime import fixed_mmap_threshold, trim_heap
 from .hparams import HParams, LlamaHParams, read_hparams  # noqa: F401  (LlamaHParams: the older name)
 from .kv_cache import LayerCache
 from .rope import Rope
-from .weights import Weights, fixed_mmap_threshold, trim_heap
+from .weights import MatrixGroup, Weights
 
 BLAS_ATTENTION_TOKENS = 16   # prefill chunks from this size use the BLAS attention path
 ACTIVATIONS = {"silu": ops.swiglu, "gelu_tanh": ops.geglu}
 
 
-def _matmul(parts: list[PackedMatrix], X: np.ndarray) -> np.ndarray:
-    if len(parts) == 1:
-        return matmul(parts[0], X)
-    return np.concatenate([matmul(p, X) for p in parts], axis=1)
+def _matmul(parts: MatrixGroup, X: np.ndarray) -> np.ndarray:
+    Y = matmul(parts[0], X) if len(parts) == 1 else np.concatenate([matmul(p, X) for p in parts], axis=1)
+    if parts.lora is not None:
+        parts.lora.add_to(X, Y)
+    return Y
 
 
-def _add_matmul(parts: list[PackedMatrix], X: np.ndarray, out: np.ndarray) -> None:
+def _add_matmul(parts: MatrixGroup, X: np.ndarray, out: np.ndarray) -> None:
     """out += X @ W.T; for one token straight inside the kernel (no temporary)."""
     if X.shape[0] == 1 and len(parts) == 1:
         matvec(parts[0], X[0], out[0], accumulate=True)
+        if parts.lora is not None:
+            parts.lora.add_to(X, out)
     else:
         out += _matmul(parts, X)
 
@@ -50,10 +53,10 @@ def _add_matmul(parts: list[PackedMatrix], X: np.ndarray, out: np.ndarray) -> No
 class _Layer:
     attn_norm: np.ndarray
     ffn_norm: np.ndarray
-    qkv: list[PackedMatrix]
-    out: list[PackedMatrix]
-    gate_up: list[PackedMatrix]
-    down: list[PackedMatrix]
+    qkv: MatrixGroup
+    out: MatrixGroup
+    gate_up: MatrixGroup
+    down: MatrixGroup
     n_head: int
     n_head_kv: int
     n_ff: int
@@ -75,7 +78,8 @@ class _Layer:
 
 
 class LlamaModel:
-    """A loaded model of any architecture in archs.py, with its KV cache (forward / truncate / reset)."""
+    """A loaded model of any architecture in archs.py with its KV cache: `forward` appends tokens and returns
+    their logits, `truncate` drops cached positions from the end, `reset` empties the cache."""
 
     def __init__(self, hparams: HParams, n_ctx: int, n_threads: int | None):
         self.hparams = hparams
@@ -87,6 +91,7 @@ class LlamaModel:
         self.load_seconds = 0.0
         self.weights_nbytes = 0
         self.kv_nbytes = 0
+        self.embd_lora = None   # the active adapters' token_embd side path (engine/adapters.py)
 
     # ------------------------------------------------------------------------------------- loading
     @classmethod
@@ -98,7 +103,7 @@ class LlamaModel:
             raise ModelError(f"thread count must be at least 1, got {n_threads}")
         hp = read_hparams(reader)
         arch = hp.arch
-        fixed_mmap_threshold()
+        fixed_mmap_threshold()   # glibc settings for the load's large temporaries: runtime.py
         w = Weights(reader)
         E = hp.n_embd
         self = cls(hp, n_ctx, n_threads)
@@ -107,7 +112,8 @@ class LlamaModel:
             self.output = w.matrix([("output.weight", (hp.n_vocab, E))])
         else:
             hp.tied_embeddings = True
-            self.output = [self.tok_embd]
+            # the output product of tied embeddings is still "output.weight" to adapters (PEFT's lm_head)
+            self.output = MatrixGroup([self.tok_embd], [("output.weight", 0, hp.n_vocab, E)])
         self.output_norm = w.vector("output_norm.weight", E)
         self._rope_setup(w)
         for il in range(hp.n_layer):
@@ -126,6 +132,10 @@ class LlamaModel:
         trim_heap()
         self.load_seconds = time.perf_counter() - t0
         return self
+
+    def matrix_groups(self) -> list[MatrixGroup]:
+        """Every product a LoRA adapter may sit beside (token_embd's lookup is `embd_lora`)."""
+        return [self.output] + [g for L in self.layers for g in (L.qkv, L.out, L.gate_up, L.down)]
 
     def _load_layer(self, w: Weights, il: int) -> _Layer:
         hp, arch, E = self.hparams, self.hparams.arch, self.hparams.n_embd
@@ -183,14 +193,18 @@ class LlamaModel:
             self.ropes.append(Rope(hp.n_rot, hp.rope_base_swa))
 
     # ------------------------------------------------------------------------------------- running
+    def kept_prefix(self, n: int) -> int:
+        """How many of the first n cached positions a forward can continue from: n, or 0 when a sliding-window
+        ring no longer holds what position n needs (nothing changes; truncate does the same check)."""
+        return n if 0 <= n <= self.n_past and all(L.cache.can_restart_at(n) for L in self.layers) else 0
+
     def truncate(self, n: int) -> int:
         """Keep the first n cached positions (later ones are overwritten by the next forward). Returns how
         many are kept: n, or 0 when a sliding-window ring no longer holds what position n needs (the cache
         then starts over and the caller evaluates the prefix again)."""
         if not 0 <= n <= self.n_past:
             raise ModelError(f"cannot truncate the cache to {n} tokens: it holds {self.n_past}")
-        if not all(L.cache.can_restart_at(n) for L in self.layers):
-            n = 0
+        n = self.kept_prefix(n)
         if n == 0:
             for L in self.layers:
                 L.cache.reset()
@@ -227,6 +241,8 @@ class LlamaModel:
         T = int(ids.size)
         pos0 = self.n_past
         x = dequantize_rows(self.tok_embd, ids)
+        if self.embd_lora is not None:
+            self.embd_lora.add_rows(ids, x)
         if hp.arch.embed_scale_sqrt:
             x *= np.float32(math.sqrt(hp.n_embd))
         tables = [r.tables(pos0, T) for r in self.ropes]
@@ -275,7 +291,7 @@ class LlamaModel:
         return out
 
     @staticmethod
-    def _residual(w: list[PackedMatrix], a: np.ndarray, post_norm: np.ndarray | None, x: np.ndarray, eps) -> None:
+    def _residual(w: MatrixGroup, a: np.ndarray, post_norm: np.ndarray | None, x: np.ndarray, eps) -> None:
         """x += a W^T, or x += rmsnorm(a W^T) with a post-norm (gemma2/3)."""
         if post_norm is None:
             _add_matmul(w, a, x)

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GGUFError
-from .constants import (GGML_BLOCK, GGML_MAX_DIMS, GGML_MAX_NAME, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC,
-                        VALUE_DTYPES, GGMLType, GGUFValueType)
+from ..ggml import GGML_BLOCK, GGMLType
+from .constants import (GGML_MAX_DIMS, GGML_MAX_NAME, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, VALUE_DTYPES,
+                        GGUFValueType)
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -37,7 +38,8 @@ def _align(x: int, a: int) -> int:
 
 
 class TensorInfo:
-    """One tensor of a GGUF file; `data` is a zero-copy view of its raw bytes, `numpy()` dequantizes."""
+    """One tensor of a GGUF file; `data` is a zero-copy view of its raw bytes
+    (llmrun.tensors.tensor_to_float32 dequantizes them)."""
 
     __slots__ = ("name", "ggml_type", "shape", "n_elements", "nbytes", "offset", "_reader")
 
@@ -66,11 +68,6 @@ class TensorInfo:
         if mm is None:
             raise GGUFError(f"{self._reader.path}: file is closed")
         return mm[self.offset:self.offset + self.nbytes].reshape(self.n_rows, self.row_nbytes)
-
-    def numpy(self) -> np.ndarray:
-        """The tensor as float32 of `shape`, dequantized."""
-        from ..quants import dequantize
-        return dequantize(self.data, self.ggml_type, self.shape)
 
     def __repr__(self) -> str:
         return f"TensorInfo({self.name!r}, {self.ggml_type.lower}, shape={self.shape})"
@@ -321,11 +318,3 @@ class GGUFReader:
     def __repr__(self) -> str:
         return f"GGUFReader({self.path!r}, v{self.version}, {len(self.metadata)} keys, {len(self.tensors)} tensors)"
 
-
-def read_tensor(path, name: str) -> np.ndarray:
-    """One tensor of a GGUF file as float32 in numpy order (dequantized)."""
-    with GGUFReader(path) as r:
-        ti = r.tensors.get(name)
-        if ti is None:
-            raise GGUFError(f"{path}: no tensor named {name!r}")
-        return ti.numpy()

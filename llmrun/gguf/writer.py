@@ -1,6 +1,6 @@
 """GGUF writer: explicit value types, streamed tensor data, atomic replace of the target file.
 
-Layout (formats.md §1): header, KVs, tensor infos, zero padding to the alignment, then each
+Layout (docs/formats.md §1): header, KVs, tensor infos, zero padding to the alignment, then each
 tensor's bytes followed by zero padding (after the last one too), in info order.
 """
 from __future__ import annotations
@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GGUFError, LlmrunError
-from .constants import (GGML_BLOCK, GGML_MAX_DIMS, GGML_MAX_NAME, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC,
-                        GGUF_VERSION, VALUE_DTYPES, GGMLType, GGUFValueType)
+from ..ggml import GGML_BLOCK, GGMLType
+from .constants import (GGML_MAX_DIMS, GGML_MAX_NAME, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGUF_VERSION,
+                        VALUE_DTYPES, GGUFValueType)
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -208,12 +209,6 @@ class GGUFWriter:
         head = b"".join(parts)
         return head + bytes(_pad(len(head), self.alignment))
 
-    def _check_target(self) -> None:
-        if self.path.is_dir():
-            raise LlmrunError(f"{self.path}: is a directory")
-        if not self.overwrite and os.path.lexists(self.path):
-            raise LlmrunError(f"{self.path}: already exists (use --force / overwrite=True to replace it)")
-
     def _publish(self, tmp: str) -> None:
         """Move the finished temp file to the target in one step."""
         if self.overwrite:
@@ -225,7 +220,7 @@ class GGUFWriter:
         except FileExistsError:
             raise LlmrunError(f"{self.path}: already exists (use --force / overwrite=True to replace it)") from None
         except OSError:  # a file system without hard links: check, then rename
-            self._check_target()
+            check_output_path(self.path, self.overwrite)
             os.replace(tmp, self.path)
             return
         os.unlink(tmp)
@@ -234,10 +229,8 @@ class GGUFWriter:
         """Write everything to a temp file beside the target, fsync, then rename over the target."""
         if self._written:
             raise GGUFError(f"{self.path}: write() was already called")
-        self._check_target()
-        folder = self.path.parent if str(self.path.parent) else Path(".")
-        if not folder.is_dir():
-            raise LlmrunError(f"{self.path}: folder {folder} does not exist")
+        check_output_path(self.path, self.overwrite)
+        folder = self.path.parent
         header = self._header_bytes()
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=folder)
         try:
@@ -270,3 +263,30 @@ class GGUFWriter:
                 os.close(dfd)
         except OSError:
             pass
+
+
+def check_output_path(path, overwrite: bool = False, inputs=()) -> None:
+    """The one check of a file about to be written; LlmrunError if it must not be.
+
+    Refuses a folder, a missing parent folder, an existing file unless `overwrite`, and any of `inputs`
+    (paths the same run reads; hard and symbolic links count as the same file). Tools call it before they
+    start working; GGUFWriter.write calls it again just before it writes."""
+    path = Path(path)
+    if path.is_dir():
+        raise LlmrunError(f"{path}: is a folder; give a file name")
+    for source in inputs:
+        if _same_file(path, Path(source)):
+            raise LlmrunError(f"{path}: output is the same file as an input")
+    if not overwrite and os.path.lexists(path):
+        raise LlmrunError(f"{path}: already exists (use --force / overwrite=True to replace it)")
+    if not path.parent.is_dir():
+        raise LlmrunError(f"{path}: folder {path.parent} does not exist")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False

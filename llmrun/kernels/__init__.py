@@ -1,12 +1,9 @@
-"""Numba kernels: load-time weight layouts (repack), quantized matrix products (qmatmul), graph ops (ops)."""
-import os
+"""Numba kernels: load-time weight layouts (repack), quantized matrix products (qmatmul), graph ops (ops).
 
-# Decode launches ~150 short parallel regions per token. With libgomp's default busy-waiting, a machine
-# whose cores are shared with other work (or oversubscribed) slows down 5-10x; passive waiting costs a few
-# microseconds per region instead. Set before numba loads its OpenMP pool; users can still override it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from .repack import PackedMatrix, pack_matrix, TILE_ROWS  # noqa: E402
-from .qmatmul import matmul, matvec, dequantize_rows  # noqa: E402
+The process-wide settings they rely on (vector width, OpenMP wait policy, BLAS threads) are made by
+llmrun/runtime.py.
+"""
+from .repack import PackedMatrix, pack_matrix, TILE_ROWS
+from .qmatmul import matmul, matvec, dequantize_rows
 
 __all__ = ["PackedMatrix", "pack_matrix", "TILE_ROWS", "matmul", "matvec", "dequantize_rows"]

@@ -6,6 +6,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from ..runtime import limit_blas_threads
+
 
 @njit(fastmath=True, cache=True)
 def rmsnorm(x, w, eps, out):
@@ -215,6 +217,7 @@ QUERY_CHUNK = 256   # prefill attention: queries per score matrix (bounds its me
 def attention_blas(q, k_cache, v_cache, pos0, scale, out, window=0, softcap=0.0):
     """attention() for many queries at once: per K/V group, scores and the weighted sum of V are two
     BLAS products over a chunk of queries (same inputs, layouts and result; ~5x faster for long prompts)."""
+    limit_blas_threads()   # BLAS's own worker threads would fight numba's (runtime.py)
     T, n_head, k_dim = q.shape
     n_head_kv = k_cache.shape[0]
     cap = k_cache.shape[2]

@@ -25,6 +25,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from ..runtime import cpu_target_has, limit_blas_threads
 from .repack import TILE_ROWS, U4, I8, H16, FP32, PackedMatrix
 
 R = TILE_ROWS
@@ -288,17 +289,9 @@ _VECS = R // 16
 
 
 def _vnni_available() -> bool:
-    """The IR micro-kernel needs AVX-512 VNNI (and 512-bit vectors: TILE_ROWS int32 = whole zmm registers)."""
-    import os
-    forced = os.environ.get("NUMBA_CPU_FEATURES")
-    if forced is not None:   # numba compiles for these features, not the host's (cpu_target.py)
-        return "+avx512vnni" in forced.split(",") and "+avx512bw" in forced.split(",") and R % 16 == 0
-    try:
-        import llvmlite.binding as ll
-        feats = ll.get_host_cpu_features()
-        return bool(feats.get("avx512vnni")) and bool(feats.get("avx512bw")) and R % 16 == 0
-    except Exception:   # an unknown host: keep the portable path
-        return False
+    """The IR micro-kernel needs AVX-512 VNNI (and 512-bit vectors: TILE_ROWS int32 = whole zmm registers),
+    on the CPU numba compiles for (which NUMBA_CPU_FEATURES may set apart from the host's)."""
+    return R % 16 == 0 and cpu_target_has("avx512vnni", "avx512bw")
 
 
 VNNI = _vnni_available()
@@ -428,7 +421,6 @@ def _igemm(codes, nibbles, d, m, has_m, zero, xp, xd, xsum, Y):
 def _matmul_vnni(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
     """Prefill product through the VNNI integer GEMM (U4/I8 tiles)."""
     T, K = X.shape
-    _limit_blas_threads()   # numpy BLAS still serves attention: keep its spinning workers away (see below)
     bs = pm.bs
     Tp = -(-T // TOKENS_PER_CALL) * TOKENS_PER_CALL
     xq = np.empty((Tp, K), np.int16)
@@ -510,33 +502,6 @@ def _widen_h16(codes, kind, r0, r1, out):
                 row[j] *= F16_TO_F32
 
 
-_blas_limited = False
-
-
-def _limit_blas_threads() -> None:
-    """Run numpy's OpenBLAS on one thread. Its worker threads busy-wait: next to Numba's threads (or other
-    processes) on few cores they made prefill 10-50x slower. Best effort: other BLAS builds are left alone."""
-    global _blas_limited
-    if _blas_limited:
-        return
-    _blas_limited = True
-    import ctypes
-    import glob
-    import os
-    libdir = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
-    for path in glob.glob(os.path.join(libdir, "*openblas*")):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                     "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            fn = getattr(lib, name, None)
-            if fn is not None:
-                fn(ctypes.c_int(1))
-                return
-
-
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -552,7 +517,7 @@ def _matmul_widened(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
     single-threaded BLAS; with several threads, the chunks are shared out to that many Python threads
     (BLAS and the widening kernels release the GIL)."""
     T, K = X.shape
-    _limit_blas_threads()
+    limit_blas_threads()
     tiled = pm.family in (U4, I8)
     if tiled:
         d, m, has_m = _scale_args(pm)
@@ -620,7 +585,7 @@ def matmul(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
     X = np.ascontiguousarray(X, dtype=np.float32)
     T = X.shape[0]
     if pm.family == FP32:
-        _limit_blas_threads()
+        limit_blas_threads()
         return X @ pm.codes.T
     if T <= FEW_TOKENS and pm.family in (U4, I8, H16):
         Y = np.empty((T, pm.n_rows), np.float32)

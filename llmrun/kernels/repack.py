@@ -14,7 +14,7 @@ row and an integer zero point per matrix, so that `w = d*(q - zero) + m`. Signed
 
 For U4 and I8, rows are grouped into tiles of TILE_ROWS; inside a tile the codes are stored *row-innermost*
 ([tile, block, byte, row]) so that the kernels' innermost loop runs over TILE_ROWS independent output
-rows: long, contiguous and without reductions, which is what LLVM vectorizes well (kernels.md).
+rows: long, contiguous and without reductions, which is what LLVM vectorizes well (docs/kernels.md).
 H16 and F32 rows stay row-major. Nothing is dequantized to a float32 copy: U4 keeps 4 bits per weight,
 I8 8 bits, H16 16 bits (prefill widens one chunk of rows at a time, qmatmul.py).
 """
@@ -26,23 +26,16 @@ import numpy as np
 from numba import njit
 
 from ..errors import ModelError
+from ..ggml import GGML_BLOCK, IQ4_NL_VALUES, GGMLType, fp16_values
 
 # Rows per tile. The kernels (qmatmul.py) compile it in as a constant; numba's on-disk cache only watches the
 # file a kernel is defined in, so after changing it here, touch qmatmul.py (or clear __pycache__).
 TILE_ROWS = 64
 
-# ggml type codes (formats.md §2); kept as ints so this module does not depend on the container code.
-F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 = 0, 1, 2, 3, 6, 7, 8
-Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, BF16 = 10, 11, 12, 13, 14, 20, 30
-
-BLOCK = {F32: (1, 4), F16: (1, 2), BF16: (1, 2), Q4_0: (32, 18), Q4_1: (32, 20), Q5_0: (32, 22),
-         Q5_1: (32, 24), Q8_0: (32, 34), IQ4_NL: (32, 18), Q2_K: (256, 84), Q3_K: (256, 110),
-         Q4_K: (256, 144), Q5_K: (256, 176), Q6_K: (256, 210)}
-TYPE_NAMES = {F32: "f32", F16: "f16", BF16: "bf16", Q4_0: "q4_0", Q4_1: "q4_1", Q5_0: "q5_0",
-              Q5_1: "q5_1", Q8_0: "q8_0", IQ4_NL: "iq4_nl", Q2_K: "q2_k", Q3_K: "q3_k", Q4_K: "q4_k",
-              Q5_K: "q5_k", Q6_K: "q6_k"}
-IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
-                         dtype=np.int8)
+# The ggml types the engine runs (each reduced to one of the families of the module doc).
+ENGINE_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1,
+                          GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.IQ4_NL, GGMLType.Q2_K,
+                          GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K})
 
 U4, I8, H16, FP32 = "u4", "i8", "h16", "f32"
 
@@ -73,18 +66,13 @@ class PackedMatrix:
         return sum(a.nbytes for a in arrays)
 
 
-def _f16(raw: np.ndarray) -> np.ndarray:
-    """Little-endian half bytes [..., 2] -> float32 [...]."""
-    return np.ascontiguousarray(raw).view("<f2")[..., 0].astype(np.float32)
-
-
 def _f16_bits(raw: np.ndarray) -> np.ndarray:
     """Little-endian half bytes [..., 2] -> their uint16 bits [...] (kept as halves: exact and compact)."""
     return np.ascontiguousarray(raw).view("<u2")[..., 0]
 
 
 def _split_blocks(raw: np.ndarray, n_cols: int, qtype: int) -> np.ndarray:
-    blck, size = BLOCK[qtype]
+    blck, size = GGML_BLOCK[qtype]
     return raw.reshape(raw.shape[0], n_cols // blck, size)
 
 
@@ -94,7 +82,7 @@ def _pack_nibbles(q: np.ndarray) -> np.ndarray:
 
 
 def _kquant_scales_mins(sc: np.ndarray):
-    """Q4_K/Q5_K 12-byte 6-bit packing [..., 12] -> scales, mins [..., 8] (formats.md §3.2)."""
+    """Q4_K/Q5_K 12-byte 6-bit packing [..., 12] -> scales, mins [..., 8] (docs/formats.md §3.2)."""
     sc = sc.astype(np.uint8)
     s = np.empty(sc.shape[:-1] + (8,), np.uint8)
     mn = np.empty_like(s)
@@ -115,39 +103,39 @@ def _two_bit_plane(qs: np.ndarray) -> np.ndarray:
 def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
     """Raw rows of one type -> (family, codes [rows, nblk, ...], d, m, bs, zero) before tiling."""
     rows = raw.shape[0]
-    if qtype == F32:
+    if qtype == GGMLType.F32:
         return FP32, raw.view("<f4").reshape(rows, n_cols), None, None, 1, 0
-    if qtype in (F16, BF16):
+    if qtype in (GGMLType.F16, GGMLType.BF16):
         return H16, raw.view("<u2").reshape(rows, n_cols), None, None, 1, 0
     b = _split_blocks(raw, n_cols, qtype)
-    if qtype == Q4_0:
+    if qtype == GGMLType.Q4_0:
         return U4, b[..., 2:18], _f16_bits(b[..., 0:2]), None, 32, 8
-    if qtype == Q4_1:
+    if qtype == GGMLType.Q4_1:
         return U4, b[..., 4:20], _f16_bits(b[..., 0:2]), _f16_bits(b[..., 2:4]), 32, 0
-    if qtype == Q8_0:
+    if qtype == GGMLType.Q8_0:
         return I8, b[..., 2:34] ^ np.uint8(0x80), _f16_bits(b[..., 0:2]), None, 32, 128   # int8 + 128
-    if qtype == IQ4_NL:
+    if qtype == GGMLType.IQ4_NL:
         qs = b[..., 2:18]
         q = np.concatenate([qs & 15, qs >> 4], axis=-1)
         return I8, (IQ4_NL_VALUES[q].astype(np.int16) + 128).astype(np.uint8), _f16_bits(b[..., 0:2]), None, 32, 128
-    if qtype in (Q5_0, Q5_1):
-        off = 2 if qtype == Q5_0 else 4
+    if qtype in (GGMLType.Q5_0, GGMLType.Q5_1):
+        off = 2 if qtype == GGMLType.Q5_0 else 4
         qh = np.ascontiguousarray(b[..., off:off + 4]).view("<u4")[..., 0]
         qs = b[..., off + 4:off + 20]
         high = ((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
         q = np.concatenate([qs & 15, qs >> 4], axis=-1) | high
         d = _f16_bits(b[..., 0:2])
-        if qtype == Q5_0:
+        if qtype == GGMLType.Q5_0:
             return I8, q, d, None, 32, 16
         return I8, q, d, _f16_bits(b[..., 2:4]), 32, 0
-    if qtype in (Q4_K, Q5_K):
-        d = _f16(b[..., 0:2])
-        dmin = _f16(b[..., 2:4])
+    if qtype in (GGMLType.Q4_K, GGMLType.Q5_K):
+        d = fp16_values(b[..., 0:2])
+        dmin = fp16_values(b[..., 2:4])
         sc, mn = _kquant_scales_mins(b[..., 4:16])
-        qs_off = 16 if qtype == Q4_K else 48
+        qs_off = 16 if qtype == GGMLType.Q4_K else 48
         qs = b[..., qs_off:qs_off + 128].reshape(rows, -1, 4, 1, 32)
         q = np.concatenate([qs & 15, qs >> 4], axis=3).reshape(rows, -1, 8, 32)  # sub-block 2c, 2c+1
-        if qtype == Q5_K:
+        if qtype == GGMLType.Q5_K:
             qh = b[..., 16:48].reshape(rows, -1, 1, 32)
             bits = ((qh >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1) << 4
             q = q | bits
@@ -155,20 +143,20 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
         dd = (d, sc.reshape(rows, nblk))
         mm = (-dmin, mn.reshape(rows, nblk))
         q = q.reshape(rows, nblk, 32)
-        if qtype == Q4_K:
+        if qtype == GGMLType.Q4_K:
             return U4, _pack_nibbles(q), dd, mm, 32, 0
         return I8, q.astype(np.uint8), dd, mm, 32, 0
-    if qtype == Q6_K:
+    if qtype == GGMLType.Q6_K:
         ql = b[..., 0:128].reshape(rows, -1, 2, 2, 32)       # [h][half][l]: ql[64h + 32*half + l]
         qh = b[..., 128:192].reshape(rows, -1, 2, 1, 32)     # qh[32h + l]
         lo = np.concatenate([ql & 15, ql >> 4], axis=3)      # [h][quarter][l]: weights 128h + 32*quarter + l
         hb = (qh >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)) & 3
         q = lo | (hb << 4)                                    # 0..63, weight = q - 32
         sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8)
-        d = _f16(b[..., 208:210])
+        d = fp16_values(b[..., 208:210])
         nblk = q.shape[1] * 16
         return I8, q.astype(np.uint8).reshape(rows, nblk, 16), (d, sc.reshape(rows, nblk)), None, 16, 32
-    if qtype == Q3_K:
+    if qtype == GGMLType.Q3_K:
         hmask = b[..., 0:32]
         low = _two_bit_plane(b[..., 32:96]).reshape(rows, -1, 8, 32)
         hbit = (hmask[..., None, :] >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1  # [8][32]: weight 32k + l
@@ -178,14 +166,14 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
         hi2 = (s[..., 8:12, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3             # [j%4][j/4]
         hi2 = np.swapaxes(hi2, -1, -2).reshape(rows, -1, 16)                             # index j
         c = ((low4 | (hi2 << 4)).astype(np.int16) - 32).astype(np.int8)
-        d = _f16(b[..., 108:110])
+        d = fp16_values(b[..., 108:110])
         nblk = q.shape[1] * 16
         return I8, q.astype(np.uint8).reshape(rows, nblk, 16), (d, c.reshape(rows, nblk)), None, 16, 4
-    if qtype == Q2_K:
+    if qtype == GGMLType.Q2_K:
         sc = b[..., 0:16]
         q = _two_bit_plane(b[..., 16:80])
-        d = _f16(b[..., 80:82])
-        dmin = _f16(b[..., 82:84])
+        d = fp16_values(b[..., 80:82])
+        dmin = fp16_values(b[..., 82:84])
         nblk = q.shape[1] * 16
         dd = (d, (sc & 15).reshape(rows, nblk))
         mm = (-dmin, (sc >> 4).reshape(rows, nblk))
@@ -240,17 +228,19 @@ _ROWS_PER_STEP = 2048
 def pack_matrix(raw: np.ndarray, qtype: int, n_cols: int) -> PackedMatrix:
     """ggml rows (uint8 [n_rows, row_nbytes]) of type `qtype` -> PackedMatrix."""
     qtype = int(qtype)
-    if qtype not in BLOCK:
+    if qtype not in ENGINE_TYPES:
         raise ModelError(f"type code {qtype} is not supported by the engine")
-    blck, size = BLOCK[qtype]
+    qtype = GGMLType(qtype)
+    blck = qtype.block_size
     if n_cols % blck:
-        raise ModelError(f"{TYPE_NAMES[qtype]} row length {n_cols} is not a multiple of {blck}")
+        raise ModelError(f"{qtype.lower} row length {n_cols} is not a multiple of {blck}")
     n_rows = raw.shape[0]
-    kind = 1 if qtype == BF16 else 0
-    if qtype in (F32, F16, BF16):
+    kind = 1 if qtype == GGMLType.BF16 else 0
+    if qtype in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
         # float rows stay row-major (BLAS reads them directly / after a per-chunk widening)
         family, codes, _, _, _, _ = _unpack(np.ascontiguousarray(raw), n_cols, qtype)
-        return PackedMatrix(family, n_rows, n_cols, np.array(codes), None, None, 1, kind=kind, src_type=qtype)
+        return PackedMatrix(family, n_rows, n_cols, np.array(codes), None, None, 1, kind=kind,
+                            src_type=int(qtype))
     n_pad = -(-n_rows // TILE_ROWS) * TILE_ROWS
     parts: list[tuple] = []
     family = bs = None
@@ -262,4 +252,4 @@ def pack_matrix(raw: np.ndarray, qtype: int, n_cols: int) -> PackedMatrix:
         parts.append(tuple(_tile_any(a, rows_here) for a in (codes, d, m)))
 
     codes, d, m = (_join_any([p[i] for p in parts]) for i in range(3))
-    return PackedMatrix(family, n_rows, n_cols, codes, d, m, bs, zero=zero, kind=kind, src_type=qtype)
+    return PackedMatrix(family, n_rows, n_cols, codes, d, m, bs, zero=zero, kind=kind, src_type=int(qtype))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import QuantError
-from ..gguf.constants import GGMLType, GGML_BLOCK, row_nbytes
+from ..ggml import GGMLType, GGML_BLOCK, row_nbytes
 from . import floats, legacy, kquants, iq4_nl
 from .common import count_non_finite
 
@@ -23,9 +23,10 @@ DEQUANTIZE = {**floats.DEQUANTIZE, **legacy.DEQUANTIZE, **kquants.DEQUANTIZE, **
 
 
 def _as_type(qtype) -> GGMLType:
-    if isinstance(qtype, str):
-        return GGMLType.from_name(qtype)
-    return GGMLType(qtype)
+    try:
+        return GGMLType.from_name(qtype) if isinstance(qtype, str) else GGMLType(qtype)
+    except ValueError:
+        raise QuantError(f"unknown tensor type {qtype!r}") from None
 
 
 def quantize(x: np.ndarray, qtype) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Small helpers shared by the block formats: fp16 scale fields, C's roundf, an input check.
+"""Small helpers shared by the block formats: C's roundf, an input check (fp16 fields: llmrun/ggml.py).
 
 The scalar function is Numba-compiled so that `@njit` kernels can call it; it also works from plain
 Python on numpy float32 scalars.
@@ -12,21 +12,6 @@ from numba import njit, prange
 
 # Work on this many weights at a time where numpy needs temporaries, to keep memory bounded on big tensors.
 CHUNK_WEIGHTS = 1 << 22
-
-
-def fp16_bytes(values: np.ndarray) -> np.ndarray:
-    """float32 values -> their IEEE half bytes (little-endian), shape [..., 2].
-
-    numpy rounds to nearest-even like ggml's F16C path (GGML_FP32_TO_FP16); out-of-range values become
-    inf there too, silently."""
-    with np.errstate(over="ignore"):
-        half = np.ascontiguousarray(values, dtype=np.float32).astype("<f2")
-    return half.view(np.uint8).reshape(*np.shape(values), 2)
-
-
-def fp16_values(raw: np.ndarray) -> np.ndarray:
-    """IEEE half bytes [..., 2] (uint8, any strides) -> float32 [...]."""
-    return np.ascontiguousarray(raw).view("<f2")[..., 0].astype(np.float32)
 
 
 @njit(cache=True)

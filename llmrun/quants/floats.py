@@ -1,4 +1,4 @@
-"""Plain float storage: F32, F16, BF16 (formats.md §2, §3.0).
+"""Plain float storage: F32, F16, BF16 (docs/formats.md §2, §3.0).
 
 "Quantizing" here is a per-element conversion; ggml rounds both F16 and BF16 to nearest-even.
 Rows are processed in chunks so big tensors need no full-size temporaries beyond the output.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import QuantError
-from ..gguf.constants import GGMLType
+from ..ggml import GGMLType
 from .common import CHUNK_WEIGHTS
 
 

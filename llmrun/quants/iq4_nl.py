@@ -1,4 +1,4 @@
-"""IQ4_NL: 32-weight blocks of 4-bit indices into a fixed non-linear table, one fp16 scale (formats.md §3.9).
+"""IQ4_NL: 32-weight blocks of 4-bit indices into a fixed non-linear table, one fp16 scale (docs/formats.md §3.9).
 
 Quantization is what llama-quantize runs without an imatrix (`quantize_iq4_nl`): ggml's
 quantize_row_iq4_nl_impl with weights x**2 and a scale search over ntry = 7, then every index
@@ -10,14 +10,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from ..gguf.constants import GGMLType
+from ..ggml import GGML_BLOCK, IQ4_NL_VALUES, GGMLType
 from .kquant_search import F32, GROUP_MAX_EPS, chunk_size, fp16_value, put_fp16
 
-QK4_NL = 32
-BLOCK_BYTES = 18
+QK4_NL, BLOCK_BYTES = GGML_BLOCK[GGMLType.IQ4_NL]   # 32 weights in 18 bytes
 NTRY = 7
-# kvalues_iq4nl: the 16 levels an index selects (sorted)
-KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 
 
 # Twice the midpoints between neighbouring levels are integers, so for any v the nearest level only
@@ -27,7 +24,7 @@ _TAB_N = 512
 
 
 def _level_tables():
-    k = KVALUES.astype(np.int64)
+    k = IQ4_NL_VALUES.astype(np.int64)
     mid2 = k[:-1] + k[1:]
     idx = np.array([(mid2 <= f).sum() for f in range(_TAB_LO, _TAB_LO + _TAB_N)], dtype=np.int32)
     return idx, k[idx].astype(np.float32)
@@ -121,7 +118,7 @@ CHUNK_BLOCKS = 64
 
 @njit(cache=True, error_model="numpy", parallel=True)
 def _quantize_rows(x, out):
-    k = KVALUES.astype(np.float32)
+    k = IQ4_NL_VALUES.astype(np.float32)
     nb = x.shape[1] // QK4_NL
     for r in prange(x.shape[0]):
         chunk = chunk_size(nb, CHUNK_BLOCKS)
@@ -132,7 +129,7 @@ def _quantize_rows(x, out):
 
 @njit(cache=True, error_model="numpy", parallel=True)
 def _dequantize_rows(raw, out):
-    k = KVALUES.astype(np.float32)
+    k = IQ4_NL_VALUES.astype(np.float32)
     nb = out.shape[1] // QK4_NL
     for r in prange(raw.shape[0]):
         for b in range(nb):

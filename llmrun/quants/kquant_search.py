@@ -1,4 +1,4 @@
-"""ggml's scale searches for the K-quants (formats.md §3.0, §3.2): scalar transcriptions of
+"""ggml's scale searches for the K-quants (docs/formats.md §3.0, §3.2): scalar transcriptions of
 make_qkx2_quants / make_qx_quants / make_q3_quants, and "lane" versions that run many groups at once.
 
 Bit-exactness with ggml's C reference depends on doing what C does with float32:

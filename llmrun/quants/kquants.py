@@ -1,7 +1,7 @@
 """K-quants Q2_K..Q6_K (256-weight super-blocks): ggml's reference quantizers, bit-exact, and dequantizers.
 
 Quantization follows `quantize_row_<type>_ref` in ggml-quants.c (what llama-quantize runs without an
-imatrix); see formats.md §3.2-§3.6 for the layouts. Rows run in parallel (they are independent, so
+imatrix); see docs/formats.md §3.2-§3.6 for the layouts. Rows run in parallel (they are independent, so
 threading cannot change a byte). Within a row, chunks of super-blocks go through two stages:
   1. the per-group scale searches (kquant_search.py), all groups of the chunk at once in SIMD lanes;
   2. per block: the fp16 super-scales, 4/6-bit group codes, re-quantization with the rounded scales
@@ -15,12 +15,11 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ..gguf.constants import GGMLType, GGML_BLOCK
+from ..ggml import GGML_BLOCK, QK_K, GGMLType
 from .kquant_search import (F32, GROUP_MAX_EPS, chunk_size, fp16_value, make_q3_quants, make_q3_quants_lanes,
                             make_qkx2_lanes, make_qkx2_quants, make_qx_quants, make_qx_quants_lanes, nearest_int,
                             put_fp16)
 
-QK_K = 256
 
 # Codes for the compiled drivers (numba cannot dispatch on GGMLType values cheaply).
 _Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = 2, 3, 4, 5, 6

@@ -1,4 +1,4 @@
-"""The legacy 32-weight block formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (formats.md §3.1).
+"""The legacy 32-weight block formats: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (docs/formats.md §3.1).
 
 Quantizers follow ggml's `quantize_row_<type>_ref` (what llama-quantize runs without an imatrix) and
 must stay byte-identical to it, so every step is float32 in ggml's order, with no fused multiply-add
@@ -17,10 +17,10 @@ import numpy as np
 from numba import njit, prange
 
 from ..errors import QuantError
-from ..gguf.constants import GGMLType
-from .common import fp16_bytes, fp16_values, roundf
+from ..ggml import GGML_BLOCK, GGMLType, fp16_bytes, fp16_values
+from .common import roundf
 
-QK = 32
+QK = GGML_BLOCK[GGMLType.Q4_0][0]   # weights per block, 32 in all five formats
 _F32 = np.float32
 
 
@@ -210,11 +210,13 @@ def _dequantize_q8_0(raw, scales, out):
 # --- numpy wrappers: the contract's fn(x2d) -> raw and fn(raw, n_cols) -> float32 ---
 
 class _Format:
-    """One block format: bytes per block, fp16 scale fields at its start, and its two kernels."""
+    """One block format: its type, fp16 scale fields at the block's start, and its two kernels."""
 
-    def __init__(self, name: str, block_bytes: int, n_scales: int, quantize_kernel, dequantize_kernel):
-        self.name = name
-        self.block_bytes = block_bytes
+    def __init__(self, qtype: GGMLType, n_scales: int, quantize_kernel, dequantize_kernel):
+        assert qtype.block_size == QK
+        self.qtype = qtype
+        self.name = qtype.lower
+        self.block_bytes = qtype.type_size
         self.n_scales = n_scales
         self.quantize_kernel = quantize_kernel
         self.dequantize_kernel = dequantize_kernel
@@ -242,13 +244,13 @@ class _Format:
         return out.reshape(n_rows, n_cols)
 
 
-FORMATS = {
-    GGMLType.Q4_0: _Format("q4_0", 18, 1, _quantize_q4_0, _dequantize_q4_0),
-    GGMLType.Q4_1: _Format("q4_1", 20, 2, _quantize_q4_1, _dequantize_q4_1),
-    GGMLType.Q5_0: _Format("q5_0", 22, 1, _quantize_q5_0, _dequantize_q5_0),
-    GGMLType.Q5_1: _Format("q5_1", 24, 2, _quantize_q5_1, _dequantize_q5_1),
-    GGMLType.Q8_0: _Format("q8_0", 34, 1, _quantize_q8_0, _dequantize_q8_0),
-}
+FORMATS = {f.qtype: f for f in (
+    _Format(GGMLType.Q4_0, 1, _quantize_q4_0, _dequantize_q4_0),
+    _Format(GGMLType.Q4_1, 2, _quantize_q4_1, _dequantize_q4_1),
+    _Format(GGMLType.Q5_0, 1, _quantize_q5_0, _dequantize_q5_0),
+    _Format(GGMLType.Q5_1, 2, _quantize_q5_1, _dequantize_q5_1),
+    _Format(GGMLType.Q8_0, 1, _quantize_q8_0, _dequantize_q8_0),
+)}
 
 QUANTIZE = {t: f.quantize for t, f in FORMATS.items()}
 DEQUANTIZE = {t: f.dequantize for t, f in FORMATS.items()}

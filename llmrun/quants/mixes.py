@@ -16,7 +16,8 @@ from __future__ import annotations
 import re
 
 from ..errors import QuantError
-from ..gguf.constants import GGML_BLOCK, GGMLType, LlamaFileType
+from ..ggml import GGML_BLOCK, GGMLType
+from ..gguf.constants import LlamaFileType
 
 F = LlamaFileType
 
@@ -121,10 +122,13 @@ def _category(name: str) -> str:
     return "other"
 
 
-def _allows_quantization(name: str, shape: tuple[int, ...]) -> bool:
+def stays_f32(name: str, shape) -> bool:
+    """True for the tensors every file type stores as F32: 1-D ones (norms, rope_freqs), norms and the
+    other weights llama.cpp never quantizes (tensor_allows_quantization says no). The one statement of
+    this rule: the converter and `llmrun quantize` both get their types from plan_tensor_types."""
     if len(shape) < 2 or not name.endswith("weight"):
-        return False
-    return not any(fragment in name for fragment in _NEVER_QUANTIZED)
+        return True
+    return any(fragment in name for fragment in _NEVER_QUANTIZED)
 
 
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
@@ -222,7 +226,7 @@ def plan_tensor_types(tensors, ftype, *, n_layer: int, n_head: int, n_head_kv: i
                       pure: bool = False) -> dict[str, GGMLType]:
     """The ggml type llama-quantize gives each tensor of a llama model for file type `ftype`.
 
-    tensors: (name, numpy-order shape) pairs. Tensors llama.cpp does not quantize (1-D ones, norms) -> F32.
+    tensors: (name, numpy-order shape) pairs. Tensors that `stays_f32` names (1-D ones, norms) -> F32.
     pure=True is llama-quantize --pure: every quantizable tensor gets the default type (shape fallbacks
     still apply). Returns {name: GGMLType} in the order given.
     """
@@ -236,7 +240,7 @@ def plan_tensor_types(tensors, ftype, *, n_layer: int, n_head: int, n_head_kv: i
     planned: dict[str, GGMLType] = {}
     for name in sorted(shapes, key=_loader_order):
         shape = shapes[name]
-        if not _allows_quantization(name, shape):
+        if stays_f32(name, shape):
             planned[name] = GGMLType.F32
         elif default_type in _FLOAT_TYPES:
             planned[name] = default_type
@@ -246,4 +250,4 @@ def plan_tensor_types(tensors, ftype, *, n_layer: int, n_head: int, n_head_kv: i
     return {name: planned[name] for name in shapes}
 
 
-__all__ = ["FILE_TYPE_NAMES", "DEFAULT_TYPE", "parse_file_type", "plan_tensor_types", "use_more_bits"]
+__all__ = ["FILE_TYPE_NAMES", "DEFAULT_TYPE", "parse_file_type", "plan_tensor_types", "stays_f32", "use_more_bits"]

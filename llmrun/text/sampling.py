@@ -13,7 +13,7 @@ Every random draw comes from a ``numpy.random.Generator``; the same seed and set
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence
 
 import numpy as np
@@ -33,7 +33,14 @@ class SamplingParams:
     presence_penalty: float = 0.0
 
     def __post_init__(self):
-        # Catch nonsense early with one readable line instead of NaNs later.
+        # Plain Python numbers whatever came in (numpy scalars, "0.5", an int for a float) ...
+        for f in fields(self):
+            value = getattr(self, f.name)
+            try:
+                object.__setattr__(self, f.name, type(f.default)(value))
+            except (TypeError, ValueError, OverflowError):
+                raise LlmrunError(f"{f.name} must be a number, got {value!r}") from None
+        # ... and nonsense caught early with one readable line instead of NaNs later.
         if not np.isfinite(self.temperature):
             raise LlmrunError(f"temperature must be a finite number, got {self.temperature}")
         if not 0.0 <= self.top_p <= 1.0 or not np.isfinite(self.top_p):

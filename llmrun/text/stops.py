@@ -34,7 +34,6 @@ class StopScanner:
         self._utf8 = Utf8Stream()
         self._held = ""          # decoded text not yet emitted (a possible stop-string prefix)
         self.stopped = False     # a stop string was found; everything from it on is discarded
-        self.stop_found: str | None = None
 
     def push(self, piece: bytes) -> str:
         if self.stopped:
@@ -60,7 +59,7 @@ class StopScanner:
         for s in self.stop:
             i = text.find(s)
             if i != -1 and (hit == -1 or i < hit):
-                hit, self.stop_found = i, s
+                hit = i
         if hit != -1:
             self.stopped = True
             self._held = ""

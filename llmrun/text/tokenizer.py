@@ -193,13 +193,6 @@ class Tokenizer:
         ids -= {self._token_to_id[t] for t in ("<unk>", "<s>", "<|endoftext|>") if t in self._token_to_id}
         return frozenset(ids)
 
-    def is_eog(self, token_id: int) -> bool:
-        return token_id in self.eog_ids
-
-    def token_id(self, text: str) -> int | None:
-        """Id of the token whose vocabulary text is exactly ``text`` (e.g. "<|im_end|>")."""
-        return self._token_to_id.get(text)
-
     # --- encode -----------------------------------------------------------------------------
     def _partition(self, text: bytes, special: bool) -> list[bytes | int]:
         """Split on special tokens (llama.cpp tokenizer_st_partition); user-defined ones always."""

@@ -1,32 +1,26 @@
 """Re-quantize a GGUF model to another file type (the library behind `llmrun quantize`).
 
-Like llama-quantize: every KV is copied with its type, 2-D+ weights get the per-tensor type
-chosen by llama.cpp's mix rules (`plan_tensor_types`), 1-D tensors (norms) are stored as F32.
+Like llama-quantize: every KV is copied with its type, every tensor gets the type chosen by llama.cpp's
+mix rules (`plan_tensor_types`; norms and other 1-D tensors are stored as F32, see `stays_f32`).
 Tensors are dequantized and quantized one at a time while the writer streams them out.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from ..errors import LlmrunError
-from ..gguf import GGUFReader, GGUFWriter, GGMLType, GGUFValueType, LlamaFileType
-from ..gguf.constants import GGML_QUANT_VERSION
+from ..gguf import GGUFReader, GGUFWriter, GGMLType, GGUFValueType
+from ..gguf.writer import check_output_path
+from ..ggml import GGML_QUANT_VERSION
+from ..quants import quantize
+from ..quants.mixes import parse_file_type, plan_tensor_types
+from ..tensors import tensor_to_float32
 
 # How `progress` is told about each tensor: (index from 0, total, name, chosen type).
 Progress = Callable[[int, int, str, GGMLType], None]
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def _hparam(r: GGUFReader, arch: str, name: str, default=None) -> int:
@@ -44,15 +38,9 @@ def requantize(in_path, out_path, file_type, *, overwrite: bool = False,
 
     Returns the type chosen for every tensor. Nothing is written unless the whole file is.
     """
-    from ..quants import dequantize, quantize
-    from ..quants.mixes import parse_file_type, plan_tensor_types
-
     in_path, out_path = Path(in_path), Path(out_path)
-    ftype = file_type if isinstance(file_type, LlamaFileType) else parse_file_type(str(file_type))
-    if _same_file(in_path, out_path):
-        raise LlmrunError(f"{out_path}: output is the same file as the input")
-    if out_path.exists() and not overwrite:
-        raise LlmrunError(f"{out_path}: already exists (use --force to replace it)")
+    ftype = parse_file_type(file_type)
+    check_output_path(out_path, overwrite, inputs=[in_path])
 
     r = GGUFReader(in_path)
     try:
@@ -81,29 +69,22 @@ def requantize(in_path, out_path, file_type, *, overwrite: bool = False,
         chosen: dict[str, GGMLType] = {}
         n = len(r.tensors)
         for i, ti in enumerate(r.tensors.values()):
-            if len(ti.shape) == 1:
-                target = GGMLType.F32
-            elif ti.name in plan:
-                target = GGMLType(plan[ti.name])
-            else:
-                raise LlmrunError(f"{in_path}: no target type planned for tensor {ti.name!r}")
-            chosen[ti.name] = target
-            w.add_tensor(ti.name, ti.shape, target, _converter(ti, target, dequantize, quantize,
-                                                                progress, i, n))
+            target = chosen[ti.name] = GGMLType(plan[ti.name])
+            w.add_tensor(ti.name, ti.shape, target, _converter(ti, target, progress, i, n))
         w.write()
         return chosen
     finally:
         r.close()
 
 
-def _converter(ti, target: GGMLType, dequantize, quantize, progress, i: int, n: int):
+def _converter(ti, target: GGMLType, progress: Progress | None, i: int, n: int):
     """Zero-arg callable producing the tensor's new bytes when the writer reaches it."""
     def produce():
         if progress is not None:
             progress(i, n, ti.name, target)
         if ti.ggml_type == target:  # llama.cpp copies tensors already of the target type
             return ti.data  # zero-copy view of the input's bytes
-        x = dequantize(ti.data, ti.ggml_type, ti.shape)
+        x = tensor_to_float32(ti)
         if target == GGMLType.F32:
             return x
         return quantize(x.reshape(-1, ti.shape[-1]), target)

@@ -77,7 +77,7 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def llama3_rope_freqs(hd: int, base: float, factor: float, low: float, high: float, old: int) -> np.ndarray:
-    """The converter's rope_freqs.weight for Llama 3 rope scaling (formats.md §5)."""
+    """The converter's rope_freqs.weight for Llama 3 rope scaling (docs/formats.md §5)."""
     out = []
     for i in range(hd // 2):
         f = base ** (-2.0 * i / hd)

@@ -129,26 +129,33 @@ def make_lora(base_dir: Path, out_dir: Path, *, r: int = 4, alpha: float = 8, ta
     return Path(out_dir)
 
 
+def scale_lora_layers(peft_model, scale: float) -> None:
+    """Multiply every LoRA layer's scaling by `scale` (PEFT's scale_layer skips embedding layers: their
+    factors are not in lora_A)."""
+    from peft.tuners.lora import LoraLayer
+    for m in peft_model.modules():
+        if isinstance(m, LoraLayer):
+            for name in m.scaling:
+                m.scaling[name] *= scale
+
+
 def merged_reference(base_dir: Path, adapters=()):
     """transformers model (float32) with the adapters merged by PEFT itself, in order, each at its scale."""
     import torch
     from peft import PeftModel
-    from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     for d, scale in adapters:
         pm = PeftModel.from_pretrained(model, d)
-        for m in pm.modules():
-            if isinstance(m, LoraLayer):
-                m.scale_layer(scale)
+        scale_lora_layers(pm, scale)
         model = pm.merge_and_unload()
     model.eval()
     return model
 
 
 def permute_qk_reference(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """formats.md §4 written out: GGUF_row[h*hd + 2i + j] = HF_row[h*hd + j*hd/2 + i]."""
+    """docs/formats.md §4 written out: GGUF_row[h*hd + 2i + j] = HF_row[h*hd + j*hd/2 + i]."""
     hd = w.shape[0] // n_heads
     out = np.empty_like(w)
     for h in range(n_heads):
@@ -160,7 +167,7 @@ def permute_qk_reference(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def expected_gguf_tensors(model) -> dict[str, np.ndarray]:
     """GGUF name -> float32 array (numpy order) from a transformers LLaMA model, written independently of
-    convert/names.py: the table of formats.md §4 plus the Q/K permutation."""
+    convert/names.py: the table of docs/formats.md §4 plus the Q/K permutation."""
     cfg = model.config
     sd = {k: v.detach().to(dtype=__import__("torch").float32).numpy() for k, v in model.state_dict().items()}
     out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
@@ -196,3 +203,48 @@ def mean_kl(ref_logits: np.ndarray, logits: np.ndarray) -> float:
         return x - np.log(np.exp(x).sum(-1, keepdims=True))
     p_log, q_log = logsoftmax(ref_logits), logsoftmax(logits)
     return float((np.exp(p_log) * (p_log - q_log)).sum(-1).mean())
+
+
+BNB_MODES = ("nf4", "nf4-double-bf16", "fp4-double", "int8")
+
+
+def make_bnb_checkpoint(base_dir: Path, out_dir: Path, mode: str) -> Path:
+    """base_dir quantized by transformers' BitsAndBytesConfig on the CPU and saved with save_pretrained (the
+    form QLoRA bases come in), with base_dir's tokenizer files. mode: one of BNB_MODES."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if mode == "int8":
+        q, dtype = BitsAndBytesConfig(load_in_8bit=True), torch.float32
+    else:   # the storage dtype (bf16: quant_state dtype and unquantized tensors); float32 compute
+        dtype = torch.bfloat16 if mode.endswith("bf16") else torch.float32
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=mode[:3],
+                               bnb_4bit_use_double_quant="double" in mode, bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=q, dtype=dtype, device_map="cpu")
+    model.save_pretrained(out_dir)
+    for p in Path(base_dir).glob("tokenizer*"):
+        shutil.copy(p, Path(out_dir) / p.name)
+    return Path(out_dir)
+
+
+def bnb_reference_model(folder: Path, adapter: Path | None = None):
+    """A bitsandbytes checkpoint loaded by transformers (float32 activations), optionally with a PEFT adapter
+    on top (unmerged: QLoRA's own forward). bitsandbytes' AVX512-BF16 inference repacking is switched off so
+    that every 4-bit layer runs bitsandbytes' dequantize + float32 matmul (the repacked path computes in bf16),
+    and unquantized bf16 tensors (which transformers keeps in their stored dtype) are widened, exactly."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="cpu")
+    if adapter is not None:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter)
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+    for p in model.parameters():
+        if p.dtype in (torch.bfloat16, torch.float16):
+            p.data = p.data.float()
+    model.eval()
+    return model

@@ -1,0 +1,162 @@
+"""Every process-wide setting llmrun makes, in one place: what, when and why.
+
+At `import llmrun` (llmrun/__init__.py calls configure_before_numba() before anything imports numba):
+  NUMBA_CPU_FEATURES  set to the host's own LLVM feature list plus "-prefer-256-bit" on AVX-512 hosts, so that
+      LLVM vectorizes the kernels with 512-bit registers. Its tuning for recent Intel cores keeps loops at 256
+      bits, which halves the work per instruction of the decode kernels (the 4-bit matrix-vector product ran
+      1.4-1.5x faster with 512-bit vectors on a Xeon). Numba reads its target once, when its code generator
+      starts, hence before numba loads. Never features the CPU lacks; left alone when the user set
+      NUMBA_CPU_FEATURES or NUMBA_CPU_NAME, set LLMRUN_VECTOR_WIDTH=256, or numba was already imported.
+      Numba's on-disk cache is keyed by the feature string, so cached code never mixes the two settings.
+  OMP_WAIT_POLICY  defaults to PASSIVE (a user's value is kept). Decode launches ~150 short parallel regions per
+      token; with libgomp's default busy-waiting, a machine whose cores are shared with other work (or
+      oversubscribed) slows down 5-10x, while passive waiting costs a few microseconds per region. libgomp
+      reads it once, when numba first loads its OpenMP pool. Child processes inherit it.
+
+At the engine's first BLAS product (prefill through sgemm, float32 weights, the BLAS attention path):
+  BLAS threads  numpy's BLAS (every BLAS library loaded by then) runs on one thread for the rest of the
+      process, through threadpoolctl. Its worker threads busy-wait: beside Numba's threads (or other
+      processes) on few cores they made prefill 10-50x slower. llmrun parallelizes those products itself.
+
+While a model loads (engine/model.py, glibc on Linux only; elsewhere nothing happens):
+  mallopt(M_MMAP_THRESHOLD, 1 MiB)  from the start of the first load on: large blocks get their own mappings,
+      returned to the system when freed. glibc's default raises this threshold as large blocks are freed (up to
+      32 MiB), after which repacking's temporaries fragment the heap: ~30 % of the weights' size stayed
+      resident after loading a 1.1B model.
+  malloc_trim(0)  at the end of each load: gives the load's freed temporaries back to the system.
+  madvise(MADV_DONTNEED)  on each tensor's memory-mapped file pages once its repacked copy exists: the file's
+      pages would only double the resident memory (the page cache keeps them; a later read faults them back).
+
+Not process-wide, so not here: numba's thread count (numba.set_num_threads is per OS thread; the model sets it
+per forward call), the chat REPL's SIGINT handler (installed and restored around each answer,
+cli/chat_session.py).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import mmap
+import os
+import sys
+import threading
+
+# ------------------------------------------------------------------------------------------ at import
+
+
+def configure_before_numba() -> None:
+    """The import-time settings above; must run before numba is imported (llmrun/__init__.py)."""
+    _prefer_wide_vectors()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+_WIDE = ",-prefer-256-bit"
+
+
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return {"avx512f", "avx512bw", "avx512vl"} <= flags
+    except OSError:
+        pass
+    return False
+
+
+def _prefer_wide_vectors() -> None:
+    if os.environ.get("NUMBA_CPU_FEATURES") or os.environ.get("NUMBA_CPU_NAME") or "numba" in sys.modules:
+        return
+    if os.environ.get("LLMRUN_VECTOR_WIDTH") == "256" or not _has_avx512():
+        return
+    try:
+        import llvmlite.binding as ll
+        features = ll.get_host_cpu_features().flatten()
+    except Exception:   # no llvmlite / unknown host: numba's defaults
+        return
+    if "+avx512f" in features:
+        os.environ["NUMBA_CPU_FEATURES"] = features + _WIDE
+
+
+def cpu_target_has(*features: str) -> bool:
+    """Whether the CPU numba compiles for has all `features` (LLVM names such as "avx512vnni"): the ones listed
+    in NUMBA_CPU_FEATURES when that is set (by the user or at import, above), else the host's."""
+    forced = os.environ.get("NUMBA_CPU_FEATURES")
+    if forced is not None:
+        listed = forced.split(",")
+        return all("+" + f in listed for f in features)
+    try:
+        import llvmlite.binding as ll
+        host = ll.get_host_cpu_features()
+        return all(bool(host.get(f)) for f in features)
+    except Exception:   # an unknown host: claim nothing
+        return False
+
+
+# ------------------------------------------------------------------------------------------ BLAS threads
+_blas_limited = False
+_blas_lock = threading.Lock()
+
+
+def limit_blas_threads() -> None:
+    """Run every loaded BLAS library on one thread from now on (see the module doc). Cheap after the first call."""
+    global _blas_limited
+    if _blas_limited:
+        return
+    with _blas_lock:
+        if _blas_limited:
+            return
+        import threadpoolctl
+        # Called, not entered as a `with` block: the limit stays for the whole process. A scoped limit would not
+        # do: OpenBLAS's pthreads pool is shared by all threads, so one Llama per thread would undo each other's.
+        threadpoolctl.threadpool_limits(limits=1, user_api="blas")
+        # threadpoolctl >= 3.8 lets only the thread that last set a shared OpenBLAS pool change it again; hand
+        # that back so that the application's own threadpoolctl calls keep working.
+        release = getattr(getattr(threadpoolctl, "OpenBLASController", None), "clear_controlling_thread", None)
+        if release is not None:
+            release()
+        _blas_limited = True
+
+
+# ------------------------------------------------------------------------------------------ glibc memory
+_M_MMAP_THRESHOLD = -3   # mallopt parameter (malloc.h)
+_MADV_DONTNEED = 4       # Linux
+
+
+@functools.cache
+def _libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def fixed_mmap_threshold() -> None:
+    """mallopt(M_MMAP_THRESHOLD, 1 MiB): see the module doc. Best effort."""
+    fn = getattr(_libc(), "mallopt", None)
+    if fn is not None:
+        fn(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(1 << 20))
+
+
+def trim_heap() -> None:
+    """malloc_trim(0): give freed heap memory back to the system. Best effort."""
+    fn = getattr(_libc(), "malloc_trim", None)
+    if fn is not None:
+        fn(ctypes.c_size_t(0))
+
+
+def drop_file_pages(raw) -> None:
+    """madvise(MADV_DONTNEED) on the whole pages of `raw`, a numpy view into a read-only file mapping, so they
+    stop counting as resident (see the module doc). Best effort."""
+    libc = _libc()
+    if libc is None or raw.size == 0:
+        return
+    page = mmap.PAGESIZE
+    start = raw.ctypes.data
+    end = start + raw.nbytes
+    lo = -(-start // page) * page
+    hi = end // page * page
+    if hi > lo:
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(_MADV_DONTNEED))
