@@ -85,7 +85,8 @@ class HParams:
     arch: Arch = ARCHS["llama"]
     sliding_window: int = 0                                    # 0: none
     swa_layers: list[bool] = field(default_factory=list)       # per layer: uses the sliding window
-    rope_base_swa: float = 0.0                                 # RoPE base of sliding layers
+    rope_base_swa: float = 0.0                                 # RoPE base of sliding layers when local_rope
+    local_rope: bool = False                                   # sliding layers have their own, unscaled RoPE
     attn_scale: float = 0.0                                    # multiplies q (1/sqrt(head_dim) by default)
     attn_softcap: float = 0.0                                  # 0: none
     final_softcap: float = 0.0
@@ -172,6 +173,7 @@ def _read_relatives(m: _Meta, hp: HParams, path) -> None:
     else:
         p = arch.swa_period
         hp.swa_layers = [p == 0 or il % p < p - 1 for il in range(hp.n_layer)]
+    hp.local_rope = any(hp.swa_layers) and (arch.swa_rope_base > 0 or m.has("rope.freq_base_swa"))
     hp.rope_base_swa = m.get("rope.freq_base_swa", float, arch.swa_rope_base or hp.rope_base)
     if arch.softcaps is not None:
         hp.attn_softcap = m.get("attn_logit_softcapping", float, arch.softcaps[0])

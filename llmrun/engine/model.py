@@ -149,9 +149,10 @@ class LlamaModel:
         else:
             qkv = w.matrix([(b + p + ".weight", (rows, E)) for p, rows in parts])
         bias = None   # llama.cpp loads attn_q/k/v.bias when present (qwen2 always has them)
-        if arch.qkv_bias == "required" or any(w.has(b + p + ".bias") for p, _ in parts):
-            bias = np.concatenate([w.vector(b + p + ".bias", rows) if arch.qkv_bias == "required" or
-                                   w.has(b + p + ".bias") else np.zeros(rows, np.float32) for p, rows in parts])
+        required = arch.qkv_bias == "required"
+        if required or any(w.has(b + p + ".bias") for p, _ in parts):
+            bias = np.concatenate([w.vector(b + p + ".bias", rows) if required or w.has(b + p + ".bias")
+                                   else np.zeros(rows, np.float32) for p, rows in parts])
         if arch.gate_up_fused:
             gate_up = w.matrix([(b + "ffn_up.weight", (2 * nff, E))])
         else:
@@ -170,11 +171,11 @@ class LlamaModel:
             post_ffn_norm=w.vector(b + "post_ffw_norm.weight", E) if arch.post_norms else None,
             n_head=nh, n_head_kv=nkv, n_ff=nff,
             cache=LayerCache(nkv, hd, vd, self.n_ctx, window),
-            rope=1 if window and len(self.ropes) > 1 else 0)
+            rope=1 if window and hp.local_rope else 0)
 
     def _rope_setup(self, w: Weights) -> None:
-        """ropes[0] for global layers; ropes[1] for sliding layers when their base differs (gemma3's local RoPE,
-        which never uses the file's scaling)."""
+        """ropes[0] for global layers; ropes[1] for sliding layers with a local RoPE (gemma3's: its own base,
+        never the file's scaling)."""
         hp = self.hparams
         half = hp.n_rot // 2
         factors = None
@@ -189,7 +190,7 @@ class LlamaModel:
         if hp.rope_scaling == "yarn":
             yarn = (hp.yarn_ext_factor, hp.yarn_beta_fast, hp.yarn_beta_slow, hp.rope_orig_ctx)
         self.ropes = [Rope(hp.n_rot, hp.rope_base, hp.rope_freq_scale, factors, hp.yarn_attn_factor, yarn)]
-        if any(hp.swa_layers) and hp.rope_base_swa != hp.rope_base:
+        if hp.local_rope:
             self.ropes.append(Rope(hp.n_rot, hp.rope_base_swa))
 
     # ------------------------------------------------------------------------------------- running
