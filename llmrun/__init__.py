@@ -12,7 +12,10 @@ def __getattr__(name):
     if name == "Llama":
         from .api import Llama
         return Llama
+    if name == "LlamaGrammar":          # llama-cpp-python's name for a compiled grammar
+        from .text.grammar import Grammar
+        return Grammar
     raise AttributeError(name)
 
 
-__all__ = ["Llama", "LlmrunError", "__version__"]
+__all__ = ["Llama", "LlamaGrammar", "LlmrunError", "__version__"]

@@ -28,29 +28,31 @@ from .completion_options import CompletionOptions, takes_options
 from .errors import LlmrunError
 from .generate import CacheSlot, Event, Generation, PerSlotModels, check_fits, generate
 from .gguf import GGUFReader
+from .llama_compat import check_constructor_keywords, completion_notes
 from .llama_types import (ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, CompletionUsage,
-                          FinishReason)
+                          CreateEmbeddingResponse, FinishReason)
 from .protocols import SequenceModel, TokenizerLike
+from .results import ChoiceLog, chat_logprobs, completion_logprobs, prompt_logprobs
 from .text.chat_template import render_chat
+from .text.grammar import Grammar, GrammarError, as_grammar, response_format_grammar
 from .text.sampling import Sampler
 from .text.tokenizer import Tokenizer
+from .text.tool_calls import (CallStream, check_tools, describe_tools, forced_call_schema, parse_tool_calls,
+                                resolve_tool_choice)
+
+_DEFAULT_SEEDS = (-1, 0xFFFFFFFF)   # llama-cpp-python's "random seed" values
 
 
-def _pieces(events: Iterable[Event]) -> Iterator[tuple[str, FinishReason | None]]:
-    """(text, None) for each piece of text to show, then ("", finish_reason) once."""
-    for event in events:
-        if event.text:
-            yield event.text, None
-        if event.finish_reason is not None:
-            yield "", event.finish_reason
+def _collect(events: Iterable[tuple[int, Event]], n: int) -> list[ChoiceLog]:
+    logs = [ChoiceLog() for _ in range(n)]
+    for index, event in events:
+        logs[index].add(event)
+    return logs
 
 
-def _collect(events: Iterable[Event]) -> tuple[str, FinishReason, CompletionUsage]:
-    parts, last = [], None
-    for event in events:
-        parts.append(event.text)
-        last = event
-    return "".join(parts), last.finish_reason, last.usage
+def _usage(n_prompt: int, logs: Sequence[ChoiceLog]) -> CompletionUsage:
+    n_gen = sum(log.usage["completion_tokens"] for log in logs if log.usage)
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
 
 
 class Llama:
@@ -60,19 +62,27 @@ class Llama:
 
     ``n_ctx=0`` uses the model's training context. ``seed`` seeds this object's random generator (calls with
     their own ``seed=`` use a fresh generator from that seed, so the same seed and settings give the same
-    output). ``vocab_only=True`` loads only the tokenizer. See the module docstring for cache reuse, cancel
-    and threading rules.
+    output; -1 means random, as in llama-cpp-python). ``vocab_only=True`` loads only the tokenizer.
+
+    ``chat_format`` (a name from text/chat_formats.py, e.g. "chatml", "llama-3") or ``chat_template`` (Jinja
+    text) replace the file's chat template. ``embedding=True`` is accepted (embeddings always work here);
+    ``pooling_type`` (llama.cpp's enum or "mean"/"cls"/"last"/"none") overrides the file's pooling.
+    llama-cpp-python's GPU / batching / mmap keywords are accepted and ignored (a note under ``verbose``).
+    See the module docstring for cache reuse, cancel and threading rules.
     """
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | None = None,
                  seed: int | None = None, vocab_only: bool = False, verbose: bool = False,
-                 lora_path: str | os.PathLike | None = None, lora_scale: float = 1.0):
+                 lora_path: str | os.PathLike | None = None, lora_scale: float = 1.0, embedding: bool = False,
+                 pooling_type: int | str | None = -1, chat_format: str | None = None,
+                 chat_template: str | None = None, **kwargs):
+        notes = check_constructor_keywords(kwargs)
         self.model_path = str(model_path)
         reader = GGUFReader(model_path)
         try:
             tokenizer = Tokenizer.from_metadata(reader.metadata)
+            arch = reader.get("general.architecture", "llama")
             if n_ctx is None or n_ctx <= 0:
-                arch = reader.get("general.architecture", "llama")
                 n_ctx = int(reader.get(f"{arch}.context_length", 4096))
             model = None
             if not vocab_only:
@@ -83,6 +93,15 @@ class Llama:
             raise
         self._reader = reader   # stays open: the model's weights are views into its mmap
         self._setup(tokenizer, model, n_ctx, seed, verbose, os.path.basename(self.model_path))
+        try:
+            self._configure(embedding, pooling_type, reader.get(f"{arch}.pooling_type"), chat_format,
+                            chat_template)
+        except BaseException:
+            self.close()
+            raise
+        if verbose:
+            for note in notes:
+                print(f"llmrun: {note}", file=sys.stderr)
         self.lora_path, self.lora_scale = lora_path, lora_scale   # llama-cpp-python's attributes
         if lora_path is not None:
             try:
@@ -106,13 +125,14 @@ class Llama:
         if n_ctx is None:
             n_ctx = model.n_ctx if model is not None else 0
         self._setup(tokenizer, model, n_ctx, seed, verbose, name)
+        self._configure(False, -1, None, None, None)
         return self
 
     def _setup(self, tokenizer: TokenizerLike, model: SequenceModel | None, n_ctx: int, seed, verbose, name):
         self.tokenizer = tokenizer
         self._model = model
         self._slot = CacheSlot(0, int(n_ctx))    # the model's one KV cache and the tokens in it
-        self._rng = np.random.default_rng(seed)
+        self._rng = np.random.default_rng(None if seed in _DEFAULT_SEEDS else seed)
         self.verbose = verbose
         self._name = name
         self._lock = threading.Lock()
@@ -122,6 +142,24 @@ class Llama:
         self.last_timings: dict[str, float] = {}
         self._adapter_cache = None                    # engine.adapters.AdapterCache, made on first set_lora
         self.lora: list[tuple[str, float]] = []       # the active adapters, as given to set_lora
+
+    def _configure(self, embedding, pooling_type, file_pooling, chat_format, chat_template) -> None:
+        from .engine.pooling import pooling_name
+        from .text.chat_formats import chat_format_template
+
+        self.embedding = bool(embedding)
+        given = pooling_type not in (None, -1)
+        self.pooling = pooling_name(pooling_type if given else file_pooling)
+        if chat_template is not None and chat_format is not None:
+            raise LlmrunError("give chat_format or chat_template, not both")
+        if chat_template is not None:
+            if not isinstance(chat_template, str) or not chat_template.strip():
+                raise LlmrunError("chat_template must be a non-empty Jinja template string")
+            self.chat_template = chat_template
+        elif chat_format is not None:
+            self.chat_template = chat_format_template(chat_format)
+        else:
+            self.chat_template = self.tokenizer.chat_template   # None: ChatML
 
     # ---- small queries ---------------------------------------------------------------------------------
     def n_ctx(self) -> int:
@@ -135,6 +173,9 @@ class Llama:
 
     def token_eos(self) -> int:
         return int(self.tokenizer.eos_id) if self.tokenizer.eos_id is not None else -1
+
+    def n_embd(self) -> int:
+        return int(self._require_model().hparams.n_embd)
 
     @property
     def n_cached(self) -> int:
@@ -224,66 +265,214 @@ class Llama:
             running.cancel()
 
     # ---- completions -----------------------------------------------------------------------------------
-    @takes_options()
+    @takes_options(omit=CompletionOptions.CHAT_ONLY)
     def create_completion(self, prompt: str | bytes | Sequence[int], options: CompletionOptions
                           ) -> Completion | Iterator[CompletionChunk]:
         """OpenAI-shaped text completion (dict), or an iterator of chunks with stream=True.
 
         The keywords are CompletionOptions' fields (see the signature). `max_tokens` None or <= 0 means
-        "until end of generation or the context is full".
+        "until end of generation or the context is full". `grammar` (GBNF text or a Grammar) or
+        `response_format` constrain the text; `logprobs=N` adds llama-cpp-python's logprobs (the top N per
+        token, log-softmax of the raw logits); `echo` puts the prompt in front, `suffix` after; `n` choices.
         """
-        events = self._events(self._prompt_tokens(prompt), options)
-        cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        tokens = self._prompt_tokens(prompt)
+        grammar = self._constraint(options)
+        top_n = _logprobs_count(options.logprobs, "logprobs", self.n_vocab()) if options.logprobs is not None \
+            and options.logprobs is not False else None
+        prompt_text = self._echo_text(prompt, tokens)
+        echo = prompt_text if options.echo else ""
+        echo_logprobs = self._echo_logprobs(tokens, top_n) if options.echo and top_n is not None else []
+        events = self._choices(tokens, options, grammar, top_n)
+        cid, created, name = f"cmpl-{uuid.uuid4().hex}", int(time.time()), options.model or self._name
+        suffix = options.suffix or ""
+        # offsets count characters from the start of the prompt, as OpenAI's (and llama-cpp-python's) do
+        start = 0 if options.echo else len(prompt_text)
 
-        def chunk(text: str, finish: FinishReason | None) -> CompletionChunk:
-            return {"id": cid, "object": "text_completion", "created": created, "model": self._name,
-                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+        def logprobs_of(entries, offset: int, prompt_part=()):
+            return completion_logprobs(self.tokenizer, entries, text_offset=offset, prompt=prompt_part)
+
+        def chunk(index: int, text: str, finish: FinishReason | None, logprobs=None) -> CompletionChunk:
+            return {"id": cid, "object": "text_completion", "created": created, "model": name,
+                    "choices": [{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}]}
 
         if options.stream:
-            return (chunk(text, finish) for text, finish in _pieces(events))
-        text, finish, usage = _collect(events)
-        return {**chunk(text, finish), "usage": usage}
+            def chunks() -> Iterator[CompletionChunk]:
+                offsets: dict[int, int] = {}
+                for index, event in events:
+                    if index not in offsets:
+                        offsets[index] = start
+                        if echo:
+                            yield chunk(index, echo, None,
+                                        logprobs_of([], 0, echo_logprobs) if echo_logprobs else None)
+                            offsets[index] = len(echo)
+                    text = event.text + (suffix if event.finish_reason is not None else "")
+                    logprobs = None
+                    if event.logprob is not None:
+                        logprobs = logprobs_of([event.logprob], offsets[index])
+                        offsets[index] += len(logprobs["tokens"][0])
+                    if text or logprobs:
+                        yield chunk(index, text, None, logprobs)
+                    if event.finish_reason is not None:
+                        yield chunk(index, "", event.finish_reason)
+            return chunks()
+        logs = _collect(events, options.n)
+        return {"id": cid, "object": "text_completion", "created": created, "model": name,
+                "choices": [{"text": echo + log.content + suffix, "index": i,
+                             "logprobs": logprobs_of(log.logprobs, start, echo_logprobs) if top_n is not None
+                             else None,
+                             "finish_reason": log.finish_reason}
+                            for i, log in enumerate(logs)],
+                "usage": _usage(len(tokens), logs)}
 
     __call__ = create_completion
 
-    @takes_options(max_tokens=None, temperature=0.2)
+    @takes_options(omit=CompletionOptions.COMPLETION_ONLY, max_tokens=None, temperature=0.2, logprobs=False)
     def create_chat_completion(self, messages: Sequence[Mapping[str, Any]], options: CompletionOptions
                                ) -> ChatCompletion | Iterator[ChatCompletionChunk]:
         """OpenAI-shaped chat completion using the model's chat template (ChatML if the file has none).
 
-        The keywords are create_completion's, with other defaults for max_tokens and temperature.
+        The keywords are create_completion's, with other defaults for max_tokens and temperature, plus
+        `tools` / `tool_choice` ("none", "auto", "required" or a named function: the output is then
+        constrained to one call of it) and `logprobs=True` with `top_logprobs=N` (OpenAI's shape). Tool calls
+        come back as `message.tool_calls` with finish_reason "tool_calls".
         """
-        events = self._events(self.chat_tokens(messages), options)
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        tools = check_tools(options.tools if options.tools is not None else options.functions)
+        mode, forced = resolve_tool_choice(options.tool_choice if options.tool_choice is not None
+                                           else options.function_call, tools)
+        offered = tools if mode != "none" else []
+        tokens = self.chat_tokens(messages, tools=offered or None)
+        forced_grammar = Grammar.from_json_schema(forced_call_schema(tools, forced)) if mode == "required" else None
+        grammar = self._constraint(options, forced_grammar)
+        top_n = None
+        if options.logprobs:
+            top_n = _logprobs_count(options.top_logprobs or 0, "top_logprobs", self.n_vocab())
+        events = self._choices(tokens, options, grammar, top_n)
+        cid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), options.model or self._name
+
+        def finish_of(reason, calls):
+            return "tool_calls" if calls and reason == "stop" else reason
 
         if options.stream:
             def chunks() -> Iterator[ChatCompletionChunk]:
-                def chunk(delta, finish):
-                    return {"id": cid, "object": "chat.completion.chunk", "created": created,
-                            "model": self._name,
-                            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-                yield chunk({"role": "assistant"}, None)
-                for text, finish in _pieces(events):
-                    yield chunk({"content": text} if finish is None else {}, finish)
+                def chunk(index, delta, finish, entries=None):
+                    logprobs = chat_logprobs(self.tokenizer, entries) if entries else None
+                    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+                            "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                         "finish_reason": finish}]}
+                streams: dict[int, CallStream | None] = {}
+                for index, event in events:
+                    if index not in streams:
+                        streams[index] = CallStream(offered) if offered else None
+                        yield chunk(index, {"role": "assistant"}, None)
+                    calls_stream = streams[index]
+                    text = calls_stream.push(event.text) if calls_stream else event.text
+                    entries = [event.logprob] if event.logprob is not None else []
+                    if text or entries:
+                        yield chunk(index, {"content": text}, None, entries)
+                    if event.finish_reason is not None:
+                        rest, calls = calls_stream.finish() if calls_stream else ("", [])
+                        if rest:
+                            yield chunk(index, {"content": rest}, None)
+                        if calls:
+                            yield chunk(index, {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]},
+                                        None)
+                        yield chunk(index, {}, finish_of(event.finish_reason, calls))
             return chunks()
 
-        text, finish, usage = _collect(events)
-        return {"id": cid, "object": "chat.completion", "created": created, "model": self._name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": finish}],
-                "usage": usage}
+        logs = _collect(events, options.n)
+        choices = []
+        for i, log in enumerate(logs):
+            content, calls = parse_tool_calls(log.content, offered) if offered else (log.content, [])
+            message = {"role": "assistant", "content": content}
+            if calls:
+                message["tool_calls"] = calls
+            choices.append({"index": i, "message": message,
+                            "logprobs": chat_logprobs(self.tokenizer, log.logprobs) if top_n is not None else None,
+                            "finish_reason": finish_of(log.finish_reason, calls)})
+        return {"id": cid, "object": "chat.completion", "created": created, "model": name, "choices": choices,
+                "usage": _usage(len(tokens), logs)}
 
-    def chat_tokens(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """The prompt tokens for a conversation (template rendered, special tokens parsed)."""
+    def chat_tokens(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    tools: Sequence[Mapping[str, Any]] | None = None, **template_vars: Any) -> list[int]:
+        """The prompt tokens for a conversation (template rendered as transformers does, special tokens
+        parsed). `tools` (OpenAI's shape) and other keywords are template variables."""
         tok = self.tokenizer
-        text = render_chat(messages, tok.chat_template, add_generation_prompt=add_generation_prompt,
-                           bos_token=self._piece(tok.bos_id), eos_token=self._piece(tok.eos_id))
+        if tools and "tools" not in (self.chat_template or ""):
+            messages = describe_tools(messages, check_tools(tools))   # the template would not show them
+        text = render_chat(messages, self.chat_template, add_generation_prompt=add_generation_prompt,
+                           bos_token=self._piece(tok.bos_id), eos_token=self._piece(tok.eos_id), tools=tools,
+                           **template_vars)
         ids = list(tok.encode(text, add_bos=False, special=True))
         # Templates usually write {{ bos_token }} themselves; add it only when the model wants one and the
         # template did not (never two).
         if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
             ids.insert(0, int(tok.bos_id))
         return ids
+
+    # ---- embeddings ------------------------------------------------------------------------------------
+    def embed(self, input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]], normalize: bool = False,
+              truncate: bool = True, return_count: bool = False):
+        """Embedding vectors (lists of floats) of one text / token list, or of each of several.
+
+        The final-normed hidden states are pooled as the file's `pooling_type` says (mean when it does not;
+        "none" gives one vector per token). `normalize` scales them to unit length; `truncate` cuts inputs
+        longer than the context window (else they are an error). `return_count` also returns the number of
+        tokens embedded.
+        """
+        import numpy as np
+
+        from .engine.pooling import normalize as unit, pool
+
+        single, inputs = _embedding_inputs(input)
+        token_lists = [self._embedding_tokens(item, truncate) for item in inputs]
+        vectors = []
+        with self._exclusive():
+            model = self._require_model()
+            for tokens in token_lists:
+                hidden = self._hidden_states(model, tokens)
+                vec = pool(hidden, self.pooling)
+                vectors.append((unit(vec) if normalize else vec).astype(np.float32).tolist())
+        out = vectors[0] if single else vectors
+        return (out, sum(map(len, token_lists))) if return_count else out
+
+    def create_embedding(self, input, model: str | None = None, normalize: bool = False
+                         ) -> CreateEmbeddingResponse:
+        """OpenAI-shaped embeddings of `input` (a text, a list of texts, or token lists)."""
+        vectors, n_tokens = self.embed(input, normalize=normalize, return_count=True)
+        if _embedding_inputs(input)[0]:
+            vectors = [vectors]
+        return {"object": "list",
+                "data": [{"object": "embedding", "embedding": v, "index": i} for i, v in enumerate(vectors)],
+                "model": model or self._name, "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+
+    def _embedding_tokens(self, item, truncate: bool) -> list[int]:
+        tokens = (self.tokenize(item.encode("utf-8", "replace") if isinstance(item, str) else item)
+                  if isinstance(item, (str, bytes)) else [int(t) for t in item])
+        if not tokens:
+            raise LlmrunError("cannot embed an empty input (no tokens)")
+        if len(tokens) > self._slot.capacity:
+            if not truncate:
+                check_fits(len(tokens), self._slot.capacity)
+            tokens = tokens[:self._slot.capacity]
+        return tokens
+
+    def _hidden_states(self, model, tokens: list[int]):
+        import numpy as np
+
+        from .generate import PROMPT_CHUNK
+        try:
+            model.reset()
+            self._slot.clear()
+            parts = [model.forward(tokens[i:i + PROMPT_CHUNK], all_logits=True, hidden=True)
+                     for i in range(0, len(tokens), PROMPT_CHUNK)]
+        except TypeError:
+            self._drop_cache()
+            raise LlmrunError("this model cannot produce hidden states for embeddings") from None
+        except BaseException:
+            self._drop_cache()
+            raise
+        self._slot.tokens.extend(tokens)     # the cache now holds this input: a later prompt may reuse it
+        return np.concatenate([np.asarray(p, dtype=np.float32).reshape(-1, p.shape[-1]) for p in parts])
 
     # ---- internals -------------------------------------------------------------------------------------
     def _piece(self, token_id) -> str:
@@ -297,28 +486,70 @@ class Llama:
             return list(self.tokenizer.encode(prompt, add_bos=None, special=True))
         return [int(t) for t in prompt]
 
-    def _events(self, tokens: list[int], options: CompletionOptions) -> Iterator[Event]:
-        """The events of one generation. Bad input raises now; the lock is taken at the first next() and
-        released when the generator ends or is closed."""
-        # A call's own seed restarts the randomness; otherwise this Llama's generator continues.
+    def _echo_text(self, prompt, tokens: list[int]) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, bytes):
+            return prompt.decode("utf-8", errors="replace")
+        return self.detokenize(tokens).decode("utf-8", errors="replace")
+
+    def _echo_logprobs(self, tokens: list[int], top_n: int):
+        # eval_logits leaves the prompt in the cache, so the generation after it evaluates one token again
+        body = tokens[1:] if tokens and tokens[0] == self.tokenizer.bos_id else tokens
+        rows = self.eval_logits(tokens)[len(tokens) - len(body):]
+        return prompt_logprobs(body, rows, top_n)
+
+    def _constraint(self, options: CompletionOptions, forced: Grammar | None = None) -> Grammar | None:
+        """The one grammar a call asks for (grammar=, response_format=, or a forced tool call)."""
+        given = [g for g in (forced, as_grammar(options.grammar), response_format_grammar(options.response_format))
+                 if g is not None]
+        if len(given) > 1:
+            raise GrammarError("give one constraint: grammar, response_format or a forced tool call")
+        return given[0] if given else None
+
+    def _choices(self, tokens: list[int], options: CompletionOptions, grammar: Grammar | None,
+                 top_n: int | None) -> Iterator[tuple[int, Event]]:
+        """(choice index, event) for `options.n` generations from `tokens`, one after the other (later ones
+        reuse the prompt's cache). Bad input raises now; the lock is held while a generation runs."""
+        n = options.n
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= 128:
+            raise LlmrunError(f"n must be an integer from 1 to 128, got {n!r}")
+        if self.verbose:
+            for note in completion_notes(options):
+                print(f"llmrun: {note}", file=sys.stderr)
+        # A call's own seed restarts the randomness (one generator for all its choices, so they differ);
+        # otherwise this Llama's generator continues.
         rng = np.random.default_rng(options.seed) if options.seed is not None else self._rng
-        sampler = Sampler(options.sampling_params(), rng=rng)
-        self._require_model()
-        gen = Generation(tokens, self._slot, self.tokenizer, sampler, stop=options.stop,
-                         max_tokens=options.max_tokens)
+        first = self._generation(tokens, options, grammar, top_n, rng)
 
         def run():
-            with self._exclusive():
-                self._running = gen
-                self.last_timings = gen.timings
-                try:
-                    yield from generate(PerSlotModels([self._require_model()]), gen)
-                finally:
-                    self._running = None
-                    gen.close()
-                    if self.verbose:
-                        self._print_timings()
+            for index in range(n):
+                gen = first if index == 0 else self._generation(tokens, options, grammar, top_n, rng)
+                for event in self._run(gen):
+                    yield index, event
         return run()
+
+    def _generation(self, tokens, options: CompletionOptions, grammar: Grammar | None, top_n, rng) -> Generation:
+        sampler = Sampler(options.sampling_params(), rng=rng)
+        self._require_model()
+        return Generation(tokens, self._slot, self.tokenizer, sampler, stop=options.stop,
+                          max_tokens=options.max_tokens,
+                          token_mask=grammar.matcher(self.tokenizer) if grammar is not None else None,
+                          logit_bias=options.logit_bias, logprobs=top_n,
+                          logits_processors=_callables(options.logits_processor, "logits_processor"),
+                          stopping_criteria=_callables(options.stopping_criteria, "stopping_criteria"))
+
+    def _run(self, gen: Generation) -> Iterator[Event]:
+        with self._exclusive():
+            self._running = gen
+            self.last_timings = gen.timings
+            try:
+                yield from generate(PerSlotModels([self._require_model()]), gen)
+            finally:
+                self._running = None
+                gen.close()
+                if self.verbose:
+                    self._print_timings()
 
     def _require_model(self) -> SequenceModel:
         if self._model is None:
@@ -358,3 +589,32 @@ class Llama:
               f"{pe} evaluated in {tp * 1e3:.0f} ms, {pe / tp if tp > 0 else 0:.1f} tok/s); "
               f"generated {ng} tokens in {tg * 1e3:.0f} ms ({ng / tg if tg > 0 else 0:.1f} tok/s)",
               file=sys.stderr)
+
+
+def _logprobs_count(value, name: str, n_vocab: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= n_vocab:
+        raise LlmrunError(f"{name} must be an integer from 0 to {n_vocab}, got {value!r}")
+    return int(value)
+
+
+def _callables(value, name: str) -> list:
+    """llama-cpp-python's logits_processor / stopping_criteria: None, one callable, or a list of them."""
+    if value is None:
+        return []
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not all(callable(f) for f in items):
+        raise LlmrunError(f"{name} must be a callable or a list of callables")
+    return items
+
+
+def _embedding_inputs(value) -> tuple[bool, list]:
+    """(single?, items): a text, a list of texts, one token list, or a list of token lists."""
+    if isinstance(value, (str, bytes)):
+        return True, [value]
+    if isinstance(value, (list, tuple)) and value:
+        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
+            return True, [list(value)]
+        if all(isinstance(v, (str, bytes)) or (isinstance(v, (list, tuple)) and v and all(
+                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in v)) for v in value):
+            return False, list(value)
+    raise LlmrunError("embedding input must be a text, a list of texts, a token list or a list of token lists")

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import inspect
 from dataclasses import KW_ONLY, dataclass
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, ClassVar, Mapping, Sequence, TypeVar
 
 from .text.sampling import SamplingParams
 
@@ -30,19 +30,51 @@ class CompletionOptions:
     frequency_penalty: float = SamplingParams.frequency_penalty
     presence_penalty: float = SamplingParams.presence_penalty
     repeat_last_n: int = SamplingParams.repeat_last_n
+    # structured output (text/grammar.py): GBNF text or a Grammar; OpenAI's / llama-cpp-python's response_format
+    grammar: Any = None
+    response_format: Mapping[str, Any] | None = None
+    # completion: int N = logprobs with the top N; chat: bool, with top_logprobs = N
+    logprobs: int | bool | None = None
+    top_logprobs: int | None = None
+    logit_bias: Mapping[int | str, float] | None = None
+    n: int = 1                       # choices, generated one after the other from the same prompt
+    # completion only: the prompt in front of the text, text appended after it
+    echo: bool = False
+    suffix: str | None = None
+    # chat only (text/tool_calls.py); functions / function_call are OpenAI's older names for them
+    tools: Sequence[Mapping[str, Any]] | None = None
+    tool_choice: str | Mapping[str, Any] | None = None
+    functions: Sequence[Mapping[str, Any]] | None = None
+    function_call: str | Mapping[str, Any] | None = None
+    # llama-cpp-python's: callables over (ids, logits); the model name put in the result
+    logits_processor: Any = None
+    stopping_criteria: Any = None
+    model: str | None = None
+    # llama-cpp-python's samplers this engine does not have: accepted, ignored (a note under verbose)
+    typical_p: float = 1.0
+    tfs_z: float = 1.0
+    mirostat_mode: int = 0
+    mirostat_tau: float = 5.0
+    mirostat_eta: float = 0.1
+
+    # samplers llmrun lacks, with the value that leaves the output unchanged
+    NEUTRAL: ClassVar[dict[str, Any]] = {"typical_p": 1.0, "tfs_z": 1.0, "mirostat_mode": 0}
+    COMPLETION_ONLY: ClassVar[tuple[str, ...]] = ("echo", "suffix")
+    CHAT_ONLY: ClassVar[tuple[str, ...]] = ("tools", "tool_choice", "functions", "function_call", "top_logprobs")
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SamplingParams)})
 
 
-def takes_options(**defaults: Any) -> Callable[[Callable[[Any, Any, CompletionOptions], R]], Callable[..., R]]:
+def takes_options(omit: Sequence[str] = (), **defaults: Any
+                  ) -> Callable[[Callable[[Any, Any, CompletionOptions], R]], Callable[..., R]]:
     """Let `method(self, first, options)` be called as `method(self, first, max_tokens=..., ...)`.
 
     CompletionOptions' fields become its parameters (positional or keyword; those after KW_ONLY keyword-only),
-    with `defaults` replacing CompletionOptions' own. inspect and help() show that signature; a wrong call is
-    Python's usual TypeError.
+    with `defaults` replacing CompletionOptions' own; fields named in `omit` are left out (they keep their
+    defaults). inspect and help() show that signature; a wrong call is Python's usual TypeError.
     """
-    fields = dataclasses.fields(CompletionOptions)
+    fields = [f for f in dataclasses.fields(CompletionOptions) if f.name not in omit]
     unknown = set(defaults) - {f.name for f in fields}
     if unknown:
         raise TypeError(f"not CompletionOptions fields: {sorted(unknown)}")

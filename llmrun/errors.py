@@ -29,5 +29,17 @@ class ContextFullError(LlmrunError):
     """The context window has no room for more tokens."""
 
 
+class GrammarError(LlmrunError):
+    """A grammar, JSON schema or response_format cannot be compiled, or generation left the grammar."""
+
+
+class ToolCallError(LlmrunError):
+    """``tools`` or ``tool_choice`` is malformed."""
+
+
+class EmbeddingError(LlmrunError):
+    """Embeddings cannot be computed as asked."""
+
+
 class AdapterError(LlmrunError):
     """A LoRA adapter cannot be applied to the loaded model (wrong base, ranks, shapes or file)."""

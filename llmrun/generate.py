@@ -12,17 +12,19 @@ for several stepped together.
 * `PerSlotModels`: the BatchModel shape over single-cache engines, one per slot (protocols.py tells why).
 
 One generation in one step: cancelled -> finish "cancelled". Prompt tokens left -> feed the next chunk.
-Otherwise pick a token from the last logits (token mask, then sampler). An end-of-generation token finishes
-with "stop" (it is not counted and has no text). Any other token's text goes through the StopScanner
-(text/stops.py, so no partial stop string or split character is ever shown); a stop string, max_tokens or a
-full slot finish the generation, else the token is fed to get the next logits.
+Otherwise pick a token from the last logits (logit bias, logits processors, token mask, then the sampler;
+with `logprobs` set, the log-softmax of the raw logits is recorded first, before any of those). An
+end-of-generation token finishes with "stop" (it is not counted and has no text). Any other token's text
+goes through the StopScanner (text/stops.py, so no partial stop string or split character is ever shown);
+a stop string, a stopping criterion, max_tokens or a full slot finish the generation, else the token is fed
+to get the next logits.
 """
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -53,6 +55,31 @@ class CacheSlot:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of a sampled token under the model's raw logits, and the `top` most likely
+    (id, log-probability) pairs at that position, most likely first."""
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def log_softmax(row: np.ndarray) -> np.ndarray:
+    """float32 log-probabilities of one logits row (computed in float64)."""
+    z = np.asarray(row, dtype=np.float64)
+    z = z - z.max()
+    return (z - np.log(np.exp(z).sum())).astype(np.float32)
+
+
+def token_logprob(raw: np.ndarray, token: int, top_n: int) -> TokenLogprob:
+    """`token`'s log-probability under the logits row `raw`, with the `top_n` most likely tokens."""
+    logp = log_softmax(raw)
+    n = min(max(int(top_n), 0), logp.size)
+    top = np.argpartition(-logp, n - 1)[:n] if 0 < n < logp.size else np.arange(n)
+    top = top[np.argsort(-logp[top], kind="stable")]
+    return TokenLogprob(int(token), float(logp[token]), tuple((int(i), float(logp[i])) for i in top))
+
+
+@dataclass(frozen=True)
 class Event:
     """What one step produced for one generation: a sampled token with the text it released (often "" while
     a stop-string prefix or a split character is held back), or, last, the finish reason and usage (its
@@ -62,6 +89,7 @@ class Event:
     text: str = ""
     finish_reason: FinishReason | None = None
     usage: CompletionUsage | None = None
+    logprob: TokenLogprob | None = None      # with the token, when the generation records logprobs
 
 
 class Generation:
@@ -69,17 +97,28 @@ class Generation:
 
     Bad input (an empty prompt, one larger than the slot, a bad max_tokens) raises here, at construction.
     `timings` fills in as it runs: n_prompt, n_prompt_reused, n_prompt_eval, t_prompt, n_gen, t_gen (seconds).
+
+    Per-token hooks, in the order they apply: `logit_bias` ({token id: added to its logit}),
+    `logits_processors` (llama-cpp-python's: `f(ids, logits) -> logits`, ids an int array of the sequence so
+    far), `token_mask`. `logprobs` = N records a TokenLogprob (with the top N) for every sampled token.
+    `stopping_criteria` (llama-cpp-python's: `f(ids, logits) -> bool`) ends the generation with "stop".
     """
 
     def __init__(self, prompt: Sequence[int], slot: CacheSlot, tokenizer: TokenizerLike, sampler: Sampler, *,
                  stop: str | Iterable[str] | None = None, max_tokens: int | None = None,
-                 token_mask: TokenMask | None = None):
+                 token_mask: TokenMask | None = None, logit_bias: Mapping[int, float] | None = None,
+                 logits_processors: Sequence[Callable] = (), logprobs: int | None = None,
+                 stopping_criteria: Sequence[Callable] = ()):
         self.prompt = [int(t) for t in prompt]
         if not self.prompt:
             raise LlmrunError("the prompt is empty (no tokens)")
         check_fits(len(self.prompt), slot.capacity)
         self.slot, self.tokenizer, self.sampler, self.token_mask = slot, tokenizer, sampler, token_mask
         self.max_tokens = _token_limit(max_tokens)
+        self.logit_bias = _bias_arrays(logit_bias)
+        self.logits_processors = list(logits_processors)
+        self.stopping_criteria = list(stopping_criteria)
+        self.logprobs = None if logprobs is None else int(logprobs)
         self.scanner = StopScanner(stop)
         self.generated: list[int] = []
         self.finish_reason: FinishReason | None = None
@@ -113,14 +152,15 @@ class Generation:
             self._reuse_prefix(kept)
         if self._n_prompt_fed < len(self.prompt):
             return self.prompt[self._n_prompt_fed:self._n_prompt_fed + PROMPT_CHUNK]
-        token = self._pick()
+        token, logprob = self._pick()
         if token in self.tokenizer.eog_ids:
             return self._finish("stop", events)
         self.generated.append(token)
         self._history.append(token)
         self.timings["n_gen"] = len(self.generated)
-        events.append(Event(self, token, self.scanner.push(self.tokenizer.token_to_piece(token, special=False))))
-        if self.scanner.stopped:
+        events.append(Event(self, token, self.scanner.push(self.tokenizer.token_to_piece(token, special=False)),
+                            logprob=logprob))
+        if self.scanner.stopped or self._criteria_met():
             return self._finish("stop", events)
         if self.max_tokens is not None and len(self.generated) >= self.max_tokens:
             return self._finish("length", events)
@@ -151,14 +191,32 @@ class Generation:
         self._n_prompt_fed = n
         self.timings.update(n_prompt=len(self.prompt), n_prompt_eval=len(self.prompt) - n, n_prompt_reused=n)
 
-    def _pick(self) -> int:
-        row = np.asarray(self._logits, dtype=np.float32).reshape(-1)
+    def _pick(self) -> tuple[int, TokenLogprob | None]:
+        raw = np.asarray(self._logits, dtype=np.float32).reshape(-1)
+        row = raw
+        if self.logit_bias is not None:
+            ids, bias = self.logit_bias
+            if ids.size and ids.max() >= row.size:
+                raise LlmrunError(f"logit_bias names token {int(ids.max())}, outside the {row.size} logits")
+            row = row.copy()
+            row[ids] += bias
+        for processor in self.logits_processors:
+            row = np.asarray(processor(np.asarray(self._history, dtype=np.intc), row.copy()),
+                             dtype=np.float32).reshape(-1)
+            if row.shape != raw.shape:
+                raise LlmrunError(f"a logits processor returned {row.size} logits for {raw.size}")
         if self.token_mask is not None:
             row = _masked(row, self.token_mask.allowed())
         token = self.sampler.sample(row, self._history)
         if self.token_mask is not None:
             self.token_mask.accept(token)
-        return token
+        return token, (token_logprob(raw, token, self.logprobs) if self.logprobs is not None else None)
+
+    def _criteria_met(self) -> bool:
+        if not self.stopping_criteria:
+            return False
+        ids = np.asarray(self._history, dtype=np.intc)
+        return any(bool(c(ids, self._logits)) for c in self.stopping_criteria)
 
     def _finish(self, reason: FinishReason, events: list[Event]) -> None:
         self.finish_reason = reason
@@ -185,6 +243,25 @@ def _token_limit(max_tokens) -> int | None:
     except (TypeError, ValueError):
         raise LlmrunError(f"max_tokens must be an integer, got {max_tokens!r}") from None
     return n if n > 0 else None
+
+
+def _bias_arrays(logit_bias) -> tuple[np.ndarray, np.ndarray] | None:
+    """{token: bias} (keys may be numeric strings, as JSON gives them) -> (ids, float32 biases)."""
+    if not logit_bias:
+        return None
+    if not isinstance(logit_bias, Mapping):
+        raise LlmrunError(f"logit_bias must be a dict of token id -> bias (got {type(logit_bias).__name__})")
+    ids, values = [], []
+    for key, value in logit_bias.items():
+        try:
+            tid, bias = int(key), float(value)
+        except (TypeError, ValueError):
+            raise LlmrunError(f"logit_bias entry {key!r}: {value!r} is not token id -> number") from None
+        if tid < 0 or not np.isfinite(bias):
+            raise LlmrunError(f"logit_bias entry {key!r}: {value!r} needs a token id >= 0 and a finite bias")
+        ids.append(tid)
+        values.append(bias)
+    return np.array(ids, dtype=np.int64), np.array(values, dtype=np.float32)
 
 
 def _masked(row: np.ndarray, allowed) -> np.ndarray:

@@ -5,10 +5,11 @@ ChatCompletionChunk, ...), so code typed against it reads the same here. They ar
 """
 from __future__ import annotations
 
-from typing import Literal, TypedDict
+from typing import Any, Literal, TypedDict
 
 # "cancelled": `Llama.cancel()` stopped the generation (llmrun's addition to OpenAI's reasons).
-FinishReason = Literal["stop", "length", "cancelled"]
+# "tool_calls": the message is tool calls (chat with tools).
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 
 
 class CompletionUsage(TypedDict):
@@ -17,10 +18,19 @@ class CompletionUsage(TypedDict):
     total_tokens: int
 
 
+class CompletionLogprobs(TypedDict):
+    """llama-cpp-python's `logprobs=N` result: per token its text, character offset, log-probability and
+    the top N alternatives (text -> log-probability); None for the first echoed prompt token."""
+    tokens: list[str]
+    text_offset: list[int]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+
+
 class CompletionChoice(TypedDict):
     text: str
     index: int
-    logprobs: None
+    logprobs: CompletionLogprobs | None
     finish_reason: FinishReason | None
 
 
@@ -37,15 +47,39 @@ class Completion(CompletionChunk):
     usage: CompletionUsage
 
 
-class ChatCompletionMessage(TypedDict):
+class ChatCompletionTokenLogprob(TypedDict):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[dict[str, Any]]     # [{"token", "logprob", "bytes"}], most likely first
+
+
+class ChatCompletionLogprobs(TypedDict):
+    content: list[ChatCompletionTokenLogprob]
+    refusal: None
+
+
+class ChatCompletionFunctionCall(TypedDict):
+    name: str
+    arguments: str                         # JSON text, as OpenAI sends it
+
+
+class ChatCompletionMessageToolCall(TypedDict):
+    id: str
+    type: Literal["function"]
+    function: ChatCompletionFunctionCall
+
+
+class ChatCompletionMessage(TypedDict, total=False):
     role: Literal["assistant"]
-    content: str
+    content: str | None                    # None when the message is only tool calls
+    tool_calls: list[ChatCompletionMessageToolCall]
 
 
 class ChatCompletionChoice(TypedDict):
     index: int
     message: ChatCompletionMessage
-    logprobs: None
+    logprobs: ChatCompletionLogprobs | None
     finish_reason: FinishReason | None
 
 
@@ -59,15 +93,17 @@ class ChatCompletion(TypedDict):
 
 
 class ChatCompletionChunkDelta(TypedDict, total=False):
-    """First chunk: {"role": "assistant"}; then {"content": text}; the last one: {}."""
+    """First chunk: {"role": "assistant"}; then {"content": text} (or {"tool_calls": [...]}, each with its
+    "index"); the last one: {}."""
     role: Literal["assistant"]
     content: str
+    tool_calls: list[dict[str, Any]]
 
 
 class ChatCompletionChunkChoice(TypedDict):
     index: int
     delta: ChatCompletionChunkDelta
-    logprobs: None
+    logprobs: ChatCompletionLogprobs | None
     finish_reason: FinishReason | None
 
 
@@ -77,3 +113,21 @@ class ChatCompletionChunk(TypedDict):
     created: int
     model: str
     choices: list[ChatCompletionChunkChoice]
+
+
+class Embedding(TypedDict):
+    object: Literal["embedding"]
+    embedding: list[float] | list[list[float]]   # per token with pooling "none"
+    index: int
+
+
+class EmbeddingUsage(TypedDict):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class CreateEmbeddingResponse(TypedDict):
+    object: Literal["list"]
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage

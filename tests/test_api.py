@@ -86,8 +86,15 @@ def test_signatures_keep_the_promised_keywords_and_defaults():
     order = ["max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "stop", "seed", "stream"]
     shared = dict(top_p=0.95, top_k=40, min_p=0.05, repeat_penalty=1.0, stop=None, seed=None, stream=False,
                   frequency_penalty=0.0, presence_penalty=0.0, repeat_last_n=64)
-    for method, first, own in [(Llama.create_completion, "prompt", dict(max_tokens=16, temperature=0.8)),
-                               (Llama.create_chat_completion, "messages", dict(max_tokens=None, temperature=0.2))]:
+    # interface.md's structured-output keywords, and llama-cpp-python's other call keywords (accepted)
+    shared.update(grammar=None, response_format=None, logit_bias=None, n=1, logits_processor=None,
+                  stopping_criteria=None, model=None, typical_p=1.0, tfs_z=1.0, mirostat_mode=0, mirostat_tau=5.0,
+                  mirostat_eta=0.1)
+    completion = dict(max_tokens=16, temperature=0.8, logprobs=None, echo=False, suffix=None)
+    chat = dict(max_tokens=None, temperature=0.2, logprobs=False, top_logprobs=None, tools=None, tool_choice=None,
+                functions=None, function_call=None)
+    for method, first, own in [(Llama.create_completion, "prompt", completion),
+                               (Llama.create_chat_completion, "messages", chat)]:
         params = inspect.signature(method).parameters
         assert list(params)[:2 + len(order)] == ["self", first] + order
         assert {n: p.default for n, p in params.items() if p.default is not p.empty} == {**shared, **own}

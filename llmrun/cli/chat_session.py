@@ -2,7 +2,8 @@
 
 Works the same on a terminal and with piped stdin (a script writing lines; EOF or /exit ends it, exit 0).
 The KV cache is reused across turns: each new prompt shares the previous turns as a prefix, so only the new
-user turn (plus the template's glue) is evaluated. Ctrl-C while an answer streams stops that answer only.
+user turn (plus the template's glue) is evaluated. When the window fills, the oldest turns are dropped
+(context shift; the system prompt stays). Ctrl-C while an answer streams stops that answer only.
 """
 from __future__ import annotations
 
@@ -87,14 +88,38 @@ class ChatSession:
                 continue
             self.answer(line)
 
+    def _answer_room(self) -> int:
+        """Tokens kept free for the answer: the -n limit, else a quarter of the window."""
+        n_ctx, limit = self.llm.n_ctx(), self.sampling.get("max_tokens")
+        return min(limit if limit else n_ctx // 4, n_ctx // 2)
+
+    def _shift_context(self) -> int | None:
+        """Drop the oldest turns (never the system prompt or the new message) until the prompt and room for
+        the answer fit in the window, like llama.cpp's context shift. The prompt's size, or None if even the
+        new message alone does not fit."""
+        llm, dropped = self.llm, 0
+        first = 1 if self.messages and self.messages[0]["role"] == "system" else 0
+        while True:
+            n_prompt = len(llm.chat_tokens(self.messages))
+            if n_prompt + self._answer_room() <= llm.n_ctx() or len(self.messages) - first <= 1:
+                break
+            # a user turn and the answer after it go together
+            drop = 2 if len(self.messages) - first > 2 and self.messages[first + 1]["role"] != "user" else 1
+            del self.messages[first:first + drop]
+            dropped += drop
+        if dropped:
+            self._note(f"(context window full: dropped the {dropped} oldest message{'s' * (dropped > 1)})")
+        return n_prompt if n_prompt < llm.n_ctx() else None
+
     def answer(self, user_text: str) -> None:
         llm = self.llm
         self.messages.append({"role": "user", "content": user_text})
-        n_prompt = len(llm.chat_tokens(self.messages))
-        if n_prompt >= llm.n_ctx():
+        n_prompt = self._shift_context()
+        if n_prompt is None:
+            need = len(llm.chat_tokens(self.messages))
             self.messages.pop()
-            self._note(f"context window full: the conversation needs {n_prompt} tokens, the window holds "
-                       f"{llm.n_ctx()}. Type /reset to start a new conversation.")
+            self._note(f"context window full: this message needs {need} tokens, the window holds "
+                       f"{llm.n_ctx()}. Use a larger --ctx, or /reset to start a new conversation.")
             return
         parts, finish = [], None
         t0 = time.perf_counter()
@@ -106,14 +131,18 @@ class ChatSession:
                     if text:
                         parts.append(text)
                         self.stdout.write(text)
-                        self.stdout.flush()
+                    if choice["finish_reason"] and finish is None:
+                        # end the answer's line before a verbose timing line is printed
+                        self.stdout.write("\n")
                     finish = choice["finish_reason"] or finish
+                    self.stdout.flush()
         except ContextFullError as e:
             self.messages.pop()
             self._note(f"{e}. Type /reset to start a new conversation.")
             return
-        self.stdout.write("\n")
-        self.stdout.flush()
+        if finish is None:
+            self.stdout.write("\n")
+            self.stdout.flush()
         self.messages.append({"role": "assistant", "content": "".join(parts)})
         t = llm.last_timings
         n_gen, t_gen = t.get("n_gen", 0), t.get("t_gen", time.perf_counter() - t0)
@@ -123,4 +152,4 @@ class ChatSession:
         if finish == "cancelled":
             self._note("(answer stopped)")
         elif finish == "length" and llm.n_cached >= llm.n_ctx():
-            self._note("context window full: the answer was cut. Type /reset to start a new conversation.")
+            self._note("context window full: the answer was cut; the oldest turns make room for the next one.")

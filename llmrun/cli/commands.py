@@ -151,30 +151,77 @@ def _sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, n_predict
                 max_tokens=n_predict if n_predict > 0 else None)
 
 
+def _read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    """-p TEXT, -p - (stdin) or -f FILE: exactly one of them."""
+    if (prompt is None) == (prompt_file is None):
+        raise LlmrunError("give the prompt with -p TEXT, -p - (standard input) or -f FILE (one of them)")
+    if prompt_file is not None:
+        with open(prompt_file, "rb") as f:
+            return f.read().decode("utf-8", errors="replace")
+    if prompt == "-":
+        return sys.stdin.buffer.read().decode("utf-8", errors="replace")
+    return prompt
+
+
+def _grammar_option(grammar_file: str | None, json_schema: str | None):
+    """--grammar-file FILE (GBNF) or --json-schema JSON_OR_FILE, compiled (one-line error if invalid)."""
+    import os
+
+    from ..text.grammar import Grammar
+
+    if grammar_file and json_schema:
+        raise LlmrunError("give --grammar-file or --json-schema, not both")
+    if grammar_file:
+        return Grammar.from_file(grammar_file)
+    if json_schema:
+        text = json_schema
+        if not text.lstrip().startswith(("{", "true", "false")) and os.path.exists(text):
+            with open(text, "rb") as f:
+                text = f.read().decode("utf-8", errors="replace")
+        return Grammar.from_json_schema(text)
+    return None
+
+
 @main.command("run")
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
-@click.option("-p", "--prompt", required=True, help="the text to complete (not echoed: stdout is only the completion)")
+@click.option("-p", "--prompt", default=None,
+              help="the text to complete, or - to read it from standard input (not echoed: stdout is only the "
+                   "completion)")
+@click.option("-f", "--file", "prompt_file", type=click.Path(dir_okay=False), default=None,
+              help="read the prompt from this file")
+@click.option("--stop", "stops", multiple=True, metavar="S", help="stop before this text (repeatable)")
+@click.option("--grammar-file", type=click.Path(dir_okay=False), default=None,
+              help="constrain the output to a GBNF grammar (llama.cpp's format)")
+@click.option("--json-schema", default=None, metavar="JSON_OR_FILE",
+              help="constrain the output to JSON valid under this schema (inline JSON or a file)")
 @_sampling_options
 @_lora_option
 @_one_line_errors
-def run(model, prompt, temperature, top_k, top_p, min_p, repeat_penalty, seed, threads, n_ctx, n_predict, verbose,
-        loras):
+def run(model, prompt, prompt_file, stops, grammar_file, json_schema, temperature, top_k, top_p, min_p,
+        repeat_penalty, seed, threads, n_ctx, n_predict, verbose, loras):
     """Complete PROMPT with MODEL (default model if omitted), streaming the text to stdout."""
     from .signals import sigint_cancels
 
+    text = _read_prompt(prompt, prompt_file)
+    grammar = _grammar_option(grammar_file, json_schema)
     llm = _load_llama(model, n_ctx, threads, seed, verbose, loras)
     if n_predict == 0:
         return
-    finish = None
+    finish, ended_line = None, False
     with sigint_cancels(llm):   # Ctrl-C ends the completion cleanly
-        for chunk in llm.create_completion(prompt, stream=True, seed=seed,
+        for chunk in llm.create_completion(text, stream=True, seed=seed, stop=list(stops) or None, grammar=grammar,
                                            **_sampling_kwargs(temperature, top_k, top_p, min_p,
                                                               repeat_penalty, n_predict)):
             choice = chunk["choices"][0]
             click.echo(choice["text"], nl=False)
-            sys.stdout.flush()
             finish = choice["finish_reason"] or finish
-    click.echo()
+            if finish and not ended_line:
+                # end the text's line now, before the timing line `-v` prints when the generation closes
+                click.echo()
+                ended_line = True
+            sys.stdout.flush()
+    if not ended_line:
+        click.echo()
     if verbose:
         click.echo(f"finish_reason: {finish}", err=True)
 

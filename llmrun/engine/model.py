@@ -215,7 +215,9 @@ class LlamaModel:
     def reset(self) -> None:
         self.truncate(0)
 
-    def forward(self, tokens: Sequence[int], all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens: Sequence[int], all_logits: bool = False, hidden: bool = False) -> np.ndarray:
+        """Logits after the last token ([n_vocab]), or after each ([T, n_vocab]) with all_logits. hidden=True
+        returns the final-normed hidden states instead ([T, n_embd], or [n_embd]): what embeddings pool."""
         hp = self.hparams
         ids = np.asarray(list(tokens) if not isinstance(tokens, np.ndarray) else tokens, dtype=np.int64)
         T = int(ids.size)
@@ -230,14 +232,15 @@ class LlamaModel:
         numba.set_num_threads(min(int(self.n_threads or numba.config.NUMBA_NUM_THREADS),
                                   numba.config.NUMBA_NUM_THREADS))
         step = self._max_batch or T
-        outs = [self._forward_batch(ids[i:i + step], "all" if all_logits else "last" if i + step >= T else None)
-                for i in range(0, T, step)]
+        outs = [self._forward_batch(ids[i:i + step], "all" if all_logits else "last" if i + step >= T else None,
+                                    hidden) for i in range(0, T, step)]
         if not all_logits:
             return outs[-1][0]
         return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
-    def _forward_batch(self, ids: np.ndarray, logits: str | None) -> np.ndarray | None:
-        """Run a batch of at most _max_batch tokens; logits "all" rows, the "last" row only, or None."""
+    def _forward_batch(self, ids: np.ndarray, logits: str | None, hidden: bool = False) -> np.ndarray | None:
+        """Run a batch of at most _max_batch tokens; logits (or final-normed hidden states) for "all" rows, the
+        "last" row only, or None."""
         hp = self.hparams
         T = int(ids.size)
         pos0 = self.n_past
@@ -285,6 +288,8 @@ class LlamaModel:
             x = x[-1:]
         hn = np.empty_like(x)
         ops.rmsnorm(x, self.output_norm, eps, hn)
+        if hidden:
+            return hn
         out = _matmul(self.output, hn)
         if hp.final_softcap:
             cap = np.float32(hp.final_softcap)

@@ -232,6 +232,21 @@ class Tokenizer:
         out: list[int] = []
         if add_special and want_bos and self.bos_id is not None:
             out.append(self.bos_id)
+        out.extend(self._encode_text(raw, special, self.add_space_prefix))
+        if add_special and want_bos and self.bos_id is not None and len(out) >= 2 and out[1] == self.bos_id:
+            log.warning("tokenizer: the prompt starts with a BOS token and another one was added (2 BOS)")
+        if add_special and self.add_eos and self.eos_id is not None:
+            out.append(self.eos_id)
+        return out
+
+    def encode_continuation(self, text: str | bytes, special: bool = True) -> list[int]:
+        """Token ids of ``text`` as it would continue a sequence: no BOS/EOS and no SentencePiece space
+        prefix, so the ids decode to exactly ``text`` (what grammar engines expect of a tokenizer)."""
+        raw = text if isinstance(text, bytes) else text.encode("utf-8", "replace")
+        return self._encode_text(raw, special, False)
+
+    def _encode_text(self, raw: bytes, special: bool, space_prefix: bool) -> list[int]:
+        out: list[int] = []
         parts = self._partition(raw, special) if raw else []
         prev_special = True  # SentencePiece prefixes a space to text that starts a fragment run
         for p in parts:
@@ -240,16 +255,12 @@ class Tokenizer:
                 prev_special = True
                 continue
             if self.model == "llama":
-                if self.add_space_prefix and prev_special:
+                if space_prefix and prev_special:
                     p = b" " + p
                 out.extend(self._encoder.encode(p.replace(b" ", SPACE_MARK)))
             else:
                 out.extend(self._encoder.encode(p))
             prev_special = False
-        if add_special and want_bos and self.bos_id is not None and len(out) >= 2 and out[1] == self.bos_id:
-            log.warning("tokenizer: the prompt starts with a BOS token and another one was added (2 BOS)")
-        if add_special and self.add_eos and self.eos_id is not None:
-            out.append(self.eos_id)
         return out
 
     # --- decode -----------------------------------------------------------------------------

@@ -109,9 +109,11 @@ def gguf_tensors(model, spec: TinySpec) -> dict[str, np.ndarray]:
 
 
 def write_gguf(path: Path, model, spec: TinySpec, *, arch: str = "llama", drop: tuple[str, ...] = (),
-               per_layer_arrays: bool = False, raw_override: dict | None = None) -> Path:
+               per_layer_arrays: bool = False, raw_override: dict | None = None,
+               metadata: dict | None = None) -> Path:
     """Write `model` as a GGUF file with gguf-py's GGUFWriter (2-D weights in spec.qtype). per_layer_arrays
-    stores head counts and ffn length as per-layer arrays (llama.cpp's key-or-array form)."""
+    stores head counts and ffn length as per-layer arrays (llama.cpp's key-or-array form); `metadata` adds
+    keys (int -> uint32, str -> string, list -> array)."""
     import gguf
     from llmrun.quants import quantize
     hd = spec.head_dim or spec.hidden // spec.heads
@@ -126,6 +128,13 @@ def write_gguf(path: Path, model, spec: TinySpec, *, arch: str = "llama", drop: 
     w.add_layer_norm_rms_eps(spec.eps)
     w.add_rope_freq_base(spec.rope_theta)
     w.add_rope_dimension_count(hd)
+    for key, value in (metadata or {}).items():
+        if isinstance(value, list):
+            w.add_array(key, value)
+        elif isinstance(value, int):
+            w.add_uint32(key, value)
+        else:
+            w.add_string(key, value)
     if spec.head_dim:
         w.add_key_length(hd)
         w.add_value_length(hd)
