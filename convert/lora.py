@@ -23,9 +23,9 @@ from .hf_config import config_values
 from .jsonfile import read_json_object
 from .names import gguf_name
 
-# HF module names LoRA may target in a LLaMA model (as PEFT target_modules suffixes)
+# HF module names LoRA may target (as PEFT target_modules suffixes); Phi-3 fuses qkv_proj and gate_up_proj
 KNOWN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                 "lm_head", "embed_tokens")
+                 "qkv_proj", "gate_up_proj", "lm_head", "embed_tokens")
 
 # adapter_config.json switches that change what merging means; we refuse rather than merge wrongly
 _UNSUPPORTED_FLAGS = {
@@ -99,8 +99,9 @@ class _Pair:
 class LoraAdapter:
     """One PEFT adapter folder, validated; `apply(hf_weight_name, w)` merges it into a float32 weight."""
 
-    def __init__(self, adapter_dir: str | Path, user_scale: float = 1.0):
+    def __init__(self, adapter_dir: str | Path, user_scale: float = 1.0, arch: str = "llama"):
         self.dir = Path(adapter_dir)
+        self.arch = arch   # the base's GGUF architecture: names the weights an adapter may target
         self.user_scale = float(user_scale)
         if not math.isfinite(self.user_scale):
             raise ConvertError(f"{self.dir}: LoRA scale must be a finite number")
@@ -135,7 +136,7 @@ class LoraAdapter:
                 raise ConvertError(f"{path}: {what} are not supported")
         bias = c.get_str("bias", "none")
         if bias != "none":
-            raise ConvertError(f"{path}: bias={bias!r:.60} is not supported (LLaMA layers have no bias)")
+            raise ConvertError(f"{path}: bias={bias!r:.60} is not supported (only LoRA matrices are merged)")
         for key in ("r", "lora_alpha"):
             c.get_float(key, lo=0.0, lo_open=True)
         self.rank_pattern = _patterns(path, cfg, "rank_pattern", integer=True)
@@ -147,7 +148,7 @@ class LoraAdapter:
             targets = c.get_array("target_modules", "str")
             unknown = [t for t in targets if t.rsplit(".", 1)[-1] not in KNOWN_MODULES]
             if unknown:
-                raise ConvertError(f"{path}: target module {unknown[0]!r:.80} is not a LLaMA linear layer "
+                raise ConvertError(f"{path}: target module {unknown[0]!r:.80} is not a linear layer we know "
                                    f"(known: {', '.join(KNOWN_MODULES)})")
         elif targets is not None:
             c.get_str("target_modules")          # PEFT also takes one regular expression
@@ -210,12 +211,12 @@ class LoraAdapter:
 
     def _known_target(self, hf_weight: str, key: str) -> None:
         try:
-            g = gguf_name(hf_weight)
+            g = gguf_name(hf_weight, self.arch)
         except ConvertError:
             g = None
         if g is None or g.endswith("_norm.weight"):
             raise ConvertError(f"{self.file.path}: tensor {key} targets {hf_weight[:-7]!r}, which is not a "
-                               "LLaMA weight matrix")
+                               f"weight matrix of a {self.arch} model")
 
     # -- validation against the base -----------------------------------------------------------------------
     def validate(self, base_shapes: dict[str, tuple[int, ...]], n_layer: int) -> None:

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from llmrun.engine.archs import ARCHS
 from llmrun.errors import ConvertError
 from llmrun.gguf import GGMLType, GGUFValueType as VT, GGUFWriter, LlamaFileType
 from llmrun.gguf.writer import check_output_path
 
 from . import names
-from .hf_config import ARCH, load_config
+from .hf_config import load_config
+from .jsonfile import read_json_object
 from .lora import LoraAdapter
 from .permute import permute_rows
 from .pipeline import _expected_shapes, encode
@@ -46,9 +48,14 @@ class LoraFactors:
         return int(self.b.shape[1])
 
 
+def _permuted(adapter: LoraAdapter, gguf: str) -> bool:
+    """Whether this tensor's rows are permuted for NORM RoPE in the adapter's architecture (Q/K of llama)."""
+    return ARCHS[adapter.arch].rope == "norm" and names.block_suffix(gguf) in names.PERMUTED
+
+
 def needs_heads(adapter: LoraAdapter) -> bool:
     """True if the adapter has Q or K pairs, whose permutation needs the base's head counts."""
-    return any(names.block_suffix(names.gguf_name(hf)) in names.PERMUTED for hf in adapter.pairs)
+    return any(_permuted(adapter, names.gguf_name(hf, adapter.arch)) for hf in adapter.pairs)
 
 
 def check_low_rank_only(adapter: LoraAdapter) -> None:
@@ -69,7 +76,7 @@ def peft_factors(adapter: LoraAdapter, heads=None) -> tuple[float, list[LoraFact
     rslora = adapter.use_rslora
     out = []
     for hf, pair in adapter.pairs.items():
-        g = names.gguf_name(hf)
+        g = names.gguf_name(hf, adapter.arch)
         a, b = adapter.low_rank(hf)
         if pair.embedding:
             a = np.ascontiguousarray(a.T)
@@ -80,28 +87,33 @@ def peft_factors(adapter: LoraAdapter, heads=None) -> tuple[float, list[LoraFact
         if fold != 1.0:
             b = b * np.float32(fold)
         suffix = names.block_suffix(g)
-        if suffix in names.PERMUTED:
+        if _permuted(adapter, g):
             if heads is None:
                 raise ConvertError(f"{adapter.dir}: adapting {hf} needs the base model's head counts "
                                    "(give --base HF_DIR)")
             b = permute_rows(b, getattr(heads, names.PERMUTED[suffix]))
         out.append(LoraFactors(g, a, np.ascontiguousarray(b, dtype=np.float32)))
-    out.sort(key=lambda f: _order(f.name))
+    out.sort(key=lambda f: _order(f.name, adapter.arch))
     return alpha, out
 
 
-def _order(gguf: str) -> tuple[int, int]:
+def _order(gguf: str, arch: str) -> tuple[int, int]:
     m = re.match(r"blk\.(\d+)\.(.+)$", gguf)
+    order = names.block_order(arch)
     if m:
-        return int(m.group(1)), names.BLOCK_ORDER.index(m.group(2)) if m.group(2) in names.BLOCK_ORDER else 99
+        return int(m.group(1)), order.index(m.group(2)) if m.group(2) in order else 99
     return (-1, 0) if gguf == names.TOKEN_EMBD else (1 << 30, 0)
 
 
-def _base_dir(adapter: LoraAdapter, base_dir) -> Path | None:
-    """--base, else adapter_config.json's base_model_name_or_path when it is a local checkpoint folder."""
+def _base_dir(adapter_dir, base_dir) -> Path | None:
+    """--base, else adapter_config.json's base_model_name_or_path when it is a local checkpoint folder (an
+    unreadable config is left for LoraAdapter to report)."""
     if base_dir is not None:
         return Path(base_dir)
-    guess = adapter.config.get("base_model_name_or_path")
+    try:
+        guess = read_json_object(Path(adapter_dir) / "adapter_config.json").get("base_model_name_or_path")
+    except ConvertError:
+        return None
     if isinstance(guess, str) and guess and (Path(guess) / "config.json").is_file():
         return Path(guess)
     return None
@@ -111,7 +123,7 @@ def _check_against_base(adapter: LoraAdapter, cfg) -> None:
     expected = _expected_shapes(cfg)   # GGUF name -> shape implied by config.json
     shapes = {}
     for hf in list(adapter.pairs) + list(adapter.overrides):
-        g = names.gguf_name(hf)
+        g = names.gguf_name(hf, adapter.arch)
         if g in expected:
             shapes[hf] = expected[g]
     adapter.validate(shapes, cfg.n_layer)
@@ -132,14 +144,14 @@ def export_lora(adapter_dir, out_path, base_dir=None, out_type: str = "f32", ove
         raise ConvertError(f"LoRA output type {out_type!r} is not supported (f32, f16, q8_0)")
     check_output_path(out_path, overwrite)
     ftype, tensor_type = OUT_TYPES[key]
-    adapter = LoraAdapter(adapter_dir)
+    base = _base_dir(adapter_dir, base_dir)
+    cfg = load_config(base) if base is not None else None
+    # the base's architecture names the adapted weights (a llama base when there is no config to say)
+    adapter = LoraAdapter(adapter_dir, arch=cfg.arch.gguf if cfg is not None else "llama")
     try:
         check_output_path(out_path, overwrite, inputs=[adapter.file.path, adapter.dir / "adapter_config.json"])
         check_low_rank_only(adapter)
-        base = _base_dir(adapter, base_dir)
-        cfg = None
-        if base is not None:
-            cfg = load_config(base)
+        if cfg is not None:
             _check_against_base(adapter, cfg)
         elif needs_heads(adapter) or EMBED_HF in adapter.pairs or LM_HEAD_HF in adapter.pairs:
             what = "Q/K (their rows are permuted per head)" if needs_heads(adapter) else "embed_tokens/lm_head"
@@ -147,7 +159,7 @@ def export_lora(adapter_dir, out_path, base_dir=None, out_type: str = "f32", ove
                                "HF_DIR)")
         alpha, factors = peft_factors(adapter, cfg)
         writer = GGUFWriter(out_path, overwrite=overwrite)
-        for k, v, vt in (("general.architecture", ARCH, VT.STRING), ("general.type", "adapter", VT.STRING),
+        for k, v, vt in (("general.architecture", adapter.arch, VT.STRING), ("general.type", "adapter", VT.STRING),
                          ("general.name", adapter.dir.resolve().name or "adapter", VT.STRING),
                          ("general.file_type", int(ftype), VT.UINT32),
                          ("general.quantization_version", 2, VT.UINT32),

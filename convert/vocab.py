@@ -42,6 +42,9 @@ _SPECIAL_KEYS = {
     "mask": "tokenizer.ggml.mask_token_id",
 }
 
+# architectures whose SentencePiece vocabulary llama.cpp writes without the space prefix (Gemma's)
+_NO_SPACE_PREFIX = ("gemma2", "gemma3")
+
 # pre-tokenizer regexes as published in tokenizer.json files (JSON-decoded)
 _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -90,7 +93,7 @@ def does_token_look_special(text: str) -> bool:
 
 
 # --- SentencePiece ----------------------------------------------------------------------------
-def _sentencepiece_vocab(hf_dir: Path, n_vocab: int | None):
+def _sentencepiece_vocab(hf_dir: Path, n_vocab: int | None, flavor: str = "llama"):
     from sentencepiece import SentencePieceProcessor
 
     path = inside(hf_dir / "tokenizer.model", hf_dir)
@@ -124,11 +127,18 @@ def _sentencepiece_vocab(hf_dir: Path, n_vocab: int | None):
         if is_integer(tid) and 0 <= tid < vocab_size:
             tokens[tid], scores[tid], types[tid] = text, -1000.0, int(TokenType.USER_DEFINED)
     config = _read_json(hf_dir / "tokenizer_config.json") or {}
-    for key, data in _added_tokens_decoder(hf_dir, config).items():
+    entries = list(_added_tokens_decoder(hf_dir, config).items())
+    if flavor == "phi3":   # llama.cpp's Phi-3 converter also reads tokenizer.json's added tokens
+        tj = _read_json(hf_dir / "tokenizer.json") or {}
+        listed = tj.get("added_tokens") if isinstance(tj.get("added_tokens"), list) else []
+        entries += [(str(a.get("id")), a) for a in listed if isinstance(a, dict) and is_integer(a.get("id"))]
+    for key, data in entries:
         tid, text = int(key), data.get("content")
         if not isinstance(text, str) or not 0 <= tid < vocab_size:
             continue
-        if parse_bool(data.get("special")) or does_token_look_special(text):
+        if flavor == "phi3":   # taken as written: control if special, else user-defined
+            types[tid] = int(TokenType.CONTROL if parse_bool(data.get("special")) else TokenType.USER_DEFINED)
+        elif parse_bool(data.get("special")) or does_token_look_special(text):
             types[tid] = int(TokenType.CONTROL)
         else:
             text = text.replace("\u2581", " ")  # user-defined tokens are matched pre-normalized
@@ -402,18 +412,20 @@ def _chat_template_kvs(template) -> list[KV]:
 
 
 # --- entry point ------------------------------------------------------------------------------
-def vocab_metadata(hf_dir: Path, n_vocab: int) -> list[KV]:
+def vocab_metadata(hf_dir: Path, n_vocab: int, flavor: str = "llama") -> list[KV]:
     """The ``tokenizer.*`` KVs for a HF model folder, in llama.cpp's order and value types.
 
     ``n_vocab`` is config.json's vocab_size: the vocabulary is padded to it with ``[PAD{i}]``
-    tokens of type unused (5). Raises ConvertError (one line) when there is no usable tokenizer.
+    tokens of type unused (5). ``flavor`` is the GGUF architecture, for what llama.cpp's converter of
+    that family does differently (Gemma: no space prefix; Phi-3: its added-token types). Raises
+    ConvertError (one line) when there is no usable tokenizer.
     """
     hf_dir = Path(hf_dir)
     n_vocab = int(n_vocab) if n_vocab else None
     kvs: list[KV] = []
     tokenizer_json = None
     if (hf_dir / "tokenizer.model").is_file():
-        tokens, scores, types = _sentencepiece_vocab(hf_dir, n_vocab)
+        tokens, scores, types = _sentencepiece_vocab(hf_dir, n_vocab, flavor)
         if (hf_dir / "tokenizer.json").is_file():
             tokenizer_json = _read_json(hf_dir / "tokenizer.json")
         kvs += [("tokenizer.ggml.model", "llama", VT.STRING, None),
@@ -447,7 +459,9 @@ def vocab_metadata(hf_dir: Path, n_vocab: int) -> list[KV]:
 
     # LlamaModel.set_vocab extras
     config = _read_json(hf_dir / "tokenizer_config.json") or {}
-    if parse_bool(config.get("add_prefix_space")) is not None:
+    if flavor in _NO_SPACE_PREFIX and kvs[0][1] == "llama":
+        kvs.append(("tokenizer.ggml.add_space_prefix", False, VT.BOOL, None))
+    elif parse_bool(config.get("add_prefix_space")) is not None:
         kvs.append(("tokenizer.ggml.add_space_prefix", parse_bool(config["add_prefix_space"]), VT.BOOL, None))
     if n_vocab == 49152:  # llama.cpp: "granite small models" (and SmolLM) never get a BOS
         kvs = [kv for kv in kvs if kv[0] != "tokenizer.ggml.add_bos_token"]

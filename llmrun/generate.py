@@ -146,14 +146,15 @@ class Generation:
         return self._n_prompt_fed is not None and self._n_prompt_fed >= len(self.prompt)
 
     # ---- one step (called by step()) ------------------------------------------------------------------------
-    def _advance(self, events: list[Event], prompt_chunk: int = PROMPT_CHUNK) -> list[int] | None:
-        """This generation's part of a step: the tokens to feed now, or None when it has finished."""
+    def _advance(self, events: list[Event], kept=None, prompt_chunk: int = PROMPT_CHUNK) -> list[int] | None:
+        """This generation's part of a step: the tokens to feed now, or None when it has finished. kept(n): how
+        much of a reusable prefix of n cached tokens the model can continue from (see _kept_prefix)."""
         if self._t_start is None:
             self._t_start = time.perf_counter()
         if self._cancelled.is_set():
             return self._finish("cancelled", events)
         if self._n_prompt_fed is None:
-            self._reuse_prefix()
+            self._reuse_prefix(kept)
         if self._n_prompt_fed < len(self.prompt):
             return self.prompt[self._n_prompt_fed:self._n_prompt_fed + prompt_chunk]
         token, logprob = self._pick()
@@ -182,13 +183,15 @@ class Generation:
                 self._t_decode = time.perf_counter()
                 self.timings["t_prompt"] = self._t_decode - self._t_start
 
-    def _reuse_prefix(self) -> None:
+    def _reuse_prefix(self, kept=None) -> None:
         cached, n = self.slot.tokens, 0
         for a, b in zip(cached, self.prompt):
             if a != b:
                 break
             n += 1
         n = min(n, len(self.prompt) - 1)   # the last prompt token is evaluated again: its logits are needed
+        if kept is not None and 0 < n < len(cached):
+            n = kept(n)                    # a sliding-window cache may have lost what position n needs
         del cached[n:]
         self._n_prompt_fed = n
         self.timings.update(n_prompt=len(self.prompt), n_prompt_eval=len(self.prompt) - n, n_prompt_reused=n)
@@ -292,7 +295,8 @@ def step(model: BatchModel, generations: Iterable[Generation],
     events: list[Event] = []
     fed: list[tuple[Generation, list[int]]] = []
     for gen in active:
-        tokens = gen._advance(events, max(1, int(prompt_chunk)))
+        tokens = gen._advance(events, lambda n, slot=gen.slot.index: _kept_prefix(model, slot, n),
+                              max(1, int(prompt_chunk)))
         if tokens:
             fed.append((gen, tokens))
     if fed:
@@ -306,6 +310,14 @@ def step(model: BatchModel, generations: Iterable[Generation],
         for (gen, tokens), row in zip(fed, rows):
             gen._take(tokens, row)
     return events
+
+
+def _kept_prefix(model, slot: int, n: int) -> int:
+    """How many of a slot's first n cached positions the next forward can continue from: n, unless the model
+    says (its optional `kept_prefix(slot, n)`) that a sliding-window ring has overwritten what position n
+    needs; then 0, and the prompt is evaluated from the start."""
+    kept_prefix = getattr(model, "kept_prefix", None)
+    return n if kept_prefix is None else int(kept_prefix(slot, n))
 
 
 def generate(model: BatchModel, *generations: Generation) -> Iterator[Event]:
@@ -325,6 +337,11 @@ class PerSlotModels:
         self.models = list(models)
         self.n_slots = len(self.models)
         self.n_ctx = min(m.n_ctx for m in self.models)
+
+    def kept_prefix(self, slot: int, n: int) -> int:
+        """See _kept_prefix: what slot's engine can keep of its first n positions (n or 0)."""
+        kept = getattr(self.models[slot], "kept_prefix", None)
+        return n if kept is None else kept(n)
 
     def forward_batch(self, batch: Sequence[BatchItem]) -> list[np.ndarray]:
         rows = []

@@ -144,7 +144,7 @@ def test_unsupported_architecture_and_type(base, out_dir, tmp_path):
     _fail([src, "-o", out_dir / "m.gguf"], out_dir, "GPT2LMHeadModel")
     _fail([base, "-o", out_dir / "m.gguf", "--type", "q9_9"], out_dir, "q9_9")
     cfg["architectures"] = ["MistralForCausalLM"]
-    cfg["sliding_window"] = 32
+    cfg["sliding_window"] = "32"   # a window is supported (test_relatives.py); a malformed one is refused
     (src / "config.json").write_text(json.dumps(cfg))
     _fail([src, "-o", out_dir / "m.gguf"], out_dir, "sliding")
 

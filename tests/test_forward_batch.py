@@ -100,3 +100,36 @@ def test_forward_batch_with_run_time_lora(tmp_path, llama2_tokenizer_model):
             pos[i] += len(feed)
             m.cache = alone[i]
             np.testing.assert_array_equal(row, m.forward(feed))
+
+
+@pytest.mark.parametrize("cls", ["Gemma2ForCausalLM", "Qwen2ForCausalLM"])
+def test_forward_batch_on_relatives(tmp_path, cls, monkeypatch):
+    """Sliding-window rings that wrap (small rings), attention soft-capping, post-norms, GeGLU (Gemma 2); Q/K/V
+    biases and NEOX rope (Qwen2): each row still equals its own sequence's forward(), and transformers."""
+    from helpers.tiny_hf import hf_logits
+    from helpers.tiny_relatives import hf_model as relative_model, make_tiny
+    from llmrun.convert import convert_checkpoint
+    from llmrun.engine import kv_cache
+
+    monkeypatch.setattr(kv_cache, "RING_BATCH", 8)   # rings of window + 7 slots: the schedule wraps them
+    extra = dict(head_dim=16, num_hidden_layers=2, sliding_window=8, query_pre_attn_scalar=16) \
+        if cls.startswith("Gemma") else {}
+    d = make_tiny(tmp_path / "hf", cls, tokenizer="gemma" if cls.startswith("Gemma") else "bpe-qwen2", seed=3, **extra)
+    path = convert_checkpoint(d, tmp_path / "m.gguf", out_type="f32")
+    with GGUFReader(path) as r:
+        m = LlamaModel.load(r, n_ctx=64)
+    schedule = [(7, 1, 0), (1, 8, 3), (1, 1, 1), (0, 1, 8), (1, 1, 1), (2, 0, 1), (1, 1, 1)] + [(1, 1, 1)] * 6
+    rng = np.random.default_rng(5)
+    seqs = [[int(t) for t in rng.integers(3, 250, sum(s[i] for s in schedule))] for i in range(3)]
+    refs = [hf_logits(relative_model(d), s) for s in seqs]
+    caches, alone, pos = m.new_caches(3), [m.new_cache() for _ in range(3)], [0, 0, 0]
+    for step in schedule:
+        active = [i for i in range(3) if step[i]]
+        feeds = [seqs[i][pos[i]:pos[i] + step[i]] for i in active]
+        got = m.forward_batch([caches[i] for i in active], feeds)
+        for row, i, feed in zip(got, active, feeds):
+            pos[i] += len(feed)
+            assert mean_kl(refs[i][pos[i] - 1:pos[i]], row[None]) <= 1e-4
+            m.cache = alone[i]
+            np.testing.assert_array_equal(row, m.forward(feed))
+    assert any(L.ring for L in caches[0].layers) == cls.startswith("Gemma")

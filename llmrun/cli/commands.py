@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from ..engine.archs import ARCHS   # a table only: no kernels imported
 from ..errors import LlmrunError
 from ..safe_text import printable, terminal_text
 
@@ -52,19 +53,19 @@ def main():
 # Commands are added below by their owners: info, quantize, convert, run, chat, bench, perplexity.
 
 
-@main.command("info")
+@main.command("info", help="Metadata and tensor table of the GGUF FILE, and whether llmrun runs its architecture "
+                            f"({', '.join(ARCHS)}).")
 @click.argument("file", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the report")
 @_one_line_errors
 def info(file, as_json):
-    """Metadata and tensor table of the GGUF FILE."""
     import json
 
     from ..gguf import GGUFReader
     from ..gguf.describe import describe, describe_text
 
     with GGUFReader(file) as r:
-        click.echo(json.dumps(describe(r), indent=1) if as_json else describe_text(r))
+        click.echo(json.dumps(describe(r, list(ARCHS)), indent=1) if as_json else describe_text(r, list(ARCHS)))
 
 
 @main.command("quantize")

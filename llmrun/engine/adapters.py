@@ -117,12 +117,13 @@ def _read_peft(path: str, model, shapes: dict[str, tuple[int, int]]):
     from ..convert.lora import LoraAdapter
     from ..convert.lora_gguf import check_low_rank_only, peft_factors
     from ..convert.names import gguf_name
-    adapter = LoraAdapter(path)
+    arch = model.hparams.arch.name
+    adapter = LoraAdapter(path, arch=arch)
     try:
         check_low_rank_only(adapter)
         # the base's shapes under HF names, so that a wrong base is reported before any permutation
-        hf_shapes = {hf: shapes[gguf_name(hf)] for hf in list(adapter.pairs) + list(adapter.overrides)
-                     if gguf_name(hf) in shapes}
+        hf_shapes = {hf: shapes[gguf_name(hf, arch)] for hf in list(adapter.pairs) + list(adapter.overrides)
+                     if gguf_name(hf, arch) in shapes}
         adapter.validate(hf_shapes, model.hparams.n_layer)
         alpha, factors = peft_factors(adapter, heads=model.hparams)
     finally:
@@ -132,7 +133,6 @@ def _read_peft(path: str, model, shapes: dict[str, tuple[int, int]]):
 
 def load_adapter(path, model) -> LoadedAdapter:
     """Read a GGUF LoRA file or a PEFT folder and check it against `model` (names, shapes, ranks)."""
-    from .model import ARCH
     path = os.fspath(path)
     hp = model.hparams
     where = {}   # tensor name -> (group index, first column, rows, cols)
@@ -143,7 +143,7 @@ def load_adapter(path, model) -> LoadedAdapter:
         shapes = {name: (rows, cols) for name, (_, _, rows, cols) in where.items()}
         alpha, pairs = _read_peft(path, model, {**shapes, EMBD: (hp.n_vocab, hp.n_embd)})
     elif os.path.isfile(path):
-        alpha, pairs = _read_gguf_lora(path, ARCH)
+        alpha, pairs = _read_gguf_lora(path, hp.arch.name)
     else:
         raise AdapterError(f"{path}: LoRA adapter not found (a GGUF LoRA file or a PEFT adapter folder)")
     if not pairs:

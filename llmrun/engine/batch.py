@@ -28,6 +28,11 @@ class SlotCaches:
     def kv_nbytes(self) -> int:
         return sum(c.nbytes for c in self.caches)
 
+    def kept_prefix(self, slot: int, n: int) -> int:
+        """How much of slot's first n positions a forward can continue from (generate.py asks before reusing a
+        prefix: a sliding-window ring may have overwritten what position n needs)."""
+        return self.caches[slot].kept_prefix(n)
+
     def forward_batch(self, batch: Sequence[BatchItem]) -> list[np.ndarray]:
         caches, tokens = [], []
         for item in batch:
@@ -36,8 +41,9 @@ class SlotCaches:
             cache = self.caches[item.slot]
             if item.pos > cache.n_past:
                 raise ModelError(f"slot {item.slot} holds {cache.n_past} positions, cannot continue at {item.pos}")
-            if item.pos < cache.n_past:
-                cache.truncate(item.pos)
+            if item.pos < cache.n_past and cache.truncate(item.pos) != item.pos:
+                raise ModelError(f"slot {item.slot} cannot continue at position {item.pos} (its sliding-window "
+                                 f"cache no longer holds what that position needs)")
             caches.append(cache)
             tokens.append(item.tokens)
         return list(self.model.forward_batch(caches, tokens))

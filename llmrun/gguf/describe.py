@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import Sequence
 
 import numpy as np
 
@@ -42,8 +43,9 @@ def _element_list(value, etype: GGUFValueType) -> list:
     return list(value)
 
 
-def describe(r: GGUFReader) -> dict:
-    """Everything `llmrun info --json` prints, as one JSON-serializable object."""
+def describe(r: GGUFReader, runnable: Sequence[str] = ()) -> dict:
+    """Everything `llmrun info --json` prints, as one JSON-serializable object. `runnable`: the architectures
+    the engine runs (the report says whether this file's is one of them)."""
     metadata = {}
     for key, value in r.metadata.items():
         vtype, etype = r.metadata_types[key]
@@ -60,6 +62,7 @@ def describe(r: GGUFReader) -> dict:
         "alignment": r.alignment,
         "data_offset": r.data_offset,
         "architecture": _string_or_none(r.get("general.architecture")),
+        "runs_in_llmrun": r.get("general.architecture") in runnable,
         "name": _string_or_none(r.get("general.name")),
         "file_type": file_type_name(r.get("general.file_type")),
         "n_params": sum(ti.n_elements for ti in r.tensors.values()),
@@ -119,9 +122,9 @@ def _human_count(n: int) -> str:
     return str(n)
 
 
-def describe_text(r: GGUFReader) -> str:
+def describe_text(r: GGUFReader, runnable: Sequence[str] = ()) -> str:
     """The human-readable `llmrun info` report."""
-    d = describe(r)
+    d = describe(r, runnable)
     lines = []
     add = lines.append
     ft = r.get("general.file_type")
@@ -131,6 +134,7 @@ def describe_text(r: GGUFReader) -> str:
         ("file size", f"{_human_size(d['file_size'])} ({d['file_size']} bytes)"),
         ("format", f"GGUF v{d['version']}, alignment {d['alignment']}, data at offset {d['data_offset']}"),
         ("architecture", _field(r.get("general.architecture"))),
+        ("supported", f"{'yes' if d['runs_in_llmrun'] else 'no'} (llmrun runs: {', '.join(runnable)})"),
         ("name", _field(r.get("general.name"))),
         ("file type", "(not set)" if ft is None else f"{d['file_type'] or 'unknown'} ({ft})"),
         ("parameters", f"{_human_count(d['n_params'])} ({d['n_params']})"),

@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import GGUFError, LlmrunError
 
 _REQUIRED = object()
+REQUIRED = _REQUIRED   # the "no default" sentinel of the getters, for wrappers
 _TRUE = ("true", "1", "yes")
 _FALSE = ("false", "0", "no")
 

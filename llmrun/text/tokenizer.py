@@ -145,6 +145,7 @@ class Tokenizer:
         self._token_to_id: dict[str, int] = _first_ids(tokens)
         self._find_end_tokens(md)
         self._special_pieces = self._special_cache()
+        self._rstrip_ids = self._rstrip_tokens(md.get_str("general.architecture", None))
 
         if spm:
             scores_raw = md.get_array(KEY + "scores", "float", None, finite=False)
@@ -201,6 +202,16 @@ class Tokenizer:
         found.sort(key=lambda e: (-len(e[0]), e[1]))
         return found
 
+    def _rstrip_tokens(self, arch) -> frozenset[int]:
+        """Tokens that swallow the whitespace after them, as llama.cpp marks them for Phi-3 (its added chat
+        tokens are rstrip=True in HF's tokenizer config; the GGUF vocabulary does not say so)."""
+        if arch != "phi3":
+            return frozenset()
+        ids = {tid for _, tid, _ in self._special_pieces}
+        ids |= {self._token_to_id[t] for t in ("</s>",) if t in self._token_to_id}
+        ids -= {self._token_to_id[t] for t in ("<unk>", "<s>", "<|endoftext|>") if t in self._token_to_id}
+        return frozenset(ids)
+
     # --- encode -----------------------------------------------------------------------------
     def _partition(self, text: bytes, special: bool | list[tuple[int, int]]) -> list[bytes | int]:
         """Split on special tokens (llama.cpp tokenizer_st_partition); user-defined ones always.
@@ -230,7 +241,11 @@ class Tokenizer:
                         if k > start:
                             new.append((data[start:k], offset + start))
                         new.append(tid)
-                        start = search = k + len(piece)
+                        start = k + len(piece)
+                        if tid in self._rstrip_ids:     # Phi-3's added tokens swallow the whitespace after them
+                            while start < len(data) and data[start] in b" \t\n\v\f\r":
+                                start += 1
+                        search = start
                     else:
                         search = k + 1
                 if start < len(data):

@@ -31,26 +31,38 @@ def write_spm_tokenizer(folder: Path, spm_model: Path) -> int:
     return spm.SentencePieceProcessor(model_file=str(spm_model)).get_piece_size()
 
 
-def write_bpe_tokenizer(folder: Path, vocab_size: int = 400) -> int:
-    """Train a tiny byte-level BPE (Llama-3-style regex) with `tokenizers`; returns its vocabulary size."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    llama3_re = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_REGEXES = {   # published tokenizer.json Split regexes: Llama 3's, and Qwen2's (single digits)
+    "llama3": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+"),
+    "qwen2": (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+"),
+}
+
+
+def write_bpe_tokenizer(folder: Path, vocab_size: int = 400, pre: str = "llama3") -> int:
+    """Train a tiny byte-level BPE (Llama-3- or Qwen2-style regex) with `tokenizers`; returns its vocabulary size."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
+    if pre == "qwen2":
+        tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(llama3_re), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(PRE_REGEXES[pre]), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"]
+    specials = (["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>"] if pre == "llama3" else
+                ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(BPE_CORPUS, trainer)
     tok.save(str(folder / "tokenizer.json"))
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    if pre == "llama3":
+        config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|im_end|>", "add_bos_token": True}
+    else:   # Qwen2: no BOS
+        config = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|begin_of_text|>", "eos_token": "<|im_end|>", "add_bos_token": True,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"}))
+        **config, "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template}))
     return tok.get_vocab_size()
 
 
