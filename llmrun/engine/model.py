@@ -20,8 +20,9 @@ import numba
 import numpy as np
 
 from ..errors import ContextFullError, ModelError
-from ..kernels import ops
+from ..kernels import ops, warmup
 from ..kernels.qmatmul import dequantize_rows, matmul, matvec, matvec_batch
+from ..kernels.repack import FAMILY
 from ..runtime import fixed_mmap_threshold, trim_heap
 from .hparams import HParams, LlamaHParams, read_hparams  # noqa: F401  (LlamaHParams: the older name)
 from .kv_cache import KVCache, LayerCache, layer_capacity
@@ -31,6 +32,13 @@ from .weights import MatrixGroup, Weights
 
 BLAS_ATTENTION_TOKENS = 16   # prefill chunks from this size use the BLAS attention path
 ACTIVATIONS = {"silu": ops.swiglu, "gelu_tanh": ops.geglu}
+
+
+def _matrix_types(reader) -> tuple[set[str], str]:
+    """The repack families of a file's matrices, and their ggml type names ("q4_1, q8_0")."""
+    types = sorted({ti.ggml_type for ti in reader.tensors.values()
+                    if len(ti.shape) == 2 and ti.ggml_type in FAMILY}, key=int)
+    return {FAMILY[t] for t in types}, ", ".join(t.lower for t in types) or "f32"
 
 
 def _matmul(parts: MatrixGroup, X: np.ndarray) -> np.ndarray:
@@ -131,6 +139,8 @@ class LlamaModel:
         self.weights_nbytes = 0
         self.kv_nbytes = 0
         self.embd_lora = None   # the active adapters' token_embd side path (engine/adapters.py)
+        self.families: set[str] = set()   # repack families of the matrices, and their ggml type names
+        self.type_names = ""
 
     # ------------------------------------------------------------------------------------- loading
     @classmethod
@@ -144,10 +154,14 @@ class LlamaModel:
         check_context(reader.path, n_ctx,
                       sum(nkv * (hp.head_dim + hp.v_head_dim) for nkv in hp.n_head_kv_per_layer))
         arch = hp.arch
+        families, type_names = _matrix_types(reader)
+        # the kernels this model needs, compiled in worker processes while the weights load (kernels/warmup.py)
+        compiling = warmup.start(warmup.units_for(families), type_names)
         fixed_mmap_threshold()   # glibc settings for the load's large temporaries: runtime.py
         w = Weights(reader)
         E = hp.n_embd
         self = cls(hp, n_ctx, n_threads)
+        self.families, self.type_names = families, type_names
         self.tok_embd = w.matrix([("token_embd.weight", (hp.n_vocab, E))])[0]
         if arch.output_tensor and w.has("output.weight"):
             self.output = w.matrix([("output.weight", (hp.n_vocab, E))])
@@ -172,6 +186,7 @@ class LlamaModel:
         # forwards longer than a ring's spare room run in batches (kv_cache.py)
         self._max_batch = min((L.cache.max_batch for L in self.layers if L.cache.ring), default=None)
         trim_heap()
+        compiling.wait()
         self.load_seconds = time.perf_counter() - t0
         return self
 
@@ -245,6 +260,7 @@ class LlamaModel:
     def new_caches(self, n: int) -> list[KVCache]:
         """n empty KV caches that are slices of one array per layer (forward_batch runs the decode attention
         of such caches in one launch)."""
+        warmup.start(warmup.units_for(self.families, batched=True), f"{self.type_names}, batched").wait()
         hp = self.hparams
         caps = [layer_capacity(self.n_ctx, L.cache.window) for L in self.layers]
         kp = [np.zeros((n, L.n_head_kv, hp.head_dim, c), np.float32) for L, c in zip(self.layers, caps)]
@@ -375,16 +391,11 @@ class LlamaModel:
                 if in_pool:
                     continue
                 attention = ops.attention_blas if r1 - r0 >= BLAS_ATTENTION_TOKENS else ops.attention
-                if window or softcap:
-                    attention(q, lc.k, lc.v, pos0, scale, att[r0:r1], window, softcap)
-                else:
-                    attention(q, lc.k, lc.v, pos0, scale, att[r0:r1])
+                # window and softcap always passed: one compiled signature (kernels/warmup.py)
+                attention(q, lc.k, lc.v, pos0, scale, att[r0:r1], window, softcap)
             if pooled:
                 kp, vp = pool[0][il], pool[1][il]
-                if window or softcap:
-                    ops.attention_slots(q_dec, kp, vp, slots, positions, scale, att[:n_dec], window, softcap)
-                else:
-                    ops.attention_slots(q_dec, kp, vp, slots, positions, scale, att[:n_dec])
+                ops.attention_slots(q_dec, kp, vp, slots, positions, scale, att[:n_dec], window, softcap)
             self._residual(L.out, att, L.post_attn_norm, x, eps, groups)
             ops.rmsnorm(x, L.ffn_norm, eps, h)
             gu = _matmul_rows(L.gate_up, h, groups)

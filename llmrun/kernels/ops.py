@@ -79,7 +79,7 @@ def rope_store(qkv, cos, sin, q_out, k_cache, v_cache, pos0, n_head, n_head_kv, 
                 v_cache[g, p, i] = qkv[t, v0 + g * v_dim + i]
 
 
-@njit(inline="always", fastmath=True, cache=True, error_model="numpy")
+@njit(inline="always", fastmath=True, error_model="numpy")
 def _attend(q, t, g, k_cache, v_cache, p, window, softcap, scale, out, row):
     """Query token t (at position p) and K/V group g -> out[row]: attention()'s body, shared with
     attention_slots so that both give the same bits."""
@@ -197,13 +197,13 @@ def attention_slots(q, k_pool, v_pool, slots, pos, scale, out, window=0, softcap
         _attend(q[b:b + 1], 0, job % n_head_kv, k_pool[k], v_pool[k], pos[b], window, softcap, scale, out, b)
 
 
-@njit(inline="always", fastmath=True, cache=True)
+@njit(inline="always", fastmath=True)
 def _add_dot4(sc, k0, k1, k2, k3, q0, q1, q2, q3):
     for s in range(sc.shape[0]):
         sc[s] += q0 * k0[s] + q1 * k1[s] + q2 * k2[s] + q3 * k3[s]
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always")
 def _slot(j, cap):
     """Slot of the j-th position counted from slot 0 of the first run (first + s, wrapping once)."""
     return j - cap if j >= cap else j

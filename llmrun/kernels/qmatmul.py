@@ -23,7 +23,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
 from ..runtime import cpu_target_has, limit_blas_threads
 from .repack import TILE_ROWS, U4, I8, H16, FP32, PackedMatrix
@@ -58,35 +58,43 @@ def _prefetch(typingctx, arr, idx):
 
 # ---------------------------------------------------------------------------------------- block scales
 # Scales d and offsets m are stored as half bits (uint16) when the format's own scales are halves (exact, half
-# the bytes to stream) or as float32 (K-quants: products of a half and a sub-block scale). One kernel source
-# serves both: _load_scales compiles to the matching conversion for each dtype.
-def _load_scales(src, t, b, bits, out):
-    """out[:R] = src[t, b, :R] as float32 (`bits` is `out` viewed as uint32)."""
+# the bytes to stream) or in two levels (K-quants: a float32 super-block scale times a small integer sub-block
+# scale, exact in float32). They reach every kernel in ONE argument layout, a triple
+#   (half bits uint16 [tiles, nblk, R], super-block scales float32 [tiles, nblk/G, R], sub-block scales int8
+#    [tiles, nblk, R])
+# of which a matrix uses the first part (two_level False) or the other two; the unused parts are dummies. So each
+# kernel has one signature for every quant type of its family: each further quant type used to cost one more
+# compile of each kernel (~3 s apiece, kernels/warmup.py). The branch is once per block, outside the inner loops.
+_DUMMY_HALF = np.zeros((1, 1, R), np.uint16)
+_DUMMY_SUPER = np.zeros((1, 1, R), np.float32)
+_DUMMY_SUB = np.zeros((1, 1, R), np.int8)
 
 
-@overload(_load_scales, jit_options={"fastmath": True})
-def _load_scales_impl(src, t, b, bits, out):
-    if isinstance(src, types.BaseTuple):
-        def from_two_levels(src, t, b, bits, out):
-            sup, sub = src
-            g = b // (sub.shape[1] // sup.shape[1])
-            for r in range(R):
-                out[r] = sup[t, g, r] * np.float32(sub[t, b, r])
-        return from_two_levels
-
-    if src.dtype == types.uint16:
-        def from_half(src, t, b, bits, out):
-            for r in range(R):
-                h = np.uint32(src[t, b, r])
-                bits[r] = ((h & np.uint32(0x8000)) << 16) | ((h & np.uint32(0x7FFF)) << 13)
-            for r in range(R):
-                out[r] *= F16_TO_F32
-        return from_half
-
-    def from_float(src, t, b, bits, out):
+@njit(inline="always", fastmath=True)
+def _load_scales(src, two_level, t, b, bits, out):
+    """out[:R] = the scales of block b of tile t as float32 (`bits` is `out` viewed as uint32)."""
+    if two_level:
+        sup = src[1]
+        sub = src[2]
+        g = b // (sub.shape[1] // sup.shape[1])
         for r in range(R):
-            out[r] = src[t, b, r]
-    return from_float
+            out[r] = sup[t, g, r] * np.float32(sub[t, b, r])
+    else:
+        half = src[0]
+        for r in range(R):
+            h = np.uint32(half[t, b, r])
+            bits[r] = ((h & np.uint32(0x8000)) << 16) | ((h & np.uint32(0x7FFF)) << 13)
+        for r in range(R):
+            out[r] *= F16_TO_F32
+
+
+def _kernel_scales(a):
+    """A PackedMatrix's d or m (half bits, a (super, sub) pair, or None) as the kernels' triple."""
+    if a is None:
+        return _DUMMY_HALF, _DUMMY_SUPER, _DUMMY_SUB
+    if isinstance(a, tuple):
+        return _DUMMY_HALF, a[0], a[1].view(np.int8)   # sub-scales < 128: the same values as int8
+    return a, _DUMMY_SUPER, _DUMMY_SUB
 
 
 def _scales_f32(a, t, lane) -> np.ndarray:
@@ -100,12 +108,10 @@ def _scales_f32(a, t, lane) -> np.ndarray:
 
 
 def _scale_args(pm: PackedMatrix):
-    """(d, m, has_m) for the kernels; an absent m is replaced by a tiny dummy of d's type."""
-    if pm.m is not None:
-        return pm.d, pm.m, True
-    if isinstance(pm.d, tuple):
-        return pm.d, tuple(np.zeros((1, 1, R), a.dtype) for a in pm.d), False
-    return pm.d, np.zeros((1, 1, R), pm.d.dtype), False
+    """(d, m, two_level, has_m) for the kernels (made once per matrix)."""
+    if pm.kernel_scales is None:
+        pm.kernel_scales = (_kernel_scales(pm.d), _kernel_scales(pm.m), isinstance(pm.d, tuple), pm.m is not None)
+    return pm.kernel_scales
 
 
 # ---------------------------------------------------------------------------------------------- gemv
@@ -115,7 +121,7 @@ def _scale_args(pm: PackedMatrix):
 ACT_MAX = np.float32(32767.0)
 
 
-@njit(fastmath=False, cache=True)
+@njit(fastmath=False)   # helpers called only from other kernels are not cached themselves (kernels/warmup.py)
 def _quantize_activations(x, bs, xq, xd, xsum, xqsum):
     """x float32 [K] -> xq int16 [K], per-block scale xd [K/bs], per-block sums xsum (for the float
     offsets m) and per-block integer sums xqsum (for the codes' zero point).
@@ -138,7 +144,7 @@ def _quantize_activations(x, bs, xq, xd, xsum, xqsum):
         xqsum[b] = qs
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=True)
 def _finish_tile(acc, y, t, n_rows, accumulate):
     for r in range(R):
         row = t * R + r
@@ -149,14 +155,14 @@ def _finish_tile(acc, y, t, n_rows, accumulate):
                 y[row] = acc[r]
 
 
-@njit(inline="always", fastmath=True, cache=True)
-def _add_block(acc, s, t, b, d, m, has_m, zero, xd, xsum, xqsum, dbits, dv, mbits, mv):
+@njit(inline="always", fastmath=True)
+def _add_block(acc, s, t, b, d, m, two_level, has_m, zero, xd, xsum, xqsum, dbits, dv, mbits, mv):
     """acc += one block's integer dots s, scaled: d_row * (s - zero * sum(xq)) * d_x (+ m_row * sum(x))."""
     dx = xd[b]
     zq = zero * xqsum[b]
-    _load_scales(d, t, b, dbits, dv)
+    _load_scales(d, two_level, t, b, dbits, dv)
     if has_m:
-        _load_scales(m, t, b, mbits, mv)
+        _load_scales(m, two_level, t, b, mbits, mv)
         sx = xsum[b]
         for r in range(R):
             acc[r] += dv[r] * (np.float32(s[r] - zq) * dx) + mv[r] * sx
@@ -166,7 +172,7 @@ def _add_block(acc, s, t, b, d, m, has_m, zero, xd, xsum, xqsum, dbits, dv, mbit
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_u4(codes, d, m, has_m, zero, x, y, accumulate):
+def _gemv_u4(codes, d, m, two_level, has_m, zero, x, y, accumulate):
     """y[:n] (=|+=) W x for U4 tiles; y has exactly n_rows entries."""
     n_tiles, nblk = codes.shape[0], codes.shape[1]
     xq = np.empty(x.shape[0], np.int16)
@@ -198,12 +204,12 @@ def _gemv_u4(codes, d, m, has_m, zero, x, y, accumulate):
                     v = np.int32(codes[t, b, j, r])
                     w = np.int32(codes[t, b, j + 1, r])
                     s[r] += (v & 15) * x0 + (v >> 4) * x1 + (w & 15) * x2 + (w >> 4) * x3
-            _add_block(acc, s, t, b, d, m, has_m, zero, xd, xsum, xqsum, dbits, dv, mbits, mv)
+            _add_block(acc, s, t, b, d, m, two_level, has_m, zero, xd, xsum, xqsum, dbits, dv, mbits, mv)
         _finish_tile(acc, y, t, y.shape[0], accumulate)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_i8(codes, d, m, has_m, zero, x, y, accumulate):
+def _gemv_i8(codes, d, m, two_level, has_m, zero, x, y, accumulate):
     n_tiles, nblk, bs = codes.shape[0], codes.shape[1], codes.shape[2]
     xq = np.empty(x.shape[0], np.int16)
     xd = np.empty(nblk, np.float32)
@@ -239,7 +245,7 @@ def _gemv_i8(codes, d, m, has_m, zero, x, y, accumulate):
                     x1 = np.int32(xq[c0 + j + 8])
                     for r in range(R):
                         s[r] += np.int32(codes[t, b, j, r]) * x0 + np.int32(codes[t, b, j + 8, r]) * x1
-            _add_block(acc, s, t, b, d, m, has_m, zero, xd, xsum, xqsum, dbits, dv, mbits, mv)
+            _add_block(acc, s, t, b, d, m, two_level, has_m, zero, xd, xsum, xqsum, dbits, dv, mbits, mv)
         _finish_tile(acc, y, t, y.shape[0], accumulate)
 
 
@@ -248,7 +254,7 @@ def _gemv_i8(codes, d, m, has_m, zero, x, y, accumulate):
 # in the same order with the same float steps as in the one-token kernels above, so each row of the result is
 # bit-identical to that token's matvec: a sequence decodes the same whether or not others run beside it.
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_u4_batch(codes, d, m, has_m, zero, X, Y, accumulate):
+def _gemv_u4_batch(codes, d, m, two_level, has_m, zero, X, Y, accumulate):
     """Y[i, :n] (=|+=) W X[i] for U4 tiles, each i exactly as _gemv_u4."""
     n_tok = X.shape[0]
     n_tiles, nblk = codes.shape[0], codes.shape[1]
@@ -283,13 +289,14 @@ def _gemv_u4_batch(codes, d, m, has_m, zero, X, Y, accumulate):
                         v = np.int32(codes[t, b, j, r])
                         w = np.int32(codes[t, b, j + 1, r])
                         s[r] += (v & 15) * x0 + (v >> 4) * x1 + (w & 15) * x2 + (w >> 4) * x3
-                _add_block(acc[i], s, t, b, d, m, has_m, zero, xd[i], xsum[i], xqsum[i], dbits, dv, mbits, mv)
+                _add_block(acc[i], s, t, b, d, m, two_level, has_m, zero, xd[i], xsum[i], xqsum[i], dbits, dv, mbits,
+                           mv)
         for i in range(n_tok):
             _finish_tile(acc[i], Y[i], t, Y.shape[1], accumulate)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_i8_batch(codes, d, m, has_m, zero, X, Y, accumulate):
+def _gemv_i8_batch(codes, d, m, two_level, has_m, zero, X, Y, accumulate):
     """Y[i, :n] (=|+=) W X[i] for I8 tiles, each i exactly as _gemv_i8."""
     n_tok = X.shape[0]
     n_tiles, nblk, bs = codes.shape[0], codes.shape[1], codes.shape[2]
@@ -327,7 +334,8 @@ def _gemv_i8_batch(codes, d, m, has_m, zero, X, Y, accumulate):
                         x1 = np.int32(xq[i, c0 + j + 8])
                         for r in range(R):
                             s[r] += np.int32(codes[t, b, j, r]) * x0 + np.int32(codes[t, b, j + 8, r]) * x1
-                _add_block(acc[i], s, t, b, d, m, has_m, zero, xd[i], xsum[i], xqsum[i], dbits, dv, mbits, mv)
+                _add_block(acc[i], s, t, b, d, m, two_level, has_m, zero, xd[i], xsum[i], xqsum[i], dbits, dv, mbits,
+                           mv)
         for i in range(n_tok):
             _finish_tile(acc[i], Y[i], t, Y.shape[1], accumulate)
 
@@ -532,7 +540,7 @@ _i8_dots32_1, _i8_dots32_2, _i8_dots32_3, _i8_dots32_4 = (_DOTS[(False, 32, n)] 
 _i8_dots16_1, _i8_dots16_2, _i8_dots16_3, _i8_dots16_4 = (_DOTS[(False, 16, n)] for n in range(1, 5))
 
 
-@njit(inline="always", fastmath=True, cache=True)
+@njit(inline="always", fastmath=True)
 def _block_dots(s, flat, cbase, xp, xo, xstride, nibbles, rows, g):
     """Dispatch to the micro-kernel for this block shape and g (1..DOTS_TOKENS) tokens."""
     if nibbles:
@@ -565,7 +573,7 @@ def _block_dots(s, flat, cbase, xp, xo, xstride, nibbles, rows, g):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_batch_vnni(codes, nibbles, d, m, has_m, zero, bs, X, Y, accumulate):
+def _gemv_batch_vnni(codes, nibbles, d, m, two_level, has_m, zero, bs, X, Y, accumulate):
     """Y[i] (=|+=) W X[i] for U4 (nibbles) or I8 tiles, each row bit-identical to matvec."""
     n_tok = X.shape[0]
     n_tiles, nblk, rows = codes.shape[0], codes.shape[1], codes.shape[2]
@@ -597,18 +605,20 @@ def _gemv_batch_vnni(codes, nibbles, d, m, has_m, zero, bs, X, Y, accumulate):
                 _block_dots(s, flat, cbase, xp, i0 * xstride + b * ppb, xstride, nibbles, rows, g)
                 for k in range(g):
                     i = i0 + k
-                    _add_block(acc[i], s[k * R:(k + 1) * R], t, b, d, m, has_m, zero, xd[i], xsum[i], xqsum[i],
-                               dbits, dv, mbits, mv)
+                    _add_block(acc[i], s[k * R:(k + 1) * R], t, b, d, m, two_level, has_m, zero, xd[i], xsum[i],
+                               xqsum[i], dbits, dv, mbits, mv)
         for i in range(n_tok):
             _finish_tile(acc[i], Y[i], t, Y.shape[1], accumulate)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(fastmath=True, cache=True)
 def _quantize_token_blocks(X, bs, xq, xd, xsum):
-    """Rows of X -> int16 xq (rows past X's are zero, as are their scales and sums), per-block scales/sums."""
+    """Rows of X -> int16 xq (rows past X's are zero, as are their scales and sums), per-block scales/sums.
+    Serial: a few microseconds per token next to the product's milliseconds, and a parallel region would cost
+    one more second of compiling (kernels/warmup.py)."""
     T = X.shape[0]
     nblk = xd.shape[1]
-    for i in prange(xq.shape[0]):
+    for i in range(xq.shape[0]):
         if i < T:
             qsum = np.empty(nblk, np.int32)
             _quantize_activations(X[i], bs, xq[i], xd[i], xsum[i], qsum)
@@ -619,7 +629,7 @@ def _quantize_token_blocks(X, bs, xq, xd, xsum):
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _igemm(codes, nibbles, d, m, has_m, zero, xp, xd, xsum, Y):
+def _igemm(codes, nibbles, d, m, two_level, has_m, zero, xp, xd, xsum, Y):
     """Y[T, tiles*R] = X @ W.T for U4 (nibbles) or I8 tiles; xp = X's int16 codes as pairs (int32 words)
     [Tp, K/2], Tp a multiple of TOKENS_PER_CALL (padding tokens zero); xd, xsum [Tp, K/bs]."""
     n_tiles, nblk = codes.shape[0], codes.shape[1]
@@ -649,9 +659,9 @@ def _igemm(codes, nibbles, d, m, has_m, zero, xp, xd, xsum, Y):
                         lo = np.int32(codes[t, b, 2 * p, r])
                         hi = np.int32(codes[t, b, 2 * p + 1, r])
                         wp[p * R + r] = ((lo - z) & 0xFFFF) | ((hi - z) << 16)
-            _load_scales(d, t, b, dbits, dv)
+            _load_scales(d, two_level, t, b, dbits, dv)
             if has_m:
-                _load_scales(m, t, b, mbits, mv)
+                _load_scales(m, two_level, t, b, mbits, mv)
             for i0 in range(0, Tp, TOKENS_PER_CALL):
                 if n_pairs == 16:
                     _block_fma_32(acc, i0 * R, wp, xflat, i0 * xs + b * 16, xs, dv, mv, xdf, xsf,
@@ -673,9 +683,8 @@ def _matmul_vnni(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
     xd = np.empty((Tp, K // bs), np.float32)
     xsum = np.empty((Tp, K // bs), np.float32)
     _quantize_token_blocks(X, bs, xq, xd, xsum)
-    d, m, has_m = _scale_args(pm)
     Y = np.empty((T, pm.codes.shape[0] * R), np.float32)
-    _igemm(pm.codes, pm.family == U4, d, m, has_m, pm.zero, xq.view(np.int32), xd, xsum, Y)
+    _igemm(pm.codes, pm.family == U4, *_scale_args(pm), pm.zero, xq.view(np.int32), xd, xsum, Y)
     return Y[:, :pm.n_rows]
 
 
@@ -687,7 +696,7 @@ FEW_TOKENS = 3              # up to this many tokens, run the decode kernel per 
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)   # nogil: prefill runs it from several threads
-def _widen_u4(codes, d, m, has_m, zero, t0, t1, out):
+def _widen_u4(codes, d, m, two_level, has_m, zero, t0, t1, out):
     """Tiles t0..t1 -> float32 out[t - t0, col, r] (each tile's W.T, contiguous: sequential writes)."""
     nblk = codes.shape[1]
     zf = np.float32(zero)
@@ -697,9 +706,9 @@ def _widen_u4(codes, d, m, has_m, zero, t0, t1, out):
         mbits = np.zeros(R, np.uint32)
         mv = mbits.view(np.float32)
         for b in range(nblk):
-            _load_scales(d, t, b, dbits, dv)
+            _load_scales(d, two_level, t, b, dbits, dv)
             if has_m:
-                _load_scales(m, t, b, mbits, mv)
+                _load_scales(m, two_level, t, b, mbits, mv)
             for j in range(16):
                 for r in range(R):
                     v = codes[t, b, j, r]
@@ -709,7 +718,7 @@ def _widen_u4(codes, d, m, has_m, zero, t0, t1, out):
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)   # nogil: prefill runs it from several threads
-def _widen_i8(codes, d, m, has_m, zero, t0, t1, out):
+def _widen_i8(codes, d, m, two_level, has_m, zero, t0, t1, out):
     nblk, bs = codes.shape[1], codes.shape[2]
     zf = np.float32(zero)
     for t in prange(t0, t1):
@@ -718,9 +727,9 @@ def _widen_i8(codes, d, m, has_m, zero, t0, t1, out):
         mbits = np.zeros(R, np.uint32)
         mv = mbits.view(np.float32)
         for b in range(nblk):
-            _load_scales(d, t, b, dbits, dv)
+            _load_scales(d, two_level, t, b, dbits, dv)
             if has_m:
-                _load_scales(m, t, b, mbits, mv)
+                _load_scales(m, two_level, t, b, mbits, mv)
             for j in range(bs):
                 for r in range(R):
                     out[t - t0, b * bs + j, r] = (np.float32(codes[t, b, j, r]) - zf) * dv[r] + mv[r]
@@ -766,7 +775,7 @@ def _matmul_widened(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
     limit_blas_threads()
     tiled = pm.family in (U4, I8)
     if tiled:
-        d, m, has_m = _scale_args(pm)
+        d, m, two_level, has_m = _scale_args(pm)
     n_units = pm.codes.shape[0] if tiled else pm.n_rows           # tiles or rows
     step = max(1, CHUNK_FLOATS // (K * R)) if tiled else max(1, CHUNK_FLOATS // K)
     n_threads = numba.get_num_threads()
@@ -785,7 +794,7 @@ def _matmul_widened(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
             for t0 in chunk_starts:
                 t1 = min(n_units, t0 + step)
                 n = t1 - t0
-                widen(pm.codes, d, m, has_m, pm.zero, t0, t1, buf)
+                widen(pm.codes, d, m, two_level, has_m, pm.zero, t0, t1, buf)
                 np.matmul(X, buf[:n], out=part[:n])
                 Y[:, t0 * R:t1 * R].reshape(T, n, R)[:] = part[:n].transpose(1, 0, 2)
         else:
@@ -853,7 +862,12 @@ def matmul(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
         limit_blas_threads()
         return X @ pm.codes.T
     if T <= FEW_TOKENS and pm.family in (U4, I8, H16):
-        return matvec_batch(pm, X)
+        # per token, not matvec_batch (the same bits): a one-sequence model then never needs the batched kernels
+        # compiled, which cost ~6 s of a cold start (kernels/warmup.py); the server's decode rows use them
+        Y = np.empty((T, pm.n_rows), np.float32)
+        for i in range(T):
+            matvec(pm, X[i], Y[i])
+        return Y
     if VNNI and pm.family in (U4, I8):
         return np.ascontiguousarray(_matmul_vnni(pm, X))
     return np.ascontiguousarray(_matmul_widened(pm, X))

@@ -20,7 +20,7 @@ I8 8 bits, H16 16 bits (prefill widens one chunk of rows at a time, qmatmul.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from numba import njit
@@ -32,12 +32,14 @@ from ..ggml import GGML_BLOCK, IQ4_NL_VALUES, GGMLType, fp16_values
 # file a kernel is defined in, so after changing it here, touch qmatmul.py (or clear __pycache__).
 TILE_ROWS = 64
 
-# The ggml types the engine runs (each reduced to one of the families of the module doc).
-ENGINE_TYPES = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q4_0, GGMLType.Q4_1,
-                          GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.IQ4_NL, GGMLType.Q2_K,
-                          GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K})
-
 U4, I8, H16, FP32 = "u4", "i8", "h16", "f32"
+
+# The ggml types the engine runs and the family each is reduced to (module doc).
+FAMILY = {GGMLType.F32: FP32, GGMLType.F16: H16, GGMLType.BF16: H16,
+          GGMLType.Q4_0: U4, GGMLType.Q4_1: U4, GGMLType.Q4_K: U4,
+          GGMLType.Q5_0: I8, GGMLType.Q5_1: I8, GGMLType.Q8_0: I8, GGMLType.IQ4_NL: I8, GGMLType.Q2_K: I8,
+          GGMLType.Q3_K: I8, GGMLType.Q5_K: I8, GGMLType.Q6_K: I8}
+ENGINE_TYPES = frozenset(FAMILY)
 
 
 @dataclass
@@ -57,6 +59,7 @@ class PackedMatrix:
     zero: int = 0              # integer zero point of the codes: w = d*(q - zero) + m (exact in the kernels)
     kind: int = 0              # H16: 0 = f16, 1 = bf16
     src_type: int = -1
+    kernel_scales: tuple | None = field(default=None, repr=False, compare=False)   # qmatmul._scale_args
 
     @property
     def nbytes(self) -> int:
@@ -183,7 +186,21 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
 
 @njit(cache=True, nogil=True)
 def _rows_to_tiles(src, out):
-    """src [n_rows, M] -> out [tiles, M, TILE_ROWS]: out[t, c, r] = src[t*TILE_ROWS + r, c], zero past n_rows."""
+    """src [n_rows, M, E] -> out [tiles, M, TILE_ROWS, E]: out[t, c, r] = src[t*TILE_ROWS + r, c], zero past
+    n_rows, for elements of E = 1, 2 or 4 bytes: one compiled kernel for codes, scales and offsets."""
+    E = src.shape[2]
+    if E == 1:
+        _move_rows(src[:, :, 0], out[:, :, :, 0])
+    elif E == 2:
+        _move_rows(src[:, :, 0], out[:, :, :, 0])
+        _move_rows(src[:, :, 1], out[:, :, :, 1])
+    else:
+        for e in range(E):
+            _move_rows(src[:, :, e], out[:, :, :, e])
+
+
+@njit(nogil=True)
+def _move_rows(src, out):
     n_rows = src.shape[0]
     for t in range(out.shape[0]):
         for c in range(out.shape[1]):
@@ -197,7 +214,9 @@ def _tile(a: np.ndarray, n_rows_padded: int) -> np.ndarray:
     inner = a.shape[1:]
     src = np.ascontiguousarray(a).reshape(a.shape[0], -1)
     out = np.empty((n_rows_padded // TILE_ROWS, src.shape[1], TILE_ROWS), a.dtype)
-    _rows_to_tiles(src, out)   # (a numpy moveaxis copy took half of the load time)
+    size = a.dtype.itemsize
+    # (a numpy moveaxis copy took half of the load time)
+    _rows_to_tiles(src.view(np.uint8).reshape(src.shape + (size,)), out.view(np.uint8).reshape(out.shape + (size,)))
     return out.reshape((out.shape[0],) + inner + (TILE_ROWS,))
 
 
