@@ -68,7 +68,9 @@ class Llama:
     ``chat_format`` (a name from text/chat_formats.py, e.g. "chatml", "llama-3") or ``chat_template`` (Jinja
     text) replace the file's chat template. ``embedding=True`` is accepted (embeddings always work here);
     ``pooling_type`` (llama.cpp's enum or "mean"/"cls"/"last"/"none") overrides the file's pooling.
-    llama-cpp-python's GPU / batching / mmap keywords are accepted and ignored (a note under ``verbose``).
+    ``type_k`` / ``type_v``: how the KV cache stores K and V, "f32", "f16" (the default: half the memory of f32,
+    mean KL to float32 ~1e-6 on real models) or "q8_0" (a quarter; ~1e-3), or ggml's type numbers 0, 1, 8 as
+    llama-cpp-python passes them (kernels/kv_formats.py). llama-cpp-python's GPU / batching / mmap keywords are accepted and ignored (a note under ``verbose``).
     See the module docstring for cache reuse, cancel and threading rules. Arguments of the wrong type raise
     ArgumentTypeError (a TypeError), impossible values InvalidArgumentError (a ValueError); both are
     LlmrunErrors.
@@ -78,7 +80,8 @@ class Llama:
                  seed: int | None = None, vocab_only: bool = False, verbose: bool = False,
                  lora_path: str | os.PathLike | None = None, lora_scale: float = 1.0, embedding: bool = False,
                  pooling_type: int | str | None = -1, chat_format: str | None = None,
-                 chat_template: str | None = None, **kwargs):
+                 chat_template: str | None = None, type_k: int | str | None = None,
+                 type_v: int | str | None = None, **kwargs):
         notes = check_constructor_keywords(kwargs)
         self.model_path = args.path(model_path, "model_path")
         n_ctx = args.optional_integer(n_ctx, "n_ctx", lo=0, hi=1 << 32)
@@ -94,7 +97,8 @@ class Llama:
             model = None
             if not vocab_only:
                 from .engine.model import LlamaModel   # here: vocab_only never imports numba and the kernels
-                model = LlamaModel.load(reader, n_ctx=n_ctx, n_threads=n_threads)
+                model = LlamaModel.load(reader, n_ctx=n_ctx, n_threads=n_threads, type_k=type_k,
+                                        type_v=type_v)
         except BaseException:
             reader.close()
             raise

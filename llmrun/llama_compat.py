@@ -30,7 +30,6 @@ NEUTRAL = {
     "kv_overrides": None, "rope_scaling_type": -1, "rope_freq_base": 0.0, "rope_freq_scale": 0.0,
     "yarn_ext_factor": -1.0, "yarn_attn_factor": 1.0, "yarn_beta_fast": 32.0, "yarn_beta_slow": 1.0,
     "yarn_orig_ctx": 0, "chat_handler": None, "draft_model": None, "tokenizer": None, "lora_base": None,
-    "type_k": None, "type_v": None,
 }
 
 

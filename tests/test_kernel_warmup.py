@@ -14,7 +14,7 @@ import pytest
 from helpers.tiny_gguf import TinySpec, hf_model, write_gguf
 from helpers.tiny_relatives import make_tiny
 from llmrun.convert import convert_checkpoint
-from llmrun.kernels import warmup
+from llmrun.kernels import kv_formats, warmup
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,9 +33,10 @@ from llmrun.engine.model import LlamaModel
 from llmrun.gguf import GGUFReader
 from llmrun.kernels import ops, qmatmul, repack
 
-for path in sys.argv[1:]:
+runs = [(p, None, None) for p in sys.argv[1:]] + [(sys.argv[1], "q8_0", "f32"), (sys.argv[1], "f32", "q8_0")]
+for path, type_k, type_v in runs:
     with GGUFReader(path) as r:
-        m = LlamaModel.load(r, n_ctx=64)
+        m = LlamaModel.load(r, n_ctx=64, type_k=type_k, type_v=type_v)
     ids = [int(t) for t in np.random.default_rng(0).integers(3, m.hparams.n_vocab, 24)]
     m.forward(ids[:20])                      # BLAS attention, many-token products
     m.forward(ids[20:22])                    # few tokens
@@ -91,9 +92,12 @@ def test_engine_compiles_only_the_registered_signatures(models):
             assert set(info["sigs"]) <= reg[name], f"{name} compiled for {set(info['sigs']) - reg[name]}"
         else:   # a helper: compiled into its callers, never written to the cache on its own (warmup.py)
             assert not info["cached"], f"{name} is cached but not in warmup's registry"
-    # one signature per kernel, and every registered kernel this host can run was used by some model
+    # one signature per kernel (per K and V cache type for the cache kernels), and every registered kernel this
+    # host can run was used by some model
+    cache_kernels = {"llmrun.kernels.ops.rope_store", "llmrun.kernels.ops.attention",
+                     "llmrun.kernels.ops.attention_slots"}
     for name, sigs in reg.items():
-        assert len(sigs) == 1, name
+        assert len(sigs) == (len(kv_formats.KV_TYPES) ** 2 if name in cache_kernels else 1), name
     host = {f"{d.py_func.__module__}.{d.py_func.__name__}" for n in warmup.host_units()
             for d, _ in warmup.units()[n].kernels()}
     unused = [n for n in host if not seen.get(n, {}).get("sigs")]
@@ -102,11 +106,12 @@ def test_engine_compiles_only_the_registered_signatures(models):
 
 def test_units_cover_each_family():
     from llmrun.kernels.repack import FP32, H16, I8, U4
-    assert warmup.units_for({FP32}) == ["graph", "attention"]   # float rows are not tiled
-    assert {"gemv_u4", "gemv_i8"} <= set(warmup.units_for({U4, I8}))
-    assert "gemv_h16" in warmup.units_for({H16})
-    assert "attention_slots" in warmup.units_for({U4}, batched=True)
-    assert set(warmup.units_for({U4, I8, H16})) | set(warmup.units_for({U4, I8}, batched=True)) \
+    kv = ("f16", "f16")
+    assert warmup.units_for({FP32}, kv) == ["graph", "attention:f16,f16"]   # float rows are not tiled
+    assert {"gemv_u4", "gemv_i8"} <= set(warmup.units_for({U4, I8}, kv))
+    assert "gemv_h16" in warmup.units_for({H16}, kv)
+    assert "attention_slots:q8_0,f32" in warmup.units_for({U4}, ("q8_0", "f32"), batched=True)
+    assert set(warmup.units_for({U4, I8, H16}, kv)) | set(warmup.units_for({U4, I8}, kv, batched=True)) \
         == set(warmup.host_units())
 
 
@@ -132,7 +137,7 @@ def test_cold_start_says_so_once_and_warm_start_not(tmp_path, llama2_tokenizer_m
     cold = _run_cli(path, tmp_path / "numba")
     assert cold.returncode == 0, cold.stderr
     lines = [ln for ln in cold.stderr.splitlines() if ln.strip()]
-    assert lines == [warmup.MESSAGE.format(what="f32")]
+    assert lines == [warmup.MESSAGE.format(what="f32")]   # (the cache's type is the default: not named)
     warm = _run_cli(path, tmp_path / "numba")
     assert warm.returncode == 0 and warm.stderr.strip() == ""
     assert warm.stdout == cold.stdout

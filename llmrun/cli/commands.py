@@ -145,15 +145,27 @@ def _sampling_options(fn):
     return fn
 
 
-def _load_llama(model, n_ctx, threads, seed, verbose, loras=()):
+def _load_llama(model, n_ctx, threads, seed, verbose, loras=(), cache_types=(None, None)):
     from ..api import Llama
     from .paths import resolve_model
 
-    llm = Llama(resolve_model(model), n_ctx=n_ctx, n_threads=threads, seed=seed, verbose=verbose)
+    llm = Llama(resolve_model(model), n_ctx=n_ctx, n_threads=threads, seed=seed, verbose=verbose,
+                type_k=cache_types[0], type_v=cache_types[1])
     if loras:
         from llmrun.convert.lora import parse_lora_arg
         llm.set_lora([parse_lora_arg(a) for a in loras])
     return llm
+
+
+_KV_TYPES = click.Choice(["f32", "f16", "q8_0"], case_sensitive=False)
+
+
+def _cache_type_options(fn):
+    """--cache-type-k / --cache-type-v (llama.cpp's names): how the KV cache stores K and V."""
+    fn = click.option("--cache-type-v", "cache_type_v", type=_KV_TYPES, default="f16", show_default=True,
+                      help="KV cache type of V (f16 halves the f32 cache; q8_0 quarters it, less exact)")(fn)
+    return click.option("--cache-type-k", "cache_type_k", type=_KV_TYPES, default="f16", show_default=True,
+                        help="KV cache type of K")(fn)
 
 
 def _lora_option(fn):
@@ -211,16 +223,17 @@ def _grammar_option(grammar_file: str | None, json_schema: str | None):
 @click.option("--json-schema", default=None, metavar="JSON_OR_FILE",
               help="constrain the output to JSON valid under this schema (inline JSON or a file)")
 @_sampling_options
+@_cache_type_options
 @_lora_option
 @_one_line_errors
 def run(model, prompt, prompt_file, stops, grammar_file, json_schema, temperature, top_k, top_p, min_p,
-        repeat_penalty, seed, threads, n_ctx, n_predict, verbose, loras):
+        repeat_penalty, seed, threads, n_ctx, n_predict, verbose, cache_type_k, cache_type_v, loras):
     """Complete PROMPT with MODEL (default model if omitted), streaming the text to stdout."""
     from .signals import sigint_cancels
 
     text = _read_prompt(prompt, prompt_file)
     grammar = _grammar_option(grammar_file, json_schema)
-    llm = _load_llama(model, n_ctx, threads, seed, verbose, loras)
+    llm = _load_llama(model, n_ctx, threads, seed, verbose, loras, (cache_type_k, cache_type_v))
     if n_predict == 0:
         return
     finish, ended_line = None, False
@@ -246,17 +259,18 @@ def run(model, prompt, prompt_file, stops, grammar_file, json_schema, temperatur
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--system", default=None, help="system prompt")
 @_sampling_options
+@_cache_type_options
 @_lora_option
 @_one_line_errors
 def chat(model, system, temperature, top_k, top_p, min_p, repeat_penalty, seed, threads, n_ctx, n_predict, verbose,
-         loras):
+         cache_type_k, cache_type_v, loras):
     """Multi-turn chat with MODEL (default model if omitted) using its chat template.
 
     Type a message per line; /reset, /system TEXT, /exit. Works with piped stdin.
     """
     from .chat_session import ChatSession
 
-    llm = _load_llama(model, n_ctx, threads, seed, verbose, loras)
+    llm = _load_llama(model, n_ctx, threads, seed, verbose, loras, (cache_type_k, cache_type_v))
     sampling = _sampling_kwargs(temperature, top_k, top_p, min_p, repeat_penalty, n_predict)
     sys.exit(ChatSession(llm, system=system, sampling=sampling).run())
 
@@ -354,10 +368,11 @@ def convert_lora(adapter_dir, output_path, base_dir, out_type, force):
 @click.option("--max-body", "max_body", type=click.IntRange(min=1024), default=8 << 20, show_default=True,
               help="largest request body in bytes (413 beyond)")
 @click.option("-v", "--verbose", is_flag=True, help="log each request's method, path and status (never its content)")
+@_cache_type_options
 @_lora_option
 @_one_line_errors
 def serve_cmd(model, host, port, parallel, n_ctx, threads, api_key, alias, cors, max_queue, max_body, verbose,
-              loras):
+              cache_type_k, cache_type_v, loras):
     """Serve MODEL over HTTP: OpenAI (/v1/...) and Ollama (/api/...) endpoints and a chat page at /.
 
     Requests run together (continuous batching, --parallel slots); SIGTERM or Ctrl-C stops accepting new
@@ -371,4 +386,5 @@ def serve_cmd(model, host, port, parallel, n_ctx, threads, api_key, alias, cors,
     config = ServerConfig(host=host, port=port, api_key=api_key or None, cors_origins=tuple(cors),
                           max_body_bytes=max_body, max_queue=max_queue, log_requests=verbose)
     serve(resolve_model(model), config, n_ctx=n_ctx, n_threads=threads, parallel=parallel, alias=alias,
-          loras=[parse_lora_arg(a) for a in loras], announce=lambda line: click.echo(line, err=True))
+          loras=[parse_lora_arg(a) for a in loras], announce=lambda line: click.echo(line, err=True),
+          cache_types=(cache_type_k, cache_type_v))

@@ -1,4 +1,5 @@
-"""Per-layer float32 KV cache: the whole context for global layers, a ring buffer for sliding-window layers.
+"""Per-layer KV cache: the whole context for global layers, a ring buffer for sliding-window layers. K and V
+are each stored in their own type, f32, f16 (the default) or q8_0 (kernels/kv_formats.py).
 
 A position p lives in slot p % capacity. A global layer's capacity is n_ctx, so nothing ever wraps. A
 sliding-window layer (window W) only ever reads the last W positions, so it keeps RING_BATCH - 1 more
@@ -12,7 +13,7 @@ the model then starts over from 0 and says so, and the caller re-evaluates the p
 """
 from __future__ import annotations
 
-import numpy as np
+from ..kernels import kv_formats
 
 RING_BATCH = 256   # tokens per forward pass on a model with ring buffers
 
@@ -22,21 +23,30 @@ def layer_capacity(n_ctx: int, window: int = 0) -> int:
     return n_ctx if window <= 0 else min(n_ctx, window + RING_BATCH - 1)
 
 
+def new_k(lead: tuple, n_head_kv: int, k_dim: int, capacity: int, kind: str):
+    """An empty K cache [*lead, n_head_kv, k_dim, capacity] (transposed: kernels/ops.py attention)."""
+    return kv_formats.empty_cache(lead + (n_head_kv, k_dim, capacity), kind, blocks_axis=-2)
+
+
+def new_v(lead: tuple, n_head_kv: int, v_dim: int, capacity: int, kind: str):
+    """An empty V cache [*lead, n_head_kv, capacity, v_dim]."""
+    return kv_formats.empty_cache(lead + (n_head_kv, capacity, v_dim), kind, blocks_axis=-1)
+
+
 class LayerCache:
     def __init__(self, n_head_kv: int, k_dim: int, v_dim: int, n_ctx: int, window: int = 0,
-                 arrays: tuple[np.ndarray, np.ndarray] | None = None):
+                 arrays: tuple | None = None, types: tuple[str, str] = ("f32", "f32")):
         self.window = int(window)
         capacity = layer_capacity(n_ctx, window)
         self.ring = capacity < n_ctx
-        if arrays is None:   # zeros: pages are only committed as the context fills
-            arrays = (np.zeros((n_head_kv, k_dim, capacity), np.float32),   # transposed (kernels/ops.py attention)
-                      np.zeros((n_head_kv, capacity, v_dim), np.float32))
-        self.k, self.v = arrays
+        if arrays is None:
+            arrays = (new_k((), n_head_kv, k_dim, capacity, types[0]), new_v((), n_head_kv, v_dim, capacity, types[1]))
+        self.k, self.v = arrays   # each an array or a pair (codes, scales): kv_formats.py
         self.valid_from = 0   # oldest position whose slot still holds it
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return kv_formats.codes(self.k).shape[2]
 
     @property
     def max_batch(self) -> int | None:
@@ -45,7 +55,7 @@ class LayerCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return kv_formats.nbytes(self.k) + kv_formats.nbytes(self.v)
 
     def wrote(self, end: int) -> None:
         """Positions up to `end` (exclusive) were written: older slots may now hold newer positions."""

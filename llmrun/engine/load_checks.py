@@ -59,9 +59,9 @@ def check_hparams(reader, arch: str) -> None:
                          f"{emb.shape[0]} rows")
 
 
-def check_context(where: str, n_ctx: int, kv_floats_per_token: int) -> None:
-    """Refuse a context whose KV cache (float32) cannot fit in this machine's memory."""
-    need = int(n_ctx) * int(kv_floats_per_token) * 4
+def check_context(where: str, n_ctx: int, kv_bytes_per_token: float) -> None:
+    """Refuse a context whose KV cache cannot fit in this machine's memory."""
+    need = int(n_ctx * kv_bytes_per_token)
     have = _physical_memory()
     if have and need > have:
         raise InvalidArgumentError(f"{where}: a context of {n_ctx} tokens needs {need / 2**30:.1f} GiB of KV cache, "

@@ -20,12 +20,13 @@ import numba
 import numpy as np
 
 from ..errors import ContextFullError, ModelError
-from ..kernels import ops, warmup
+from ..kernels import kv_formats, ops, warmup
+from ..kernels.kv_formats import take
 from ..kernels.qmatmul import dequantize_rows, matmul, matvec, matvec_batch
 from ..kernels.repack import FAMILY
 from ..runtime import fixed_mmap_threshold, trim_heap
 from .hparams import HParams, LlamaHParams, read_hparams  # noqa: F401  (LlamaHParams: the older name)
-from .kv_cache import KVCache, LayerCache, layer_capacity
+from .kv_cache import KVCache, LayerCache, layer_capacity, new_k, new_v
 from .load_checks import check_context, check_logits
 from .rope import Rope
 from .weights import MatrixGroup, Weights
@@ -132,6 +133,7 @@ class LlamaModel:
         self.hparams = hparams
         self.n_ctx = int(n_ctx)
         self.n_threads = n_threads
+        self.kv_types = ("f32", "f32")      # storage of K and V (kernels/kv_formats.py); load() sets them
         self.cache: KVCache | None = None   # the sequence forward() extends (its layers' caches)
         self.layers: list[_Layer] = []
         self.ropes: list[Rope] = []
@@ -144,23 +146,32 @@ class LlamaModel:
 
     # ------------------------------------------------------------------------------------- loading
     @classmethod
-    def load(cls, reader, n_ctx: int = 4096, n_threads: int | None = None) -> "LlamaModel":
+    def load(cls, reader, n_ctx: int = 4096, n_threads: int | None = None, type_k: str | int | None = None,
+             type_v: str | int | None = None) -> "LlamaModel":
+        """The model of a GGUF file, with an empty KV cache of n_ctx positions whose K and V are stored as
+        type_k / type_v (f32, f16, q8_0, or ggml's type numbers 0, 1, 8; None: f16): kernels/kv_formats.py."""
         t0 = time.perf_counter()
         if n_ctx <= 0:
             raise ModelError(f"{reader.path}: context size must be positive, got {n_ctx}")
         if n_threads is not None and int(n_threads) < 1:
             raise ModelError(f"thread count must be at least 1, got {n_threads}")
+        kv_types = (kv_formats.kv_type(type_k, "type_k"), kv_formats.kv_type(type_v, "type_v"))
         hp = read_hparams(reader)
-        check_context(reader.path, n_ctx,
-                      sum(nkv * (hp.head_dim + hp.v_head_dim) for nkv in hp.n_head_kv_per_layer))
+        kv_formats.check_head_dims(kv_types, hp.head_dim, hp.v_head_dim, reader.path)
+        check_context(reader.path, n_ctx, sum(nkv * (hp.head_dim * kv_formats.BYTES[kv_types[0]]
+                                                     + hp.v_head_dim * kv_formats.BYTES[kv_types[1]])
+                                              for nkv in hp.n_head_kv_per_layer))
         arch = hp.arch
         families, type_names = _matrix_types(reader)
         # the kernels this model needs, compiled in worker processes while the weights load (kernels/warmup.py)
-        compiling = warmup.start(warmup.units_for(families), type_names)
+        what = type_names + ("" if kv_types == (kv_formats.DEFAULT_KV_TYPE,) * 2 else
+                             f", KV cache {'/'.join(kv_types)}")
+        compiling = warmup.start(warmup.units_for(families, kv_types), what)
         fixed_mmap_threshold()   # glibc settings for the load's large temporaries: runtime.py
         w = Weights(reader)
         E = hp.n_embd
         self = cls(hp, n_ctx, n_threads)
+        self.kv_types = kv_types
         self.families, self.type_names = families, type_names
         self.tok_embd = w.matrix([("token_embd.weight", (hp.n_vocab, E))])[0]
         if arch.output_tensor and w.has("output.weight"):
@@ -227,7 +238,7 @@ class LlamaModel:
             down=w.matrix([(b + "ffn_down.weight", (E, nff))]),
             post_ffn_norm=w.vector(b + "post_ffw_norm.weight", E) if arch.post_norms else None,
             n_head=nh, n_head_kv=nkv, n_ff=nff,
-            cache=LayerCache(nkv, hd, vd, self.n_ctx, window),
+            cache=LayerCache(nkv, hd, vd, self.n_ctx, window, types=self.kv_types),
             rope=1 if window and hp.local_rope else 0)
 
     def _rope_setup(self, w: Weights) -> None:
@@ -254,20 +265,23 @@ class LlamaModel:
     def new_cache(self) -> KVCache:
         """An empty KV cache for one more sequence (zeros: pages are only committed as the context fills)."""
         hp = self.hparams
-        return KVCache([LayerCache(L.n_head_kv, hp.head_dim, hp.v_head_dim, self.n_ctx, L.cache.window)
+        return KVCache([LayerCache(L.n_head_kv, hp.head_dim, hp.v_head_dim, self.n_ctx, L.cache.window,
+                                   types=self.kv_types)
                         for L in self.layers])
 
     def new_caches(self, n: int) -> list[KVCache]:
         """n empty KV caches that are slices of one array per layer (forward_batch runs the decode attention
         of such caches in one launch)."""
-        warmup.start(warmup.units_for(self.families, batched=True), f"{self.type_names}, batched").wait()
+        warmup.start(warmup.units_for(self.families, self.kv_types, batched=True),
+                     f"{self.type_names}, batched").wait()
         hp = self.hparams
         caps = [layer_capacity(self.n_ctx, L.cache.window) for L in self.layers]
-        kp = [np.zeros((n, L.n_head_kv, hp.head_dim, c), np.float32) for L, c in zip(self.layers, caps)]
-        vp = [np.zeros((n, L.n_head_kv, c, hp.v_head_dim), np.float32) for L, c in zip(self.layers, caps)]
+        kp = [new_k((n,), L.n_head_kv, hp.head_dim, c, self.kv_types[0]) for L, c in zip(self.layers, caps)]
+        vp = [new_v((n,), L.n_head_kv, hp.v_head_dim, c, self.kv_types[1]) for L, c in zip(self.layers, caps)]
         pool = (kp, vp)
         return [KVCache([LayerCache(L.n_head_kv, hp.head_dim, hp.v_head_dim, self.n_ctx, L.cache.window,
-                                    arrays=(kp[il][i], vp[il][i])) for il, L in enumerate(self.layers)],
+                                    arrays=(take(kp[il], i), take(vp[il], i)), types=self.kv_types)
+                         for il, L in enumerate(self.layers)],
                         pool=pool, slot=i) for i in range(n)]
 
     @property

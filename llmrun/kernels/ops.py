@@ -7,6 +7,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..runtime import limit_blas_threads
+from .kv_formats import codes, k_f32, k_run, scratch, store_k, store_v, take, v_f32, v_row
 
 
 # error_model="numpy": a zero or NaN divisor gives Inf/NaN (caught on the logits) instead of a ZeroDivisionError
@@ -46,15 +47,17 @@ def rope_store(qkv, cos, sin, q_out, k_cache, v_cache, pos0, n_head, n_head_kv, 
 
     qkv [T, n_head*k_dim + n_head_kv*(k_dim + v_dim)]; cos/sin [T, n_rot/2] (attention scale factors
     already folded in); q_out [T, n_head, k_dim]; k_cache [n_head_kv, k_dim, capacity] (transposed, see
-    attention); v_cache [n_head_kv, capacity, v_dim]; position p goes to slot p % capacity (kv_cache.py).
+    attention); v_cache [n_head_kv, capacity, v_dim], each of a kv_formats.py type; position p goes to slot
+    p % capacity (kv_cache.py).
     Rotated pairs: ggml's NORM mode (2i, 2i+1) on the permuted GGUF Q/K rows, or NEOX mode (i, i + n_rot/2);
     dimensions from n_rot on pass unrotated."""
     T = qkv.shape[0]
     half = cos.shape[1]
-    cap = k_cache.shape[2]
+    cap = codes(k_cache).shape[2]
     k0 = n_head * k_dim
     v0 = k0 + n_head_kv * k_dim
     step, span = (1, half) if neox else (2, 1)   # pair i: elements i*step and i*step + span
+    krow = np.empty(k_dim, np.float32)
     for t in range(T):
         for h in range(n_head):
             base = h * k_dim
@@ -71,12 +74,12 @@ def rope_store(qkv, cos, sin, q_out, k_cache, v_cache, pos0, n_head, n_head_kv, 
             for i in range(half):
                 a = qkv[t, base + i * step]
                 b = qkv[t, base + i * step + span]
-                k_cache[g, i * step, p] = a * cos[t, i] - b * sin[t, i]
-                k_cache[g, i * step + span, p] = a * sin[t, i] + b * cos[t, i]
+                krow[i * step] = a * cos[t, i] - b * sin[t, i]
+                krow[i * step + span] = a * sin[t, i] + b * cos[t, i]
             for i in range(2 * half, k_dim):
-                k_cache[g, i, p] = qkv[t, base + i]
-            for i in range(v_dim):
-                v_cache[g, p, i] = qkv[t, v0 + g * v_dim + i]
+                krow[i] = qkv[t, base + i]
+            store_k(k_cache, g, p, krow)
+            store_v(v_cache, g, p, qkv[t, v0 + g * v_dim:v0 + (g + 1) * v_dim])
 
 
 @njit(inline="always", fastmath=True, error_model="numpy")
@@ -84,9 +87,9 @@ def _attend(q, t, g, k_cache, v_cache, p, window, softcap, scale, out, row):
     """Query token t (at position p) and K/V group g -> out[row]: attention()'s body, shared with
     attention_slots so that both give the same bits."""
     n_head, k_dim = q.shape[1], q.shape[2]
-    n_head_kv = k_cache.shape[0]
-    cap = k_cache.shape[2]
-    v_dim = v_cache.shape[2]
+    n_head_kv = codes(k_cache).shape[0]
+    cap = codes(k_cache).shape[2]
+    v_dim = codes(v_cache).shape[2]
     group = n_head // n_head_kv
     h0 = g * group
     lo = max(0, p - window + 1) if window > 0 else 0   # first position seen
@@ -95,12 +98,14 @@ def _attend(q, t, g, k_cache, v_cache, p, window, softcap, scale, out, row):
     n1 = min(n, cap - first)   # positions lo.. in slots first..first+n1-1, the rest in slots 0..
     scores = np.zeros((group, n), np.float32)
     n2 = n - n1
+    kb = scratch(k_cache, 8, n)   # K rows widened to float32 (a cache of f32 is read in place)
     i = 0
     while i + 4 <= k_dim:   # four K rows per pass: a quarter of the loads/stores of `scores`
         # views of both runs (an offset index in the inner loop would keep LLVM from vectorizing it)
-        a0, a1 = k_cache[g, i, first:first + n1], k_cache[g, i + 1, first:first + n1]
-        a2, a3 = k_cache[g, i + 2, first:first + n1], k_cache[g, i + 3, first:first + n1]
-        b0, b1, b2, b3 = k_cache[g, i, :n2], k_cache[g, i + 1, :n2], k_cache[g, i + 2, :n2], k_cache[g, i + 3, :n2]
+        a0, a1 = k_run(k_cache, g, i, first, n1, kb[0]), k_run(k_cache, g, i + 1, first, n1, kb[1])
+        a2, a3 = k_run(k_cache, g, i + 2, first, n1, kb[2]), k_run(k_cache, g, i + 3, first, n1, kb[3])
+        b0, b1 = k_run(k_cache, g, i, 0, n2, kb[4]), k_run(k_cache, g, i + 1, 0, n2, kb[5])
+        b2, b3 = k_run(k_cache, g, i + 2, 0, n2, kb[6]), k_run(k_cache, g, i + 3, 0, n2, kb[7])
         for hh in range(group):
             q0 = q[t, h0 + hh, i] * scale
             q1 = q[t, h0 + hh, i + 1] * scale
@@ -111,7 +116,7 @@ def _attend(q, t, g, k_cache, v_cache, p, window, softcap, scale, out, row):
                 _add_dot4(scores[hh, n1:], b0, b1, b2, b3, q0, q1, q2, q3)
         i += 4
     while i < k_dim:
-        a0, b0 = k_cache[g, i, first:first + n1], k_cache[g, i, :n2]
+        a0, b0 = k_run(k_cache, g, i, first, n1, kb[0]), k_run(k_cache, g, i, 0, n2, kb[4])
         for hh in range(group):
             qi = q[t, h0 + hh, i] * scale
             sc = scores[hh]
@@ -136,12 +141,13 @@ def _attend(q, t, g, k_cache, v_cache, p, window, softcap, scale, out, row):
             total += e
         totals[hh] = total
     o = np.zeros((group, v_dim), np.float32)
+    vb = scratch(v_cache, 4, v_dim)
     s = 0
     while s + 4 <= n:
-        v0 = v_cache[g, _slot(first + s, cap)]
-        v1 = v_cache[g, _slot(first + s + 1, cap)]
-        v2 = v_cache[g, _slot(first + s + 2, cap)]
-        v3 = v_cache[g, _slot(first + s + 3, cap)]
+        v0 = v_row(v_cache, g, _slot(first + s, cap), vb[0])
+        v1 = v_row(v_cache, g, _slot(first + s + 1, cap), vb[1])
+        v2 = v_row(v_cache, g, _slot(first + s + 2, cap), vb[2])
+        v3 = v_row(v_cache, g, _slot(first + s + 3, cap), vb[3])
         for hh in range(group):
             p0 = scores[hh, s]
             p1 = scores[hh, s + 1]
@@ -152,7 +158,7 @@ def _attend(q, t, g, k_cache, v_cache, p, window, softcap, scale, out, row):
                 oh[i] += p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i]
         s += 4
     while s < n:
-        vrow = v_cache[g, _slot(first + s, cap)]
+        vrow = v_row(v_cache, g, _slot(first + s, cap), vb[0])
         for hh in range(group):
             p0 = scores[hh, s]
             oh = o[hh]
@@ -178,7 +184,7 @@ def attention(q, k_cache, v_cache, pos0, scale, out, window=0, softcap=0.0):
     two contiguous runs of slots (a ring wraps once). The heads sharing a K/V group are handled together,
     so each cached K/V row is fetched once (from L1 for the group's other heads)."""
     T = q.shape[0]
-    n_head_kv = k_cache.shape[0]
+    n_head_kv = codes(k_cache).shape[0]
     for job in prange(T * n_head_kv):
         t = job // n_head_kv
         _attend(q, t, job % n_head_kv, k_cache, v_cache, pos0 + t, window, softcap, scale, out, t)
@@ -190,11 +196,12 @@ def attention_slots(q, k_pool, v_pool, slots, pos, scale, out, window=0, softcap
     b at position pos[b] of the caches k_pool[slots[b]] / v_pool[slots[b]] ([n_slots, ...] pools of
     attention()'s cache layout); out [B, n_head*v_dim]. Each row equals attention() of that sequence alone."""
     B = q.shape[0]
-    n_head_kv = k_pool.shape[1]
+    n_head_kv = codes(k_pool).shape[1]
     for job in prange(B * n_head_kv):
         b = job // n_head_kv
         k = slots[b]
-        _attend(q[b:b + 1], 0, job % n_head_kv, k_pool[k], v_pool[k], pos[b], window, softcap, scale, out, b)
+        _attend(q[b:b + 1], 0, job % n_head_kv, take(k_pool, k), take(v_pool, k), pos[b], window, softcap, scale,
+                out, b)
 
 
 @njit(inline="always", fastmath=True)
@@ -240,9 +247,9 @@ def attention_blas(q, k_cache, v_cache, pos0, scale, out, window=0, softcap=0.0)
     BLAS products over a chunk of queries (same inputs, layouts and result; ~5x faster for long prompts)."""
     limit_blas_threads()   # BLAS's own worker threads would fight numba's (runtime.py)
     T, n_head, k_dim = q.shape
-    n_head_kv = k_cache.shape[0]
-    cap = k_cache.shape[2]
-    v_dim = v_cache.shape[2]
+    n_head_kv = codes(k_cache).shape[0]
+    cap = codes(k_cache).shape[2]
+    v_dim = codes(v_cache).shape[2]
     group = n_head // n_head_kv
     for c0 in range(0, T, QUERY_CHUNK):
         c1 = min(T, c0 + QUERY_CHUNK)
@@ -259,12 +266,12 @@ def attention_blas(q, k_cache, v_cache, pos0, scale, out, window=0, softcap=0.0)
         slots = slice(first, first + n) if first + n <= cap else kpos % cap   # contiguous unless wrapped
         for g in range(n_head_kv):
             qg = q[c0:c1, g * group:(g + 1) * group].transpose(1, 0, 2).reshape(group * C, k_dim) * scale
-            s = (qg @ k_cache[g][:, slots]).reshape(group, C, n)
+            s = (qg @ k_f32(k_cache, g, slots)).reshape(group, C, n)
             if softcap > 0:
                 s = softcap * np.tanh(s / softcap)
             s[:, masked] = -np.inf
             s -= s.max(axis=2, keepdims=True)
             np.exp(s, out=s)
             total = s.sum(axis=2, keepdims=True)
-            o = (s.reshape(group * C, n) @ v_cache[g][slots]).reshape(group, C, v_dim) / total
+            o = (s.reshape(group * C, n) @ v_f32(v_cache, g, slots)).reshape(group, C, v_dim) / total
             out[c0:c1].reshape(C, n_head, v_dim)[:, g * group:(g + 1) * group] = o.transpose(1, 0, 2)

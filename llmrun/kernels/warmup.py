@@ -56,7 +56,7 @@ def _units() -> dict[str, Unit]:
     """The registry. Signatures are spelled out here; the kernels' callers (qmatmul's matvec / matvec_batch /
     matmul, repack's pack_matrix, the engine) pass exactly these types (tests/test_kernel_warmup.py)."""
     from numba import types
-    from . import ops, qmatmul, repack
+    from . import kv_formats, ops, qmatmul, repack
 
     f32_1, f32_2, f32_3, f32_4 = (_array(np.float32, n) for n in (1, 2, 3, 4))
     u8_3, u8_4, u16_2 = _array(np.uint8, 3), _array(np.uint8, 4), _array(np.uint16, 2)
@@ -75,6 +75,11 @@ def _units() -> dict[str, Unit]:
     def widen(fn):
         return [(fn, (u8_4, *scales, i64, i64, f32_3))]
 
+    def cache(kind, ndim):   # a KV cache of one type (kv_formats.py)
+        if kind == "q8_0":
+            return types.Tuple((_array(np.int8, ndim), _array(np.uint16, ndim)))
+        return _array(np.float32 if kind == "f32" else np.uint16, ndim)
+
     units = [
         Unit("repack", 0.5, lambda: [(repack._rows_to_tiles, (u8_3, u8_4))]),
         Unit("graph", 1.0, lambda: [
@@ -82,11 +87,6 @@ def _units() -> dict[str, Unit]:
             (ops.head_rmsnorm, (f32_2, i64, i64, f32_1, f32)),
             (ops.swiglu, (f32_2, i64, f32_2)),
             (ops.geglu, (f32_2, i64, f32_2))]),
-        Unit("attention", 4.0, lambda: [
-            (ops.rope_store, (f32_2, f32_2, f32_2, f32_3, f32_3, f32_3, i64, i64, i64, i64, i64, b1)),
-            (ops.attention, (f32_3, f32_3, f32_3, i64, f32, f32_2, i64, f32))]),
-        Unit("attention_slots", 3.5, lambda: [
-            (ops.attention_slots, (f32_3, f32_4, f32_4, i64_1, i64_1, f32, f32_2, i64, f32))]),
         Unit("gemv_u4", 2.8, lambda: gemv(qmatmul._gemv_u4)),
         Unit("gemv_i8", 2.6, lambda: gemv(qmatmul._gemv_i8)),
         Unit("gemv_h16", 1.5, lambda: [(qmatmul._gemv_h16, (u16_2, i64, f32_1, f32_1, b1))]),
@@ -101,6 +101,15 @@ def _units() -> dict[str, Unit]:
         Unit("widen_i8", 2.0, lambda: widen(qmatmul._widen_i8)),
         Unit("widen_h16", 1.0, lambda: [(qmatmul._widen_h16, (u16_2, i64, i64, i64, f32_2))]),
     ]
+    for tk in kv_formats.KV_TYPES:       # the cache kernels, per (type_k, type_v)
+        for tv in kv_formats.KV_TYPES:
+            k3, v3, k4, v4 = cache(tk, 3), cache(tv, 3), cache(tk, 4), cache(tv, 4)
+            units += [
+                Unit(f"attention:{tk},{tv}", 4.0, lambda k3=k3, v3=v3: [
+                    (ops.rope_store, (f32_2, f32_2, f32_2, f32_3, k3, v3, i64, i64, i64, i64, i64, b1)),
+                    (ops.attention, (f32_3, k3, v3, i64, f32, f32_2, i64, f32))]),
+                Unit(f"attention_slots:{tk},{tv}", 3.5, lambda k4=k4, v4=v4: [
+                    (ops.attention_slots, (f32_3, k4, v4, i64_1, i64_1, f32, f32_2, i64, f32))])]
     return {u.name: u for u in units}
 
 
@@ -115,26 +124,29 @@ def units() -> dict[str, Unit]:
 
 
 def host_units() -> list[str]:
-    """What `--all` compiles: every unit this host runs (VNNI hosts prefill U4/I8 through the integer GEMM,
-    others through BLAS)."""
+    """What `--all` compiles: every unit this host runs, with the default KV cache types (VNNI hosts prefill
+    U4/I8 through the integer GEMM, others through BLAS)."""
+    from .kv_formats import DEFAULT_KV_TYPE as d
     from .qmatmul import VNNI
     skip = {"widen_u4", "widen_i8", "batch_u4", "batch_i8"} if VNNI else {"igemm", "batch_vnni"}
-    return [n for n in units() if n not in skip]
+    return [n for n in units() if n not in skip and (":" not in n or n.endswith(f":{d},{d}"))]
 
 
-def units_for(families: Iterable[str], batched: bool = False) -> list[str]:
-    """Units a model whose matrices are of these repack families runs on this host. `batched`: what forward_batch over pooled caches (the server's decode steps) adds instead: the
+def units_for(families: Iterable[str], kv_types: tuple[str, str], batched: bool = False) -> list[str]:
+    """Units a model whose matrices are of these repack families, with K/V caches of kv_types, runs on this
+    host. `batched`: what forward_batch over pooled caches (the server's decode steps) adds instead: the
     several-token gemv kernels and the pooled attention."""
     from .qmatmul import VNNI
     from .repack import H16, I8, U4
     fams = set(families)
+    kv = ",".join(kv_types)
     if batched:
-        need = ["attention_slots"]
+        need = [f"attention_slots:{kv}"]
         for fam, own in ((U4, "u4"), (I8, "i8")):
             if fam in fams:
                 need.append("batch_vnni" if VNNI else f"batch_{own}")
         return list(dict.fromkeys(need))
-    need = ["graph", "attention"]
+    need = ["graph", f"attention:{kv}"]
     for fam, own in ((U4, "u4"), (I8, "i8")):
         if fam in fams:   # tiled at load (repack), then products
             need += ["repack", f"gemv_{own}", "igemm" if VNNI else f"widen_{own}"]

@@ -10,7 +10,8 @@ __all__ = ["create_app", "ModelHost", "ServerConfig", "serve"]
 
 
 def serve(model_path, config: ServerConfig, *, n_ctx: int = 4096, n_threads: int | None = None,
-          parallel: int = 4, alias: str | None = None, loras=(), announce=print) -> None:
+          parallel: int = 4, alias: str | None = None, loras=(), announce=print,
+          cache_types: tuple = (None, None)) -> None:
     """Load the model, bind the socket, serve until SIGINT/SIGTERM; then stop accepting, let running requests
     finish (up to config.drain_seconds) and return."""
     import signal
@@ -30,7 +31,8 @@ def serve(model_path, config: ServerConfig, *, n_ctx: int = 4096, n_threads: int
         sock.close()
         raise LlmrunError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
     try:
-        host = ModelHost(model_path, n_ctx=n_ctx, n_threads=n_threads, n_slots=parallel, alias=alias, loras=loras)
+        host = ModelHost(model_path, n_ctx=n_ctx, n_threads=n_threads, n_slots=parallel, alias=alias, loras=loras,
+                         cache_types=cache_types)
     except BaseException:
         sock.close()
         raise

@@ -64,7 +64,8 @@ class ModelHost:
     n_slots KV caches the scheduler steps, over the same weights."""
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | None = None,
-                 n_slots: int = 4, alias: str | None = None, loras: Sequence[tuple[str, float]] = ()):
+                 n_slots: int = 4, alias: str | None = None, loras: Sequence[tuple[str, float]] = (),
+                 cache_types: tuple = (None, None)):
         from ..engine.batch import SlotCaches
         from ..gguf import GGUFReader
         from ..gguf.describe import describe
@@ -74,7 +75,8 @@ class ModelHost:
             facts = describe(reader)
             arch = str(reader.get("general.architecture", "llama"))
             n_ctx_train = int(reader.get(f"{arch}.context_length", 0) or 0)
-        self.llm = ServedLlama(path, n_ctx=n_ctx, n_threads=n_threads)
+        self.llm = ServedLlama(path, n_ctx=n_ctx, n_threads=n_threads, type_k=cache_types[0],
+                               type_v=cache_types[1])
         self.name = alias or path.name.removesuffix(".gguf")   # routes pass it as `model` to every call
         try:
             if loras:   # beside the shared weights, so every slot runs with them
