@@ -27,17 +27,18 @@ import numpy as np
 from . import api_args as args
 from .completion_options import CompletionOptions, takes_options
 from .errors import ArgumentTypeError, LlmrunError
-from .generate import CacheSlot, Event, Generation, PerSlotModels, check_fits, generate
+from .generate import CacheSlot, Event, Generation, check_fits
+from .api_embeddings import EmbeddingMethods
+from .api_generation import GenerationMethods
 from .gguf import GGUFReader
-from .llama_compat import check_constructor_keywords, completion_notes
+from .llama_compat import check_constructor_keywords
 from .llama_types import (ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, CompletionUsage,
-                          CreateEmbeddingResponse, FinishReason)
+                          FinishReason)
 from .protocols import SequenceModel, TokenizerLike
-from .results import ChoiceLog, chat_logprobs, completion_logprobs, prompt_logprobs
+from .results import ChoiceLog, chat_logprobs, completion_logprobs
 from .safe_text import printable
 from .text.chat_template import check_messages, encode_chat
-from .text.grammar import Grammar, GrammarError, as_grammar, response_format_grammar
-from .text.sampling import Sampler
+from .text.grammar import Grammar
 from .text.tokenizer import Tokenizer
 from .text.tool_calls import (CallStream, check_tools, describe_tools, forced_call_schema, parse_tool_calls,
                                 resolve_tool_choice)
@@ -56,7 +57,7 @@ def _usage(n_prompt: int, logs: Sequence[ChoiceLog]) -> CompletionUsage:
     return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen}
 
 
-class Llama:
+class Llama(GenerationMethods, EmbeddingMethods):
     """A GGUF model ready to tokenize, evaluate and generate.
 
     ``llm = Llama("model.gguf", n_ctx=4096, n_threads=None, seed=None, vocab_only=False, verbose=False)``
@@ -430,149 +431,11 @@ class Llama:
             ids.insert(0, int(tok.bos_id))
         return ids
 
-    # ---- embeddings ------------------------------------------------------------------------------------
-    def embed(self, input: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]], normalize: bool = False,
-              truncate: bool = True, return_count: bool = False):
-        """Embedding vectors (lists of floats) of one text / token list, or of each of several.
-
-        The final-normed hidden states are pooled as the file's `pooling_type` says (mean when it does not;
-        "none" gives one vector per token). `normalize` scales them to unit length; `truncate` cuts inputs
-        longer than the context window (else they are an error). `return_count` also returns the number of
-        tokens embedded.
-        """
-        import numpy as np
-
-        from .engine.pooling import normalize as unit, pool
-
-        single, inputs = _embedding_inputs(input)
-        token_lists = [self._embedding_tokens(item, truncate) for item in inputs]
-        vectors = []
-        with self._exclusive():
-            model = self._require_model()
-            for tokens in token_lists:
-                hidden = self._hidden_states(model, tokens)
-                vec = pool(hidden, self.pooling)
-                vectors.append((unit(vec) if normalize else vec).astype(np.float32).tolist())
-        out = vectors[0] if single else vectors
-        return (out, sum(map(len, token_lists))) if return_count else out
-
-    def create_embedding(self, input, model: str | None = None, normalize: bool = False
-                         ) -> CreateEmbeddingResponse:
-        """OpenAI-shaped embeddings of `input` (a text, a list of texts, or token lists)."""
-        vectors, n_tokens = self.embed(input, normalize=normalize, return_count=True)
-        if _embedding_inputs(input)[0]:
-            vectors = [vectors]
-        return {"object": "list",
-                "data": [{"object": "embedding", "embedding": v, "index": i} for i, v in enumerate(vectors)],
-                "model": model or self._name, "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
-
-    def _embedding_tokens(self, item, truncate: bool) -> list[int]:
-        tokens = (self.tokenize(item.encode("utf-8", "replace") if isinstance(item, str) else item)
-                  if isinstance(item, (str, bytes)) else args.token_ids(item, self.n_vocab(), "input"))
-        if not tokens:
-            raise LlmrunError("cannot embed an empty input (no tokens)")
-        if len(tokens) > self._slot.capacity:
-            if not truncate:
-                check_fits(len(tokens), self._slot.capacity)
-            tokens = tokens[:self._slot.capacity]
-        return tokens
-
-    def _hidden_states(self, model, tokens: list[int]):
-        import numpy as np
-
-        from .generate import PROMPT_CHUNK
-        try:
-            model.reset()
-            self._slot.clear()
-            parts = [model.forward(tokens[i:i + PROMPT_CHUNK], all_logits=True, hidden=True)
-                     for i in range(0, len(tokens), PROMPT_CHUNK)]
-        except TypeError:
-            self._drop_cache()
-            raise LlmrunError("this model cannot produce hidden states for embeddings") from None
-        except BaseException:
-            self._drop_cache()
-            raise
-        self._slot.tokens.extend(tokens)     # the cache now holds this input: a later prompt may reuse it
-        return np.concatenate([np.asarray(p, dtype=np.float32).reshape(-1, p.shape[-1]) for p in parts])
-
     # ---- internals -------------------------------------------------------------------------------------
     def _piece(self, token_id) -> str:
         if token_id is None or token_id < 0:
             return ""
         return self.tokenizer.token_to_piece(int(token_id), special=True).decode("utf-8", errors="replace")
-
-    def _prompt_tokens(self, prompt) -> list[int]:
-        if isinstance(prompt, (str, bytes, bytearray)):
-            # Like llama-cli: BOS as the model asks, and control tokens written in the prompt are parsed.
-            return list(self.tokenizer.encode(args.text(prompt, "prompt"), add_bos=None, special=True))
-        return args.token_ids(prompt, self.n_vocab(), "prompt")
-
-    def _echo_text(self, prompt, tokens: list[int]) -> str:
-        if isinstance(prompt, str):
-            return prompt
-        if isinstance(prompt, bytes):
-            return prompt.decode("utf-8", errors="replace")
-        return self.detokenize(tokens).decode("utf-8", errors="replace")
-
-    def _echo_logprobs(self, tokens: list[int], top_n: int):
-        # eval_logits leaves the prompt in the cache, so the generation after it evaluates one token again
-        body = tokens[1:] if tokens and tokens[0] == self.tokenizer.bos_id else tokens
-        rows = self.eval_logits(tokens)[len(tokens) - len(body):]
-        return prompt_logprobs(body, rows, top_n)
-
-    def _constraint(self, options: CompletionOptions, forced: Grammar | None = None) -> Grammar | None:
-        """The one grammar a call asks for (grammar=, response_format=, or a forced tool call)."""
-        given = [g for g in (forced, as_grammar(options.grammar), response_format_grammar(options.response_format))
-                 if g is not None]
-        if len(given) > 1:
-            raise GrammarError("give one constraint: grammar, response_format or a forced tool call")
-        return given[0] if given else None
-
-    def _choices(self, tokens: list[int], options: CompletionOptions, grammar: Grammar | None,
-                 top_n: int | None) -> Iterator[tuple[int, Event]]:
-        """(choice index, event) for `options.n` generations from `tokens`, one after the other (later ones
-        reuse the prompt's cache). Bad input raises now; the lock is held while a generation runs."""
-        n = options.n
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= 128:
-            raise LlmrunError(f"n must be an integer from 1 to 128, got {n!r}")
-        if self.verbose:
-            for note in completion_notes(options):
-                print(f"llmrun: {note}", file=sys.stderr)
-        # A call's own seed restarts the randomness (one generator for all its choices, so they differ);
-        # otherwise this Llama's generator continues.
-        rng = np.random.default_rng(args.seed(options.seed)) if options.seed is not None else self._rng
-        return self._run_choices([self._generation(tokens, options, grammar, top_n, rng) for _ in range(n)])
-
-    def _run_choices(self, generations: list[Generation]) -> Iterator[tuple[int, Event]]:
-        """(choice index, event) of a call's generations, run here one after the other. The seam a server
-        overrides to step them in its own KV-cache slots beside other requests' (server/host.py)."""
-        def run():
-            for index, gen in enumerate(generations):
-                for event in self._run(gen):
-                    yield index, event
-        return run()
-
-    def _generation(self, tokens, options: CompletionOptions, grammar: Grammar | None, top_n, rng) -> Generation:
-        sampler = Sampler(options.sampling_params(), rng=rng)
-        self._require_model()
-        return Generation(tokens, self._slot, self.tokenizer, sampler, stop=args.stop_strings(options.stop),
-                          max_tokens=options.max_tokens,
-                          token_mask=grammar.matcher(self.tokenizer) if grammar is not None else None,
-                          logit_bias=options.logit_bias, logprobs=top_n,
-                          logits_processors=_callables(options.logits_processor, "logits_processor"),
-                          stopping_criteria=_callables(options.stopping_criteria, "stopping_criteria"))
-
-    def _run(self, gen: Generation) -> Iterator[Event]:
-        with self._exclusive():
-            self._running = gen
-            self.last_timings = gen.timings
-            try:
-                yield from generate(PerSlotModels([self._require_model()]), gen)
-            finally:
-                self._running = None
-                gen.close()
-                if self.verbose:
-                    self._print_timings()
 
     def _require_model(self) -> SequenceModel:
         if self._model is None:
@@ -604,40 +467,9 @@ class Llama:
     def _exclusive(self):
         return Llama._Exclusive(self)
 
-    def _print_timings(self) -> None:
-        t = self.last_timings
-        pe, tp = t.get("n_prompt_eval", 0), t.get("t_prompt", 0.0)
-        ng, tg = t.get("n_gen", 0), t.get("t_gen", 0.0)
-        print(f"llmrun: prompt {t.get('n_prompt', 0)} tokens ({t.get('n_prompt_reused', 0)} reused, "
-              f"{pe} evaluated in {tp * 1e3:.0f} ms, {pe / tp if tp > 0 else 0:.1f} tok/s); "
-              f"generated {ng} tokens in {tg * 1e3:.0f} ms ({ng / tg if tg > 0 else 0:.1f} tok/s)",
-              file=sys.stderr)
 
 
 def _logprobs_count(value, name: str, n_vocab: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= n_vocab:
         raise LlmrunError(f"{name} must be an integer from 0 to {n_vocab}, got {value!r}")
     return int(value)
-
-
-def _callables(value, name: str) -> list:
-    """llama-cpp-python's logits_processor / stopping_criteria: None, one callable, or a list of them."""
-    if value is None:
-        return []
-    items = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not all(callable(f) for f in items):
-        raise LlmrunError(f"{name} must be a callable or a list of callables")
-    return items
-
-
-def _embedding_inputs(value) -> tuple[bool, list]:
-    """(single?, items): a text, a list of texts, one token list, or a list of token lists."""
-    if isinstance(value, (str, bytes)):
-        return True, [value]
-    if isinstance(value, (list, tuple)) and value:
-        if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
-            return True, [list(value)]
-        if all(isinstance(v, (str, bytes)) or (isinstance(v, (list, tuple)) and v and all(
-                isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in v)) for v in value):
-            return False, list(value)
-    raise LlmrunError("embedding input must be a text, a list of texts, a token list or a list of token lists")

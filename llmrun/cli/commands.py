@@ -369,7 +369,9 @@ def convert_lora(adapter_dir, output_path, base_dir, out_type, force):
               help="largest request body in bytes (413 beyond)")
 @click.option("-v", "--verbose", is_flag=True, help="log each request's method, path and status (never its content)")
 @_cache_type_options
-@_lora_option
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE][@ALIAS]",
+              help="LoRA adapter loaded at start (GGUF LoRA file or PEFT folder; repeatable): without ALIAS applied "
+                   "to every request at SCALE (default 1.0); with ALIAS only to requests naming ALIAS as their model")
 @_one_line_errors
 def serve_cmd(model, host, port, parallel, n_ctx, threads, api_key, alias, cors, max_queue, max_body, verbose,
               cache_type_k, cache_type_v, loras):
@@ -378,13 +380,12 @@ def serve_cmd(model, host, port, parallel, n_ctx, threads, api_key, alias, cors,
     Requests run together (continuous batching, --parallel slots); SIGTERM or Ctrl-C stops accepting new
     ones and lets running ones finish.
     """
-    from llmrun.convert.lora import parse_lora_arg
-
     from ..server import ServerConfig, serve
+    from ..server.adapters import parse_lora_option
     from .paths import resolve_model
 
     config = ServerConfig(host=host, port=port, api_key=api_key or None, cors_origins=tuple(cors),
                           max_body_bytes=max_body, max_queue=max_queue, log_requests=verbose)
     serve(resolve_model(model), config, n_ctx=n_ctx, n_threads=threads, parallel=parallel, alias=alias,
-          loras=[parse_lora_arg(a) for a in loras], announce=lambda line: click.echo(line, err=True),
+          loras=[parse_lora_option(a) for a in loras], announce=lambda line: click.echo(line, err=True),
           cache_types=(cache_type_k, cache_type_v))

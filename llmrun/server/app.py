@@ -144,6 +144,8 @@ def create_app(host: ModelHost, config: ServerConfig = ServerConfig()) -> Starle
         Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
         Route("/v1/completions", openai_api.completions, methods=["POST"]),
         Route("/v1/embeddings", openai_api.embeddings, methods=["POST"]),
+        Route("/lora-adapters", openai_api.list_lora_adapters, methods=["GET"]),
+        Route("/lora-adapters", openai_api.set_lora_adapters, methods=["POST"]),
         Route("/api/tags", ollama_api.tags),
         Route("/api/ps", ollama_api.ps),
         Route("/api/version", ollama_api.version),

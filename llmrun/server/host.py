@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..api import Llama
-from .runs import run_choices
+from .adapters import AdapterTable
+from .runs import current_run, run_choices
 from .scheduler import Scheduler
 
 
@@ -53,18 +54,24 @@ class ServedLlama(Llama):
         return run_choices(self.scheduler, generations)
 
     def eval_logits(self, tokens):
-        return self.scheduler.call(lambda: Llama.eval_logits(self, tokens))
+        return self.scheduler.call(lambda: Llama.eval_logits(self, tokens), _run_adapters())
 
     def _hidden_states(self, model, tokens):
-        return self.scheduler.call(lambda: Llama._hidden_states(self, model, tokens))
+        return self.scheduler.call(lambda: Llama._hidden_states(self, model, tokens), _run_adapters())
+
+
+def _run_adapters():
+    run = current_run.get()
+    return run.adapters if run is not None else None
 
 
 class ModelHost:
-    """Loads MODEL once (with its run-time LoRA adapters, if any): `llm` answers requests, `batch` holds the
-    n_slots KV caches the scheduler steps, over the same weights."""
+    """Loads MODEL once (with its run-time LoRA adapters, if any: `adapters`): `llm` answers requests, `batch`
+    holds the n_slots KV caches the scheduler steps, over the same weights."""
 
     def __init__(self, model_path: str | os.PathLike, *, n_ctx: int = 4096, n_threads: int | None = None,
-                 n_slots: int = 4, alias: str | None = None, loras: Sequence[tuple[str, float]] = (),
+                 n_slots: int = 4, alias: str | None = None,
+                 loras: Sequence[tuple[str, float] | tuple[str, float, str | None]] = (),
                  cache_types: tuple = (None, None)):
         from ..engine.batch import SlotCaches
         from ..gguf import GGUFReader
@@ -79,8 +86,9 @@ class ModelHost:
                                type_v=cache_types[1])
         self.name = alias or path.name.removesuffix(".gguf")   # routes pass it as `model` to every call
         try:
-            if loras:   # beside the shared weights, so every slot runs with them
-                self.llm.set_lora(list(loras))
+            # (path, scale[, alias]): loaded and checked now; each request's configuration is installed by the
+            # scheduler before the forward that steps it
+            self.adapters = AdapterTable(self.llm._model, [(*spec, None)[:3] for spec in loras], self.name)
             self.model = self.llm._model
             self.batch = SlotCaches(self.model, n_slots)
         except BaseException:

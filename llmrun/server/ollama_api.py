@@ -9,6 +9,7 @@ options (num_ctx, num_thread, num_gpu, ...) are the server's to choose and are i
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from datetime import datetime, timezone
@@ -110,6 +111,12 @@ def _ndjson(lines, run: Run) -> StreamingResponse:
 
 
 # ---- generation --------------------------------------------------------------------------------------------
+def _run(f: Fields, state: ServerState) -> Run:
+    """The request's Run under the adapters its `model` (an alias) or `lora` field chooses."""
+    config, _ = state.host.adapters.for_request(f.raw("lora"), f.raw("model"))
+    return Run(config)
+
+
 async def chat(request: Request) -> Response:
     state = ServerState.of(request)
     f = Fields(await read_json(request, state.config.max_body_bytes))
@@ -126,7 +133,7 @@ async def chat(request: Request) -> Response:
     if f.array("tools"):
         kw["tools"] = f.array("tools")
     stream = f.boolean("stream", True)
-    run = Run()
+    run = _run(f, state)
     result = await state.call(request, run, state.host.llm.create_chat_completion, messages, stream=stream, **kw)
 
     def line(message: dict) -> dict:
@@ -186,7 +193,7 @@ async def generate(request: Request) -> Response:
                 new = new[1:]
         return list(context) + new
 
-    run = Run()
+    run = _run(f, state)
     tokens = await state.call(request, run, prompt_tokens)
     result = await state.call(request, run, llm.create_completion, tokens, stream=stream, **kw)
 
@@ -216,7 +223,7 @@ async def embed(request: Request) -> Response:
         raise RequestError("'input' must be a string or a non-empty list of strings", param="input")
     t0 = time.perf_counter()
     # Ollama's /api/embed returns unit vectors
-    result = await state.call(request, Run(), state.host.llm.create_embedding, inputs, normalize=True)
+    result = await state.call(request, _run(f, state), state.host.llm.create_embedding, inputs, normalize=True)
     vectors = [d["embedding"] for d in result["data"]]
     return JSONResponse({"model": f.string("model", state.host.name), "embeddings": vectors,
                          "total_duration": int((time.perf_counter() - t0) * 1e9), "load_duration": 0,
@@ -227,7 +234,7 @@ async def embeddings_legacy(request: Request) -> Response:
     state = ServerState.of(request)
     f = Fields(await read_json(request, state.config.max_body_bytes))
     prompt = f.string("prompt", required=True)
-    result = await state.call(request, Run(), state.host.llm.create_embedding, prompt)
+    result = await state.call(request, _run(f, state), state.host.llm.create_embedding, prompt)
     return JSONResponse({"embedding": result["data"][0]["embedding"]})
 
 
@@ -243,8 +250,19 @@ def _entry(info) -> dict:
             "digest": info.digest, "details": _details(info)}
 
 
+def _entries(host) -> list[dict]:
+    """The base model, then one entry per adapter alias (the base with that adapter)."""
+    base = _entry(host.info)
+    out = [base]
+    for a in host.adapters.aliases.values():
+        digest = hashlib.sha256(f"{base['digest']}:{a.path}:{a.scale}".encode()).hexdigest()
+        out.append({**base, "name": a.alias, "model": a.alias, "digest": digest,
+                    "details": {**base["details"], "parent_model": host.info.name}})
+    return out
+
+
 async def tags(request: Request) -> Response:
-    return JSONResponse({"models": [_entry(ServerState.of(request).host.info)]})
+    return JSONResponse({"models": _entries(ServerState.of(request).host)})
 
 
 async def ps(request: Request) -> Response:
@@ -261,7 +279,7 @@ async def show(request: Request) -> Response:
     info = state.host.info
     if name is None:
         raise RequestError("'model' is required", param="model")
-    if name not in (info.name, info.name + ":latest"):
+    if name.removesuffix(":latest") not in (info.name, *state.host.adapters.aliases):
         raise RequestError(f"model '{name}' not found", 404)
     model_info = {k: v for k, v in info.metadata.items() if not k.startswith("tokenizer.")}
     return JSONResponse({"modelfile": "", "parameters": "", "template": info.chat_template or "",

@@ -146,22 +146,45 @@ def chat_messages(value: Any) -> list[dict]:
 
 # ---- routes ------------------------------------------------------------------------------------------------
 async def list_models(request: Request) -> Response:
-    info = ServerState.of(request).host.info
-    return JSONResponse({"object": "list", "data": [_model_card(info)]})
+    host = ServerState.of(request).host
+    cards = [_model_card(host.info)] + [_model_card(host.info, a) for a in host.adapters.aliases.values()]
+    return JSONResponse({"object": "list", "data": cards})
 
 
 async def get_model(request: Request) -> Response:
-    info = ServerState.of(request).host.info
-    if request.path_params["model"] != info.name:
-        raise RequestError(f"the model '{request.path_params['model']}' does not exist (this server has "
-                           f"'{info.name}')", 404, param="model", code="model_not_found")
-    return JSONResponse(_model_card(info))
+    host = ServerState.of(request).host
+    info, name, aliases = host.info, request.path_params["model"], host.adapters.aliases
+    if name != info.name and name not in aliases:
+        raise RequestError(f"the model '{name}' does not exist (this server has "
+                           f"{', '.join(repr(n) for n in [info.name, *aliases])})", 404, param="model",
+                           code="model_not_found")
+    return JSONResponse(_model_card(info, aliases.get(name)))
 
 
-def _model_card(info) -> dict:
-    return {"id": info.name, "object": "model", "created": int(info.modified), "owned_by": "llmrun",
-            "meta": {"n_ctx": info.n_ctx, "n_ctx_train": info.n_ctx_train, "n_params": info.n_params,
-                     "n_vocab": info.n_vocab, "file_type": info.file_type, "size": info.size}}
+def _model_card(info, adapter=None) -> dict:
+    """The base model's card, or an adapter alias's (the base with that adapter: `meta.lora`)."""
+    meta = {"n_ctx": info.n_ctx, "n_ctx_train": info.n_ctx_train, "n_params": info.n_params,
+            "n_vocab": info.n_vocab, "file_type": info.file_type, "size": info.size}
+    if adapter is None:
+        return {"id": info.name, "object": "model", "created": int(info.modified), "owned_by": "llmrun",
+                "meta": meta}
+    return {"id": adapter.alias, "object": "model", "created": int(info.modified), "owned_by": "llmrun",
+            "parent": info.name,
+            "meta": {**meta, "lora": {"id": adapter.id, "path": adapter.path, "scale": adapter.scale}}}
+
+
+async def list_lora_adapters(request: Request) -> Response:
+    """GET /lora-adapters (llama.cpp's): [{"id", "path", "scale"[, "alias"]}, ...], scales the global ones."""
+    return JSONResponse(ServerState.of(request).host.adapters.listing())
+
+
+async def set_lora_adapters(request: Request) -> Response:
+    """POST /lora-adapters [{"id": i, "scale": s}, ...]: the global scales (ids not listed: 0), for requests
+    that choose no adapters themselves; running requests keep theirs."""
+    state = ServerState.of(request)
+    adapters = state.host.adapters
+    adapters.set_global(adapters.parse(await read_json(request, state.config.max_body_bytes, array=True), "body"))
+    return JSONResponse({"success": True})
 
 
 async def chat_completions(request: Request) -> Response:
@@ -170,7 +193,7 @@ async def chat_completions(request: Request) -> Response:
     messages = chat_messages(f.raw("messages"))
     kw = api_keywords(f, state, chat=True)
     stream, include_usage = _stream_flags(f)
-    run = Run()
+    run = _run(f, state, kw)
     result = await state.call(request, run, state.host.llm.create_chat_completion, messages, stream=stream, **kw)
     if stream:
         return sse_response(iterate_in_thread(result), run, include_usage)
@@ -184,7 +207,7 @@ async def completions(request: Request) -> Response:
     kw = api_keywords(f, state, chat=False)
     stream, include_usage = _stream_flags(f)
     n = kw.get("n", 1)
-    run = Run()
+    run = _run(f, state, kw)
     calls = []
     for p in prompts:   # one API call per prompt; its choices are numbered after the earlier prompts'
         calls.append(await state.call(request, run, state.host.llm.create_completion, p, stream=stream, **kw))
@@ -209,7 +232,8 @@ async def embeddings(request: Request) -> Response:
         raise RequestError("'encoding_format' must be \"float\" or \"base64\"", param="encoding_format")
     if f.integer("dimensions") is not None:
         raise RequestError("'dimensions' is not supported (the model's width is fixed)", param="dimensions")
-    result = await state.call(request, Run(), state.host.llm.create_embedding, inputs, model=state.host.name)
+    config, name = state.host.adapters.for_request(f.raw("lora"), f.raw("model"))
+    result = await state.call(request, Run(config), state.host.llm.create_embedding, inputs, model=name)
     if encoding == "base64":   # what the openai client asks for by default: little-endian float32 bytes
         for item in result["data"]:
             item["embedding"] = base64.b64encode(np.asarray(item["embedding"], "<f4").tobytes()).decode("ascii")
@@ -217,6 +241,13 @@ async def embeddings(request: Request) -> Response:
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------
+def _run(f: Fields, state: ServerState, kw: dict) -> Run:
+    """The request's Run under the adapters it chooses (`lora`, or an alias as `model`); results carry the
+    alias as their model name."""
+    config, kw["model"] = state.host.adapters.for_request(f.raw("lora"), f.raw("model"))
+    return Run(config)
+
+
 def _stream_flags(f: Fields) -> tuple[bool, bool]:
     stream = f.boolean("stream", False)
     opts = Fields(f.object("stream_options") or {}, "stream_options.")

@@ -21,8 +21,9 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
 
 
-async def read_json(request: Request, max_bytes: int) -> dict:
-    """The body as a JSON object: at most `max_bytes` (413 beyond), valid UTF-8 JSON, at most MAX_DEPTH deep."""
+async def read_json(request: Request, max_bytes: int, *, array: bool = False) -> dict:
+    """The body as a JSON object (with `array`: an array instead): at most `max_bytes` (413 beyond), valid UTF-8
+    JSON, at most MAX_DEPTH deep."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -35,7 +36,7 @@ async def read_json(request: Request, max_bytes: int) -> dict:
         body += chunk
         if len(body) > max_bytes:
             raise _too_large(max_bytes)
-    return parse_json(bytes(body))
+    return parse_json(bytes(body), array=array)
 
 
 def _too_large(max_bytes: int) -> RequestError:
@@ -43,7 +44,7 @@ def _too_large(max_bytes: int) -> RequestError:
                         413, code="request_too_large")
 
 
-def parse_json(raw: bytes) -> dict:
+def parse_json(raw: bytes, *, array: bool = False) -> dict:
     if not raw.strip():
         raise RequestError("the request body is empty: send a JSON object")
     try:
@@ -55,7 +56,9 @@ def parse_json(raw: bytes) -> dict:
     except ValueError as e:   # json.JSONDecodeError, too many digits, NaN/Infinity
         raise RequestError(f"the request body is not valid JSON: {e}") from None
     check_json_value(data)
-    if not isinstance(data, dict):
+    if array and not isinstance(data, list):
+        raise RequestError("the request body must be a JSON array")
+    if not array and not isinstance(data, dict):
         raise RequestError("the request body must be a JSON object")
     return data
 

@@ -25,8 +25,9 @@ current_run: contextvars.ContextVar["Run | None"] = contextvars.ContextVar("llmr
 class Run:
     """The jobs of one request (several API calls may add theirs: one per prompt of a completion)."""
 
-    def __init__(self):
+    def __init__(self, adapters=None):
         self.started = time.perf_counter()
+        self.adapters = adapters             # the LoRA configuration its generations run with (adapters.py)
         self.calls: list[list[Job]] = []     # per API call: its choices' jobs (they share one prompt)
         self._lock = threading.Lock()
         self._cancelled = False
@@ -71,14 +72,14 @@ def run_choices(scheduler: Scheduler, generations: list[Generation]) -> Iterator
             gen.sampler.rng = child
     sink: queue.Queue = queue.Queue()
     jobs: list[Job] = []
+    run = current_run.get()
     try:
         for gen in generations:
-            jobs.append(scheduler.submit(gen, sink))
+            jobs.append(scheduler.submit(gen, sink, run.adapters if run is not None else None))
     except BaseException:
         for job in jobs:
             job.cancel()
         raise
-    run = current_run.get()
     if run is not None:
         run.add(jobs)
     index = {id(job): i for i, job in enumerate(jobs)}

@@ -44,7 +44,7 @@ class ServerState:
     def __init__(self, host: ModelHost, config: ServerConfig):
         self.host = host
         self.config = config
-        self.scheduler = Scheduler(host.batch, max_queue=config.max_queue)
+        self.scheduler = Scheduler(host.batch, max_queue=config.max_queue, install=host.adapters.install)
         host.attach(self.scheduler)
         self.fingerprint = f"llmrun-{__version__}"
 

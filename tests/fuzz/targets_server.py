@@ -45,7 +45,7 @@ _FIELDS = ["messages", "prompt", "input", "max_tokens", "max_completion_tokens",
            "stream", "stream_options", "n", "best_of", "logprobs", "top_logprobs", "logit_bias", "response_format",
            "grammar", "tools", "tool_choice", "functions", "function_call", "echo", "suffix", "model", "options",
            "format", "raw", "system", "context", "template", "images", "encoding_format", "dimensions",
-           "typical_p", "mirostat_mode", "tfs_z", "user", "keep_alive", "num_predict"]
+           "typical_p", "mirostat_mode", "tfs_z", "user", "keep_alive", "num_predict", "lora"]
 _TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object",
                                                                           "properties": {"a": {"type": "string"}}}}}
 _VALUES = [None, True, False, 0, 1, -1, 2, 3, 0.5, -0.5, 1e308, -1e308, 10**30, -(10**30), 2**63, "", "x",
@@ -56,7 +56,13 @@ _VALUES = [None, True, False, 0, 1, -1, 2, 3, 0.5, -0.5, 1e308, -1e308, 10**30, 
            {"type": "json_schema"}, {"include_usage": True}, {"include_usage": "yes"}, [_TOOL], [_TOOL, _TOOL],
            "required", "auto", "none", {"type": "function", "function": {"name": "f"}}, {"1": 100}, {"x": 1},
            {"num_predict": 2, "temperature": 0}, {"num_predict": -2}, {"num_predict": "x"}, {"seed": -1},
-           "json", {"type": "object"}, 'root ::= "a" | "b"', "root ::= (", list(range(70))]
+           "json", {"type": "object"}, 'root ::= "a" | "b"', "root ::= (", list(range(70)),
+           [{"id": 0, "scale": 1.0}], [{"id": -1, "scale": 1}], [{"id": 0, "scale": 1e308}], [{"id": 0}],
+           [{"id": 10**30, "scale": "x"}], [{"scale": 1}], [{"id": 0, "scale": 1}, {"id": 0, "scale": 2}],
+           "tiny-tune", "tiny.q8_0:latest"]
+# POST /lora-adapters takes an array: [{"id": i, "scale": s}, ...] (this server has no adapters: ids are bad)
+_LORA_BODIES = [[], [{"id": 0, "scale": 0.5}], [{"id": 0}], [{"id": True, "scale": 1}], [{"id": 0, "scale": None}],
+                [{"id": 1.5, "scale": 1}], [{"id": 0, "scale": 1, "extra": 1}], [[]], [None], {"id": 0}, "x"]
 _RAW = [b"", b"{", b"[", b"null", b"[]", b"42", b'"x"', b"{'a': 1}", b"\xff\xfe{}", b'{"messages": NaN}',
         b'{"temperature": Infinity}', b'{"max_tokens": ' + b"9" * 5000 + b"}", b"[" * 3000 + b"]" * 3000,
         b'{"a": ' * 200 + b"1" + b"}" * 200, b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
@@ -66,6 +72,8 @@ _RAW = [b"", b"{", b"[", b"null", b"[]", b"42", b'"x"', b"{'a': 1}", b"\xff\xfe{
 def _body(rng, path: str) -> bytes:
     if rng.random() < 0.2:
         return rng.choice(_RAW)
+    if path == "/lora-adapters":
+        return json.dumps(rng.choice(_LORA_BODIES + _VALUES)).encode()
     body = json.loads(json.dumps(_VALID.get(path, {})))
     for _ in range(rng.randint(0, 4)):
         op = rng.random()
@@ -112,16 +120,17 @@ def _check(path: str, r) -> None:
 
 @target("server-http", 400)
 def server_http(rng, env):
-    paths = list(_VALID) + ["/v1/models", "/api/tags", "/health", "/v1/nope", "/api/ps"]
+    posts = list(_VALID) + ["/lora-adapters"]
+    paths = posts + ["/v1/models", "/api/tags", "/health", "/v1/nope", "/api/ps", "GET /lora-adapters"]
     for i in range(10**9):
         path = rng.choice(paths)
         body = _body(rng, path)
 
         def run(wd, path=path, body=body):
             client = _client(env)
-            if path in _VALID:
+            if path in posts:
                 r = client.post(path, content=body, headers={"Content-Type": "application/json"})
             else:
-                r = client.get(path)
+                r = client.get(path.removeprefix("GET "))
             _check(path, r)
         yield Case(f"server-http #{i} {path} {body[:200]!r}", run)
