@@ -254,14 +254,14 @@ class Pending:
         self.names, self.procs, self.folder = [], [], None
 
 
-def start(names: Sequence[str], what: str, stream=None, workers: int | None = None) -> Pending:
+def start(names: Sequence[str], what: str, stream=None, workers: int | None = None, message: str = MESSAGE) -> Pending:
     """Begin compiling what of these units is not compiled yet, in `workers` extra processes (default: one per
     core but the one this process will use once it has loaded the weights); one line on `stream` (stderr) if
     anything is missing. "repack" is compiled by this process itself, when the load reaches it."""
     lacking = missing(names)
     if not lacking:
         return Pending([], [], None)
-    print(MESSAGE.format(what=what), file=stream or sys.stderr, flush=True)
+    print(message.format(what=what), file=stream or sys.stderr, flush=True)
     todo = by_cost(n for n in lacking if n != "repack")
     n = min(len(todo), _free_cores() - 1 if workers is None else workers)
     if n <= 0 or not sys.executable:
@@ -286,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.perf_counter()
         if not missing(host_units()):
             return 0
-        pending = start(host_units(), "this machine")
+        pending = start(host_units(), "", message="llmrun: compiling the kernels for this machine (once)...")
         compile_units(["repack"])
         pending.wait()
         if missing(host_units()):
