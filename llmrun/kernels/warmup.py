@@ -258,7 +258,8 @@ def start(names: Sequence[str], what: str, stream=None, workers: int | None = No
     """Begin compiling what of these units is not compiled yet, in `workers` extra processes (default: one per
     core but the one this process will use once it has loaded the weights); one line on `stream` (stderr) if
     anything is missing. "repack" is compiled by this process itself, when the load reaches it."""
-    lacking = missing(names)
+    import numba
+    lacking = [] if numba.config.DISABLE_JIT else missing(names)   # (no JIT: nothing to compile)
     if not lacking:
         return Pending([], [], None)
     print(message.format(what=what), file=stream or sys.stderr, flush=True)
