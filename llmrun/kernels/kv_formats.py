@@ -199,58 +199,60 @@ def _q8_code(x, inv):
     return np.int8(max(-127, min(127, round(x * inv))))
 
 
+@njit(inline="always")
+def _store_q8(c, s, row):
+    """One position's row as q8_0 blocks: codes into the 1-D view c, half scales into the 1-D view s."""
+    for b in range(row.shape[0] // Q8_BLOCK):
+        amax = np.float32(0.0)
+        for i in range(b * Q8_BLOCK, (b + 1) * Q8_BLOCK):
+            amax = max(amax, abs(row[i]))
+        h, d = _q8_scale(amax)
+        inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
+        s[b] = h
+        for i in range(b * Q8_BLOCK, (b + 1) * Q8_BLOCK):
+            c[i] = _q8_code(row[i], inv)
+
+
+@njit(inline="always")
+def _store_half(dst, row):
+    for i in range(row.shape[0]):
+        dst[i] = f32_to_half(row[i])
+
+
+@njit(inline="always")
+def _store_f32(dst, row):
+    for i in range(row.shape[0]):
+        dst[i] = row[i]
+
+
+# K is stored transposed ([group, dim, position]) and V not ([group, position, dim]): both stores are the same
+# row store into a 1-D view, strided for K.
 @overload(store_k, inline="always", jit_options={"fastmath": True})
 def _store_k(k, g, p, row):
     if isinstance(k, types.BaseTuple):
         def q8(k, g, p, row):
-            c, s = k
-            for b in range(row.shape[0] // Q8_BLOCK):
-                amax = np.float32(0.0)
-                for i in range(b * Q8_BLOCK, (b + 1) * Q8_BLOCK):
-                    amax = max(amax, abs(row[i]))
-                h, d = _q8_scale(amax)
-                inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-                s[g, b, p] = h
-                for i in range(b * Q8_BLOCK, (b + 1) * Q8_BLOCK):
-                    c[g, i, p] = _q8_code(row[i], inv)
+            _store_q8(k[0][g, :, p], k[1][g, :, p], row)
         return q8
-    if k.dtype == types.uint16:
-        def f16(k, g, p, row):
-            for i in range(row.shape[0]):
-                k[g, i, p] = f32_to_half(row[i])
-        return f16
 
-    def f32(k, g, p, row):
-        for i in range(row.shape[0]):
-            k[g, i, p] = row[i]
-    return f32
+    store = _store_half if k.dtype == types.uint16 else _store_f32
+
+    def plain(k, g, p, row):
+        store(k[g, :, p], row)
+    return plain
 
 
 @overload(store_v, inline="always", jit_options={"fastmath": True})
 def _store_v(v, g, p, row):
     if isinstance(v, types.BaseTuple):
         def q8(v, g, p, row):
-            c, s = v
-            for b in range(row.shape[0] // Q8_BLOCK):
-                amax = np.float32(0.0)
-                for i in range(b * Q8_BLOCK, (b + 1) * Q8_BLOCK):
-                    amax = max(amax, abs(row[i]))
-                h, d = _q8_scale(amax)
-                inv = np.float32(1.0) / d if d > 0 else np.float32(0.0)
-                s[g, p, b] = h
-                for i in range(b * Q8_BLOCK, (b + 1) * Q8_BLOCK):
-                    c[g, p, i] = _q8_code(row[i], inv)
+            _store_q8(v[0][g, p, :], v[1][g, p, :], row)
         return q8
-    if v.dtype == types.uint16:
-        def f16(v, g, p, row):
-            for i in range(row.shape[0]):
-                v[g, p, i] = f32_to_half(row[i])
-        return f16
 
-    def f32(v, g, p, row):
-        for i in range(row.shape[0]):
-            v[g, p, i] = row[i]
-    return f32
+    store = _store_half if v.dtype == types.uint16 else _store_f32
+
+    def plain(v, g, p, row):
+        store(v[g, p, :], row)
+    return plain
 
 
 @overload(k_run, inline="always", jit_options={"fastmath": True})
