@@ -21,24 +21,21 @@ bandwidth gives each case's decode ceiling (weight bytes per token / GB/s).
 """
 from __future__ import annotations
 
-import os
-
-# The user's environment, taken before anything can import llmrun (whose runtime.py sets defaults such as
-# OMP_WAIT_POLICY for its own process): the llama.cpp worker runs with exactly this.
-_USER_ENV = dict(os.environ)
+# First: it keeps the user's environment from before anything can import llmrun (the llama.cpp worker's).
+from bench_workers import USER_ENV as _USER_ENV, Worker, llamacpp_available
 
 import argparse
-import contextlib
 import json
 import math
-import multiprocessing as mp
-import platform
+import os
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench_machine import ForeignLoad, machine_line, wait_for_quiet, weight_bytes_per_token
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = REPO_ROOT / "models"
@@ -107,133 +104,6 @@ def ensure_model(case: Case) -> Path:
     _run([sys.executable, "-m", "llmrun.cli", "convert", str(RANDOM_CKPT), "-o", str(path),
           "--type", case.qtype], f"llmrun convert --type {case.qtype}")
     return path
-
-
-# ----------------------------------------------------------------------------------------------- workers
-class _LlmrunEngine:
-    name = "llmrun"
-
-    def __init__(self, path: str, threads: int, n_ctx: int):
-        from llmrun.tools.bench import _use_threads
-        from llmrun.gguf import GGUFReader
-        from llmrun.engine.model import LlamaModel   # imports the kernels (and their OpenMP settings) before numba's pool
-
-        self.model = LlamaModel.load(GGUFReader(path), n_ctx=n_ctx, n_threads=threads)
-        _use_threads(threads)
-        self.n_vocab = self.model.hparams.n_vocab
-
-    def reset(self):
-        self.model.reset()
-
-    def eval(self, tokens):
-        self.model.forward(tokens)
-
-
-class _LlamaCppEngine:
-    name = "llama.cpp"
-
-    def __init__(self, path: str, threads: int, n_ctx: int):
-        from llama_cpp import Llama
-
-        n_batch = max(n_ctx, 512)  # the whole prompt is one llama_decode call
-        self.llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
-                         n_threads_batch=threads, logits_all=False, verbose=False)
-        self.n_vocab = self.llm.n_vocab()
-
-    def reset(self):
-        self.llm.reset()           # the next eval removes every cached position (memory_seq_rm from 0)
-
-    def eval(self, tokens):
-        self.llm.eval(tokens)      # llama_decode of all tokens in one batch (n_batch >= n_ctx)
-
-
-def _timed_pass(eng, prompt, gen) -> tuple[float, float, float, float]:
-    """The same measurement for both engines: (pp wall s, tg wall s, pp cpu s, tg cpu s).
-    CPU time (all threads of the worker) is kept too: on a busy machine it shows the work done."""
-    eng.reset()
-    w0, c0 = time.perf_counter(), time.process_time()
-    if prompt:
-        eng.eval(prompt)
-    w1, c1 = time.perf_counter(), time.process_time()
-    for tok in gen:
-        eng.eval((tok,))
-    w2, c2 = time.perf_counter(), time.process_time()
-    return w1 - w0, w2 - w1, c1 - c0, c2 - c1
-
-
-ENGINES = {"llmrun": _LlmrunEngine, "llama.cpp": _LlamaCppEngine}
-
-
-def _worker(conn, engine: str, path: str, threads: int, n_ctx: int) -> None:
-    """Child process: load once, then answer ("pass", prompt, gen) requests with (pp_s, tg_s)."""
-    try:
-        t = time.perf_counter()
-        eng = ENGINES[engine](path, threads, n_ctx)
-        conn.send(("ready", {"n_vocab": eng.n_vocab, "load_s": time.perf_counter() - t}))
-        while True:
-            msg = conn.recv()
-            if msg[0] == "quit":
-                break
-            conn.send(("ok", _timed_pass(eng, msg[1], msg[2])))
-    except BaseException as e:  # report, never hang the parent
-        try:
-            conn.send(("error", f"{type(e).__name__}: {e}".splitlines()[0]))
-        except OSError:
-            pass
-    finally:
-        conn.close()
-
-
-@contextlib.contextmanager
-def _environment(env: dict):
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-class Worker:
-    def __init__(self, engine: str, path: Path, threads: int, n_ctx: int, omp_wait: str | None = None):
-        ctx = mp.get_context("spawn")
-        self.engine = engine
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(child, engine, str(path), threads, n_ctx), daemon=True)
-        # A spawned child inherits os.environ as it is at start(), and libgomp reads OMP_WAIT_POLICY when it
-        # loads: start it under the user's own environment (plus an explicit --omp-wait, if given).
-        env = dict(_USER_ENV)
-        if omp_wait:
-            env["OMP_WAIT_POLICY"] = omp_wait
-        with _environment(env):
-            self.proc.start()
-        child.close()
-        self.info = self._recv("ready")
-
-    def _recv(self, expected: str):
-        try:
-            kind, payload = self.conn.recv()
-        except EOFError:
-            raise RuntimeError(f"{self.engine} worker died (exit code {self.proc.join(5) or self.proc.exitcode})")
-        if kind == "error":
-            raise RuntimeError(f"{self.engine}: {payload}")
-        assert kind == expected, kind
-        return payload
-
-    def timed_pass(self, prompt, gen) -> tuple[float, float, float, float]:
-        self.conn.send(("pass", prompt, gen))
-        return self._recv("ok")
-
-    def close(self):
-        try:
-            self.conn.send(("quit",))
-        except OSError:
-            pass
-        self.proc.join(30)
-        if self.proc.is_alive():
-            self.proc.kill()
 
 
 # ----------------------------------------------------------------------------------------------- measure
@@ -341,49 +211,6 @@ def format_table(rows, have_llamacpp: bool, cpu: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_line() -> str:
-    import numba
-    import numpy
-    parts = [time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), _cpu_name(), f"{os.cpu_count()} cores",
-             f"python {platform.python_version()}", f"numpy {numpy.__version__}", f"numba {numba.__version__}"]
-    try:
-        from importlib.metadata import version
-        parts.append(f"llama-cpp-python {version('llama-cpp-python')}")
-    except Exception:
-        pass
-    return ", ".join(parts)
-
-
-def _llamacpp_available() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-        return True
-    except Exception:
-        return False
-
-
-def weight_bytes_per_token(path: Path) -> int:
-    """Bytes of weights one decode step reads from the file: every matrix once; of the token embeddings
-    only one row, unless they double as the output matrix (tied)."""
-    from llmrun.gguf import GGUFReader
-
-    with GGUFReader(path) as r:
-        total = sum(ti.nbytes for ti in r.tensors.values() if ti.name != "token_embd.weight")
-        if "output.weight" not in r.tensors and "token_embd.weight" in r.tensors:
-            total += r.tensors["token_embd.weight"].nbytes
-    return total
-
-
 def measure_bandwidth(threads: list[int]) -> dict[int, float]:
     """GB/s per thread count, measured in a fresh process (bench/bandwidth.py) under the user's environment."""
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "bandwidth.py"), "--json",
@@ -393,45 +220,6 @@ def measure_bandwidth(threads: list[int]) -> dict[int, float]:
         print(f"[bench] bandwidth measurement failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
         return {}
     return {int(k): float(v) for k, v in json.loads(proc.stdout).items()}
-
-
-def wait_for_quiet(max_load: float, max_wait_s: float) -> float:
-    """Wait up to max_wait_s for the 1-minute load average to fall to max_load; return the last reading."""
-    deadline = time.monotonic() + max_wait_s
-    load = os.getloadavg()[0]
-    while load > max_load and time.monotonic() < deadline:
-        print(f"[bench] load average {load:.2f} > {max_load}: waiting for a quiet machine ...", flush=True)
-        time.sleep(10)
-        load = os.getloadavg()[0]
-    return load
-
-
-class ForeignLoad:
-    """CPU time the rest of the machine used while a case ran: all busy CPU time (/proc/stat) minus this
-    benchmark's own (its process and its finished workers). Average number of cores taken by others."""
-
-    def __init__(self):
-        self._start = self._read()
-
-    @staticmethod
-    def _read():
-        import resource
-        try:
-            fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-            ticks = [int(v) for v in fields]
-            busy = (sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            busy = None
-        own = sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
-                  for f in ("ru_utime", "ru_stime"))
-        return time.monotonic(), busy, own
-
-    def cores(self) -> float | None:
-        t1, busy1, own1 = self._read()
-        t0, busy0, own0 = self._start
-        if busy0 is None or busy1 is None or t1 <= t0:
-            return None
-        return max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0)
 
 
 def select_cases(patterns: list[str] | None, quick: bool) -> list[Case]:
@@ -473,7 +261,7 @@ def main(argv=None) -> int:
     if a.n_prompt < 0 or a.n_gen < 0 or a.n_prompt + a.n_gen == 0 or a.repetitions < 1:
         ap.error("need -p >= 0, -n >= 0, -p + -n > 0 and -r >= 1")
     cases = select_cases(a.case, a.quick)
-    have_llamacpp = not a.llmrun_only and _llamacpp_available()
+    have_llamacpp = not a.llmrun_only and llamacpp_available()
     if not a.llmrun_only and not have_llamacpp:
         print("llama-cpp-python is not installed (`make install-bench`): printing llmrun numbers only.")
     engines = ["llmrun"] + (["llama.cpp"] if have_llamacpp else [])

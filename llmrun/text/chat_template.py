@@ -20,7 +20,8 @@ import secrets
 from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import ChatTemplateError
-from .template_sandbox import RenderBudget, render, text_size
+from .template_budget import RenderBudget, text_size
+from .template_sandbox import render
 
 __all__ = ["CHATML_TEMPLATE", "ChatTemplateError", "render_chat", "render_chat_segments", "encode_chat",
            "openai_to_hf_messages", "check_messages"]

@@ -15,24 +15,29 @@ under a ``RenderBudget``:
 
 Any violation raises ``BudgetExceeded``; ``render`` turns it, and every other failure a template can cause
 (RecursionError, OverflowError, ZeroDivisionError, MemoryError, ...), into one ChatTemplateError line.
+
+This module is the policy: the environment that checks operators, calls and output. The budget and how sizes are
+measured are in template_budget.py, the filters' checks in template_filters.py, the watchdog in
+template_deadline.py.
 """
 from __future__ import annotations
 
-import ctypes
 import functools
 import re
 import threading
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 from jinja2.compiler import CodeGenerator
 from jinja2.ext import loopcontrols
 from jinja2.runtime import LoopContext, Macro, markup_join, str_join
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
-from jinja2.utils import Namespace, _PassArg, generate_lorem_ipsum
+from jinja2.utils import _PassArg, generate_lorem_ipsum
 
 from ..errors import ChatTemplateError, one_line
 from . import jinja_hf
+from . import template_filters as filters
+from .template_budget import BudgetExceeded, RenderBudget, call_arg, is_int, length_of, text_size
+from .template_deadline import RenderTimeout, call_with_deadline
 
 _FORMAT_NUMBER = re.compile(r"\d+")
 # printf-style directives: %[(key)][flags][width][.precision][length]type
@@ -40,87 +45,9 @@ _PERCENT_DIRECTIVE = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+)
 _MAX_INT_BITS = 1 << 16      # integers a template computes (str() refuses > 4300 digits anyway)
 
 
-@dataclass(frozen=True)
-class RenderBudget:
-    seconds: float = 1.0            # wall time of one render (compile included)
-    # any string made while rendering, and the output: real templates add a few KB to the conversation; the
-    # prompt is tokenized next, which costs ~250 bytes per character
-    max_chars: int = 1 << 18
-    max_items: int = 1 << 18        # any list/tuple/dict made while rendering
-    max_width: int = 100_000        # format widths/precisions, center/indent widths, repeat counts of filters
-    max_range: int = 100_000        # items of one range()
-    max_depth: int = 64             # nested macro / recursive-loop calls
-    max_template_chars: int = 1 << 20
-
-    def for_inputs(self, input_chars: int) -> "RenderBudget":
-        """The same budget with room for the conversation itself (a long prompt renders long)."""
-        return RenderBudget(self.seconds, self.max_chars + 2 * input_chars, self.max_items + input_chars,
-                            self.max_width, self.max_range, self.max_depth, self.max_template_chars)
-
-
-class BudgetExceeded(Exception):
-    """A template asked for more than its RenderBudget allows."""
-
-
-class _RenderTimeout(BaseException):
-    """Raised asynchronously in the rendering thread by the watchdog (a BaseException, so that no
-    `except Exception` in Jinja or a filter swallows it)."""
-
-
-def text_size(obj: Any, limit: int) -> int:
-    """About how many characters str(obj) has, counting shared references each time (as str() does);
-    stops counting once past `limit`."""
-    total, steps, stack = 0, 0, [obj]
-    while stack and total <= limit:
-        o = stack.pop()
-        steps += 1
-        if steps > 4 * limit:     # a self-referencing structure: infinitely large when printed
-            return limit + 1
-        if isinstance(o, str):
-            total += len(o)
-        elif isinstance(o, (list, tuple, set, frozenset)):
-            total += 2 + 2 * len(o)
-            stack.extend(o)
-        elif isinstance(o, dict):
-            total += 2 + 4 * len(o)
-            stack.extend(o.keys())
-            stack.extend(o.values())
-        elif isinstance(o, int) and not isinstance(o, bool):
-            total += o.bit_length() // 3 + 1
-        else:
-            attrs = _namespace_attrs(o)
-            if attrs is not None:
-                total += 12
-                stack.append(attrs)
-            else:
-                total += 8
-    return total
-
-
-def _namespace_attrs(o):
-    if isinstance(o, Namespace):
-        return object.__getattribute__(o, "_Namespace__attrs")
-    return None
-
-
-def _length(obj: Any) -> tuple[int, bool] | None:
-    """(len, is_text) of a string or container, None for other values."""
-    if isinstance(obj, str):
-        return len(obj), True
-    if isinstance(obj, (list, tuple, dict, set, frozenset)):
-        return len(obj), False
-    return None
-
-
 class _State(threading.local):
     budget: RenderBudget | None = None
     depth: int = 0
-
-
-def _arg(args, kwargs, index: int, name: str, default=None):
-    if len(args) > index:
-        return args[index]
-    return kwargs.get(name, default)
 
 
 class _CheckedConcat(CodeGenerator):
@@ -167,9 +94,9 @@ class BudgetedEnvironment(ImmutableSandboxedEnvironment):
     def __init__(self):
         super().__init__(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         jinja_hf.install(self)           # what transformers' environment adds (generation tag, dict, ...)
-        self.filters["tojson"] = _tojson
-        self.globals["raise_exception"] = _raise_exception
-        self.globals["strftime_now"] = _strftime_now
+        self.filters["tojson"] = filters.tojson
+        self.globals["raise_exception"] = filters.raise_exception
+        self.globals["strftime_now"] = filters.strftime_now
         self.state = _State()
         self.concat = self.checked_join
         self.finalize = self.checked_output
@@ -183,7 +110,7 @@ class BudgetedEnvironment(ImmutableSandboxedEnvironment):
         return self.state.budget or RenderBudget()
 
     def size_check(self, value, what: str):
-        info = _length(value)
+        info = length_of(value)
         if info is not None:
             n, is_text = info
             cap = self.limits.max_chars if is_text else self.limits.max_items
@@ -204,23 +131,23 @@ class BudgetedEnvironment(ImmutableSandboxedEnvironment):
         lim = self.limits
         if operator == "*":
             for seq, n in ((left, right), (right, left)):
-                info = _length(seq)
+                info = length_of(seq)
                 if info is not None and isinstance(n, int) and not isinstance(n, bool):
                     cap = lim.max_chars if info[1] else lim.max_items
                     if n > 0 and info[0] * n > cap:
                         raise BudgetExceeded(f"repeating {info[0]} {'characters' if info[1] else 'items'} "
                                              f"{n} times exceeds the limit of {cap}")
-            if _is_int(left) and _is_int(right) and left.bit_length() + right.bit_length() > _MAX_INT_BITS:
+            if is_int(left) and is_int(right) and left.bit_length() + right.bit_length() > _MAX_INT_BITS:
                 raise BudgetExceeded("integer product too large")
         elif operator == "+":
-            a, b = _length(left), _length(right)
+            a, b = length_of(left), length_of(right)
             if a is not None and b is not None:
                 cap = lim.max_chars if a[1] else lim.max_items
                 if a[0] + b[0] > cap:
                     raise BudgetExceeded(f"concatenation exceeds the limit of {cap}")
         elif operator == "%" and isinstance(left, str):
             self.check_percent_format(left, right)
-        elif operator == "**" and _is_int(left) and _is_int(right):
+        elif operator == "**" and is_int(left) and is_int(right):
             if right > 0 and abs(left) > 1 and left.bit_length() * right > _MAX_INT_BITS:
                 raise BudgetExceeded(f"power {left} ** {right} is too large")
         return self.size_check(super().call_binop(context, operator, left, right), f"operator {operator}")
@@ -235,7 +162,7 @@ class BudgetedEnvironment(ImmutableSandboxedEnvironment):
                 elif number and (len(number) > 9 or int(number) > lim.max_width):
                     raise BudgetExceeded(f"format width/precision {number[:12]} is larger than {lim.max_width}")
         values = args if isinstance(args, tuple) else (args,)
-        if stars and any(_is_int(v) and abs(v) > lim.max_width for v in values):
+        if stars and any(is_int(v) and abs(v) > lim.max_width for v in values):
             raise BudgetExceeded(f"a '*' format width is larger than {lim.max_width}")
         n_fields = fmt.count("%") or 1
         if (text_size(values, lim.max_chars) + 2) * n_fields + len(fmt) > 2 * lim.max_chars:
@@ -276,24 +203,24 @@ class BudgetedEnvironment(ImmutableSandboxedEnvironment):
         if name in ("translate", "maketrans"):
             raise BudgetExceeded(f"str.{name} is not available in chat templates")
         if name in ("center", "ljust", "rjust", "zfill"):
-            width = _arg(args, kwargs, 0, "width", 0)
-            if _is_int(width) and width > lim.max_chars:
+            width = call_arg(args, kwargs, 0, "width", 0)
+            if is_int(width) and width > lim.max_chars:
                 raise BudgetExceeded(f"str.{name} width {width} exceeds {lim.max_chars}")
         elif name == "expandtabs":
-            size = _arg(args, kwargs, 0, "tabsize", 8)
-            if _is_int(size) and s.count("\t") * max(size, 0) + len(s) > lim.max_chars:
+            size = call_arg(args, kwargs, 0, "tabsize", 8)
+            if is_int(size) and s.count("\t") * max(size, 0) + len(s) > lim.max_chars:
                 raise BudgetExceeded(f"str.expandtabs({size}) would exceed {lim.max_chars} characters")
         elif name == "replace":
-            self.check_replace(s, _arg(args, kwargs, 0, "old"), _arg(args, kwargs, 1, "new"),
-                               _arg(args, kwargs, 2, "count", -1))
+            self.check_replace(s, call_arg(args, kwargs, 0, "old"), call_arg(args, kwargs, 1, "new"),
+                               call_arg(args, kwargs, 2, "count", -1))
         elif name == "join":
-            items = _arg(args, kwargs, 0, "iterable")
+            items = call_arg(args, kwargs, 0, "iterable")
             self.check_join(items, s)
 
     def check_replace(self, s, old, new, count):
         if isinstance(s, str) and isinstance(old, str) and isinstance(new, str):
             n = (len(s) + 1) if old == "" else s.count(old)
-            if _is_int(count) and count >= 0:
+            if is_int(count) and count >= 0:
                 n = min(n, count)
             if len(s) + n * (len(new) - len(old)) > self.limits.max_chars:
                 raise BudgetExceeded(f"replace() would exceed {self.limits.max_chars} characters")
@@ -326,7 +253,7 @@ class BudgetedEnvironment(ImmutableSandboxedEnvironment):
 
     # -- globals and filters ---------------------------------------------------------------------------
     def checked_range(self, *args):
-        if not all(_is_int(a) for a in args):
+        if not all(is_int(a) for a in args):
             raise TypeError("range() needs integer arguments")
         r = range(*args)
         if len(r) > self.limits.max_range:
@@ -335,14 +262,14 @@ class BudgetedEnvironment(ImmutableSandboxedEnvironment):
 
     def checked_lipsum(self, n=5, html=True, min=20, max=100):  # noqa: A002 (Jinja's argument names)
         for value in (n, min, max):
-            if not _is_int(value) or not 0 <= value <= 1000:
+            if not is_int(value) or not 0 <= value <= 1000:
                 raise BudgetExceeded("lipsum() arguments must be integers in 0..1000")
         if n * max > 20_000:
             raise BudgetExceeded("lipsum() would make too much text")
         return generate_lorem_ipsum(n=n, html=html, min=min, max=max)
 
     def _checked_filter(self, name: str, f):
-        pre = _FILTER_CHECKS.get(name)
+        pre = filters.FILTER_CHECKS.get(name)
         skip = 1 if _PassArg.from_obj(f) is not None else 0
 
         @functools.wraps(f)
@@ -352,74 +279,6 @@ class BudgetedEnvironment(ImmutableSandboxedEnvironment):
             return self.size_check(f(*args, **kwargs), f"filter {name}")
 
         return checked
-
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check_width(env, value, args, kwargs, index=0, name="width", default=80, per_line=False):
-    width = _arg(args, kwargs, index, name, default)
-    lim = env.limits
-    w = len(width) if isinstance(width, str) else width if _is_int(width) else 0
-    lines = (value.count("\n") + 1) if per_line and isinstance(value, str) else 1
-    if w > lim.max_width or w * lines + (len(value) if isinstance(value, str) else 0) > lim.max_chars:
-        raise BudgetExceeded(f"width {w if w <= 10**12 else 'huge'} is too large")
-
-
-def _check_count(env, value, args, kwargs, index=0, name="linecount"):
-    n = _arg(args, kwargs, index, name, 0)
-    if _is_int(n) and n > env.limits.max_width:
-        raise BudgetExceeded(f"count {n} is larger than {env.limits.max_width}")
-
-
-def _check_wordwrap(env, value, args, kwargs):
-    wrap = _arg(args, kwargs, 2, "wrapstring", None)
-    if isinstance(wrap, str) and isinstance(value, str) and len(wrap) * (len(value) + 1) > env.limits.max_chars:
-        raise BudgetExceeded("wordwrap() would make too long a string")
-
-
-def _check_stringify(env, value, args, kwargs):
-    env.text_check(value, "converting a value to text", factor=2)
-
-
-_FILTER_CHECKS = {
-    "center": lambda env, v, a, k: _check_width(env, v, a, k),
-    "indent": lambda env, v, a, k: _check_width(env, v, a, k, default=4, per_line=True),
-    "wordwrap": _check_wordwrap,
-    "truncate": lambda env, v, a, k: _check_width(env, v, a, k, 2, "end", ""),
-    "batch": lambda env, v, a, k: _check_count(env, v, a, k),
-    "slice": lambda env, v, a, k: _check_count(env, v, a, k, 0, "slices"),
-    "replace": lambda env, v, a, k: env.check_replace(v, _arg(a, k, 0, "old"), _arg(a, k, 1, "new"),
-                                                      _arg(a, k, 2, "count", None)),
-    "join": lambda env, v, a, k: env.check_join(v, _arg(a, k, 0, "d", "")),
-    "format": lambda env, v, a, k: env.check_percent_format(v, tuple(a) or k) if isinstance(v, str) else None,
-    "string": _check_stringify, "pprint": _check_stringify, "tojson": _check_stringify,
-    "e": _check_stringify, "escape": _check_stringify, "forceescape": _check_stringify,
-    "urlencode": _check_stringify, "urlize": _check_stringify, "xmlattr": _check_stringify,
-    "list": _check_stringify, "title": _check_stringify, "upper": _check_stringify,
-}
-
-
-# -- helpers templates rely on (transformers' apply_chat_template defines the same) ---------------------------
-# -- jinja_hf's helpers with their sizes bounded ------------------------------------------------------------------
-def _raise_exception(message):
-    jinja_hf.raise_exception(str(message)[:500])
-
-
-def _strftime_now(fmt):
-    if not isinstance(fmt, str) or len(fmt) > 256:
-        raise BudgetExceeded("strftime_now() needs a format string of at most 256 characters")
-    return jinja_hf.strftime_now(fmt)
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    if indent is not None and not (isinstance(indent, str) and len(indent) <= 16
-                                   or _is_int(indent) and 0 <= indent <= 16):
-        raise BudgetExceeded("tojson indent must be at most 16")
-    return jinja_hf.tojson(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                           sort_keys=sort_keys)
 
 
 _ENV = None
@@ -471,7 +330,7 @@ def render(source: Any, variables: Mapping[str, Any], budget: RenderBudget = Ren
         return call_with_deadline(run, budget.seconds)
     except ChatTemplateError:
         raise
-    except _RenderTimeout:
+    except RenderTimeout:
         raise ChatTemplateError(f"chat template took longer than {budget.seconds:g} s to render "
                                 f"(endless or huge loop?)") from None
     except BudgetExceeded as e:
@@ -487,31 +346,3 @@ def render(source: Any, variables: Mapping[str, Any], budget: RenderBudget = Ren
                                 f"{one_line(e)}") from None
     finally:
         state.budget, state.depth = previous
-
-
-_set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
-_set_async_exc.argtypes = (ctypes.c_ulong, ctypes.py_object)
-
-
-def call_with_deadline(fn, seconds: float):
-    """fn() in this thread, interrupted with _RenderTimeout if it runs longer than `seconds`."""
-    tid = threading.get_ident()
-    done = threading.Event()
-    fired = []
-
-    def watch():
-        if not done.wait(seconds) and not done.is_set():
-            fired.append(True)
-            _set_async_exc(tid, _RenderTimeout)
-
-    watchdog = threading.Thread(target=watch, name="llmrun-template-watchdog", daemon=True)
-    watchdog.start()
-    try:
-        return fn()
-    finally:
-        done.set()
-        watchdog.join()
-        if fired:
-            # still pending if it fired just as fn() returned: drop it, it must not escape this call
-            # (if it is delivered inside this block instead, it propagates to the caller like a timeout)
-            _set_async_exc(tid, ctypes.py_object())

@@ -2,14 +2,13 @@
 
 ``Tokenizer.from_metadata(reader.metadata)`` supports the two vocabularies LLaMA-family files use:
 SentencePiece-style "llama" (tokenizer_spm.py) and byte-level BPE "gpt2" (tokenizer_bpe.py).
-This module holds what both share: special-token parsing, BOS/EOS, end-of-generation tokens,
-token -> bytes, and an incremental UTF-8 decoder for streaming.
+This module holds what both share: building from metadata, encoding around special tokens, token -> bytes,
+and an incremental UTF-8 decoder for streaming; the special tokens themselves (types, BOS/EOS, end of
+generation, the split on them) are tokenizer_special.py's.
 """
 from __future__ import annotations
 
-import bisect
 import codecs
-import enum
 import logging
 from typing import Iterable, Mapping, Sequence
 
@@ -18,65 +17,15 @@ import numpy as np
 from ..errors import TokenizerError
 from ..gguf.metadata import TypedMetadata
 from .tokenizer_bpe import BpeEncoder, piece_bytes, resolve_pre
+from .tokenizer_special import KEY, SpecialTokens, TokenType, as_bytes, optional_id
 from .tokenizer_spm import SPACE_MARK, SpmEncoder
 
 log = logging.getLogger("llmrun.tokenizer")
-
-KEY = "tokenizer.ggml."
-
-
-class TokenType(enum.IntEnum):
-    """``tokenizer.ggml.token_type`` values."""
-    UNDEFINED = 0
-    NORMAL = 1
-    UNKNOWN = 2
-    CONTROL = 3
-    USER_DEFINED = 4
-    UNUSED = 5
-    BYTE = 6
-
-
-# Texts llama.cpp treats as end of turn / end of generation even when the file does not say so
-# (llama_vocab::impl::load). The EOT list is in priority order: the first one present is eot_id.
-EOT_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-             "<|end_of_text|>", "<EOT>", "_<EOT>", "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>")
-EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>",
-             "<end_of_turn>", "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]",
-             "<|end_of_text|>", "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>",
-             "<｜end▁of▁sentence｜>", "[e~[")
-# fill-in-the-middle pad / repo / file-separator tokens also end generation in llama.cpp
-FIM_EOG_TEXTS = (("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
-                 ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
-                 ("<|file_sep|>",))
-
 
 # The largest vocabularies in use hold ~260k tokens; building a tokenizer costs ~5 us and ~250 bytes per
 # token, so a file claiming millions of (tiny) tokens is refused instead of costing gigabytes and minutes.
 MAX_VOCAB = 1 << 20
 MAX_MERGES = 1 << 22
-
-
-def _as_bytes(text) -> bytes:
-    if isinstance(text, (bytes, bytearray, memoryview)):
-        return bytes(text)
-    # surrogateescape keeps bytes a GGUF reader could not decode as UTF-8
-    return text.encode("utf-8", "surrogateescape")
-
-
-def _optional_id(md: TypedMetadata, key: str, default: int | None, n_vocab: int) -> int | None:
-    value = md.get_int(KEY + key, default)
-    if value is None:
-        return None
-    if not 0 <= value < n_vocab:
-        log.warning("tokenizer: %s%s = %d is outside the vocab (%d tokens), ignored", KEY, key, value, n_vocab)
-        return default if default is not None and 0 <= default < n_vocab else None
-    return value
-
-
-def _inside(ranges: list[tuple[int, int]], starts: list[int], a: int, b: int) -> bool:
-    """Is [a, b) inside one of the sorted, disjoint ranges?"""
-    i = bisect.bisect_right(starts, a) - 1
-    return i >= 0 and b <= ranges[i][1]
 
 
 def _first_ids(texts) -> dict:
@@ -88,7 +37,7 @@ def _first_ids(texts) -> dict:
     return ids
 
 
-class Tokenizer:
+class Tokenizer(SpecialTokens):
     """Text <-> token ids for one GGUF vocabulary (see the module docstring)."""
 
     def __init__(self, metadata: Mapping[str, object]):
@@ -100,7 +49,7 @@ class Tokenizer:
             raise TokenizerError(f"tokenizer: unsupported {KEY}model {model!r:.80} (supported: 'llama', 'gpt2')")
         raw_tokens = metadata.get(KEY + "tokens")
         if isinstance(raw_tokens, list) and all(isinstance(t, (bytes, bytearray)) for t in raw_tokens):
-            raw_tokens = [_as_bytes(t).decode("utf-8", "surrogateescape") for t in raw_tokens]
+            raw_tokens = [as_bytes(t).decode("utf-8", "surrogateescape") for t in raw_tokens]
             metadata = {**metadata, KEY + "tokens": raw_tokens}
             md = TypedMetadata(metadata, "tokenizer", TokenizerError)
         tokens = md.get_array(KEY + "tokens", "str", [])
@@ -130,10 +79,10 @@ class Tokenizer:
             default_eos, default_unk, add_bos, self.add_space_prefix = 11, None, pre.add_bos, False
         self.pre: str | None = md.get_str(KEY + "pre", None)
         self.add_space_prefix = md.get_bool(KEY + "add_space_prefix", self.add_space_prefix)
-        self.bos_id = _optional_id(md, "bos_token_id", default_bos, n)
-        self.eos_id = _optional_id(md, "eos_token_id", default_eos, n)
-        self.unk_id = _optional_id(md, "unknown_token_id", default_unk, n)
-        self.pad_id = _optional_id(md, "padding_token_id", None, n)
+        self.bos_id = optional_id(md, "bos_token_id", default_bos, n)
+        self.eos_id = optional_id(md, "eos_token_id", default_eos, n)
+        self.unk_id = optional_id(md, "unknown_token_id", default_unk, n)
+        self.pad_id = optional_id(md, "padding_token_id", None, n)
         self.add_bos: bool = md.get_bool(KEY + "add_bos_token", add_bos)
         self.add_eos: bool = md.get_bool(KEY + "add_eos_token", False)
         if self.add_bos and self.bos_id is None:
@@ -152,7 +101,7 @@ class Tokenizer:
             if scores_raw is not None and len(scores_raw) < n:
                 raise TokenizerError(f"tokenizer: {KEY}scores has {len(scores_raw)} entries for {n} tokens")
             scores = scores_raw[:n].astype(np.float64).tolist() if scores_raw is not None else [0.0] * n
-            byte_ids = _first_ids([_as_bytes(t) for t in tokens])
+            byte_ids = _first_ids([as_bytes(t) for t in tokens])
             self._encoder = SpmEncoder(byte_ids, scores, self.unk_id)
         else:
             merges = md.get_array(KEY + "merges", "str", None)
@@ -168,100 +117,7 @@ class Tokenizer:
     def from_metadata(cls, metadata: Mapping[str, object]) -> "Tokenizer":
         return cls(metadata)
 
-    # --- special tokens ---------------------------------------------------------------------
-    def _find_end_tokens(self, md: TypedMetadata) -> None:
-        """EOT and the end-of-generation set, as llama.cpp derives them (ids and token texts)."""
-        n, types, lookup = self.n_vocab, self.token_types, self._token_to_id
-        by_text: set[int] = set()  # found by their text: llama.cpp makes these control tokens
-
-        def detect(key: str | None, texts: Sequence[str]) -> int | None:
-            tid = _optional_id(md, key, None, n) if key else None
-            if tid is None:
-                tid = next((lookup[t] for t in texts if t in lookup), None)
-                if tid is not None:
-                    by_text.add(tid)
-            return tid
-
-        self.eot_id: int | None = detect("eot_token_id", EOT_TEXTS)
-        eom_id = detect("eom_token_id", ("<|eom_id|>",))
-        fim = [detect(key, texts) for key, texts in zip(("fim_pad_token_id", "fim_rep_token_id", "fim_sep_token_id"),
-                                                       FIM_EOG_TEXTS)]
-        listed = {lookup[t] for t in EOG_TEXTS if t in lookup}
-        by_text |= listed
-        eog = listed | {i for i in (self.eos_id, self.eot_id, eom_id, *fim) if i is not None}
-        for i in by_text:
-            types[i] = TokenType.CONTROL  # hidden when decoding, never matched in user text
-        self.eog_ids: frozenset[int] = frozenset(eog)
-
-    def _special_cache(self) -> list[tuple[bytes, int, int]]:
-        """Tokens the text is split on first: (text, id, type), longest text first."""
-        wanted = (TokenType.CONTROL, TokenType.USER_DEFINED, TokenType.UNKNOWN)
-        types = np.asarray(self.token_types)
-        special_ids = np.flatnonzero(np.isin(types, np.array(wanted, dtype=types.dtype))).tolist()
-        found = [(_as_bytes(self.tokens[i]), i, self.token_types[i]) for i in special_ids if self.tokens[i]]
-        found.sort(key=lambda e: (-len(e[0]), e[1]))
-        return found
-
-    def _rstrip_tokens(self, arch) -> frozenset[int]:
-        """Tokens that swallow the whitespace after them, as llama.cpp marks them for Phi-3 (its added chat
-        tokens are rstrip=True in HF's tokenizer config; the GGUF vocabulary does not say so)."""
-        if arch != "phi3":
-            return frozenset()
-        ids = {tid for _, tid, _ in self._special_pieces}
-        ids |= {self._token_to_id[t] for t in ("</s>",) if t in self._token_to_id}
-        ids -= {self._token_to_id[t] for t in ("<unk>", "<s>", "<|endoftext|>") if t in self._token_to_id}
-        return frozenset(ids)
-
     # --- encode -----------------------------------------------------------------------------
-    def _partition(self, text: bytes, special: bool | list[tuple[int, int]]) -> list[bytes | int]:
-        """Split on special tokens (llama.cpp tokenizer_st_partition); user-defined ones always.
-
-        special: True/False, or the sorted (start, end) byte ranges of `text` in which control tokens may
-        be recognised (a token is taken only if it lies wholly inside one range)."""
-        if special is True:
-            special = [(0, len(text))]
-        allowed = special or []
-        starts = [a for a, _ in allowed]
-        parts: list[tuple[bytes, int] | int] = [(text, 0)]
-        for piece, tid, ttype in self._special_pieces:
-            anywhere = ttype == TokenType.USER_DEFINED
-            if not anywhere and not allowed:
-                continue
-            if not any(not isinstance(p, int) and piece in p[0] for p in parts):
-                continue
-            new: list[tuple[bytes, int] | int] = []
-            for p in parts:
-                if isinstance(p, int) or piece not in p[0]:
-                    new.append(p)
-                    continue
-                data, offset = p
-                start = search = 0
-                while (k := data.find(piece, search)) >= 0:
-                    if anywhere or _inside(allowed, starts, offset + k, offset + k + len(piece)):
-                        if k > start:
-                            new.append((data[start:k], offset + start))
-                        new.append(tid)
-                        start = k + len(piece)
-                        if tid in self._rstrip_ids:     # Phi-3's added tokens swallow the whitespace after them
-                            while start < len(data) and data[start] in b" \t\n\v\f\r":
-                                start += 1
-                        search = start
-                    else:
-                        search = k + 1
-                if start < len(data):
-                    new.append((data[start:], offset + start))
-            parts = new
-        return [p if isinstance(p, int) else p[0] for p in parts]
-
-    def special_ids(self, text: str | bytes) -> list[int]:
-        """The control/unknown tokens `encode(text, special=True)` would parse in text, in order (user-defined
-        tokens are left out: they are recognised in any text anyway)."""
-        raw = text if isinstance(text, bytes) else text.encode("utf-8", "replace")
-        if not raw:
-            return []
-        return [p for p in self._partition(raw, True)
-                if isinstance(p, int) and self.token_types[p] != TokenType.USER_DEFINED]
-
     def encode_segments(self, segments: Sequence[tuple[str | bytes, bool]]) -> list[int]:
         """Token ids of the joined segment texts (no BOS/EOS added), control tokens parsed only inside the
         segments marked True. The text between control tokens is encoded as one piece, exactly as
@@ -336,12 +192,12 @@ class Tokenizer:
             raise TokenizerError(f"tokenizer: token id {token_id} is outside the vocab (0..{self.n_vocab - 1})")
         ttype, text = self.token_types[token_id], self.tokens[token_id]
         if ttype in (TokenType.CONTROL, TokenType.UNKNOWN):
-            return _as_bytes(text) if special else b""
+            return as_bytes(text) if special else b""
         if ttype == TokenType.USER_DEFINED:
-            return _as_bytes(text)
+            return as_bytes(text)
         if ttype == TokenType.NORMAL:
             if self.model == "llama":
-                return _as_bytes(text).replace(SPACE_MARK, b" ")
+                return as_bytes(text).replace(SPACE_MARK, b" ")
             return piece_bytes(text)
         if ttype == TokenType.BYTE and text.startswith("<0x") and len(text) == 6:
             return bytes([int(text[3:5], 16)])
