@@ -11,7 +11,7 @@ from llmrun.kernels import qmatmul
 from llmrun.kernels.repack import U4
 from test_kernels import _SCALE_FIELDS, _random_rows
 
-pytestmark = pytest.mark.skipif(not qmatmul.VNNI, reason="needs AVX-512 VNNI (other hosts run qmatmul's kernels)")
+pytestmark = pytest.mark.skipif(not qmatmul.VNNI_GEMV, reason="needs AVX-512 VNNI (other hosts run qmatmul's kernels)")
 
 
 def _activations(rng, cols):

@@ -31,7 +31,7 @@ from .qmatmul import PREFETCH_LINES, _add_block, _finish_tile, _prefetch, _quant
 from .repack import TILE_ROWS
 
 R = TILE_ROWS
-assert R == 64, "the micro-kernels below hold one tile's 64 rows in 4 zmm registers of 16 int32 lanes"
+USABLE = R == 64   # the micro-kernels hold one tile's 64 rows in 4 zmm registers of 16 int32 lanes
 
 _I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
 _VB, _VI = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16)

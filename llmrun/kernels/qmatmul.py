@@ -819,13 +819,15 @@ def _matmul_widened(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
 # The VNNI one-token kernel reuses this module's helpers (_add_block, ...), hence imported once they exist.
 from . import gemv_vnni  # noqa: E402
 
+VNNI_GEMV = VNNI and gemv_vnni.USABLE
+
 
 def matvec(pm: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
     """One token: x float32 [n_cols] -> W x, float32 [n_rows], written to (or added into) `out`."""
     if out is None:
         out = np.empty(pm.n_rows, np.float32)
         accumulate = False
-    if VNNI and pm.family in (U4, I8):
+    if VNNI_GEMV and pm.family in (U4, I8):
         gemv_vnni._gemv_vnni(pm.codes, pm.family == U4, *_scale_args(pm), pm.zero, x, out, accumulate)
     elif pm.family == U4:
         _gemv_u4(pm.codes, *_scale_args(pm), pm.zero, x, out, accumulate)

@@ -129,9 +129,9 @@ def host_units() -> list[str]:
     """What `--all` compiles: every unit this host runs, with the default KV cache types (VNNI hosts prefill
     U4/I8 through the integer GEMM, others through BLAS)."""
     from .kv_formats import DEFAULT_KV_TYPE as d
-    from .qmatmul import VNNI
-    skip = ({"gemv_u4", "gemv_i8", "widen_u4", "widen_i8", "batch_u4", "batch_i8"} if VNNI
-            else {"gemv_vnni", "igemm", "batch_vnni"})
+    from .qmatmul import VNNI, VNNI_GEMV
+    skip = ({"widen_u4", "widen_i8", "batch_u4", "batch_i8"} if VNNI else {"igemm", "batch_vnni"})
+    skip |= {"gemv_u4", "gemv_i8"} if VNNI_GEMV else {"gemv_vnni"}
     return [n for n in units() if n not in skip and (":" not in n or n.endswith(f":{d},{d}"))]
 
 
@@ -139,7 +139,7 @@ def units_for(families: Iterable[str], kv_types: tuple[str, str], batched: bool 
     """Units a model whose matrices are of these repack families, with K/V caches of kv_types, runs on this
     host. `batched`: what forward_batch over pooled caches (the server's decode steps) adds instead: the
     several-token gemv kernels and the pooled attention."""
-    from .qmatmul import VNNI
+    from .qmatmul import VNNI, VNNI_GEMV
     from .repack import H16, I8, U4
     fams = set(families)
     kv = ",".join(kv_types)
@@ -152,7 +152,7 @@ def units_for(families: Iterable[str], kv_types: tuple[str, str], batched: bool 
     need = ["graph", f"attention:{kv}"]
     for fam, own in ((U4, "u4"), (I8, "i8")):
         if fam in fams:   # tiled at load (repack), then products
-            need += ["repack"] + (["gemv_vnni", "igemm"] if VNNI else [f"gemv_{own}", f"widen_{own}"])
+            need += ["repack", "gemv_vnni" if VNNI_GEMV else f"gemv_{own}", "igemm" if VNNI else f"widen_{own}"]
     if H16 in fams:
         need += ["gemv_h16", "widen_h16"]
     return list(dict.fromkeys(need))
