@@ -7,8 +7,9 @@ LLVM vectorizes them without horizontal reductions.
 
 Two shapes:
   gemv  one token (decode). U4/I8: codes are consumed straight from memory and multiplied with int16
-        activations (per-block scale) in integer arithmetic, per-block partial sums. H16: each row
-        converted to float32 in a small buffer and dotted in float32.
+        activations (per-block scale) in integer arithmetic, per-block partial sums; on AVX-512 VNNI hosts
+        the same integers through vpdpbusd (gemv_vnni.py, bit-identical). H16: each row converted to
+        float32 in a small buffer and dotted in float32.
   gemm  many tokens (prefill). U4/I8 on AVX-512 VNNI hosts: an integer GEMM with int16 activations (per-block
         scale, as decode) and a vpdpwssd micro-kernel in LLVM IR, ~1.3-1.4x BLAS sgemm. Float families (and
         hosts without VNNI): a chunk of rows is widened to float32 scratch and handed to BLAS sgemm.
@@ -815,12 +816,20 @@ def _matmul_widened(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------- dispatch
+# The VNNI one-token kernel reuses this module's helpers (_add_block, ...), hence imported once they exist.
+from . import gemv_vnni  # noqa: E402
+
+VNNI_GEMV = VNNI and gemv_vnni.USABLE
+
+
 def matvec(pm: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
     """One token: x float32 [n_cols] -> W x, float32 [n_rows], written to (or added into) `out`."""
     if out is None:
         out = np.empty(pm.n_rows, np.float32)
         accumulate = False
-    if pm.family == U4:
+    if VNNI_GEMV and pm.family in (U4, I8):
+        gemv_vnni._gemv_vnni(pm.codes, pm.family == U4, *_scale_args(pm), pm.zero, x, out, accumulate)
+    elif pm.family == U4:
         _gemv_u4(pm.codes, *_scale_args(pm), pm.zero, x, out, accumulate)
     elif pm.family == I8:
         _gemv_i8(pm.codes, *_scale_args(pm), pm.zero, x, out, accumulate)

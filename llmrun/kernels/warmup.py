@@ -56,7 +56,7 @@ def _units() -> dict[str, Unit]:
     """The registry. Signatures are spelled out here; the kernels' callers (qmatmul's matvec / matvec_batch /
     matmul, repack's pack_matrix, the engine) pass exactly these types (tests/test_kernel_warmup.py)."""
     from numba import types
-    from . import kv_formats, ops, qmatmul, repack
+    from . import gemv_vnni, kv_formats, ops, qmatmul, repack
 
     f32_1, f32_2, f32_3, f32_4 = (_array(np.float32, n) for n in (1, 2, 3, 4))
     u8_3, u8_4, u16_2 = _array(np.uint8, 3), _array(np.uint8, 4), _array(np.uint16, 2)
@@ -89,6 +89,8 @@ def _units() -> dict[str, Unit]:
             (ops.geglu, (f32_2, i64, f32_2))]),
         Unit("gemv_u4", 2.8, lambda: gemv(qmatmul._gemv_u4)),
         Unit("gemv_i8", 2.6, lambda: gemv(qmatmul._gemv_i8)),
+        Unit("gemv_vnni", 3.0, lambda: [
+            (gemv_vnni._gemv_vnni, (u8_4, b1, *scales, f32_1, f32_1, b1))]),
         Unit("gemv_h16", 1.5, lambda: [(qmatmul._gemv_h16, (u16_2, i64, f32_1, f32_1, b1))]),
         Unit("batch_vnni", 4.0, lambda: [
             (qmatmul._gemv_batch_vnni, (u8_4, b1, *scales, i64, f32_2, f32_2, b1))]),
@@ -127,8 +129,9 @@ def host_units() -> list[str]:
     """What `--all` compiles: every unit this host runs, with the default KV cache types (VNNI hosts prefill
     U4/I8 through the integer GEMM, others through BLAS)."""
     from .kv_formats import DEFAULT_KV_TYPE as d
-    from .qmatmul import VNNI
-    skip = {"widen_u4", "widen_i8", "batch_u4", "batch_i8"} if VNNI else {"igemm", "batch_vnni"}
+    from .qmatmul import VNNI, VNNI_GEMV
+    skip = ({"widen_u4", "widen_i8", "batch_u4", "batch_i8"} if VNNI else {"igemm", "batch_vnni"})
+    skip |= {"gemv_u4", "gemv_i8"} if VNNI_GEMV else {"gemv_vnni"}
     return [n for n in units() if n not in skip and (":" not in n or n.endswith(f":{d},{d}"))]
 
 
@@ -136,7 +139,7 @@ def units_for(families: Iterable[str], kv_types: tuple[str, str], batched: bool 
     """Units a model whose matrices are of these repack families, with K/V caches of kv_types, runs on this
     host. `batched`: what forward_batch over pooled caches (the server's decode steps) adds instead: the
     several-token gemv kernels and the pooled attention."""
-    from .qmatmul import VNNI
+    from .qmatmul import VNNI, VNNI_GEMV
     from .repack import H16, I8, U4
     fams = set(families)
     kv = ",".join(kv_types)
@@ -149,7 +152,7 @@ def units_for(families: Iterable[str], kv_types: tuple[str, str], batched: bool 
     need = ["graph", f"attention:{kv}"]
     for fam, own in ((U4, "u4"), (I8, "i8")):
         if fam in fams:   # tiled at load (repack), then products
-            need += ["repack", f"gemv_{own}", "igemm" if VNNI else f"widen_{own}"]
+            need += ["repack", "gemv_vnni" if VNNI_GEMV else f"gemv_{own}", "igemm" if VNNI else f"widen_{own}"]
     if H16 in fams:
         need += ["gemv_h16", "widen_h16"]
     return list(dict.fromkeys(need))
