@@ -299,8 +299,9 @@ QUERY_CHUNK = 256   # prefill attention: queries per score matrix (bounds its me
 
 
 def attention_blas(q, k_cache, v_cache, pos0, scale, out, window=0, softcap=0.0):
-    """attention() for many queries at once: per K/V group, scores and the weighted sum of V are two
-    BLAS products over a chunk of queries (same inputs, layouts and result; ~5x faster for long prompts)."""
+    """attention() through two BLAS products per K/V group and chunk of queries (same inputs and layouts,
+    float32-close to attention() but not bit-equal). The engine no longer runs it: prefill uses attention(),
+    which gives decode's bits (docs/kernels.md, "Batch invariance"); kept as an independent float path."""
     limit_blas_threads()   # BLAS's own worker threads would fight numba's (runtime.py)
     T, n_head, k_dim = q.shape
     n_head_kv = codes(k_cache).shape[0]

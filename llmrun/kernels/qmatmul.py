@@ -10,8 +10,9 @@ Two shapes:
         activations (per-block scale) in integer arithmetic, per-block partial sums. H16: each row
         converted to float32 in a small buffer and dotted in float32.
   gemm  many tokens (prefill). U4/I8 on AVX-512 VNNI hosts: an integer GEMM with int16 activations (per-block
-        scale, as decode) and a vpdpwssd micro-kernel in LLVM IR, ~1.3-1.4x BLAS sgemm. Float families (and
-        hosts without VNNI): a chunk of rows is widened to float32 scratch and handed to BLAS sgemm.
+        scale, as decode) and a vpdpwssd micro-kernel in LLVM IR, ~1.3-1.4x BLAS sgemm; its rows are
+        bit-identical to gemv's (one float epilogue, _epilogue_ir). Float families (and hosts without VNNI):
+        a chunk of rows is widened to float32 scratch and handed to BLAS sgemm (float32-close to gemv).
 All kernels are compiled once (fixed array types) and cached on disk.
 """
 from __future__ import annotations
