@@ -28,7 +28,6 @@ from .model_loading import Layer, ModelLoading
 from .rope import Rope
 from .weights import MatrixGroup
 
-BLAS_ATTENTION_TOKENS = 16   # prefill chunks from this size use the BLAS attention path
 ACTIVATIONS = {"silu": ops.swiglu, "gelu_tanh": ops.geglu}
 
 
@@ -255,9 +254,9 @@ class LlamaModel(ModelLoading):
                 lc.wrote(pos0 + r1 - r0)
                 if in_pool:
                     continue
-                attention = ops.attention_blas if r1 - r0 >= BLAS_ATTENTION_TOKENS else ops.attention
-                # window and softcap always passed: one compiled signature (kernels/warmup.py)
-                attention(q, lc.k, lc.v, pos0, scale, att[r0:r1], window, softcap)
+                # one kernel for any number of queries: prefill gets decode's bits (ops.py); window and softcap
+                # always passed: one compiled signature (kernels/warmup.py)
+                ops.attention(q, lc.k, lc.v, pos0, scale, att[r0:r1], window, softcap)
             if pooled:
                 kp, vp = pool[0][il], pool[1][il]
                 ops.attention_slots(q_dec, kp, vp, slots, positions, scale, att[:n_dec], window, softcap)

@@ -155,15 +155,11 @@ def store_v(v, g, p, row):
 
 
 def k_run(k, g, i, lo, n, buf):
-    """Row i of group g's K at slots lo..lo+n as float32 [n]: a view (f32) or widened into buf[:n]."""
+    """Row i of group g's K at slots lo..lo+n, as float32 into buf[:n] (returned)."""
 
 
 def v_row(v, g, slot, buf):
-    """V[g, slot] as float32 [v_dim]: a view (f32) or widened into buf."""
-
-
-def scratch(cache, rows, n):
-    """float32 [rows, n] for widened values (f32 caches need none: [rows, 0])."""
+    """V[g, slot] as float32 into buf (returned)."""
 
 
 @overload(codes, inline="always")
@@ -178,13 +174,6 @@ def _take(cache, index):
     if isinstance(cache, types.BaseTuple):
         return lambda cache, index: (cache[0][index], cache[1][index])
     return lambda cache, index: cache[index]
-
-
-@overload(scratch, inline="always")
-def _scratch(cache, rows, n):
-    if isinstance(cache, types.Array) and cache.dtype == types.float32:
-        return lambda cache, rows, n: np.empty((rows, 0), np.float32)
-    return lambda cache, rows, n: np.empty((rows, n), np.float32)
 
 
 @njit(inline="always")
@@ -272,7 +261,11 @@ def _k_run(k, g, i, lo, n, buf):
                 buf[j] = half_to_f32(src[j])
             return buf[:n]
         return f16
-    return lambda k, g, i, lo, n, buf: k[g, i, lo:lo + n]
+
+    def f32(k, g, i, lo, n, buf):
+        buf[:n] = k[g, i, lo:lo + n]
+        return buf[:n]
+    return f32
 
 
 @overload(v_row, inline="always", jit_options={"fastmath": True})
@@ -292,4 +285,8 @@ def _v_row(v, g, slot, buf):
                 buf[j] = half_to_f32(src[j])
             return buf
         return f16
-    return lambda v, g, slot, buf: v[g, slot]
+
+    def f32(v, g, slot, buf):
+        buf[:] = v[g, slot]
+        return buf
+    return f32

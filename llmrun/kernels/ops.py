@@ -7,7 +7,8 @@ import numpy as np
 from numba import njit, prange
 
 from ..runtime import limit_blas_threads
-from .kv_formats import codes, k_f32, k_run, scratch, store_k, store_v, take, v_f32, v_row
+from .kv_formats import codes, k_f32, k_run, store_k, store_v, take, v_f32, v_row
+from .strict import exp, fma
 
 
 # error_model="numpy": a zero or NaN divisor gives Inf/NaN (caught on the logits) instead of a ZeroDivisionError
@@ -82,96 +83,157 @@ def rope_store(qkv, cos, sin, q_out, k_cache, v_cache, pos0, n_head, n_head_kv, 
             store_v(v_cache, g, p, qkv[t, v0 + g * v_dim:v0 + (g + 1) * v_dim])
 
 
-@njit(inline="always", fastmath=True, error_model="numpy")
-def _attend(q, t, g, k_cache, v_cache, p, window, softcap, scale, out, row):
-    """Query token t (at position p) and K/V group g -> out[row]: attention()'s body, shared with
-    attention_slots so that both give the same bits."""
+# Attention: ONE body for every query (decode, prefill, the server's batched decode), whose arithmetic depends
+# only on that query, not on how many run beside it: a score is an FMA chain over the head's dimensions, the
+# softmax sum adds in a fixed lane order, the output is an FMA chain over positions (kernels/strict.py; strict
+# float semantics, no fast-math, so no kernel reorders them). So prefill gives decode's bits. Queries run in
+# tiles of consecutive positions: each block of K/V positions is widened to float32 once for the tile's
+# ATTN_PAIRS (query, head) pairs, which then read it from L1.
+ATTN_PAIRS = 32    # (query, head) pairs per tile
+ATTN_BLOCK = 128   # positions per widened block (64 dims: 32 KiB of K)
+LANES = 16         # the softmax sum's partial sums (one vector register)
+
+
+@njit(inline="always")
+def _widen_k(k_cache, g, p, n, kb):
+    """K of group g at positions p..p+n-1 (slots modulo the capacity: a ring wraps at most once) -> kb[:, :n]."""
+    cap = codes(k_cache).shape[2]
+    first = p % cap
+    n1 = min(n, cap - first)
+    for i in range(kb.shape[0]):
+        k_run(k_cache, g, i, first, n1, kb[i, :n1])
+        if n1 < n:
+            k_run(k_cache, g, i, 0, n - n1, kb[i, n1:n])
+
+
+@njit(inline="always")
+def _scores(out, kb, a, qv):
+    """out[s] = sum_i qv[i] * kb[i, a + s] as an FMA chain over i (from 0)."""
+    m = out.shape[0]
+    out[:] = 0
+    k_dim = qv.shape[0]
+    i = 0
+    while i + 4 <= k_dim:   # four dimensions per pass over out (a quarter of its loads and stores)
+        k0, k1, k2, k3 = kb[i, a:a + m], kb[i + 1, a:a + m], kb[i + 2, a:a + m], kb[i + 3, a:a + m]
+        q0, q1, q2, q3 = qv[i], qv[i + 1], qv[i + 2], qv[i + 3]
+        for s in range(m):
+            out[s] = fma(q3, k3[s], fma(q2, k2[s], fma(q1, k1[s], fma(q0, k0[s], out[s]))))
+        i += 4
+    while i < k_dim:
+        k0, q0 = kb[i, a:a + m], qv[i]
+        for s in range(m):
+            out[s] = fma(q0, k0[s], out[s])
+        i += 1
+
+
+@njit(inline="always")
+def _softmax(row, softcap):
+    """row <- exp(row - max) in place (soft-capped first if softcap > 0); returns the sum, added in LANES partial
+    sums by position (counted from the row's start) and those in a fixed tree."""
+    m = row.shape[0]
+    if softcap > 0:
+        for s in range(m):
+            row[s] = softcap * np.float32(math.tanh(row[s] / softcap))
+    part = np.empty(LANES, np.float32)
+    full = m - m % LANES
+    part[:] = row[0]
+    for s0 in range(0, full, LANES):
+        for j in range(LANES):
+            part[j] = max(part[j], row[s0 + j])
+    for j in range(m - full):
+        part[j] = max(part[j], row[full + j])
+    mx = part[0]
+    for j in range(1, LANES):
+        mx = max(mx, part[j])
+    for s in range(m):
+        row[s] = exp(row[s] - mx)
+    part[:] = 0
+    for s0 in range(0, full, LANES):
+        for j in range(LANES):
+            part[j] += row[s0 + j]
+    for j in range(m - full):
+        part[j] += row[full + j]
+    w = LANES // 2
+    while w:
+        for j in range(w):
+            part[j] += part[j + w]
+        w //= 2
+    return part[0]
+
+
+@njit(inline="always")
+def _weighted_add(o, p, vb, a):
+    """o[i] += sum_s p[s] * vb[a + s, i] as an FMA chain over s."""
+    m = p.shape[0]
+    s = 0
+    while s + 4 <= m:   # four positions per pass over o
+        v0, v1, v2, v3 = vb[a + s], vb[a + s + 1], vb[a + s + 2], vb[a + s + 3]
+        p0, p1, p2, p3 = p[s], p[s + 1], p[s + 2], p[s + 3]
+        for i in range(o.shape[0]):
+            o[i] = fma(p3, v3[i], fma(p2, v2[i], fma(p1, v1[i], fma(p0, v0[i], o[i]))))
+        s += 4
+    while s < m:
+        v0, p0 = vb[a + s], p[s]
+        for i in range(o.shape[0]):
+            o[i] = fma(p0, v0[i], o[i])
+        s += 1
+
+
+@njit(inline="always", error_model="numpy")
+def _attend(q, t0, nq, g, k_cache, v_cache, p0, window, softcap, scale, out, row0):
+    """Queries t0..t0+nq-1 of q (consecutive positions from p0) and K/V group g -> out[row0..row0+nq-1]: the
+    body of attention() and attention_slots(); each query's result is the same whatever nq is."""
     n_head, k_dim = q.shape[1], q.shape[2]
     n_head_kv = codes(k_cache).shape[0]
     cap = codes(k_cache).shape[2]
     v_dim = codes(v_cache).shape[2]
     group = n_head // n_head_kv
     h0 = g * group
-    lo = max(0, p - window + 1) if window > 0 else 0   # first position seen
-    n = p - lo + 1
-    first = lo % cap
-    n1 = min(n, cap - first)   # positions lo.. in slots first..first+n1-1, the rest in slots 0..
-    scores = np.zeros((group, n), np.float32)
-    n2 = n - n1
-    kb = scratch(k_cache, 8, n)   # K rows widened to float32 (a cache of f32 is read in place)
-    i = 0
-    while i + 4 <= k_dim:   # four K rows per pass: a quarter of the loads/stores of `scores`
-        # views of both runs (an offset index in the inner loop would keep LLVM from vectorizing it)
-        a0, a1 = k_run(k_cache, g, i, first, n1, kb[0]), k_run(k_cache, g, i + 1, first, n1, kb[1])
-        a2, a3 = k_run(k_cache, g, i + 2, first, n1, kb[2]), k_run(k_cache, g, i + 3, first, n1, kb[3])
-        b0, b1 = k_run(k_cache, g, i, 0, n2, kb[4]), k_run(k_cache, g, i + 1, 0, n2, kb[5])
-        b2, b3 = k_run(k_cache, g, i + 2, 0, n2, kb[6]), k_run(k_cache, g, i + 3, 0, n2, kb[7])
+    lo = max(0, p0 - window + 1) if window > 0 else 0   # the first position any query of the tile sees
+    n = p0 + nq - lo
+    npair = nq * group
+    qs = np.empty((npair, k_dim), np.float32)
+    first = np.empty(npair, np.int64)   # pair k sees positions lo + first[k] .. lo + end[k] - 1
+    end = np.empty(npair, np.int64)
+    for j in range(nq):
+        pj = p0 + j
         for hh in range(group):
-            q0 = q[t, h0 + hh, i] * scale
-            q1 = q[t, h0 + hh, i + 1] * scale
-            q2 = q[t, h0 + hh, i + 2] * scale
-            q3 = q[t, h0 + hh, i + 3] * scale
-            _add_dot4(scores[hh, :n1], a0, a1, a2, a3, q0, q1, q2, q3)
-            if n2:
-                _add_dot4(scores[hh, n1:], b0, b1, b2, b3, q0, q1, q2, q3)
-        i += 4
-    while i < k_dim:
-        a0, b0 = k_run(k_cache, g, i, first, n1, kb[0]), k_run(k_cache, g, i, 0, n2, kb[4])
+            k = j * group + hh
+            first[k] = (max(0, pj - window + 1) if window > 0 else 0) - lo
+            end[k] = pj - lo + 1
+            for i in range(k_dim):
+                qs[k, i] = q[t0 + j, h0 + hh, i] * scale
+    sc = np.empty((npair, n), np.float32)
+    kb = np.empty((k_dim, min(n, ATTN_BLOCK)), np.float32)
+    for b0 in range(0, n, ATTN_BLOCK):
+        bw = min(ATTN_BLOCK, n - b0)
+        _widen_k(k_cache, g, lo + b0, bw, kb)
+        for k in range(npair):
+            sa, sb = max(first[k], b0), min(end[k], b0 + bw)
+            if sa < sb:
+                _scores(sc[k, sa:sb], kb, sa - b0, qs[k])
+    totals = np.empty(npair, np.float32)
+    for k in range(npair):
+        totals[k] = _softmax(sc[k, first[k]:end[k]], softcap)
+    o = np.zeros((npair, v_dim), np.float32)
+    vb = np.empty((min(n, ATTN_BLOCK), v_dim), np.float32)
+    for b0 in range(0, n, ATTN_BLOCK):
+        bw = min(ATTN_BLOCK, n - b0)
+        for s in range(bw):
+            v_row(v_cache, g, (lo + b0 + s) % cap, vb[s])
+        for k in range(npair):
+            sa, sb = max(first[k], b0), min(end[k], b0 + bw)
+            if sa < sb:
+                _weighted_add(o[k], sc[k, sa:sb], vb, sa - b0)
+    for j in range(nq):
         for hh in range(group):
-            qi = q[t, h0 + hh, i] * scale
-            sc = scores[hh]
-            for s in range(n1):
-                sc[s] += qi * a0[s]
-            for s in range(n2):
-                sc[n1 + s] += qi * b0[s]
-        i += 1
-    totals = np.empty(group, np.float32)
-    for hh in range(group):
-        sc = scores[hh]
-        if softcap > 0:
-            for s in range(n):
-                sc[s] = softcap * np.float32(math.tanh(sc[s] / softcap))
-        mx = sc[0]
-        for s in range(1, n):
-            mx = max(mx, sc[s])
-        total = np.float32(0.0)
-        for s in range(n):
-            e = np.float32(math.exp(sc[s] - mx))
-            sc[s] = e
-            total += e
-        totals[hh] = total
-    o = np.zeros((group, v_dim), np.float32)
-    vb = scratch(v_cache, 4, v_dim)
-    s = 0
-    while s + 4 <= n:
-        v0 = v_row(v_cache, g, _slot(first + s, cap), vb[0])
-        v1 = v_row(v_cache, g, _slot(first + s + 1, cap), vb[1])
-        v2 = v_row(v_cache, g, _slot(first + s + 2, cap), vb[2])
-        v3 = v_row(v_cache, g, _slot(first + s + 3, cap), vb[3])
-        for hh in range(group):
-            p0 = scores[hh, s]
-            p1 = scores[hh, s + 1]
-            p2 = scores[hh, s + 2]
-            p3 = scores[hh, s + 3]
-            oh = o[hh]
+            k = j * group + hh
+            inv = np.float32(1.0) / totals[k]
             for i in range(v_dim):
-                oh[i] += p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i]
-        s += 4
-    while s < n:
-        vrow = v_row(v_cache, g, _slot(first + s, cap), vb[0])
-        for hh in range(group):
-            p0 = scores[hh, s]
-            oh = o[hh]
-            for i in range(v_dim):
-                oh[i] += p0 * vrow[i]
-        s += 1
-    for hh in range(group):
-        inv = np.float32(1.0) / totals[hh]
-        for i in range(v_dim):
-            out[row, (h0 + hh) * v_dim + i] = o[hh, i] * inv
+                out[row0 + j, (h0 + hh) * v_dim + i] = o[k, i] * inv
 
 
-@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, error_model="numpy")
 def attention(q, k_cache, v_cache, pos0, scale, out, window=0, softcap=0.0):
     """Causal softmax attention with grouped K/V heads.
 
@@ -180,17 +242,23 @@ def attention(q, k_cache, v_cache, pos0, scale, out, window=0, softcap=0.0):
     (kv_cache.py); out [T, n_head*v_dim]. window > 0: query p sees positions p-window+1 .. p only
     (sliding-window attention). softcap > 0: scores become softcap * tanh(score / softcap) (Gemma 2).
     K is stored transposed so that the scores of all positions build up as contiguous multiply-adds
-    (vectorized over positions, no per-position horizontal sum); the positions a query sees are at most
-    two contiguous runs of slots (a ring wraps once). The heads sharing a K/V group are handled together,
-    so each cached K/V row is fetched once (from L1 for the group's other heads)."""
-    T = q.shape[0]
+    (vectorized over positions, no per-position horizontal sum). The heads of a K/V group and a tile of
+    queries run together (_attend), so each cached K/V row is widened once for all of them. A job is a pair
+    of tiles (j, last - j): under the causal mask late tiles see more positions than early ones."""
+    T, n_head = q.shape[0], q.shape[1]
     n_head_kv = codes(k_cache).shape[0]
-    for job in prange(T * n_head_kv):
-        t = job // n_head_kv
-        _attend(q, t, job % n_head_kv, k_cache, v_cache, pos0 + t, window, softcap, scale, out, t)
+    nq = max(1, min(T, ATTN_PAIRS // (n_head // n_head_kv)))
+    n_tiles = -(-T // nq)
+    for job in prange(((n_tiles + 1) // 2) * n_head_kv):
+        g = job % n_head_kv
+        j = job // n_head_kv
+        last = n_tiles - 1 - j
+        for tile in range(j, last + 1, max(1, last - j)):   # j and last, once if they are the same
+            t0 = tile * nq
+            _attend(q, t0, min(nq, T - t0), g, k_cache, v_cache, pos0 + t0, window, softcap, scale, out, t0)
 
 
-@njit(parallel=True, fastmath=True, cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, error_model="numpy")
 def attention_slots(q, k_pool, v_pool, slots, pos, scale, out, window=0, softcap=0.0):
     """attention() for one new token of each of several sequences, in one launch: q [B, n_head, k_dim], token
     b at position pos[b] of the caches k_pool[slots[b]] / v_pool[slots[b]] ([n_slots, ...] pools of
@@ -200,20 +268,8 @@ def attention_slots(q, k_pool, v_pool, slots, pos, scale, out, window=0, softcap
     for job in prange(B * n_head_kv):
         b = job // n_head_kv
         k = slots[b]
-        _attend(q[b:b + 1], 0, job % n_head_kv, take(k_pool, k), take(v_pool, k), pos[b], window, softcap, scale,
+        _attend(q, b, 1, job % n_head_kv, take(k_pool, k), take(v_pool, k), pos[b], window, softcap, scale,
                 out, b)
-
-
-@njit(inline="always", fastmath=True)
-def _add_dot4(sc, k0, k1, k2, k3, q0, q1, q2, q3):
-    for s in range(sc.shape[0]):
-        sc[s] += q0 * k0[s] + q1 * k1[s] + q2 * k2[s] + q3 * k3[s]
-
-
-@njit(inline="always")
-def _slot(j, cap):
-    """Slot of the j-th position counted from slot 0 of the first run (first + s, wrapping once)."""
-    return j - cap if j >= cap else j
 
 
 @njit(fastmath=True, cache=True, error_model="numpy")

@@ -28,6 +28,7 @@ from numba.extending import intrinsic
 
 from ..runtime import cpu_target_has, limit_blas_threads
 from .repack import TILE_ROWS, U4, I8, H16, FP32, PackedMatrix
+from .strict import fma_ir
 
 R = TILE_ROWS
 F16_TO_F32 = np.float32(2.0 ** 112)  # rebias a half's exponent after shifting its bits into float32's place
@@ -156,9 +157,31 @@ def _finish_tile(acc, y, t, n_rows, accumulate):
                 y[row] = acc[r]
 
 
+def _epilogue_ir(builder, acc, dv, dx, f, mv=None, sx=None):
+    """acc + d_row * d_x * f (+ m_row * sum(x)), rounded as fma(d_row * d_x, f, fma(m_row, sum(x), acc)): the ONE
+    definition of how a block's integer dot f is scaled and added, emitted by _add_block (decode) and by the
+    GEMM micro-kernel (prefill) alike, in explicit operations no fast-math pass can reorder, so that both give
+    the same bits (kernels/strict.py). The order is the one LLVM had chosen for _add_block's fast-math source."""
+    t = acc if mv is None else fma_ir(builder, mv, sx, acc)
+    return fma_ir(builder, builder.fmul(dv, dx), f, t)
+
+
+@intrinsic
+def _scale_add(typingctx, acc, dv, dx, f):
+    sig = types.float32(types.float32, types.float32, types.float32, types.float32)
+    return sig, lambda context, builder, signature, args: _epilogue_ir(builder, *args)
+
+
+@intrinsic
+def _scale_add_m(typingctx, acc, dv, dx, f, mv, sx):
+    sig = types.float32(*(types.float32,) * 6)
+    return sig, lambda context, builder, signature, args: _epilogue_ir(builder, *args)
+
+
 @njit(inline="always", fastmath=True)
 def _add_block(acc, s, t, b, d, m, two_level, has_m, zero, xd, xsum, xqsum, dbits, dv, mbits, mv):
-    """acc += one block's integer dots s, scaled: d_row * (s - zero * sum(xq)) * d_x (+ m_row * sum(x))."""
+    """acc += one block's integer dots s, scaled: d_row * d_x * (s - zero * sum(xq)) (+ m_row * sum(x)),
+    rounded as _epilogue_ir says."""
     dx = xd[b]
     zq = zero * xqsum[b]
     _load_scales(d, two_level, t, b, dbits, dv)
@@ -166,10 +189,10 @@ def _add_block(acc, s, t, b, d, m, two_level, has_m, zero, xd, xsum, xqsum, dbit
         _load_scales(m, two_level, t, b, mbits, mv)
         sx = xsum[b]
         for r in range(R):
-            acc[r] += dv[r] * (np.float32(s[r] - zq) * dx) + mv[r] * sx
+            acc[r] = _scale_add_m(acc[r], dv[r], dx, np.float32(s[r] - zq), mv[r], sx)
     else:
         for r in range(R):
-            acc[r] += dv[r] * (np.float32(s[r] - zq) * dx)
+            acc[r] = _scale_add(acc[r], dv[r], dx, np.float32(s[r] - zq))
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -402,7 +425,8 @@ def _make_block_fma(n_pairs):
     def block_fma(typingctx, acc, ao, w, xp, xo, xstride, dv, mv, xd, xsum, so, sstride):
         """For i < TOKENS_PER_CALL, r < R: acc[ao + i*R + r] += dv[r] * xd[so + i*sstride] *
         sum_p dot2(w[p*R + r], xp[xo + i*xstride + p]) + mv[r] * xsum[so + i*sstride]
-        (w, xp: int32 words holding two int16 each; the dot2 is vpdpwssd's pairwise product sum)."""
+        (w, xp: int32 words holding two int16 each; the dot2 is vpdpwssd's pairwise product sum), rounded as
+        _epilogue_ir: the bits _add_block gives the same sums in decode."""
         sig = types.void(acc, types.intp, w, xp, types.intp, types.intp, dv, mv, xd, xsum, types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
@@ -414,8 +438,6 @@ def _make_block_fma(n_pairs):
             vi, vf, vh = ir.VectorType(i32, 16), ir.VectorType(f32, 16), ir.VectorType(ir.IntType(16), 32)
             fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vi, [vi, vh, vh]),
                                                 "llvm.x86.avx512.vpdpwssd.512")
-            fast = ("fast",)
-
             def c(n):
                 return ir.Constant(i64, n)
 
@@ -441,13 +463,11 @@ def _make_block_fma(n_pairs):
                 soff = builder.add(so, builder.mul(c(i), ss))
                 dx = bcast(builder.load(builder.gep(xdp, [soff])), vf)
                 sx = bcast(builder.load(builder.gep(xsp, [soff])), vf)
-                for v in range(_VECS):
+                for v in range(_VECS):   # mv is 0 where the format has no offsets: fma(0, sx, acc) = acc
                     aoff = builder.add(ao, c(i * R + v * 16))
-                    part = builder.fmul(builder.fmul(builder.sitofp(sums[i][v], vf), dx, flags=fast), dvv[v],
-                                        flags=fast)
-                    part = builder.fadd(part, builder.fmul(mvv[v], sx, flags=fast), flags=fast)
-                    builder.store(builder.fadd(vload(accp, aoff, vf), part, flags=fast),
-                                  builder.bitcast(builder.gep(accp, [aoff]), vf.as_pointer()), align=4)
+                    acc_v = _epilogue_ir(builder, vload(accp, aoff, vf), dvv[v], dx, builder.sitofp(sums[i][v], vf),
+                                         mvv[v], sx)
+                    builder.store(acc_v, builder.bitcast(builder.gep(accp, [aoff]), vf.as_pointer()), align=4)
             return context.get_dummy_value()
         return sig, codegen
     return block_fma
