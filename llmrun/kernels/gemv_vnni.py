@@ -27,10 +27,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .qmatmul import PREFETCH_LINES, _add_block, _finish_tile, _prefetch, _quantize_activations
-from .repack import TILE_ROWS
+from .blocks import PREFETCH_LINES, R, _add_block, _finish_tile, _prefetch, _quantize_activations
 
-R = TILE_ROWS
 USABLE = R == 64   # the micro-kernels hold one tile's 64 rows in 4 zmm registers of 16 int32 lanes
 
 _I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)

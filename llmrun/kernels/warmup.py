@@ -56,7 +56,7 @@ def _units() -> dict[str, Unit]:
     """The registry. Signatures are spelled out here; the kernels' callers (qmatmul's matvec / matvec_batch /
     matmul, repack's pack_matrix, the engine) pass exactly these types (tests/test_kernel_warmup.py)."""
     from numba import types
-    from . import gemv_vnni, kv_formats, ops, qmatmul, repack
+    from . import gemm_blas, gemm_vnni, gemv, gemv_vnni, kv_formats, ops, qmatmul, repack
 
     f32_1, f32_2, f32_3, f32_4 = (_array(np.float32, n) for n in (1, 2, 3, 4))
     u8_3, u8_4, u16_2 = _array(np.uint8, 3), _array(np.uint8, 4), _array(np.uint16, 2)
@@ -66,7 +66,7 @@ def _units() -> dict[str, Unit]:
     sc = types.Tuple((_array(np.uint16, 3), f32_3, _array(np.int8, 3)))
     scales = (sc, sc, b1, b1, i64)          # d, m, two_level, has_m, zero
 
-    def gemv(fn):
+    def one_token(fn):
         return [(fn, (u8_4, *scales, f32_1, f32_1, b1))]
 
     def batch(fn):
@@ -87,21 +87,21 @@ def _units() -> dict[str, Unit]:
             (ops.head_rmsnorm, (f32_2, i64, i64, f32_1, f32)),
             (ops.swiglu, (f32_2, i64, f32_2)),
             (ops.geglu, (f32_2, i64, f32_2))]),
-        Unit("gemv_u4", 2.8, lambda: gemv(qmatmul._gemv_u4)),
-        Unit("gemv_i8", 2.6, lambda: gemv(qmatmul._gemv_i8)),
+        Unit("gemv_u4", 2.8, lambda: one_token(gemv._gemv_u4)),
+        Unit("gemv_i8", 2.6, lambda: one_token(gemv._gemv_i8)),
         Unit("gemv_vnni", 3.0, lambda: [
             (gemv_vnni._gemv_vnni, (u8_4, b1, *scales, f32_1, f32_1, b1))]),
-        Unit("gemv_h16", 1.5, lambda: [(qmatmul._gemv_h16, (u16_2, i64, f32_1, f32_1, b1))]),
+        Unit("gemv_h16", 1.5, lambda: [(gemv._gemv_h16, (u16_2, i64, f32_1, f32_1, b1))]),
         Unit("batch_vnni", 4.0, lambda: [
             (qmatmul._gemv_batch_vnni, (u8_4, b1, *scales, i64, f32_2, f32_2, b1))]),
-        Unit("batch_u4", 3.0, lambda: batch(qmatmul._gemv_u4_batch)),
-        Unit("batch_i8", 3.0, lambda: batch(qmatmul._gemv_i8_batch)),
+        Unit("batch_u4", 3.0, lambda: batch(gemv._gemv_u4_batch)),
+        Unit("batch_i8", 3.0, lambda: batch(gemv._gemv_i8_batch)),
         Unit("igemm", 3.5, lambda: [
-            (qmatmul._igemm, (u8_4, b1, *scales, i32_2, f32_2, f32_2, f32_2)),
-            (qmatmul._quantize_token_blocks, (f32_2, i64, i16_2, f32_2, f32_2))]),
-        Unit("widen_u4", 2.0, lambda: widen(qmatmul._widen_u4)),
-        Unit("widen_i8", 2.0, lambda: widen(qmatmul._widen_i8)),
-        Unit("widen_h16", 1.0, lambda: [(qmatmul._widen_h16, (u16_2, i64, i64, i64, f32_2))]),
+            (gemm_vnni._igemm, (u8_4, b1, *scales, i32_2, f32_2, f32_2, f32_2)),
+            (gemm_vnni._quantize_token_blocks, (f32_2, i64, i16_2, f32_2, f32_2))]),
+        Unit("widen_u4", 2.0, lambda: widen(gemm_blas._widen_u4)),
+        Unit("widen_i8", 2.0, lambda: widen(gemm_blas._widen_i8)),
+        Unit("widen_h16", 1.0, lambda: [(gemm_blas._widen_h16, (u16_2, i64, i64, i64, f32_2))]),
     ]
     for tk in kv_formats.KV_TYPES:       # the cache kernels, per (type_k, type_v)
         for tv in kv_formats.KV_TYPES:
