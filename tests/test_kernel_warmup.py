@@ -109,7 +109,7 @@ def test_units_cover_each_family():
     kv = ("f16", "f16")
     assert warmup.units_for({FP32}, kv) == ["graph", "attention:f16,f16"]   # float rows are not tiled
     from llmrun.kernels.qmatmul import VNNI_GEMV
-    assert ({"gemv_vnni"} if VNNI_GEMV else {"gemv_u4", "gemv_i8"}) <= set(warmup.units_for({U4, I8}, kv))
+    assert ({"gemv_vnni"} if VNNI_GEMV else {"gemv"}) <= set(warmup.units_for({U4, I8}, kv))
     assert "gemv_h16" in warmup.units_for({H16}, kv)
     assert "attention_slots:q8_0,f32" in warmup.units_for({U4}, ("q8_0", "f32"), batched=True)
     assert set(warmup.units_for({U4, I8, H16}, kv)) | set(warmup.units_for({U4, I8}, kv, batched=True)) \

@@ -21,9 +21,10 @@ CHUNK_FLOATS = 1 << 20      # widened weights per chunk (4 MiB)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)   # nogil: prefill runs it from several threads
-def _widen_u4(codes, d, m, two_level, has_m, zero, t0, t1, out):
-    """Tiles t0..t1 -> float32 out[t - t0, col, r] (each tile's W.T, contiguous: sequential writes)."""
-    nblk = codes.shape[1]
+def _widen(codes, nibbles, d, m, two_level, has_m, zero, t0, t1, out):
+    """U4 (nibbles) or I8 tiles t0..t1 -> float32 out[t - t0, col, r] (each tile's W.T, contiguous: sequential
+    writes)."""
+    nblk, n_lines = codes.shape[1], codes.shape[2]
     zf = np.float32(zero)
     for t in prange(t0, t1):
         dbits = np.empty(R, np.uint32)
@@ -34,30 +35,17 @@ def _widen_u4(codes, d, m, two_level, has_m, zero, t0, t1, out):
             _load_scales(d, two_level, t, b, dbits, dv)
             if has_m:
                 _load_scales(m, two_level, t, b, mbits, mv)
-            for j in range(16):
-                for r in range(R):
-                    v = codes[t, b, j, r]
-                    # uint8 casts keep the nibble arithmetic 8/32-bit wide (else int64 lanes: 2x slower)
-                    out[t - t0, b * 32 + j, r] = (np.float32(np.uint8(v & 15)) - zf) * dv[r] + mv[r]
-                    out[t - t0, b * 32 + j + 16, r] = (np.float32(np.uint8(v >> 4)) - zf) * dv[r] + mv[r]
-
-
-@njit(parallel=True, fastmath=True, cache=True, nogil=True)   # nogil: prefill runs it from several threads
-def _widen_i8(codes, d, m, two_level, has_m, zero, t0, t1, out):
-    nblk, bs = codes.shape[1], codes.shape[2]
-    zf = np.float32(zero)
-    for t in prange(t0, t1):
-        dbits = np.empty(R, np.uint32)
-        dv = dbits.view(np.float32)
-        mbits = np.zeros(R, np.uint32)
-        mv = mbits.view(np.float32)
-        for b in range(nblk):
-            _load_scales(d, two_level, t, b, dbits, dv)
-            if has_m:
-                _load_scales(m, two_level, t, b, mbits, mv)
-            for j in range(bs):
-                for r in range(R):
-                    out[t - t0, b * bs + j, r] = (np.float32(codes[t, b, j, r]) - zf) * dv[r] + mv[r]
+            if nibbles:   # byte j: weights j (low nibble) and j + 16 (high)
+                for j in range(16):
+                    for r in range(R):
+                        v = codes[t, b, j, r]
+                        # uint8 casts keep the nibble arithmetic 8/32-bit wide (else int64 lanes: 2x slower)
+                        out[t - t0, b * 32 + j, r] = (np.float32(np.uint8(v & 15)) - zf) * dv[r] + mv[r]
+                        out[t - t0, b * 32 + j + 16, r] = (np.float32(np.uint8(v >> 4)) - zf) * dv[r] + mv[r]
+            else:
+                for j in range(n_lines):
+                    for r in range(R):
+                        out[t - t0, b * n_lines + j, r] = (np.float32(codes[t, b, j, r]) - zf) * dv[r] + mv[r]
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)   # nogil: prefill runs it from several threads
@@ -115,11 +103,10 @@ def _matmul_widened(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
         if tiled:
             buf = np.empty((min(step, n_units), K, R), np.float32)
             part = np.empty((min(step, n_units), T, R), np.float32)
-            widen = _widen_u4 if pm.family == U4 else _widen_i8
             for t0 in chunk_starts:
                 t1 = min(n_units, t0 + step)
                 n = t1 - t0
-                widen(pm.codes, d, m, two_level, has_m, pm.zero, t0, t1, buf)
+                _widen(pm.codes, pm.family == U4, d, m, two_level, has_m, pm.zero, t0, t1, buf)
                 np.matmul(X, buf[:n], out=part[:n])
                 Y[:, t0 * R:t1 * R].reshape(T, n, R)[:] = part[:n].transpose(1, 0, 2)
         else:

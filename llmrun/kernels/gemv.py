@@ -13,46 +13,49 @@ from numba import njit, prange
 from .blocks import PREFETCH_LINES, R, _add_block, _finish_tile, _prefetch, _quantize_activations
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _gemv_u4(codes, d, m, two_level, has_m, zero, x, y, accumulate):
-    """y[:n] (=|+=) W x for U4 tiles; y has exactly n_rows entries."""
-    n_tiles, nblk = codes.shape[0], codes.shape[1]
-    xq = np.empty(x.shape[0], np.int16)
-    xd = np.empty(nblk, np.float32)
-    xsum = np.empty(nblk, np.float32)
-    xqsum = np.empty(nblk, np.int32)
-    _quantize_activations(x, 32, xq, xd, xsum, xqsum)
-    flat = codes.reshape(-1)
-    last = flat.shape[0] - 1
-    for t in prange(n_tiles):
-        acc = np.zeros(R, np.float32)
-        s = np.empty(R, np.int32)
-        dbits = np.empty(R, np.uint32)
-        dv = dbits.view(np.float32)
-        mbits = np.empty(R, np.uint32)
-        mv = mbits.view(np.float32)
-        for b in range(nblk):
-            s[:] = 0
-            c0 = b * 32
-            for j in range(0, 16, 2):   # two bytes (four products) per step: fewer passes over s
-                ahead = ((t * nblk + b) * 16 + j + PREFETCH_LINES) * R
-                _prefetch(flat, min(ahead, last))
-                _prefetch(flat, min(ahead + R, last))
-                x0 = np.int32(xq[c0 + j])
-                x1 = np.int32(xq[c0 + j + 16])
-                x2 = np.int32(xq[c0 + j + 1])
-                x3 = np.int32(xq[c0 + j + 17])
-                for r in range(R):
-                    v = np.int32(codes[t, b, j, r])
-                    w = np.int32(codes[t, b, j + 1, r])
-                    s[r] += (v & 15) * x0 + (v >> 4) * x1 + (w & 15) * x2 + (w >> 4) * x3
-            _add_block(acc, s, t, b, d, m, two_level, has_m, zero, xd, xsum, xqsum, dbits, dv, mbits, mv)
-        _finish_tile(acc, y, t, y.shape[0], accumulate)
+@njit(inline="always", fastmath=True)
+def _prefetch_block(flat, first, n_lines, last):
+    """Prefetch the n_lines code rows of the block PREFETCH_LINES rows after the one starting at flat[first]."""
+    ahead = first + PREFETCH_LINES * R
+    for j in range(n_lines):
+        _prefetch(flat, min(ahead + j * R, last))
+
+
+@njit(inline="always", fastmath=True)
+def _block_sums(s, codes, t, b, xq, c0, nibbles):
+    """s[r] = the integer dot of block b of tile t, row r, with the int16 activations xq[c0:c0 + block]."""
+    s[:] = 0
+    if nibbles:   # byte j: weights j (low nibble) and j + 16 (high)
+        for j in range(0, 16, 2):   # two bytes (four products) per step: fewer passes over s
+            x0 = np.int32(xq[c0 + j])
+            x1 = np.int32(xq[c0 + j + 16])
+            x2 = np.int32(xq[c0 + j + 1])
+            x3 = np.int32(xq[c0 + j + 17])
+            for r in range(R):
+                v = np.int32(codes[t, b, j, r])
+                w = np.int32(codes[t, b, j + 1, r])
+                s[r] += (v & 15) * x0 + (v >> 4) * x1 + (w & 15) * x2 + (w >> 4) * x3
+    elif codes.shape[2] == 32:
+        # Two products per step with constant trip counts: the shape LLVM turns into vpmaddwd
+        # (a single product per step, or a runtime trip count, stays scalar: 8x slower).
+        for j in range(16):
+            x0 = np.int32(xq[c0 + j])
+            x1 = np.int32(xq[c0 + j + 16])
+            for r in range(R):
+                s[r] += np.int32(codes[t, b, j, r]) * x0 + np.int32(codes[t, b, j + 16, r]) * x1
+    else:
+        for j in range(8):
+            x0 = np.int32(xq[c0 + j])
+            x1 = np.int32(xq[c0 + j + 8])
+            for r in range(R):
+                s[r] += np.int32(codes[t, b, j, r]) * x0 + np.int32(codes[t, b, j + 8, r]) * x1
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_i8(codes, d, m, two_level, has_m, zero, x, y, accumulate):
-    n_tiles, nblk, bs = codes.shape[0], codes.shape[1], codes.shape[2]
+def _gemv(codes, nibbles, d, m, two_level, has_m, zero, x, y, accumulate):
+    """y[:n] (=|+=) W x for U4 (nibbles) or I8 tiles; y has exactly n_rows entries."""
+    n_tiles, nblk, n_lines = codes.shape[0], codes.shape[1], codes.shape[2]
+    bs = 32 if nibbles else n_lines
     xq = np.empty(x.shape[0], np.int16)
     xd = np.empty(nblk, np.float32)
     xsum = np.empty(nblk, np.float32)
@@ -68,80 +71,22 @@ def _gemv_i8(codes, d, m, two_level, has_m, zero, x, y, accumulate):
         mbits = np.empty(R, np.uint32)
         mv = mbits.view(np.float32)
         for b in range(nblk):
-            s[:] = 0
-            c0 = b * bs
-            # Two products per step with constant trip counts: the shape LLVM turns into vpmaddwd
-            # (a single product per step, or a runtime trip count, stays scalar: 8x slower).
-            ahead = ((t * nblk + b) * bs + PREFETCH_LINES) * R
-            for j in range(bs):
-                _prefetch(flat, min(ahead + j * R, last))
-            if bs == 32:
-                for j in range(16):
-                    x0 = np.int32(xq[c0 + j])
-                    x1 = np.int32(xq[c0 + j + 16])
-                    for r in range(R):
-                        s[r] += np.int32(codes[t, b, j, r]) * x0 + np.int32(codes[t, b, j + 16, r]) * x1
-            else:
-                for j in range(8):
-                    x0 = np.int32(xq[c0 + j])
-                    x1 = np.int32(xq[c0 + j + 8])
-                    for r in range(R):
-                        s[r] += np.int32(codes[t, b, j, r]) * x0 + np.int32(codes[t, b, j + 8, r]) * x1
+            _prefetch_block(flat, (t * nblk + b) * n_lines * R, n_lines, last)
+            _block_sums(s, codes, t, b, xq, b * bs, nibbles)
             _add_block(acc, s, t, b, d, m, two_level, has_m, zero, xd, xsum, xqsum, dbits, dv, mbits, mv)
         _finish_tile(acc, y, t, y.shape[0], accumulate)
 
 
 # Several tokens at decode time (continuous batching: one token from each of several sequences). Each weight
 # block is read from memory and unpacked once for all of them; every token's sums are the same integers, added
-# in the same order with the same float steps as in the one-token kernels above, so each row of the result is
+# in the same order with the same float steps as in the one-token kernel above, so each row of the result is
 # bit-identical to that token's matvec: a sequence decodes the same whether or not others run beside it.
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_u4_batch(codes, d, m, two_level, has_m, zero, X, Y, accumulate):
-    """Y[i, :n] (=|+=) W X[i] for U4 tiles, each i exactly as _gemv_u4."""
+def _gemv_batch(codes, nibbles, d, m, two_level, has_m, zero, X, Y, accumulate):
+    """Y[i, :n] (=|+=) W X[i] for U4 (nibbles) or I8 tiles, each i exactly as _gemv."""
     n_tok = X.shape[0]
-    n_tiles, nblk = codes.shape[0], codes.shape[1]
-    xq = np.empty((n_tok, X.shape[1]), np.int16)
-    xd = np.empty((n_tok, nblk), np.float32)
-    xsum = np.empty((n_tok, nblk), np.float32)
-    xqsum = np.empty((n_tok, nblk), np.int32)
-    for i in range(n_tok):
-        _quantize_activations(X[i], 32, xq[i], xd[i], xsum[i], xqsum[i])
-    flat = codes.reshape(-1)
-    last = flat.shape[0] - 1
-    for t in prange(n_tiles):
-        acc = np.zeros((n_tok, R), np.float32)
-        s = np.empty(R, np.int32)
-        dbits = np.empty(R, np.uint32)
-        dv = dbits.view(np.float32)
-        mbits = np.empty(R, np.uint32)
-        mv = mbits.view(np.float32)
-        for b in range(nblk):
-            ahead = ((t * nblk + b) * 16 + PREFETCH_LINES) * R
-            for j in range(16):
-                _prefetch(flat, min(ahead + j * R, last))
-            c0 = b * 32
-            for i in range(n_tok):   # the block's 1 KiB of codes stays in L1 for the other tokens
-                s[:] = 0
-                for j in range(0, 16, 2):
-                    x0 = np.int32(xq[i, c0 + j])
-                    x1 = np.int32(xq[i, c0 + j + 16])
-                    x2 = np.int32(xq[i, c0 + j + 1])
-                    x3 = np.int32(xq[i, c0 + j + 17])
-                    for r in range(R):
-                        v = np.int32(codes[t, b, j, r])
-                        w = np.int32(codes[t, b, j + 1, r])
-                        s[r] += (v & 15) * x0 + (v >> 4) * x1 + (w & 15) * x2 + (w >> 4) * x3
-                _add_block(acc[i], s, t, b, d, m, two_level, has_m, zero, xd[i], xsum[i], xqsum[i], dbits, dv, mbits,
-                           mv)
-        for i in range(n_tok):
-            _finish_tile(acc[i], Y[i], t, Y.shape[1], accumulate)
-
-
-@njit(parallel=True, fastmath=True, cache=True)
-def _gemv_i8_batch(codes, d, m, two_level, has_m, zero, X, Y, accumulate):
-    """Y[i, :n] (=|+=) W X[i] for I8 tiles, each i exactly as _gemv_i8."""
-    n_tok = X.shape[0]
-    n_tiles, nblk, bs = codes.shape[0], codes.shape[1], codes.shape[2]
+    n_tiles, nblk, n_lines = codes.shape[0], codes.shape[1], codes.shape[2]
+    bs = 32 if nibbles else n_lines
     xq = np.empty((n_tok, X.shape[1]), np.int16)
     xd = np.empty((n_tok, nblk), np.float32)
     xsum = np.empty((n_tok, nblk), np.float32)
@@ -158,24 +103,9 @@ def _gemv_i8_batch(codes, d, m, two_level, has_m, zero, X, Y, accumulate):
         mbits = np.empty(R, np.uint32)
         mv = mbits.view(np.float32)
         for b in range(nblk):
-            ahead = ((t * nblk + b) * bs + PREFETCH_LINES) * R
-            for j in range(bs):
-                _prefetch(flat, min(ahead + j * R, last))
-            c0 = b * bs
-            for i in range(n_tok):   # the block's codes stay in L1 for the other tokens
-                s[:] = 0
-                if bs == 32:   # constant trip counts (see _gemv_i8)
-                    for j in range(16):
-                        x0 = np.int32(xq[i, c0 + j])
-                        x1 = np.int32(xq[i, c0 + j + 16])
-                        for r in range(R):
-                            s[r] += np.int32(codes[t, b, j, r]) * x0 + np.int32(codes[t, b, j + 16, r]) * x1
-                else:
-                    for j in range(8):
-                        x0 = np.int32(xq[i, c0 + j])
-                        x1 = np.int32(xq[i, c0 + j + 8])
-                        for r in range(R):
-                            s[r] += np.int32(codes[t, b, j, r]) * x0 + np.int32(codes[t, b, j + 8, r]) * x1
+            _prefetch_block(flat, (t * nblk + b) * n_lines * R, n_lines, last)
+            for i in range(n_tok):   # the block's codes (<= 2 KiB) stay in L1 for the other tokens
+                _block_sums(s, codes, t, b, xq[i], b * bs, nibbles)
                 _add_block(acc[i], s, t, b, d, m, two_level, has_m, zero, xd[i], xsum[i], xqsum[i], dbits, dv, mbits,
                            mv)
         for i in range(n_tok):

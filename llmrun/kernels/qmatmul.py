@@ -31,7 +31,7 @@ from .blocks import PREFETCH_LINES, R, _add_block, _finish_tile, _prefetch, _qua
     _scales_f32
 from .gemm_blas import _matmul_widened
 from .gemm_vnni import _VECS, _matmul_vnni
-from .gemv import _gemv_h16, _gemv_i8, _gemv_i8_batch, _gemv_u4, _gemv_u4_batch
+from .gemv import _gemv, _gemv_batch, _gemv_h16
 from .repack import U4, I8, H16, FP32, PackedMatrix
 
 FEW_TOKENS = 3              # up to this many tokens, run the decode kernel per token instead
@@ -209,12 +209,9 @@ def matvec(pm: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None, accum
     if out is None:
         out = np.empty(pm.n_rows, np.float32)
         accumulate = False
-    if VNNI_GEMV and pm.family in (U4, I8):
-        gemv_vnni._gemv_vnni(pm.codes, pm.family == U4, *_scale_args(pm), pm.zero, x, out, accumulate)
-    elif pm.family == U4:
-        _gemv_u4(pm.codes, *_scale_args(pm), pm.zero, x, out, accumulate)
-    elif pm.family == I8:
-        _gemv_i8(pm.codes, *_scale_args(pm), pm.zero, x, out, accumulate)
+    if pm.family in (U4, I8):
+        kernel = gemv_vnni._gemv_vnni if VNNI_GEMV else _gemv
+        kernel(pm.codes, pm.family == U4, *_scale_args(pm), pm.zero, x, out, accumulate)
     elif pm.family == H16:
         _gemv_h16(pm.codes, pm.kind, x, out, accumulate)
     else:
@@ -237,8 +234,7 @@ def matvec_batch(pm: PackedMatrix, X: np.ndarray, out: np.ndarray | None = None,
     if pm.family in (U4, I8) and X.shape[0] > 1 and VNNI:
         _gemv_batch_vnni(pm.codes, pm.family == U4, *_scale_args(pm), pm.zero, pm.bs, X, out, accumulate)
     elif pm.family in (U4, I8) and X.shape[0] > 1:
-        kernel = _gemv_u4_batch if pm.family == U4 else _gemv_i8_batch
-        kernel(pm.codes, *_scale_args(pm), pm.zero, X, out, accumulate)
+        _gemv_batch(pm.codes, pm.family == U4, *_scale_args(pm), pm.zero, X, out, accumulate)
     else:
         for i in range(X.shape[0]):
             matvec(pm, X[i], out[i], accumulate)
