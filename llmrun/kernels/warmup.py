@@ -5,10 +5,10 @@ its on-disk cache (``cache=True``: in ``__pycache__`` beside the source, or numb
 folder is read-only). Left to itself, a cold first run compiled the kernels one after the other inside the
 first forward, silently, and each further quant type compiled every product kernel again. Instead:
 
-* every kernel has exactly ONE signature: one dtype per argument, and the scale layouts of all the quant
-  types of a family share one argument layout (qmatmul.py). The registry below spells them out, in units
-  (one or two kernels compiled together); tests/test_kernel_warmup.py runs models of every type and checks
-  that nothing else gets compiled.
+* every kernel has exactly ONE signature: one dtype per argument, the scale layouts of all the quant types
+  of a family share one argument layout (blocks.py), and U4 and I8 tiles share each product kernel (a
+  `nibbles` flag). The registry below spells them out, in units (one or two kernels compiled together);
+  tests/test_kernel_warmup.py runs models of every type and checks that nothing else gets compiled.
 * ``start(units)``, at the beginning of a model load, looks the signatures up in numba's cache index (no
   compiling). If some are missing it prints ONE line on stderr and starts worker processes
   (``python -m llmrun.kernels.warmup --queue DIR UNIT...``), one per core but one, that take the missing units
@@ -62,7 +62,7 @@ def _units() -> dict[str, Unit]:
     u8_3, u8_4, u16_2 = _array(np.uint8, 3), _array(np.uint8, 4), _array(np.uint16, 2)
     i16_2, i32_2, i64_1 = _array(np.int16, 2), _array(np.int32, 2), _array(np.int64, 1)
     i64, f32, b1 = types.int64, types.float32, types.boolean
-    # a family's block scales or offsets: (half bits, super-block scales, sub-block scales), qmatmul.py
+    # a family's block scales or offsets: (half bits, super-block scales, sub-block scales), blocks.py
     sc = types.Tuple((_array(np.uint16, 3), f32_3, _array(np.int8, 3)))
     scales = (sc, sc, b1, b1, i64)          # d, m, two_level, has_m, zero
 
@@ -78,17 +78,17 @@ def _units() -> dict[str, Unit]:
             (ops.head_rmsnorm, (f32_2, i64, i64, f32_1, f32)),
             (ops.swiglu, (f32_2, i64, f32_2)),
             (ops.geglu, (f32_2, i64, f32_2))]),
-        Unit("gemv", 4.0, lambda: [(gemv._gemv, (u8_4, b1, *scales, f32_1, f32_1, b1))]),
+        Unit("gemv", 4.5, lambda: [(gemv._gemv, (u8_4, b1, *scales, f32_1, f32_1, b1))]),
         Unit("gemv_vnni", 3.0, lambda: [
             (gemv_vnni._gemv_vnni, (u8_4, b1, *scales, f32_1, f32_1, b1))]),
         Unit("gemv_h16", 1.5, lambda: [(gemv._gemv_h16, (u16_2, i64, f32_1, f32_1, b1))]),
         Unit("batch_vnni", 4.0, lambda: [
             (qmatmul._gemv_batch_vnni, (u8_4, b1, *scales, i64, f32_2, f32_2, b1))]),
-        Unit("batch", 4.5, lambda: [(gemv._gemv_batch, (u8_4, b1, *scales, f32_2, f32_2, b1))]),
+        Unit("batch", 5.0, lambda: [(gemv._gemv_batch, (u8_4, b1, *scales, f32_2, f32_2, b1))]),
         Unit("igemm", 3.5, lambda: [
             (gemm_vnni._igemm, (u8_4, b1, *scales, i32_2, f32_2, f32_2, f32_2)),
             (gemm_vnni._quantize_token_blocks, (f32_2, i64, i16_2, f32_2, f32_2))]),
-        Unit("widen", 3.0, lambda: [(gemm_blas._widen, (u8_4, b1, *scales, i64, i64, f32_3))]),
+        Unit("widen", 2.5, lambda: [(gemm_blas._widen, (u8_4, b1, *scales, i64, i64, f32_3))]),
         Unit("widen_h16", 1.0, lambda: [(gemm_blas._widen_h16, (u16_2, i64, i64, i64, f32_2))]),
     ]
     for tk in kv_formats.KV_TYPES:       # the cache kernels, per (type_k, type_v)
