@@ -1,5 +1,5 @@
-"""kernels/gemv_vnni.py: the vpdpbusd one-token product gives exactly the portable kernels' bits (qmatmul's
-_gemv_u4 / _gemv_i8: the same integer block sums, the same float epilogue) for every tiled quant type; its
+"""kernels/gemv_vnni.py: the vpdpbusd one-token product gives exactly the portable kernel's bits (gemv.py's
+_gemv: the same integer block sums, the same float epilogue) for every tiled quant type; its
 closeness to gguf-py's dequantized product is checked through matvec in test_kernels.py."""
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from llmrun.kernels import matvec, pack_matrix
-from llmrun.kernels import qmatmul
+from llmrun.kernels import gemv, qmatmul
 from llmrun.kernels.repack import U4
 from test_kernels import _SCALE_FIELDS, _random_rows
 
-pytestmark = pytest.mark.skipif(not qmatmul.VNNI_GEMV, reason="needs AVX-512 VNNI (other hosts run qmatmul's kernels)")
+pytestmark = pytest.mark.skipif(not qmatmul.VNNI_GEMV, reason="needs AVX-512 VNNI (other hosts run gemv.py's kernels)")
 
 
 def _activations(rng, cols):
@@ -33,18 +33,17 @@ def test_vnni_gemv_bit_identical_to_portable(name):
     rows, cols = 150, 768   # 150: a partial last tile; 768: three 256-blocks (K-quant super-blocks)
     raw, qt = _random_rows(rng, name, rows, cols)
     pm = pack_matrix(raw, int(qt), cols)
-    portable = qmatmul._gemv_u4 if pm.family == U4 else qmatmul._gemv_i8
-    args = (*qmatmul._scale_args(pm), pm.zero)
+    args = (pm.family == U4, *qmatmul._scale_args(pm), pm.zero)
     for _ in range(3):
         x = _activations(rng, cols)
         for accumulate in (False, True):
             want = np.linspace(-1, 1, rows).astype(np.float32)
             got = want.copy()
-            portable(pm.codes, *args, x, want, accumulate)
-            _gemv_vnni(pm.codes, pm.family == U4, *args, x, got, accumulate)
+            gemv._gemv(pm.codes, *args, x, want, accumulate)
+            _gemv_vnni(pm.codes, *args, x, got, accumulate)
             np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
     y = np.empty(rows, np.float32)
-    portable(pm.codes, *args, x, y, False)
+    gemv._gemv(pm.codes, *args, x, y, False)
     np.testing.assert_array_equal(matvec(pm, x), y)   # the kernel matvec dispatches to
 
 
@@ -58,10 +57,10 @@ def test_extreme_codes_and_activations():
     blocks[:32, :, 2:] = 127            # int8 127 -> stored code 255
     blocks[32:, :, 2:] = 0x80           # int8 -128 -> stored code 0
     pm = pack_matrix(blocks.reshape(64, -1), int(qt), 256)
-    args = (*qmatmul._scale_args(pm), pm.zero)
+    args = (False, *qmatmul._scale_args(pm), pm.zero)
     for x in (np.full(256, 3.0, np.float32), np.full(256, -3.0, np.float32),
               np.where(np.arange(256) % 2, 1.0, -1.0).astype(np.float32)):
         want, got = np.empty(64, np.float32), np.empty(64, np.float32)
-        qmatmul._gemv_i8(pm.codes, *args, x, want, False)
-        _gemv_vnni(pm.codes, False, *args, x, got, False)
+        gemv._gemv(pm.codes, *args, x, want, False)
+        _gemv_vnni(pm.codes, *args, x, got, False)
         np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))

@@ -31,7 +31,7 @@ import llmrun
 from numba.core.registry import CPUDispatcher
 from llmrun.engine.model import LlamaModel
 from llmrun.gguf import GGUFReader
-from llmrun.kernels import gemv_vnni, ops, qmatmul, repack
+from llmrun.kernels import blocks, gemm_blas, gemm_vnni, gemv, gemv_vnni, ops, qmatmul, repack
 
 runs = [(p, None, None) for p in sys.argv[1:]] + [(sys.argv[1], "q8_0", "f32"), (sys.argv[1], "f32", "q8_0")]
 for path, type_k, type_v in runs:
@@ -47,7 +47,7 @@ for path, type_k, type_v in runs:
     m.forward_batch([a, b], [ids[:5], ids[5:7]])
     m.forward_batch([a, b], [ids[7:8], ids[8:9]])   # batched decode, pooled attention
 out = {}
-for mod in (gemv_vnni, ops, qmatmul, repack):
+for mod in (blocks, gemm_blas, gemm_vnni, gemv, gemv_vnni, ops, qmatmul, repack):
     for name, obj in vars(mod).items():
         if isinstance(obj, CPUDispatcher) and obj.py_func.__module__ == mod.__name__:
             out[f"{mod.__name__}.{name}"] = {"sigs": [repr(s) for s in obj.signatures],
@@ -109,7 +109,7 @@ def test_units_cover_each_family():
     kv = ("f16", "f16")
     assert warmup.units_for({FP32}, kv) == ["graph", "attention:f16,f16"]   # float rows are not tiled
     from llmrun.kernels.qmatmul import VNNI_GEMV
-    assert ({"gemv_vnni"} if VNNI_GEMV else {"gemv_u4", "gemv_i8"}) <= set(warmup.units_for({U4, I8}, kv))
+    assert ({"gemv_vnni"} if VNNI_GEMV else {"gemv"}) <= set(warmup.units_for({U4, I8}, kv))
     assert "gemv_h16" in warmup.units_for({H16}, kv)
     assert "attention_slots:q8_0,f32" in warmup.units_for({U4}, ("q8_0", "f32"), batched=True)
     assert set(warmup.units_for({U4, I8, H16}, kv)) | set(warmup.units_for({U4, I8}, kv, batched=True)) \

@@ -1,4 +1,5 @@
-"""Numba kernels: load-time weight layouts (repack), quantized matrix products (qmatmul), graph ops (ops).
+"""Numba kernels: load-time weight layouts (repack), quantized matrix products (qmatmul: dispatch to gemv,
+gemv_vnni, gemm_vnni, gemm_blas over what blocks shares), graph ops (ops).
 
 The process-wide settings they rely on (vector width, OpenMP wait policy, BLAS threads) are made by
 llmrun/runtime.py.

@@ -1,9 +1,9 @@
 """One-token products (decode) on AVX-512 VNNI hosts: u8 x s8 `vpdpbusd` on int16 activations, bit-exact.
 
-The portable one-token kernels (qmatmul._gemv_u4 / _gemv_i8) widen every code byte to int32 and multiply it
+The portable one-token kernel (gemv._gemv) widens every code byte to int32 and multiplies it
 with an int16 activation: ~10 instructions per 64 products, bound by instruction count rather than memory.
 `vpdpbusd` multiplies 4 unsigned bytes by 4 signed bytes and adds the four products to an int32 lane: 64
-products per instruction, but on bytes. The int16 activation codes x (exactly qmatmul._quantize_activations')
+products per instruction, but on bytes. The int16 activation codes x (exactly blocks._quantize_activations')
 are therefore split into two bytes, x = 256*xh + xl with xh = x >> 8 (signed) and xl = x & 255 (unsigned):
 
   U4 codes c in 0..15 (valid as u8 and as s8):  sum c*x = 256 * dpbusd(u8 c, s8 xh) + dpbusd(u8 xl, s8 c)
@@ -11,7 +11,7 @@ are therefore split into two bytes, x = 256*xh + xl with xh = x >> 8 (signed) an
       sum c*x = 256 * dpbusd(u8 c, s8 xh) + dpbusd(u8 xl, s8 c ^ 0x80) + 128 * sum xl
 
 Exact integers: each block's int32 sums are the same integers the portable kernels compute, and the same
-float epilogue (qmatmul._add_block) finishes them, so every output is bit-identical to qmatmul's (tested).
+float epilogue (blocks._add_block) finishes them, so every output is bit-identical to gemv.py's (tested).
 
 The codes keep the tile layout of repack.py ([tile, block, byte, row]: one 64-byte load = byte j of 64 rows).
 vpdpbusd wants 4 consecutive weights of one row in a 32-bit lane, so each group of 4 byte rows is transposed
@@ -27,10 +27,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .qmatmul import PREFETCH_LINES, _add_block, _finish_tile, _prefetch, _quantize_activations
-from .repack import TILE_ROWS
+from .blocks import PREFETCH_LINES, R, _add_block, _finish_tile, _prefetch, _quantize_activations
 
-R = TILE_ROWS
 USABLE = R == 64   # the micro-kernels hold one tile's 64 rows in 4 zmm registers of 16 int32 lanes
 
 _I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
@@ -164,7 +162,7 @@ def _split_activations(xq, bs, nibbles, xh, xl, xl_bias):
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _gemv_vnni(codes, nibbles, d, m, two_level, has_m, zero, x, y, accumulate):
-    """y[:n] (=|+=) W x for U4 (nibbles) or I8 tiles, bit-identical to qmatmul._gemv_u4 / _gemv_i8."""
+    """y[:n] (=|+=) W x for U4 (nibbles) or I8 tiles, bit-identical to gemv._gemv."""
     n_tiles, nblk, n_rows = codes.shape[0], codes.shape[1], codes.shape[2]
     bs = 32 if nibbles else n_rows
     K = x.shape[0]

@@ -16,7 +16,7 @@ For U4 and I8, rows are grouped into tiles of TILE_ROWS; inside a tile the codes
 ([tile, block, byte, row]) so that the kernels' innermost loop runs over TILE_ROWS independent output
 rows: long, contiguous and without reductions, which is what LLVM vectorizes well (docs/kernels.md).
 H16 and F32 rows stay row-major. Nothing is dequantized to a float32 copy: U4 keeps 4 bits per weight,
-I8 8 bits, H16 16 bits (prefill widens one chunk of rows at a time, qmatmul.py).
+I8 8 bits, H16 16 bits (prefill widens one chunk of rows at a time, gemm_blas.py).
 """
 from __future__ import annotations
 
@@ -28,8 +28,9 @@ from numba import njit
 from ..errors import ModelError
 from ..ggml import GGML_BLOCK, IQ4_NL_VALUES, GGMLType, fp16_values
 
-# Rows per tile. The kernels (qmatmul.py) compile it in as a constant; numba's on-disk cache only watches the
-# file a kernel is defined in, so after changing it here, touch qmatmul.py (or clear __pycache__).
+# Rows per tile. The kernels (blocks.py and the product files beside it) compile it in as a constant; numba's
+# on-disk cache only watches the file a kernel is defined in, so after changing it here, touch those files
+# (or clear __pycache__).
 TILE_ROWS = 64
 
 U4, I8, H16, FP32 = "u4", "i8", "h16", "f32"
@@ -59,7 +60,7 @@ class PackedMatrix:
     zero: int = 0              # integer zero point of the codes: w = d*(q - zero) + m (exact in the kernels)
     kind: int = 0              # H16: 0 = f16, 1 = bf16
     src_type: int = -1
-    kernel_scales: tuple | None = field(default=None, repr=False, compare=False)   # qmatmul._scale_args
+    kernel_scales: tuple | None = field(default=None, repr=False, compare=False)   # blocks._scale_args
 
     @property
     def nbytes(self) -> int:

@@ -5,10 +5,10 @@ its on-disk cache (``cache=True``: in ``__pycache__`` beside the source, or numb
 folder is read-only). Left to itself, a cold first run compiled the kernels one after the other inside the
 first forward, silently, and each further quant type compiled every product kernel again. Instead:
 
-* every kernel has exactly ONE signature: one dtype per argument, and the scale layouts of all the quant
-  types of a family share one argument layout (qmatmul.py). The registry below spells them out, in units
-  (one or two kernels compiled together); tests/test_kernel_warmup.py runs models of every type and checks
-  that nothing else gets compiled.
+* every kernel has exactly ONE signature: one dtype per argument, the scale layouts of all the quant types
+  of a family share one argument layout (blocks.py), and U4 and I8 tiles share each product kernel (a
+  `nibbles` flag). The registry below spells them out, in units (one or two kernels compiled together);
+  tests/test_kernel_warmup.py runs models of every type and checks that nothing else gets compiled.
 * ``start(units)``, at the beginning of a model load, looks the signatures up in numba's cache index (no
   compiling). If some are missing it prints ONE line on stderr and starts worker processes
   (``python -m llmrun.kernels.warmup --queue DIR UNIT...``), one per core but one, that take the missing units
@@ -56,24 +56,15 @@ def _units() -> dict[str, Unit]:
     """The registry. Signatures are spelled out here; the kernels' callers (qmatmul's matvec / matvec_batch /
     matmul, repack's pack_matrix, the engine) pass exactly these types (tests/test_kernel_warmup.py)."""
     from numba import types
-    from . import gemv_vnni, kv_formats, ops, qmatmul, repack
+    from . import gemm_blas, gemm_vnni, gemv, gemv_vnni, kv_formats, ops, qmatmul, repack
 
     f32_1, f32_2, f32_3, f32_4 = (_array(np.float32, n) for n in (1, 2, 3, 4))
     u8_3, u8_4, u16_2 = _array(np.uint8, 3), _array(np.uint8, 4), _array(np.uint16, 2)
     i16_2, i32_2, i64_1 = _array(np.int16, 2), _array(np.int32, 2), _array(np.int64, 1)
     i64, f32, b1 = types.int64, types.float32, types.boolean
-    # a family's block scales or offsets: (half bits, super-block scales, sub-block scales), qmatmul.py
+    # a family's block scales or offsets: (half bits, super-block scales, sub-block scales), blocks.py
     sc = types.Tuple((_array(np.uint16, 3), f32_3, _array(np.int8, 3)))
     scales = (sc, sc, b1, b1, i64)          # d, m, two_level, has_m, zero
-
-    def gemv(fn):
-        return [(fn, (u8_4, *scales, f32_1, f32_1, b1))]
-
-    def batch(fn):
-        return [(fn, (u8_4, *scales, f32_2, f32_2, b1))]
-
-    def widen(fn):
-        return [(fn, (u8_4, *scales, i64, i64, f32_3))]
 
     def cache(kind, ndim):   # a KV cache of one type (kv_formats.py)
         if kind == "q8_0":
@@ -87,21 +78,18 @@ def _units() -> dict[str, Unit]:
             (ops.head_rmsnorm, (f32_2, i64, i64, f32_1, f32)),
             (ops.swiglu, (f32_2, i64, f32_2)),
             (ops.geglu, (f32_2, i64, f32_2))]),
-        Unit("gemv_u4", 2.8, lambda: gemv(qmatmul._gemv_u4)),
-        Unit("gemv_i8", 2.6, lambda: gemv(qmatmul._gemv_i8)),
+        Unit("gemv", 4.5, lambda: [(gemv._gemv, (u8_4, b1, *scales, f32_1, f32_1, b1))]),
         Unit("gemv_vnni", 3.0, lambda: [
             (gemv_vnni._gemv_vnni, (u8_4, b1, *scales, f32_1, f32_1, b1))]),
-        Unit("gemv_h16", 1.5, lambda: [(qmatmul._gemv_h16, (u16_2, i64, f32_1, f32_1, b1))]),
+        Unit("gemv_h16", 1.5, lambda: [(gemv._gemv_h16, (u16_2, i64, f32_1, f32_1, b1))]),
         Unit("batch_vnni", 4.0, lambda: [
             (qmatmul._gemv_batch_vnni, (u8_4, b1, *scales, i64, f32_2, f32_2, b1))]),
-        Unit("batch_u4", 3.0, lambda: batch(qmatmul._gemv_u4_batch)),
-        Unit("batch_i8", 3.0, lambda: batch(qmatmul._gemv_i8_batch)),
+        Unit("batch", 5.0, lambda: [(gemv._gemv_batch, (u8_4, b1, *scales, f32_2, f32_2, b1))]),
         Unit("igemm", 3.5, lambda: [
-            (qmatmul._igemm, (u8_4, b1, *scales, i32_2, f32_2, f32_2, f32_2)),
-            (qmatmul._quantize_token_blocks, (f32_2, i64, i16_2, f32_2, f32_2))]),
-        Unit("widen_u4", 2.0, lambda: widen(qmatmul._widen_u4)),
-        Unit("widen_i8", 2.0, lambda: widen(qmatmul._widen_i8)),
-        Unit("widen_h16", 1.0, lambda: [(qmatmul._widen_h16, (u16_2, i64, i64, i64, f32_2))]),
+            (gemm_vnni._igemm, (u8_4, b1, *scales, i32_2, f32_2, f32_2, f32_2)),
+            (gemm_vnni._quantize_token_blocks, (f32_2, i64, i16_2, f32_2, f32_2))]),
+        Unit("widen", 2.5, lambda: [(gemm_blas._widen, (u8_4, b1, *scales, i64, i64, f32_3))]),
+        Unit("widen_h16", 1.0, lambda: [(gemm_blas._widen_h16, (u16_2, i64, i64, i64, f32_2))]),
     ]
     for tk in kv_formats.KV_TYPES:       # the cache kernels, per (type_k, type_v)
         for tv in kv_formats.KV_TYPES:
@@ -130,8 +118,8 @@ def host_units() -> list[str]:
     U4/I8 through the integer GEMM, others through BLAS)."""
     from .kv_formats import DEFAULT_KV_TYPE as d
     from .qmatmul import VNNI, VNNI_GEMV
-    skip = ({"widen_u4", "widen_i8", "batch_u4", "batch_i8"} if VNNI else {"igemm", "batch_vnni"})
-    skip |= {"gemv_u4", "gemv_i8"} if VNNI_GEMV else {"gemv_vnni"}
+    skip = {"widen", "batch"} if VNNI else {"igemm", "batch_vnni"}
+    skip |= {"gemv"} if VNNI_GEMV else {"gemv_vnni"}
     return [n for n in units() if n not in skip and (":" not in n or n.endswith(f":{d},{d}"))]
 
 
@@ -145,14 +133,12 @@ def units_for(families: Iterable[str], kv_types: tuple[str, str], batched: bool 
     kv = ",".join(kv_types)
     if batched:
         need = [f"attention_slots:{kv}"]
-        for fam, own in ((U4, "u4"), (I8, "i8")):
-            if fam in fams:
-                need.append("batch_vnni" if VNNI else f"batch_{own}")
-        return list(dict.fromkeys(need))
+        if fams & {U4, I8}:
+            need.append("batch_vnni" if VNNI else "batch")
+        return need
     need = ["graph", f"attention:{kv}"]
-    for fam, own in ((U4, "u4"), (I8, "i8")):
-        if fam in fams:   # tiled at load (repack), then products
-            need += ["repack", "gemv_vnni" if VNNI_GEMV else f"gemv_{own}", "igemm" if VNNI else f"widen_{own}"]
+    if fams & {U4, I8}:   # tiled at load (repack), then products
+        need += ["repack", "gemv_vnni" if VNNI_GEMV else "gemv", "igemm" if VNNI else "widen"]
     if H16 in fams:
         need += ["gemv_h16", "widen_h16"]
     return list(dict.fromkeys(need))

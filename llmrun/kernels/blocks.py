@@ -1,0 +1,182 @@
+"""What every U4/I8 product kernel shares: the block scales, the activations' int16 quantization, the epilogue.
+
+The product kernels (gemv.py, gemv_vnni.py, gemm_vnni.py, gemm_blas.py, qmatmul.py's batched decode) differ in
+how they form a block's integer dot products; what they read besides the codes and how a block's sums become
+floats is defined once, here, so that decode and prefill give the same bits (docs/kernels.md, "Batch invariance").
+Numba's on-disk cache watches only the file a kernel is defined in: after changing a helper here, touch the
+kernel files (or clear their __pycache__).
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .repack import TILE_ROWS, PackedMatrix
+from .strict import fma_ir
+
+R = TILE_ROWS
+F16_TO_F32 = np.float32(2.0 ** 112)  # rebias a half's exponent after shifting its bits into float32's place
+
+
+# ------------------------------------------------------------------------------------------ prefetch
+# Decode streams every weight from DRAM once per token. The hardware prefetcher alone left the gemv loops at
+# ~9 GB/s/core on the Xeon VMs; software prefetches PREFETCH_LINES cache lines ahead of the line being
+# read gave +40 % on a plain streaming loop (9.3 -> 13.2 GB/s at 1 thread, 16.6 -> 22.7 at 2).
+PREFETCH_LINES = 32
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """Prefetch the cache line holding element idx of a 1-D array (llvm.prefetch: read, keep in all caches).
+    A prefetch never faults, but callers still stay inside the array."""
+    sig = types.void(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), ir.PointerType())
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ir.PointerType(), i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+# ---------------------------------------------------------------------------------------- block scales
+# Scales d and offsets m are stored as half bits (uint16) when the format's own scales are halves (exact, half
+# the bytes to stream) or in two levels (K-quants: a float32 super-block scale times a small integer sub-block
+# scale, exact in float32). They reach every kernel in ONE argument layout, a triple
+#   (half bits uint16 [tiles, nblk, R], super-block scales float32 [tiles, nblk/G, R], sub-block scales int8
+#    [tiles, nblk, R])
+# of which a matrix uses the first part (two_level False) or the other two; the unused parts are dummies. So each
+# kernel has one signature for every quant type of its family: each further quant type used to cost one more
+# compile of each kernel (~3 s apiece, kernels/warmup.py). The branch is once per block, outside the inner loops.
+_DUMMY_HALF = np.zeros((1, 1, R), np.uint16)
+_DUMMY_SUPER = np.zeros((1, 1, R), np.float32)
+_DUMMY_SUB = np.zeros((1, 1, R), np.int8)
+
+
+@njit(inline="always", fastmath=True)
+def _load_scales(src, two_level, t, b, bits, out):
+    """out[:R] = the scales of block b of tile t as float32 (`bits` is `out` viewed as uint32)."""
+    if two_level:
+        sup = src[1]
+        sub = src[2]
+        g = b // (sub.shape[1] // sup.shape[1])
+        for r in range(R):
+            out[r] = sup[t, g, r] * np.float32(sub[t, b, r])
+    else:
+        half = src[0]
+        for r in range(R):
+            h = np.uint32(half[t, b, r])
+            bits[r] = ((h & np.uint32(0x8000)) << 16) | ((h & np.uint32(0x7FFF)) << 13)
+        for r in range(R):
+            out[r] *= F16_TO_F32
+
+
+def _kernel_scales(a):
+    """A PackedMatrix's d or m (half bits, a (super, sub) pair, or None) as the kernels' triple."""
+    if a is None:
+        return _DUMMY_HALF, _DUMMY_SUPER, _DUMMY_SUB
+    if isinstance(a, tuple):
+        return _DUMMY_HALF, a[0], a[1].view(np.int8)   # sub-scales < 128: the same values as int8
+    return a, _DUMMY_SUPER, _DUMMY_SUB
+
+
+def _scales_f32(a, t, lane) -> np.ndarray:
+    """Block scales (or offsets) of rows (tile t, lane) as float32 [n, nblk]."""
+    if isinstance(a, tuple):
+        sup, sub = a
+        g = sub.shape[1] // sup.shape[1]
+        return np.repeat(sup[t, :, lane], g, axis=1) * sub[t, :, lane].astype(np.float32)
+    a = a[t, :, lane]
+    return a.view(np.float16).astype(np.float32) if a.dtype == np.uint16 else a
+
+
+def _scale_args(pm: PackedMatrix):
+    """(d, m, two_level, has_m) for the kernels (made once per matrix)."""
+    if pm.kernel_scales is None:
+        pm.kernel_scales = (_kernel_scales(pm.d), _kernel_scales(pm.m), isinstance(pm.d, tuple), pm.m is not None)
+    return pm.kernel_scales
+
+
+# ---------------------------------------------------------------------------------------- activations
+# Every U4/I8 product quantizes the activations to int16 with one float scale per
+# weight block (|error| <= 1.5e-5 of the block's largest value: ~250x finer than ggml's int8 Q8 activations),
+# so the inner loop is integer multiply-adds on codes widened straight from memory.
+ACT_MAX = np.float32(32767.0)
+
+
+@njit(fastmath=False)   # helpers called only from other kernels are not cached themselves (kernels/warmup.py)
+def _quantize_activations(x, bs, xq, xd, xsum, xqsum):
+    """x float32 [K] -> xq int16 [K], per-block scale xd [K/bs], per-block sums xsum (for the float
+    offsets m) and per-block integer sums xqsum (for the codes' zero point).
+    Strict float semantics (no fastmath): inlined into different kernels, a fast-math sum may be reordered
+    differently in each, and the batched decode kernels must reproduce the one-token kernels' bits."""
+    for b in range(x.shape[0] // bs):
+        amax = np.float32(0.0)
+        tot = np.float32(0.0)
+        for j in range(b * bs, (b + 1) * bs):
+            amax = max(amax, abs(x[j]))
+            tot += x[j]
+        xsum[b] = tot
+        xd[b] = amax / ACT_MAX
+        inv = ACT_MAX / amax if amax > 0 else np.float32(0.0)
+        qs = 0
+        for j in range(b * bs, (b + 1) * bs):
+            v = np.int16(round(x[j] * inv))
+            xq[j] = v
+            qs += v
+        xqsum[b] = qs
+
+
+@njit(fastmath=True)
+def _finish_tile(acc, y, t, n_rows, accumulate):
+    for r in range(R):
+        row = t * R + r
+        if row < n_rows:
+            if accumulate:
+                y[row] += acc[r]
+            else:
+                y[row] = acc[r]
+
+
+def _epilogue_ir(builder, acc, dv, dx, f, mv=None, sx=None):
+    """acc + d_row * d_x * f (+ m_row * sum(x)), rounded as fma(d_row * d_x, f, fma(m_row, sum(x), acc)): the ONE
+    definition of how a block's integer dot f is scaled and added, emitted by _add_block (decode) and by the
+    GEMM micro-kernel (prefill) alike, in explicit operations no fast-math pass can reorder, so that both give
+    the same bits (kernels/strict.py). The order is the one LLVM had chosen for _add_block's fast-math source."""
+    t = acc if mv is None else fma_ir(builder, mv, sx, acc)
+    return fma_ir(builder, builder.fmul(dv, dx), f, t)
+
+
+@intrinsic
+def _scale_add(typingctx, acc, dv, dx, f):
+    sig = types.float32(types.float32, types.float32, types.float32, types.float32)
+    return sig, lambda context, builder, signature, args: _epilogue_ir(builder, *args)
+
+
+@intrinsic
+def _scale_add_m(typingctx, acc, dv, dx, f, mv, sx):
+    sig = types.float32(*(types.float32,) * 6)
+    return sig, lambda context, builder, signature, args: _epilogue_ir(builder, *args)
+
+
+@njit(inline="always", fastmath=True)
+def _add_block(acc, s, t, b, d, m, two_level, has_m, zero, xd, xsum, xqsum, dbits, dv, mbits, mv):
+    """acc += one block's integer dots s, scaled: d_row * d_x * (s - zero * sum(xq)) (+ m_row * sum(x)),
+    rounded as _epilogue_ir says."""
+    dx = xd[b]
+    zq = zero * xqsum[b]
+    _load_scales(d, two_level, t, b, dbits, dv)
+    if has_m:
+        _load_scales(m, two_level, t, b, mbits, mv)
+        sx = xsum[b]
+        for r in range(R):
+            acc[r] = _scale_add_m(acc[r], dv[r], dx, np.float32(s[r] - zq), mv[r], sx)
+    else:
+        for r in range(R):
+            acc[r] = _scale_add(acc[r], dv[r], dx, np.float32(s[r] - zq))

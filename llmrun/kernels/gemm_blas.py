@@ -1,0 +1,126 @@
+"""Prefill products through BLAS: weights widened to float32 chunk by chunk, then sgemm.
+
+The path for the float families (F16/BF16) and, on hosts without AVX-512 VNNI, for U4/I8 tiles. The activations
+stay float32, so prefill and decode agree within float32 rounding here, not bit for bit (docs/kernels.md).
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from ..runtime import limit_blas_threads
+from .blocks import F16_TO_F32, R, _load_scales, _scale_args
+from .repack import U4, I8, PackedMatrix
+
+# Many tokens: compute-bound, so a chunk of rows is widened to float32 (a bounded scratch, never the
+# whole matrix) and multiplied with the float32 activations by BLAS sgemm (~3x our best Numba FMA loop).
+CHUNK_FLOATS = 1 << 20      # widened weights per chunk (4 MiB)
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)   # nogil: prefill runs it from several threads
+def _widen(codes, nibbles, d, m, two_level, has_m, zero, t0, t1, out):
+    """U4 (nibbles) or I8 tiles t0..t1 -> float32 out[t - t0, col, r] (each tile's W.T, contiguous: sequential
+    writes)."""
+    nblk, n_lines = codes.shape[1], codes.shape[2]
+    zf = np.float32(zero)
+    for t in prange(t0, t1):
+        dbits = np.empty(R, np.uint32)
+        dv = dbits.view(np.float32)
+        mbits = np.zeros(R, np.uint32)
+        mv = mbits.view(np.float32)
+        for b in range(nblk):
+            _load_scales(d, two_level, t, b, dbits, dv)
+            if has_m:
+                _load_scales(m, two_level, t, b, mbits, mv)
+            if nibbles:   # byte j: weights j (low nibble) and j + 16 (high)
+                for j in range(16):
+                    for r in range(R):
+                        v = codes[t, b, j, r]
+                        # uint8 casts keep the nibble arithmetic 8/32-bit wide (else int64 lanes: 2x slower)
+                        out[t - t0, b * 32 + j, r] = (np.float32(np.uint8(v & 15)) - zf) * dv[r] + mv[r]
+                        out[t - t0, b * 32 + j + 16, r] = (np.float32(np.uint8(v >> 4)) - zf) * dv[r] + mv[r]
+            else:
+                for j in range(n_lines):
+                    for r in range(R):
+                        out[t - t0, b * n_lines + j, r] = (np.float32(codes[t, b, j, r]) - zf) * dv[r] + mv[r]
+
+
+@njit(parallel=True, fastmath=True, cache=True, nogil=True)   # nogil: prefill runs it from several threads
+def _widen_h16(codes, kind, r0, r1, out):
+    """uint16 rows r0..r1 (IEEE halves if kind == 0, else bfloat16) -> float32 out[0:r1-r0]."""
+    bits = out.view(np.uint32)
+    n_cols = codes.shape[1]
+    for i in prange(r1 - r0):
+        src = codes[r0 + i]
+        dst = bits[i]
+        if kind == 1:
+            for j in range(n_cols):
+                dst[j] = np.uint32(src[j]) << 16
+        else:
+            # exponent+mantissa moved into float32's place, sign kept; the 2**112 rebias below is exact,
+            # also for subnormal halves (weights hold no inf/nan)
+            for j in range(n_cols):
+                h = np.uint32(src[j])
+                dst[j] = ((h & np.uint32(0x8000)) << 16) | ((h & np.uint32(0x7FFF)) << 13)
+            row = out[i]
+            for j in range(n_cols):
+                row[j] *= F16_TO_F32
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _workers(n: int) -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None or _pool._max_workers < n:
+        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="llmrun-gemm")
+    return _pool
+
+
+def _matmul_widened(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
+    """Prefill product: chunks of rows (H16) or of tiles (U4/I8) are widened to float32 and multiplied by
+    single-threaded BLAS; with several threads, the chunks are shared out to that many Python threads
+    (BLAS and the widening kernels release the GIL)."""
+    T, K = X.shape
+    limit_blas_threads()
+    tiled = pm.family in (U4, I8)
+    if tiled:
+        d, m, two_level, has_m = _scale_args(pm)
+    n_units = pm.codes.shape[0] if tiled else pm.n_rows           # tiles or rows
+    step = max(1, CHUNK_FLOATS // (K * R)) if tiled else max(1, CHUNK_FLOATS // K)
+    n_threads = numba.get_num_threads()
+    if n_threads > 1:   # equal chunks, a multiple of the thread count of them: no thread idles at the end
+        n_chunks = -(-max(-(-n_units // step), n_threads) // n_threads) * n_threads
+        step = max(1, -(-n_units // n_chunks))
+    Y = np.empty((T, n_units * R if tiled else n_units), np.float32)   # tiled: padded, trimmed below
+    starts = list(range(0, n_units, step))
+
+    def work(chunk_starts, n_threads):
+        numba.set_num_threads(n_threads)   # per OS thread
+        if tiled:
+            buf = np.empty((min(step, n_units), K, R), np.float32)
+            part = np.empty((min(step, n_units), T, R), np.float32)
+            for t0 in chunk_starts:
+                t1 = min(n_units, t0 + step)
+                n = t1 - t0
+                _widen(pm.codes, pm.family == U4, d, m, two_level, has_m, pm.zero, t0, t1, buf)
+                np.matmul(X, buf[:n], out=part[:n])
+                Y[:, t0 * R:t1 * R].reshape(T, n, R)[:] = part[:n].transpose(1, 0, 2)
+        else:
+            buf = np.empty((min(step, n_units), K), np.float32)
+            for r0 in chunk_starts:
+                r1 = min(n_units, r0 + step)
+                _widen_h16(pm.codes, pm.kind, r0, r1, buf[:r1 - r0])
+                np.matmul(X, buf[:r1 - r0].T, out=Y[:, r0:r1])
+
+    n_workers = min(n_threads, len(starts))
+    if n_workers <= 1:
+        work(starts, n_threads)
+    else:
+        jobs = [_workers(n_workers).submit(work, starts[i::n_workers], 1) for i in range(n_workers)]
+        for job in jobs:
+            job.result()
+    return Y[:, :pm.n_rows] if tiled else Y
