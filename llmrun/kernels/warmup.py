@@ -56,7 +56,7 @@ def _units() -> dict[str, Unit]:
     """The registry. Signatures are spelled out here; the kernels' callers (qmatmul's matvec / matvec_batch /
     matmul, repack's pack_matrix, the engine) pass exactly these types (tests/test_kernel_warmup.py)."""
     from numba import types
-    from . import gemv_vnni, kv_formats, ops, qmatmul, repack
+    from . import gemv_vnni, gemv_vnni_batch, kv_formats, ops, qmatmul, repack
 
     f32_1, f32_2, f32_3, f32_4 = (_array(np.float32, n) for n in (1, 2, 3, 4))
     u8_3, u8_4, u16_2 = _array(np.uint8, 3), _array(np.uint8, 4), _array(np.uint16, 2)
@@ -93,7 +93,7 @@ def _units() -> dict[str, Unit]:
             (gemv_vnni._gemv_vnni, (u8_4, b1, *scales, f32_1, f32_1, b1))]),
         Unit("gemv_h16", 1.5, lambda: [(qmatmul._gemv_h16, (u16_2, i64, f32_1, f32_1, b1))]),
         Unit("batch_vnni", 4.0, lambda: [
-            (qmatmul._gemv_batch_vnni, (u8_4, b1, *scales, i64, f32_2, f32_2, b1))]),
+            (gemv_vnni_batch.gemv_batch_vnni, (u8_4, b1, *scales, f32_2, f32_2, b1))]),
         Unit("batch_u4", 3.0, lambda: batch(qmatmul._gemv_u4_batch)),
         Unit("batch_i8", 3.0, lambda: batch(qmatmul._gemv_i8_batch)),
         Unit("igemm", 3.5, lambda: [
@@ -130,8 +130,8 @@ def host_units() -> list[str]:
     U4/I8 through the integer GEMM, others through BLAS)."""
     from .kv_formats import DEFAULT_KV_TYPE as d
     from .qmatmul import VNNI, VNNI_GEMV
-    skip = ({"widen_u4", "widen_i8", "batch_u4", "batch_i8"} if VNNI else {"igemm", "batch_vnni"})
-    skip |= {"gemv_u4", "gemv_i8"} if VNNI_GEMV else {"gemv_vnni"}
+    skip = {"widen_u4", "widen_i8"} if VNNI else {"igemm"}
+    skip |= {"gemv_u4", "gemv_i8", "batch_u4", "batch_i8"} if VNNI_GEMV else {"gemv_vnni", "batch_vnni"}
     return [n for n in units() if n not in skip and (":" not in n or n.endswith(f":{d},{d}"))]
 
 
@@ -147,7 +147,7 @@ def units_for(families: Iterable[str], kv_types: tuple[str, str], batched: bool 
         need = [f"attention_slots:{kv}"]
         for fam, own in ((U4, "u4"), (I8, "i8")):
             if fam in fams:
-                need.append("batch_vnni" if VNNI else f"batch_{own}")
+                need.append("batch_vnni" if VNNI_GEMV else f"batch_{own}")
         return list(dict.fromkeys(need))
     need = ["graph", f"attention:{kv}"]
     for fam, own in ((U4, "u4"), (I8, "i8")):
