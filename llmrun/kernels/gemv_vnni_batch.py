@@ -84,17 +84,18 @@ def _make_transpose(nibbles: bool, n_rows: int):
 def _make_block_dots(nibbles: bool, words: int, n_tok: int):
     """An intrinsic s[i*R + r] = sum over one block of codes(row r) * x_i for tokens i < n_tok, from the
     block's transposed codes in `scratch` (_make_transpose); xh / xl: the activations' high (s8) and low (u8)
-    bytes as int32 words, token i's block word k at xo + i*xstride + k; bias[bo + i*bstride]: token i's
-    128 * sum of xl over the block (I8; zeros for U4)."""
+    bytes as int32 words, token i's block word k at xo + i*words + k (block-major: constant offsets from one
+    base); bias[bo + i]: token i's 128 * sum of xl over the block (I8; zeros for U4)."""
 
     @intrinsic
-    def block_dots(typingctx, s, scratch, xh, xl, xo, xstride, bias, bo, bstride):
-        sig = types.void(s, scratch, xh, xl, types.intp, types.intp, bias, types.intp, types.intp)
+    def block_dots(typingctx, s, scratch, xh, xl, xo, bias, bo):
+        sig = types.void(s, scratch, xh, xl, types.intp, bias, types.intp)
 
         def codegen(context, builder, signature, args):
-            sp, xhp, xlp, bp = (context.make_array(signature.args[k])(context, builder, args[k]).data for k in (0, 2, 3, 6))
+            sp, xhp, xlp, bp = (context.make_array(signature.args[k])(context, builder, args[k]).data
+                                for k in (0, 2, 3, 5))
             cp = _aligned(context, builder, signature.args[1], args[1])
-            xo, xs, bo, bst = args[4], args[5], args[7], args[8]
+            xh0, xl0, b0 = builder.gep(xhp, [args[4]]), builder.gep(xlp, [args[4]]), builder.gep(bp, [args[6]])
             dpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VI, [_VI, _VB, _VB]),
                                                     "llvm.x86.avx512.vpdpbusd.512")
             flip = builder.bitcast(_splat(-0x7F7F7F80), _VB)   # 0x80 in every byte
@@ -103,16 +104,15 @@ def _make_block_dots(nibbles: bool, words: int, n_tok: int):
                 ptr = builder.bitcast(builder.gep(cp, [_const((4 * k + q) * _LANE_BYTES)]), _VB.as_pointer())
                 return builder.load(ptr, typ=_VB, align=64)
 
-            def broadcast(base, off, stride, i, k):   # word off + i*stride + k in every lane
-                idx = builder.add(off, builder.add(builder.mul(_const(i), stride), _const(k)))
-                word = builder.load(builder.gep(base, [idx]))
+            def broadcast(base, n):   # word base[n] in every lane
+                word = builder.load(builder.gep(base, [_const(n)]))
                 u = ir.Constant(_VI, ir.Undefined)
                 return builder.shuffle_vector(builder.insert_element(u, word, ir.Constant(ir.IntType(32), 0)), u,
                                               ir.Constant(_VI, [0] * 16))
 
             acc = [[ir.Constant(_VI, [0] * 16) for _ in range(4)] for _ in range(n_tok)]
             for k in range(words):       # the high bytes: codes unsigned, xh signed
-                xk = [builder.bitcast(broadcast(xhp, xo, xs, i, k), _VB) for i in range(n_tok)]
+                xk = [builder.bitcast(broadcast(xh0, i * words + k), _VB) for i in range(n_tok)]
                 for q in range(4):
                     c = code(k, q)
                     for i in range(n_tok):
@@ -122,13 +122,13 @@ def _make_block_dots(nibbles: bool, words: int, n_tok: int):
             # them live across the block (spilled to the stack) instead of reloading them from L1
             builder.call(ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "", "~{memory}", side_effect=True), [])
             for k in range(words):       # the low bytes: xl unsigned, codes signed
-                xk = [builder.bitcast(broadcast(xlp, xo, xs, i, k), _VB) for i in range(n_tok)]
+                xk = [builder.bitcast(broadcast(xl0, i * words + k), _VB) for i in range(n_tok)]
                 for q in range(4):
                     c = code(k, q) if nibbles else builder.xor(code(k, q), flip)
                     for i in range(n_tok):
                         acc[i][q] = builder.call(dpbusd, [acc[i][q], xk[i], c])
             for i in range(n_tok):
-                b = broadcast(bp, bo, bst, i, 0)
+                b = broadcast(b0, i)
                 for q in range(4):
                     ptr = builder.bitcast(builder.gep(sp, [_const(i * R + 16 * q)]), _VI.as_pointer())
                     builder.store(builder.add(acc[i][q], b), ptr, align=4)
@@ -157,35 +157,35 @@ def _transpose(scratch, flat, cbase, nibbles, n_rows):
 
 
 @njit(inline="always")
-def _dots(s, scratch, xh, xl, xo, xs, bias, bo, bst, nibbles, n_rows, g):
+def _dots(s, scratch, xh, xl, xo, bias, bo, nibbles, n_rows, g):
     """The micro-kernel for this block shape and g (1..GROUP) tokens (numba wants each intrinsic named)."""
     if nibbles:
         if g == 4:
-            _u4_4(s, scratch, xh, xl, xo, xs, bias, bo, bst)
+            _u4_4(s, scratch, xh, xl, xo, bias, bo)
         elif g == 3:
-            _u4_3(s, scratch, xh, xl, xo, xs, bias, bo, bst)
+            _u4_3(s, scratch, xh, xl, xo, bias, bo)
         elif g == 2:
-            _u4_2(s, scratch, xh, xl, xo, xs, bias, bo, bst)
+            _u4_2(s, scratch, xh, xl, xo, bias, bo)
         else:
-            _u4_1(s, scratch, xh, xl, xo, xs, bias, bo, bst)
+            _u4_1(s, scratch, xh, xl, xo, bias, bo)
     elif n_rows == 32:
         if g == 4:
-            _i8_32_4(s, scratch, xh, xl, xo, xs, bias, bo, bst)
+            _i8_32_4(s, scratch, xh, xl, xo, bias, bo)
         elif g == 3:
-            _i8_32_3(s, scratch, xh, xl, xo, xs, bias, bo, bst)
+            _i8_32_3(s, scratch, xh, xl, xo, bias, bo)
         elif g == 2:
-            _i8_32_2(s, scratch, xh, xl, xo, xs, bias, bo, bst)
+            _i8_32_2(s, scratch, xh, xl, xo, bias, bo)
         else:
-            _i8_32_1(s, scratch, xh, xl, xo, xs, bias, bo, bst)
+            _i8_32_1(s, scratch, xh, xl, xo, bias, bo)
     else:
         if g == 4:
-            _i8_16_4(s, scratch, xh, xl, xo, xs, bias, bo, bst)
+            _i8_16_4(s, scratch, xh, xl, xo, bias, bo)
         elif g == 3:
-            _i8_16_3(s, scratch, xh, xl, xo, xs, bias, bo, bst)
+            _i8_16_3(s, scratch, xh, xl, xo, bias, bo)
         elif g == 2:
-            _i8_16_2(s, scratch, xh, xl, xo, xs, bias, bo, bst)
+            _i8_16_2(s, scratch, xh, xl, xo, bias, bo)
         else:
-            _i8_16_1(s, scratch, xh, xl, xo, xs, bias, bo, bst)
+            _i8_16_1(s, scratch, xh, xl, xo, bias, bo)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -198,14 +198,19 @@ def gemv_batch_vnni(codes, nibbles, d, m, two_level, has_m, zero, X, Y, accumula
     xd = np.empty((n_tok, nblk), np.float32)
     xsum = np.empty((n_tok, nblk), np.float32)
     xqsum = np.empty((n_tok, nblk), np.int32)
-    xh8 = np.empty((n_tok, K), np.int8)
-    xl8 = np.empty((n_tok, K), np.uint8)
-    xl_bias = np.empty((n_tok, nblk), np.int32)
+    xh1, xl1, bias1 = np.empty(K, np.int8), np.empty(K, np.uint8), np.empty(nblk, np.int32)
+    # block-major [block, token, byte], so that a block's words of a token group are at constant offsets
+    xh8 = np.empty((nblk, n_tok, bs), np.int8)
+    xl8 = np.empty((nblk, n_tok, bs), np.uint8)
+    xl_bias = np.empty((nblk, n_tok), np.int32)
     for i in range(n_tok):   # here, not in a parallel region of its own: a launch costs more than this
         _quantize_activations(X[i], bs, xq, xd[i], xsum[i], xqsum[i])
-        _split_activations(xq, bs, nibbles, xh8[i], xl8[i], xl_bias[i])
+        _split_activations(xq, bs, nibbles, xh1, xl1, bias1)
+        for b in range(nblk):
+            xh8[b, i] = xh1[b * bs:(b + 1) * bs]
+            xl8[b, i] = xl1[b * bs:(b + 1) * bs]
+            xl_bias[b, i] = bias1[b]
     xh, xl, bias = xh8.reshape(-1).view(np.int32), xl8.reshape(-1).view(np.int32), xl_bias.reshape(-1)
-    xs = K // 4
     words = bs // 4
     flat = codes.reshape(-1)
     last = flat.shape[0] - 1
@@ -228,7 +233,7 @@ def gemv_batch_vnni(codes, nibbles, d, m, two_level, has_m, zero, X, Y, accumula
                 _load_scales(m, two_level, t, b, mbits, mv)
             for i0 in range(0, n_tok, GROUP):
                 g = min(GROUP, n_tok - i0)
-                _dots(s, scratch, xh, xl, i0 * xs + b * words, xs, bias, i0 * nblk + b, nblk, nibbles, n_rows, g)
+                _dots(s, scratch, xh, xl, (b * n_tok + i0) * words, bias, b * n_tok + i0, nibbles, n_rows, g)
                 for k in range(g):
                     i = i0 + k
                     _add_scaled(acc[i], s[k * R:(k + 1) * R], b, has_m, zero, xd[i], xsum[i], xqsum[i], dv, mv)
