@@ -24,8 +24,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .gemv_vnni import R, USABLE, _VB, _VI, _const, _quads, _rows_in_order, _split_activations, _splat
-from .qmatmul import PREFETCH_LINES, _add_scaled, _finish_tile, _load_scales, _prefetch, _quantize_activations
+from .gemv_vnni import R, USABLE, _I32, _VB, _VI, _const, _quads, _rows_in_order, _split_activations, _splat
+from .qmatmul import PREFETCH_LINES, _add_scaled, _finish_tile, _load_scales, _quantize_activations
 
 __all__ = ["USABLE", "GROUP", "gemv_batch_vnni"]
 
@@ -81,15 +81,17 @@ def _make_transpose(nibbles: bool, n_rows: int):
     return transpose
 
 
-def _make_block_dots(nibbles: bool, words: int, n_tok: int):
+def _make_block_dots(nibbles: bool, words: int, n_rows: int, n_tok: int):
     """An intrinsic s[i*R + r] = sum over one block of codes(row r) * x_i for tokens i < n_tok, from the
     block's transposed codes in `scratch` (_make_transpose); xh / xl: the activations' high (s8) and low (u8)
     bytes as int32 words, token i's block word k at xo + i*words + k (block-major: constant offsets from one
-    base); bias[bo + i]: token i's 128 * sum of xl over the block (I8; zeros for U4)."""
+    base); bias[bo + i]: token i's 128 * sum of xl over the block (I8; zeros for U4). The n_rows cache lines
+    of codes from codes[ahead] on (a later block) are prefetched a few at a time between the products, so
+    that the requests to memory are spread over the block's work instead of one burst."""
 
     @intrinsic
-    def block_dots(typingctx, s, scratch, xh, xl, xo, bias, bo):
-        sig = types.void(s, scratch, xh, xl, types.intp, bias, types.intp)
+    def block_dots(typingctx, s, scratch, xh, xl, xo, bias, bo, codes, ahead):
+        sig = types.void(s, scratch, xh, xl, types.intp, bias, types.intp, codes, types.intp)
 
         def codegen(context, builder, signature, args):
             sp, xhp, xlp, bp = (context.make_array(signature.args[k])(context, builder, args[k]).data
@@ -98,6 +100,17 @@ def _make_block_dots(nibbles: bool, words: int, n_tok: int):
             xh0, xl0, b0 = builder.gep(xhp, [args[4]]), builder.gep(xlp, [args[4]]), builder.gep(bp, [args[6]])
             dpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VI, [_VI, _VB, _VB]),
                                                     "llvm.x86.avx512.vpdpbusd.512")
+            pf_fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [ir.PointerType(), _I32, _I32, _I32]),
+                "llvm.prefetch.p0")
+            pf0 = builder.gep(context.make_array(signature.args[7])(context, builder, args[7]).data, [args[8]])
+            per_step = n_rows // (2 * words)
+
+            def prefetch(step):   # lines step*per_step .. of the later block
+                for j in range(step * per_step, (step + 1) * per_step):
+                    ptr = builder.bitcast(builder.gep(pf0, [_const(j * R)]), ir.PointerType())
+                    builder.call(pf_fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
             flip = builder.bitcast(_splat(-0x7F7F7F80), _VB)   # 0x80 in every byte
 
             def code(k, q):
@@ -112,6 +125,7 @@ def _make_block_dots(nibbles: bool, words: int, n_tok: int):
 
             acc = [[ir.Constant(_VI, [0] * 16) for _ in range(4)] for _ in range(n_tok)]
             for k in range(words):       # the high bytes: codes unsigned, xh signed
+                prefetch(k)
                 xk = [builder.bitcast(broadcast(xh0, i * words + k), _VB) for i in range(n_tok)]
                 for q in range(4):
                     c = code(k, q)
@@ -122,6 +136,7 @@ def _make_block_dots(nibbles: bool, words: int, n_tok: int):
             # them live across the block (spilled to the stack) instead of reloading them from L1
             builder.call(ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "", "~{memory}", side_effect=True), [])
             for k in range(words):       # the low bytes: xl unsigned, codes signed
+                prefetch(words + k)
                 xk = [builder.bitcast(broadcast(xl0, i * words + k), _VB) for i in range(n_tok)]
                 for q in range(4):
                     c = code(k, q) if nibbles else builder.xor(code(k, q), flip)
@@ -138,9 +153,9 @@ def _make_block_dots(nibbles: bool, words: int, n_tok: int):
 
 
 _t_u4, _t_i8_32, _t_i8_16 = _make_transpose(True, 16), _make_transpose(False, 32), _make_transpose(False, 16)
-_d_u4 = [_make_block_dots(True, 8, n) for n in range(1, GROUP + 1)]
-_d_i8_32 = [_make_block_dots(False, 8, n) for n in range(1, GROUP + 1)]
-_d_i8_16 = [_make_block_dots(False, 4, n) for n in range(1, GROUP + 1)]
+_d_u4 = [_make_block_dots(True, 8, 16, n) for n in range(1, GROUP + 1)]
+_d_i8_32 = [_make_block_dots(False, 8, 32, n) for n in range(1, GROUP + 1)]
+_d_i8_16 = [_make_block_dots(False, 4, 16, n) for n in range(1, GROUP + 1)]
 _u4_1, _u4_2, _u4_3, _u4_4 = _d_u4
 _i8_32_1, _i8_32_2, _i8_32_3, _i8_32_4 = _d_i8_32
 _i8_16_1, _i8_16_2, _i8_16_3, _i8_16_4 = _d_i8_16
@@ -157,35 +172,35 @@ def _transpose(scratch, flat, cbase, nibbles, n_rows):
 
 
 @njit(inline="always")
-def _dots(s, scratch, xh, xl, xo, bias, bo, nibbles, n_rows, g):
+def _dots(s, scratch, xh, xl, xo, bias, bo, flat, ahead, nibbles, n_rows, g):
     """The micro-kernel for this block shape and g (1..GROUP) tokens (numba wants each intrinsic named)."""
     if nibbles:
         if g == 4:
-            _u4_4(s, scratch, xh, xl, xo, bias, bo)
+            _u4_4(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
         elif g == 3:
-            _u4_3(s, scratch, xh, xl, xo, bias, bo)
+            _u4_3(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
         elif g == 2:
-            _u4_2(s, scratch, xh, xl, xo, bias, bo)
+            _u4_2(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
         else:
-            _u4_1(s, scratch, xh, xl, xo, bias, bo)
+            _u4_1(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
     elif n_rows == 32:
         if g == 4:
-            _i8_32_4(s, scratch, xh, xl, xo, bias, bo)
+            _i8_32_4(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
         elif g == 3:
-            _i8_32_3(s, scratch, xh, xl, xo, bias, bo)
+            _i8_32_3(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
         elif g == 2:
-            _i8_32_2(s, scratch, xh, xl, xo, bias, bo)
+            _i8_32_2(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
         else:
-            _i8_32_1(s, scratch, xh, xl, xo, bias, bo)
+            _i8_32_1(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
     else:
         if g == 4:
-            _i8_16_4(s, scratch, xh, xl, xo, bias, bo)
+            _i8_16_4(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
         elif g == 3:
-            _i8_16_3(s, scratch, xh, xl, xo, bias, bo)
+            _i8_16_3(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
         elif g == 2:
-            _i8_16_2(s, scratch, xh, xl, xo, bias, bo)
+            _i8_16_2(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
         else:
-            _i8_16_1(s, scratch, xh, xl, xo, bias, bo)
+            _i8_16_1(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -225,15 +240,14 @@ def gemv_batch_vnni(codes, nibbles, d, m, two_level, has_m, zero, X, Y, accumula
         for b in range(nblk):
             cbase = (t * nblk + b) * n_rows * R
             ahead = min(cbase + PREFETCH_LINES * R, last - (n_rows - 1) * R)
-            for j in range(n_rows):
-                _prefetch(flat, ahead + j * R)
             _transpose(scratch, flat, cbase, nibbles, n_rows)
             _load_scales(d, two_level, t, b, dbits, dv)   # _add_block's, once for all the tokens
             if has_m:
                 _load_scales(m, two_level, t, b, mbits, mv)
             for i0 in range(0, n_tok, GROUP):
                 g = min(GROUP, n_tok - i0)
-                _dots(s, scratch, xh, xl, (b * n_tok + i0) * words, bias, b * n_tok + i0, nibbles, n_rows, g)
+                _dots(s, scratch, xh, xl, (b * n_tok + i0) * words, bias, b * n_tok + i0, flat, ahead, nibbles, n_rows,
+                      g)
                 for k in range(g):
                     i = i0 + k
                     _add_scaled(acc[i], s[k * R:(k + 1) * R], b, has_m, zero, xd[i], xsum[i], xqsum[i], dv, mv)
