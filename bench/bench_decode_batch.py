@@ -4,8 +4,8 @@ kernels interleaved in one run (so load from other jobs hits them alike), one nu
     python bench/bench_decode_batch.py                  # the matrices of docs/server.md, T = 2, 4, 8
     python bench/bench_decode_batch.py --tokens 2 3 4 6 8 --threads 2
 
-Matrices are random weights quantized to the named type and shape (speed does not depend on the values); a product of T
-tokens is `matvec_batch` (rows bit-identical to `matvec`), "per token" divides its time by T.
+Matrices are random weights quantized to the named type and shape (speed does not depend on the values); a
+product of T tokens is `matvec_batch` (rows bit-identical to `matvec`), "per token" divides its time by T.
 """
 from __future__ import annotations
 
@@ -19,14 +19,11 @@ MATRICES = [("SmolLM2 gate/up", "q4_1", 3072, 576), ("SmolLM2 down", "q4_1", 576
             ("SmolLM2 head", "q8_0", 49152, 576), ("TinyLlama gate/up", "q4_0", 11264, 2048)]
 
 
-def _best_us(fn, calls: int, rounds: int) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.process_time()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.process_time() - t0) / calls)
-    return best * 1e6
+def _us_per_call(fn, calls: int) -> float:
+    t0 = time.process_time()
+    for _ in range(calls):
+        fn()
+    return (time.process_time() - t0) / calls * 1e6
 
 
 def main() -> None:
@@ -60,7 +57,7 @@ def main() -> None:
         best = {t: float("inf") for t in runs}
         for _ in range(a.rounds):   # interleaved: each round times every kernel once
             for t, fn in runs.items():
-                best[t] = min(best[t], _best_us(fn, calls, 1))
+                best[t] = min(best[t], _us_per_call(fn, calls))
         cells = " | ".join(f"{best[t]:.0f} ({best[t] / t:.0f})" for t in a.tokens)
         print(f"| {label} {rows}x{k} | {name} | {best[1]:.0f} | {cells} |")
     load = os.getloadavg()
