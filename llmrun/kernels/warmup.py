@@ -92,7 +92,7 @@ def _units() -> dict[str, Unit]:
         Unit("gemv_vnni", 3.0, lambda: [
             (gemv_vnni._gemv_vnni, (u8_4, b1, *scales, f32_1, f32_1, b1))]),
         Unit("gemv_h16", 1.5, lambda: [(qmatmul._gemv_h16, (u16_2, i64, f32_1, f32_1, b1))]),
-        Unit("batch_vnni", 4.0, lambda: [
+        Unit("batch_vnni", 5.0, lambda: [
             (gemv_vnni_batch.gemv_batch_vnni, (u8_4, b1, *scales, f32_2, f32_2, b1))]),
         Unit("batch_u4", 3.0, lambda: batch(qmatmul._gemv_u4_batch)),
         Unit("batch_i8", 3.0, lambda: batch(qmatmul._gemv_i8_batch)),
