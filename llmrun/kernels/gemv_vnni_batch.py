@@ -12,9 +12,9 @@ with c' = c (U4) or c ^ 0x80 (I8), gemv_vnni.py's identity with the high byte's 
 byte's are added (int32 arithmetic wraps alike in any order: the same integers). So one accumulator per 16
 rows and token (4 per token), and up to GROUP tokens share each code vector loaded from the scratch; T > GROUP
 tokens loop over groups of GROUP within the block while it sits in L1. The integer block sums are the
-one-token kernel's exactly, and the same float steps (`qmatmul._add_block`, its scales loaded once per block for
-all the tokens) finish them: each token's row is
-bit-identical to `matvec` (tests/test_gemv_vnni_batch.py).
+one-token kernel's exactly, and the same float steps (`qmatmul._add_block`, its scales loaded once per block
+for all the tokens) finish them: each token's row is bit-identical to `matvec` (tests/test_gemv_vnni_batch.py).
+Measurements: docs/kernels.md.
 """
 from __future__ import annotations
 
