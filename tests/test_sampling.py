@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from llmrun.errors import LlmrunError
-from llmrun.text.sampling import Sampler, SamplingParams, apply_penalties
+from llmrun.text.sampling import Sampler, SamplingParams, apply_penalties, top_k
 
 OFF = dict(top_k=0, top_p=1.0, min_p=0.0)   # no truncation
 
@@ -33,6 +33,32 @@ def test_frequencies_follow_softmax_at_temperature(temperature):
     # chi-square with 7 degrees of freedom: 24.3 is the 0.1% critical value
     assert _chi2(counts, expected) < 24.3
     assert np.abs(counts / counts.sum() - expected).max() < 0.015
+
+
+@pytest.mark.parametrize("n", [6, 300, 49152, 50001])
+def test_top_k_equals_a_full_stable_sort(n):
+    """top_k's candidate bound and partition give exactly the first k of a full stable sort by logit
+    (ties: lower id first), on rows with runs of related ids, many ties, masked (-inf) ids and a NaN."""
+    rng = np.random.default_rng(n)
+    rows = [rng.standard_normal(n).astype(np.float32),
+            (np.sin(np.arange(n) / 500) * 3 + rng.standard_normal(n) * 0.1).astype(np.float32),   # id runs
+            rng.integers(0, 4, n).astype(np.float32),                                             # ties
+            np.where(np.arange(n) % 3 == 0, -np.inf, rng.standard_normal(n)).astype(np.float32),
+            np.sort(rng.standard_normal(n)).astype(np.float32)]                                   # ascending
+    for row in rows:
+        for k in (1, 5, 40, 200):
+            if k >= n:
+                continue
+            ids, vals = top_k(np.arange(n), row, k)
+            want = np.argsort(-row, kind="stable")[:k]
+            np.testing.assert_array_equal(ids, want)
+            np.testing.assert_array_equal(vals, row[want])
+    nan = rows[0].copy()
+    nan[n // 2] = np.nan
+    ids, _ = top_k(np.arange(n), nan, 3)   # what a full partition gives, as before the bound
+    kth = np.partition(nan, n - 3)[n - 3]
+    cand = np.flatnonzero(nan >= kth)
+    np.testing.assert_array_equal(ids, cand[np.argsort(-nan[cand], kind="stable")][:3])
 
 
 def test_top_k_never_picks_excluded_and_renormalises():

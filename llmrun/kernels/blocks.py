@@ -169,11 +169,19 @@ def _scale_add_m(typingctx, acc, dv, dx, f, mv, sx):
 def _add_block(acc, s, t, b, d, m, two_level, has_m, zero, xd, xsum, xqsum, dbits, dv, mbits, mv):
     """acc += one block's integer dots s, scaled: d_row * d_x * (s - zero * sum(xq)) (+ m_row * sum(x)),
     rounded as _epilogue_ir says."""
-    dx = xd[b]
-    zq = zero * xqsum[b]
     _load_scales(d, two_level, t, b, dbits, dv)
     if has_m:
         _load_scales(m, two_level, t, b, mbits, mv)
+    _add_scaled(acc, s, b, has_m, zero, xd, xsum, xqsum, dv, mv)
+
+
+@njit(inline="always", fastmath=True)
+def _add_scaled(acc, s, b, has_m, zero, xd, xsum, xqsum, dv, mv):
+    """_add_block with the block's scales dv (and offsets mv) already loaded: the sums of several tokens of one
+    block share them (gemv_vnni_batch.py)."""
+    dx = xd[b]
+    zq = zero * xqsum[b]
+    if has_m:
         sx = xsum[b]
         for r in range(R):
             acc[r] = _scale_add_m(acc[r], dv[r], dx, np.float32(s[r] - zq), mv[r], sx)

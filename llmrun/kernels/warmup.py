@@ -56,7 +56,7 @@ def _units() -> dict[str, Unit]:
     """The registry. Signatures are spelled out here; the kernels' callers (qmatmul's matvec / matvec_batch /
     matmul, repack's pack_matrix, the engine) pass exactly these types (tests/test_kernel_warmup.py)."""
     from numba import types
-    from . import gemm_blas, gemm_vnni, gemv, gemv_vnni, kv_formats, ops, qmatmul, repack
+    from . import gemm_blas, gemm_vnni, gemv, gemv_vnni, gemv_vnni_batch, kv_formats, ops, repack
 
     f32_1, f32_2, f32_3, f32_4 = (_array(np.float32, n) for n in (1, 2, 3, 4))
     u8_3, u8_4, u16_2 = _array(np.uint8, 3), _array(np.uint8, 4), _array(np.uint16, 2)
@@ -82,8 +82,8 @@ def _units() -> dict[str, Unit]:
         Unit("gemv_vnni", 3.0, lambda: [
             (gemv_vnni._gemv_vnni, (u8_4, b1, *scales, f32_1, f32_1, b1))]),
         Unit("gemv_h16", 1.5, lambda: [(gemv._gemv_h16, (u16_2, i64, f32_1, f32_1, b1))]),
-        Unit("batch_vnni", 4.0, lambda: [
-            (qmatmul._gemv_batch_vnni, (u8_4, b1, *scales, i64, f32_2, f32_2, b1))]),
+        Unit("batch_vnni", 5.0, lambda: [
+            (gemv_vnni_batch.gemv_batch_vnni, (u8_4, b1, *scales, f32_2, f32_2, b1))]),
         Unit("batch", 5.0, lambda: [(gemv._gemv_batch, (u8_4, b1, *scales, f32_2, f32_2, b1))]),
         Unit("igemm", 3.5, lambda: [
             (gemm_vnni._igemm, (u8_4, b1, *scales, i32_2, f32_2, f32_2, f32_2)),
@@ -118,8 +118,8 @@ def host_units() -> list[str]:
     U4/I8 through the integer GEMM, others through BLAS)."""
     from .kv_formats import DEFAULT_KV_TYPE as d
     from .qmatmul import VNNI, VNNI_GEMV
-    skip = {"widen", "batch"} if VNNI else {"igemm", "batch_vnni"}
-    skip |= {"gemv"} if VNNI_GEMV else {"gemv_vnni"}
+    skip = {"widen"} if VNNI else {"igemm"}
+    skip |= {"gemv", "batch"} if VNNI_GEMV else {"gemv_vnni", "batch_vnni"}
     return [n for n in units() if n not in skip and (":" not in n or n.endswith(f":{d},{d}"))]
 
 
@@ -134,7 +134,7 @@ def units_for(families: Iterable[str], kv_types: tuple[str, str], batched: bool 
     if batched:
         need = [f"attention_slots:{kv}"]
         if fams & {U4, I8}:
-            need.append("batch_vnni" if VNNI else "batch")
+            need.append("batch_vnni" if VNNI_GEMV else "batch")
         return need
     need = ["graph", f"attention:{kv}"]
     if fams & {U4, I8}:   # tiled at load (repack), then products

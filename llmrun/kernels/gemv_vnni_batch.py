@@ -1,0 +1,255 @@
+"""Several decode tokens at once (continuous batching) on AVX-512 VNNI hosts: gemv_vnni.py's u8 x s8 identity,
+each weight block read and transposed once for all the tokens.
+
+One token (gemv_vnni.py) pays, per block, the loads, the in-register transposition of the byte rows (and for
+U4 the nibble split) and then the `vpdpbusd` products; only the products depend on the token. Here a block's
+codes are transposed ONCE into a small L1 scratch (2 KiB: 4 weights of one row per 32-bit lane, rows
+already in order) and every token's products read them from there:
+
+  hi = sum dpbusd(u8 c, s8 xh)   then   s = (hi << 8) + sum dpbusd(u8 xl, s8 c') (+ 128 * sum xl for I8)
+
+with c' = c (U4) or c ^ 0x80 (I8), gemv_vnni.py's identity with the high byte's sums shifted before the low
+byte's are added (int32 arithmetic wraps alike in any order: the same integers). So one accumulator per 16
+rows and token (4 per token), and up to GROUP tokens share each code vector loaded from the scratch; T > GROUP
+tokens loop over groups of GROUP within the block while it sits in L1. The integer block sums are the
+one-token kernel's exactly, and the same float steps (`blocks._add_block`, its scales loaded once per block
+for all the tokens) finish them: each token's row is bit-identical to `matvec` (tests/test_gemv_vnni_batch.py).
+Measurements: docs/kernels.md.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from .gemv_vnni import R, USABLE, _I32, _VB, _VI, _const, _quads, _rows_in_order, _split_activations, _splat
+from .blocks import PREFETCH_LINES, _add_scaled, _finish_tile, _load_scales, _quantize_activations
+
+__all__ = ["USABLE", "GROUP", "gemv_batch_vnni"]
+
+GROUP = 4          # tokens per micro-kernel call: 4 x 4 accumulators + 4 broadcasts + 1 code vector in zmm
+_LANE_BYTES = 64   # one zmm vector of codes: 16 rows x 4 weights
+SCRATCH_BYTES = 32 * _LANE_BYTES + 63   # the most a block transposes to (U4, I8 of 32), and room to align it
+
+
+def _aligned(context, builder, ty, arr):
+    """The scratch array's data pointer rounded up to a cache line (whole-vector loads and stores)."""
+    p = builder.ptrtoint(context.make_array(ty)(context, builder, arr).data, ir.IntType(64))
+    p = builder.and_(builder.add(p, _const(63)), _const(-64))
+    return builder.inttoptr(p, ir.IntType(8).as_pointer())
+
+
+def _make_transpose(nibbles: bool, n_rows: int):
+    """An intrinsic writing one block's codes (flat codes[cbase:], n_rows byte rows of R lanes) to `scratch`
+    as vectors (word k, quarter q) at byte (4k + q) * 64: int32 lane l holds weights 4k..4k+3 of row 16q + l
+    (for U4, word k < 4 holds the low nibbles of bytes 4k..4k+3, word 4 + k their high nibbles)."""
+    groups = n_rows // 4
+
+    @intrinsic
+    def transpose(typingctx, scratch, codes, cbase):
+        sig = types.void(scratch, codes, types.intp)
+
+        def codegen(context, builder, signature, args):
+            dst = _aligned(context, builder, signature.args[0], args[0])
+            cp = context.make_array(signature.args[1])(context, builder, args[1]).data
+            nib = builder.bitcast(_splat(0x0F0F0F0F), _VB)
+
+            def byte_row(j):
+                ptr = builder.bitcast(builder.gep(cp, [builder.add(args[2], _const(j * R))]), _VB.as_pointer())
+                return builder.load(ptr, typ=_VB, align=1)
+
+            def store(k, q, v):
+                ptr = builder.bitcast(builder.gep(dst, [_const((4 * k + q) * _LANE_BYTES)]), _VB.as_pointer())
+                builder.store(v, ptr, align=64)
+
+            for g in range(groups):
+                quads = _quads(builder, [byte_row(4 * g + i) for i in range(4)])
+                # rows put in order here, once per block, instead of every token's sums
+                ordered = _rows_in_order(builder, [builder.bitcast(v, _VI) for v in quads])
+                for q, v in enumerate(ordered):
+                    v = builder.bitcast(v, _VB)
+                    if nibbles:
+                        store(g, q, builder.and_(v, nib))
+                        high = builder.bitcast(builder.lshr(builder.bitcast(v, _VI), _splat(4)), _VB)
+                        store(4 + g, q, builder.and_(high, nib))
+                    else:
+                        store(g, q, v)
+            return context.get_dummy_value()
+        return sig, codegen
+    return transpose
+
+
+def _make_block_dots(nibbles: bool, words: int, n_rows: int, n_tok: int):
+    """An intrinsic s[i*R + r] = sum over one block of codes(row r) * x_i for tokens i < n_tok, from the
+    block's transposed codes in `scratch` (_make_transpose); xh / xl: the activations' high (s8) and low (u8)
+    bytes as int32 words, token i's block word k at xo + i*words + k (block-major: constant offsets from one
+    base); bias[bo + i]: token i's 128 * sum of xl over the block (I8; zeros for U4). The n_rows cache lines
+    of codes from codes[ahead] on (a later block) are prefetched a few at a time between the products, so
+    that the requests to memory are spread over the block's work instead of one burst."""
+
+    @intrinsic
+    def block_dots(typingctx, s, scratch, xh, xl, xo, bias, bo, codes, ahead):
+        sig = types.void(s, scratch, xh, xl, types.intp, bias, types.intp, codes, types.intp)
+
+        def codegen(context, builder, signature, args):
+            sp, xhp, xlp, bp = (context.make_array(signature.args[k])(context, builder, args[k]).data
+                                for k in (0, 2, 3, 5))
+            cp = _aligned(context, builder, signature.args[1], args[1])
+            xh0, xl0, b0 = builder.gep(xhp, [args[4]]), builder.gep(xlp, [args[4]]), builder.gep(bp, [args[6]])
+            dpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VI, [_VI, _VB, _VB]),
+                                                    "llvm.x86.avx512.vpdpbusd.512")
+            pf_fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [ir.PointerType(), _I32, _I32, _I32]),
+                "llvm.prefetch.p0")
+            pf0 = builder.gep(context.make_array(signature.args[7])(context, builder, args[7]).data, [args[8]])
+            per_step = n_rows // (2 * words)
+
+            def prefetch(step):   # lines step*per_step .. of the later block
+                for j in range(step * per_step, (step + 1) * per_step):
+                    ptr = builder.bitcast(builder.gep(pf0, [_const(j * R)]), ir.PointerType())
+                    builder.call(pf_fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+            flip = builder.bitcast(_splat(-0x7F7F7F80), _VB)   # 0x80 in every byte
+
+            def code(k, q):
+                ptr = builder.bitcast(builder.gep(cp, [_const((4 * k + q) * _LANE_BYTES)]), _VB.as_pointer())
+                return builder.load(ptr, typ=_VB, align=64)
+
+            def broadcast(base, n):   # word base[n] in every lane
+                word = builder.load(builder.gep(base, [_const(n)]))
+                u = ir.Constant(_VI, ir.Undefined)
+                return builder.shuffle_vector(builder.insert_element(u, word, ir.Constant(ir.IntType(32), 0)), u,
+                                              ir.Constant(_VI, [0] * 16))
+
+            acc = [[ir.Constant(_VI, [0] * 16) for _ in range(4)] for _ in range(n_tok)]
+            for k in range(words):       # the high bytes: codes unsigned, xh signed
+                prefetch(k)
+                xk = [builder.bitcast(broadcast(xh0, i * words + k), _VB) for i in range(n_tok)]
+                for q in range(4):
+                    c = code(k, q)
+                    for i in range(n_tok):
+                        acc[i][q] = builder.call(dpbusd, [acc[i][q], c, xk[i]])
+            acc = [[builder.shl(a, _splat(8)) for a in row] for row in acc]
+            # a compiler barrier: else LLVM merges the two passes' loads of each code vector and keeps all of
+            # them live across the block (spilled to the stack) instead of reloading them from L1
+            builder.call(ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "", "~{memory}", side_effect=True), [])
+            for k in range(words):       # the low bytes: xl unsigned, codes signed
+                prefetch(words + k)
+                xk = [builder.bitcast(broadcast(xl0, i * words + k), _VB) for i in range(n_tok)]
+                for q in range(4):
+                    c = code(k, q) if nibbles else builder.xor(code(k, q), flip)
+                    for i in range(n_tok):
+                        acc[i][q] = builder.call(dpbusd, [acc[i][q], xk[i], c])
+            for i in range(n_tok):
+                b = broadcast(b0, i)
+                for q in range(4):
+                    ptr = builder.bitcast(builder.gep(sp, [_const(i * R + 16 * q)]), _VI.as_pointer())
+                    builder.store(builder.add(acc[i][q], b), ptr, align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return block_dots
+
+
+_t_u4, _t_i8_32, _t_i8_16 = _make_transpose(True, 16), _make_transpose(False, 32), _make_transpose(False, 16)
+_d_u4 = [_make_block_dots(True, 8, 16, n) for n in range(1, GROUP + 1)]
+_d_i8_32 = [_make_block_dots(False, 8, 32, n) for n in range(1, GROUP + 1)]
+_d_i8_16 = [_make_block_dots(False, 4, 16, n) for n in range(1, GROUP + 1)]
+_u4_1, _u4_2, _u4_3, _u4_4 = _d_u4
+_i8_32_1, _i8_32_2, _i8_32_3, _i8_32_4 = _d_i8_32
+_i8_16_1, _i8_16_2, _i8_16_3, _i8_16_4 = _d_i8_16
+
+
+@njit(inline="always")
+def _transpose(scratch, flat, cbase, nibbles, n_rows):
+    if nibbles:
+        _t_u4(scratch, flat, cbase)
+    elif n_rows == 32:
+        _t_i8_32(scratch, flat, cbase)
+    else:
+        _t_i8_16(scratch, flat, cbase)
+
+
+@njit(inline="always")
+def _dots(s, scratch, xh, xl, xo, bias, bo, flat, ahead, nibbles, n_rows, g):
+    """The micro-kernel for this block shape and g (1..GROUP) tokens (numba wants each intrinsic named)."""
+    if nibbles:
+        if g == 4:
+            _u4_4(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
+        elif g == 3:
+            _u4_3(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
+        elif g == 2:
+            _u4_2(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
+        else:
+            _u4_1(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
+    elif n_rows == 32:
+        if g == 4:
+            _i8_32_4(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
+        elif g == 3:
+            _i8_32_3(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
+        elif g == 2:
+            _i8_32_2(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
+        else:
+            _i8_32_1(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
+    else:
+        if g == 4:
+            _i8_16_4(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
+        elif g == 3:
+            _i8_16_3(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
+        elif g == 2:
+            _i8_16_2(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
+        else:
+            _i8_16_1(s, scratch, xh, xl, xo, bias, bo, flat, ahead)
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def gemv_batch_vnni(codes, nibbles, d, m, two_level, has_m, zero, X, Y, accumulate):
+    """Y[i, :n] (=|+=) W X[i] for U4 (nibbles) or I8 tiles, each row bit-identical to gemv_vnni._gemv_vnni."""
+    n_tok, K = X.shape[0], X.shape[1]
+    n_tiles, nblk, n_rows = codes.shape[0], codes.shape[1], codes.shape[2]
+    bs = 32 if nibbles else n_rows
+    xq = np.empty(K, np.int16)
+    xd = np.empty((n_tok, nblk), np.float32)
+    xsum = np.empty((n_tok, nblk), np.float32)
+    xqsum = np.empty((n_tok, nblk), np.int32)
+    xh1, xl1, bias1 = np.empty(K, np.int8), np.empty(K, np.uint8), np.empty(nblk, np.int32)
+    # block-major [block, token, byte], so that a block's words of a token group are at constant offsets
+    xh8 = np.empty((nblk, n_tok, bs), np.int8)
+    xl8 = np.empty((nblk, n_tok, bs), np.uint8)
+    xl_bias = np.empty((nblk, n_tok), np.int32)
+    for i in range(n_tok):   # here, not in a parallel region of its own: a launch costs more than this
+        _quantize_activations(X[i], bs, xq, xd[i], xsum[i], xqsum[i])
+        _split_activations(xq, bs, nibbles, xh1, xl1, bias1)
+        for b in range(nblk):
+            xh8[b, i] = xh1[b * bs:(b + 1) * bs]
+            xl8[b, i] = xl1[b * bs:(b + 1) * bs]
+            xl_bias[b, i] = bias1[b]
+    xh, xl, bias = xh8.reshape(-1).view(np.int32), xl8.reshape(-1).view(np.int32), xl_bias.reshape(-1)
+    words = bs // 4
+    flat = codes.reshape(-1)
+    last = flat.shape[0] - 1
+    for t in prange(n_tiles):
+        acc = np.zeros((n_tok, R), np.float32)
+        s = np.empty(GROUP * R, np.int32)
+        scratch = np.empty(SCRATCH_BYTES, np.uint8)
+        dbits = np.empty(R, np.uint32)
+        dv = dbits.view(np.float32)
+        mbits = np.empty(R, np.uint32)
+        mv = mbits.view(np.float32)
+        for b in range(nblk):
+            cbase = (t * nblk + b) * n_rows * R
+            ahead = min(cbase + PREFETCH_LINES * R, last - (n_rows - 1) * R)
+            _transpose(scratch, flat, cbase, nibbles, n_rows)
+            _load_scales(d, two_level, t, b, dbits, dv)   # _add_block's, once for all the tokens
+            if has_m:
+                _load_scales(m, two_level, t, b, mbits, mv)
+            for i0 in range(0, n_tok, GROUP):
+                g = min(GROUP, n_tok - i0)
+                _dots(s, scratch, xh, xl, (b * n_tok + i0) * words, bias, b * n_tok + i0, flat, ahead, nibbles, n_rows,
+                      g)
+                for k in range(g):
+                    i = i0 + k
+                    _add_scaled(acc[i], s[k * R:(k + 1) * R], b, has_m, zero, xd[i], xsum[i], xqsum[i], dv, mv)
+        for i in range(n_tok):
+            _finish_tile(acc[i], Y[i], t, Y.shape[1], accumulate)
