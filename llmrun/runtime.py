@@ -8,9 +8,12 @@ At `import llmrun` (llmrun/__init__.py calls configure_before_numba() before any
       starts, hence before numba loads. Never features the CPU lacks; left alone when the user set
       NUMBA_CPU_FEATURES or NUMBA_CPU_NAME, set LLMRUN_VECTOR_WIDTH=256, or numba was already imported.
       Numba's on-disk cache is keyed by the feature string, so cached code never mixes the two settings.
-  OMP_WAIT_POLICY  defaults to PASSIVE (a user's value is kept). Decode launches ~150 short parallel regions per
-      token; with libgomp's default busy-waiting, a machine whose cores are shared with other work (or
-      oversubscribed) slows down 5-10x, while passive waiting costs a few microseconds per region. libgomp
+  GOMP_SPINCOUNT  defaults to 20000 (~0.2 ms of spinning before a waiting OpenMP thread sleeps), unless the user
+      set it or OMP_WAIT_POLICY. Decode launches ~110-150 short parallel regions per token, a few to a hundred
+      microseconds apart: a thread that sleeps between them pays a wake-up each time (passive waiting: 1.1B
+      q4_0 2-thread decode 24.6 tok/s, 1 thread 23.6), one that spins a little does not (35.9 tok/s;
+      2026-12-01, quiet 2-vCPU EPYC). Spinning is what collapses when another process holds a core (10 tok/s
+      with a busy loop beside it), so the thread count follows the free cores (free_threads, below). libgomp
       reads it once, when numba first loads its OpenMP pool. Child processes inherit it.
 
 At the engine's first BLAS product (prefill through sgemm, float32 weights, the BLAS attention path):
@@ -27,8 +30,10 @@ While a model loads (engine/model.py, glibc on Linux only; elsewhere nothing hap
   madvise(MADV_DONTNEED)  on each tensor's memory-mapped file pages once its repacked copy exists: the file's
       pages would only double the resident memory (the page cache keeps them; a later read faults them back).
 
-Not process-wide, so not here: numba's thread count (numba.set_num_threads is per OS thread; the model sets it
-per forward call), the chat REPL's SIGINT handler (installed and restored around each answer,
+Per forward call (engine/model.py), numba's thread count (numba.set_num_threads is per OS thread): the threads
+asked for, but no more than the cores other processes left free over the last quarter second (free_threads:
+/proc/stat's busy time minus this process's own CPU time; Linux only, elsewhere the threads asked for). Not
+process-wide, so not here: the chat REPL's SIGINT handler (installed and restored around each answer,
 cli/chat_session.py).
 """
 from __future__ import annotations
@@ -39,6 +44,7 @@ import mmap
 import os
 import sys
 import threading
+import time
 
 # ------------------------------------------------------------------------------------------ at import
 
@@ -46,7 +52,11 @@ import threading
 def configure_before_numba() -> None:
     """The import-time settings above; must run before numba is imported (llmrun/__init__.py)."""
     _prefer_wide_vectors()
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
+
+
+SPIN_COUNT = "20000"
 
 
 _WIDE = ",-prefer-256-bit"
@@ -91,6 +101,61 @@ def cpu_target_has(*features: str) -> bool:
         return all(bool(host.get(f)) for f in features)
     except Exception:   # an unknown host: claim nothing
         return False
+
+
+# ------------------------------------------------------------------------------------------ free cores
+_SAMPLE_S = 0.25
+
+
+class _CoreShare:
+    """What other processes took of the machine's cores over the last sample interval."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: tuple[float, float, float] | None = None   # (wall, busy CPU s of the machine, own CPU s)
+        self.others = 0.0
+
+    def update(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            if self._last is not None and now - self._last[0] < _SAMPLE_S:
+                return self.others
+            busy = _machine_busy_seconds()
+            if busy is None:
+                return 0.0
+            own = time.process_time()
+            if self._last is not None:
+                wall = now - self._last[0]
+                self.others = max(0.0, (busy - self._last[1] - (own - self._last[2])) / wall)
+            self._last = (now, busy, own)
+            return self.others
+
+
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds all processes have run since boot (/proc/stat's first line without idle and iowait)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()
+        ticks = [int(v) for v in fields[1:9]]   # user nice system idle iowait irq softirq steal
+        return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_CORE_SHARE = _CoreShare()
+
+
+def free_threads(wanted: int) -> int:
+    """wanted, or fewer when other processes keep cores busy: a thread without a core of its own stalls every
+    parallel region of a token (and spinning threads then burn the time slices the others need)."""
+    if wanted <= 1:
+        return 1
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    free = cores - _CORE_SHARE.update()
+    return max(1, min(wanted, int(free + 0.4)))   # another process at >= 0.6 of a core takes one away
 
 
 # ------------------------------------------------------------------------------------------ BLAS threads

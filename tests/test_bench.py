@@ -98,17 +98,17 @@ def test_compare_case_selection():
 
 
 def test_compare_gives_llamacpp_the_users_environment_not_llmruns():
-    # llmrun sets OMP_WAIT_POLICY for its own process when imported; the benchmark must capture the user's
-    # environment before that, so llama.cpp's worker runs at its own defaults.
+    # llmrun sets GOMP_SPINCOUNT for its own process when imported (llmrun/runtime.py); the benchmark must capture
+    # the user's environment before that, so llama.cpp's worker runs at its own defaults.
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     bench_dir = Path(__file__).resolve().parents[1] / "bench"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import bench_compare, llmrun.engine.model, os; "
-            "print(os.environ.get('OMP_WAIT_POLICY'), bench_compare._USER_ENV.get('OMP_WAIT_POLICY'))")
+            "print(os.environ.get('GOMP_SPINCOUNT'), bench_compare._USER_ENV.get('GOMP_SPINCOUNT'))")
     out = subprocess.run([sys.executable, "-c", code, str(bench_dir)], env=env, capture_output=True, text=True,
                          check=True).stdout.split()
-    assert out == ["PASSIVE", "None"]
+    assert out == ["20000", "None"]

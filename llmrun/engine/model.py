@@ -21,6 +21,7 @@ from ..errors import ContextFullError, ModelError
 from ..kernels import ops, warmup
 from ..kernels.kv_formats import take
 from ..kernels.qmatmul import dequantize_rows, matmul, matvec, matvec_batch
+from ..runtime import free_threads
 from .hparams import HParams, LlamaHParams  # noqa: F401  (LlamaHParams: the older name)
 from .kv_cache import KVCache, LayerCache, layer_capacity, new_k, new_v
 from .load_checks import check_logits
@@ -198,9 +199,10 @@ class LlamaModel(ModelLoading):
         """Each sequence's tokens (at most _max_batch each) after its cache's; logits (or final-normed hidden
         states) for "all" rows (one sequence), each sequence's "last" row, or None."""
         hp = self.hparams
-        # per call: numba's thread count is per OS thread and other models may have changed it
-        numba.set_num_threads(min(int(self.n_threads or numba.config.NUMBA_NUM_THREADS),
-                                  numba.config.NUMBA_NUM_THREADS))
+        # per call: numba's thread count is per OS thread, other models may have changed it, and the cores other
+        # processes keep busy are not ours (runtime.free_threads)
+        numba.set_num_threads(free_threads(min(int(self.n_threads or numba.config.NUMBA_NUM_THREADS),
+                                               numba.config.NUMBA_NUM_THREADS)))
         # Rows: the one-token sequences first (decode, batched), then each longer chunk.
         order = sorted(range(len(seqs)), key=lambda i: seqs[i].size > 1)
         spans, r = [], 0                      # (row0, row1, cache, pos0) per sequence, in row order
