@@ -38,7 +38,7 @@ def test_rope_store_pairs_partial_rotation_and_ring_slots(neox):
     theta = rng.uniform(0, 6, (T, n_rot // 2))
     cos, sin = np.cos(theta).astype(np.float32), np.sin(theta).astype(np.float32)
     q = np.empty((T, nh, hd), np.float32)
-    k = np.zeros((nkv, hd, cap), np.float32)
+    k = np.zeros((nkv, 1, hd, cap), np.float32)   # one block of `cap` positions (kv_formats.py)
     v = np.zeros((nkv, cap, hd), np.float32)
     ops.rope_store(qkv, cos, sin, q, k, v, pos0, nh, nkv, hd, hd, neox)
 
@@ -53,7 +53,7 @@ def test_rope_store_pairs_partial_rotation_and_ring_slots(neox):
     for h in range(nh):
         np.testing.assert_allclose(q[:, h], rotate(qkv[:, h * hd:(h + 1) * hd]), rtol=1e-5, atol=1e-6)
     slots = [(pos0 + t) % cap for t in range(T)]
-    np.testing.assert_allclose(k[0][:, slots].T, rotate(qkv[:, nh * hd:(nh + 1) * hd]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(k[0, 0][:, slots].T, rotate(qkv[:, nh * hd:(nh + 1) * hd]), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(v[0][slots], qkv[:, (nh + 1) * hd:])
 
 
@@ -84,10 +84,10 @@ def test_attention_window_softcap_ring(kernel, window, softcap, cap, monkeypatch
     keys = rng.standard_normal((n_kv, pos0 + T, d)).astype(np.float32)
     values = rng.standard_normal((n_kv, pos0 + T, d)).astype(np.float32)
     q = rng.standard_normal((T, n_head, d)).astype(np.float32)
-    k_cache = np.zeros((n_kv, d, cap), np.float32)
+    k_cache = np.zeros((n_kv, 1, d, cap), np.float32)   # one block of `cap` positions (kv_formats.py)
     v_cache = np.zeros((n_kv, cap, d), np.float32)
     for p in range(pos0 + T):      # written in order: a ring keeps the last `cap` positions
-        k_cache[:, :, p % cap] = keys[:, p]
+        k_cache[:, 0, :, p % cap] = keys[:, p]
         v_cache[:, p % cap] = values[:, p]
     out = np.empty((T, n_head * d), np.float32)
     getattr(ops, kernel)(q, k_cache, v_cache, pos0, np.float32(0.3), out, window, np.float32(softcap))

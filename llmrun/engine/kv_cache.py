@@ -19,13 +19,17 @@ RING_BATCH = 256   # tokens per forward pass on a model with ring buffers
 
 
 def layer_capacity(n_ctx: int, window: int = 0) -> int:
-    """Slots a layer's cache needs: the whole context, or the ring of a sliding-window layer."""
-    return n_ctx if window <= 0 else min(n_ctx, window + RING_BATCH - 1)
+    """Slots a layer's cache needs: the whole context, or the ring of a sliding-window layer; rounded up to
+    whole K blocks (kv_formats.K_BLOCK). More slots than positions never change what is kept: a global layer
+    still never wraps, and a ring keeps at least what it must."""
+    need = n_ctx if window <= 0 else min(n_ctx, window + RING_BATCH - 1)
+    return -(-need // kv_formats.K_BLOCK) * kv_formats.K_BLOCK
 
 
 def new_k(lead: tuple, n_head_kv: int, k_dim: int, capacity: int, kind: str):
-    """An empty K cache [*lead, n_head_kv, k_dim, capacity] (transposed: kernels/ops.py attention)."""
-    return kv_formats.empty_cache(lead + (n_head_kv, k_dim, capacity), kind, blocks_axis=-2)
+    """An empty K cache [*lead, n_head_kv, capacity / KB, k_dim, KB] (transposed in blocks of KB positions:
+    kernels/kv_formats.py)."""
+    return kv_formats.empty_cache(kv_formats.k_shape(lead, n_head_kv, k_dim, capacity), kind, blocks_axis=-2)
 
 
 def new_v(lead: tuple, n_head_kv: int, v_dim: int, capacity: int, kind: str):
@@ -46,7 +50,7 @@ class LayerCache:
 
     @property
     def capacity(self) -> int:
-        return kv_formats.codes(self.k).shape[2]
+        return kv_formats.capacity(self.k)
 
     @property
     def max_batch(self) -> int | None:

@@ -38,7 +38,11 @@ class Rope:
 
     def tables(self, pos0: int, T: int) -> tuple[np.ndarray, np.ndarray]:
         """float32 cos, sin [T, n_rot/2] for positions pos0 .. pos0+T-1."""
-        pos = np.arange(pos0, pos0 + T, dtype=np.float64)[:, None]
+        return self.tables_at(np.arange(pos0, pos0 + T))
+
+    def tables_at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32 cos, sin [len(positions), n_rot/2], row i for position positions[i]."""
+        pos = np.asarray(positions, dtype=np.float64)[:, None]
         extrap = pos * self._inv_freq[None, :]
         interp = extrap * self._freq_scale
         theta = interp if self._mix is None else interp * (1 - self._mix) + extrap * self._mix

@@ -1,11 +1,18 @@
 """KV cache storage types (llama.cpp's type_k / type_v): f32, f16, q8_0, and the kernels' access to them.
 
-K is kept transposed, [n_head_kv, k_dim, capacity], and V as [n_head_kv, capacity, v_dim] (ops.attention).
+K is kept transposed in blocks of positions, [n_head_kv, capacity / KB, k_dim, KB], and V as
+[n_head_kv, capacity, v_dim] (ops.attention). Within a block, dimension i of KB consecutive positions is one
+contiguous run, so the scores of many positions build up as contiguous multiply-adds; and a block (8 KiB for 64
+f16 dimensions) is a few pages: reading or writing the keys of a few positions touches 2 pages per K/V group,
+not k_dim (one per dimension row, as a [k_dim, capacity] layout does). With the weights streaming through the
+caches every token, those page walks and cold lines made decode attention and its cache writes 3-4x slower
+(2026-12-01, SmolLM2, 2-vCPU EPYC). KB = K_BLOCK (64) when the capacity is a multiple of it (kv_cache.py
+rounds capacities up to one), else the whole capacity (one block: small test caches).
   f32   float32
   f16   IEEE half bits (uint16): rounded to nearest even when written (as numpy and ggml do), widened exactly
   q8_0  a pair (int8 codes, half-bits scales): one scale per 32 values of one position's head vector
         (ggml's Q8_0 block: d = max|x| / 127, q = round(x / d); here q is rounded against the stored half d, so
-        that d * q is what was meant). K scales [n_head_kv, k_dim / 32, capacity], V scales
+        that d * q is what was meant). K scales [n_head_kv, capacity / KB, k_dim / 32, KB], V scales
         [n_head_kv, capacity, v_dim / 32].
 A cache of any type is one numba value, an array or a pair; the helpers below compile to the code of each
 type, so that ops.rope_store and ops.attention keep one source. Leading dimensions may be added in front
@@ -13,18 +20,33 @@ type, so that ops.rope_store and ops.attention keep one source. Leading dimensio
 """
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from ..errors import InvalidArgumentError
+from ..runtime import cpu_target_has
 
 KV_TYPES = ("f32", "f16", "q8_0")
 GGML_CODES = {0: "f32", 1: "f16", 8: "q8_0"}   # llama-cpp-python passes ggml type numbers
 Q8_BLOCK = 32
 DEFAULT_KV_TYPE = "f16"
 BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 1.0 + 2.0 / Q8_BLOCK}   # per value, scales included
+K_BLOCK = 64   # positions per K block (see above)
+
+
+def k_block(capacity: int) -> int:
+    """Positions per block of a K cache of `capacity` slots."""
+    return K_BLOCK if capacity % K_BLOCK == 0 else capacity
+
+
+def k_shape(lead: tuple, n_head_kv: int, k_dim: int, capacity: int) -> tuple:
+    kb = k_block(capacity)
+    return lead + (n_head_kv, capacity // kb, k_dim, kb)
 
 
 def kv_type(value, name: str) -> str:
@@ -49,7 +71,7 @@ def check_head_dims(kind: str, k_dim: int, v_dim: int, where: str, names=("type_
 
 # ------------------------------------------------------------------------------------------ numpy side
 def empty_cache(shape: tuple, kind: str, blocks_axis: int):
-    """A zeroed cache of `shape` (K: [..., k_dim, cap], blocks along axis -2; V: [..., cap, v_dim], axis -1).
+    """A zeroed cache of `shape` (K: [..., k_dim, KB], blocks along axis -2; V: [..., cap, v_dim], axis -1).
     Zeros: the pages are only committed as the context fills."""
     if kind == "f32":
         return np.zeros(shape, np.float32)
@@ -78,12 +100,17 @@ def _half_to_f32(bits: np.ndarray) -> np.ndarray:
     return bits.view(np.float16).astype(np.float32)
 
 
+def _unblocked(a: np.ndarray) -> np.ndarray:
+    """One group's K blocks [n_blocks, rows, KB] as [rows, capacity]."""
+    return a.transpose(1, 0, 2).reshape(a.shape[1], -1)
+
+
 def k_f32(k, g: int, slots) -> np.ndarray:
     """K of group g at `slots` (a slice or an index array) as float32 [k_dim, n] (the BLAS attention)."""
     if isinstance(k, tuple):
-        codes, scales = k[0][g][:, slots], k[1][g][:, slots]
+        codes, scales = _unblocked(k[0][g])[:, slots], _unblocked(k[1][g])[:, slots]
         return codes.astype(np.float32) * np.repeat(_half_to_f32(scales), Q8_BLOCK, axis=0)
-    part = k[g][:, slots]
+    part = _unblocked(k[g])[:, slots]
     return _half_to_f32(part) if part.dtype == np.uint16 else part
 
 
@@ -123,6 +150,55 @@ def half_to_f32(h):
     return _as_f32(((u & np.uint32(0x8000)) << 16) | ((u & np.uint32(0x7FFF)) << 13)) * HALF_SCALE
 
 
+@intrinsic
+def _widen16(typingctx, src, dst, j, r):
+    """dst[j:j+r] = the halves src[j:j+r] as float32, r <= 16: one fpext of a vector (vcvtph2ps), exact like
+    half_to_f32; a masked load and store for r < 16 (the rest of a run). Both 1-D and contiguous."""
+    sig = types.void(src, dst, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        sp = context.make_array(signature.args[0])(context, builder, args[0]).data
+        dp = context.make_array(signature.args[1])(context, builder, args[1]).data
+        vh, vf = ir.VectorType(ir.HalfType(), 16), ir.VectorType(ir.FloatType(), 16)
+        i32, i64 = ir.IntType(32), ir.IntType(64)
+        lanes = ir.Constant(ir.VectorType(i64, 16), list(range(16)))
+        r = builder.insert_element(ir.Constant(ir.VectorType(i64, 16), ir.Undefined), args[3], ir.Constant(i32, 0))
+        r = builder.shuffle_vector(r, r, ir.Constant(ir.VectorType(i32, 16), [0] * 16))
+        mask = builder.icmp_unsigned("<", lanes, r)
+        load = _llvm_fn(builder, "llvm.masked.load.v16f16.p0", vh, [ir.PointerType(), i32, mask.type, vh])
+        store = _llvm_fn(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(),
+                         [vf, ir.PointerType(), i32, mask.type])
+        src_p = builder.bitcast(builder.gep(sp, [args[2]]), ir.PointerType())
+        dst_p = builder.bitcast(builder.gep(dp, [args[2]]), ir.PointerType())
+        v = builder.call(load, [src_p, ir.Constant(i32, 2), mask, ir.Constant(vh, ir.Undefined)])
+        builder.call(store, [builder.fpext(v, vf), dst_p, ir.Constant(i32, 4), mask])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+def _llvm_fn(builder, name, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+@njit(inline="always")
+def _widen_halves_vector(src, dst, n):
+    for j in range(0, n, 16):
+        _widen16(src, dst, j, min(16, n - j))
+
+
+@njit(inline="always")
+def _widen_halves_scalar(src, dst, n):
+    for j in range(n):
+        dst[j] = half_to_f32(src[j])
+
+
+# The cache's halves widened 16 at a time where the CPU converts vectors of halves (x86 F16C, every arm64):
+# the scalar bit arithmetic of half_to_f32 did not vectorize and was ~2/3 of decode attention's time at short
+# contexts (2 us of 3 per K/V group, SmolLM2, 70 positions). Elsewhere LLVM would need a runtime library call.
+_widen_halves = (_widen_halves_vector if cpu_target_has("f16c") or platform.machine().lower() in ("arm64", "aarch64")
+                 else _widen_halves_scalar)
+
+
 @njit(inline="always")
 def f32_to_half(x):
     """float32 -> half bits, rounded to nearest even (numpy's astype(float16)); integer arithmetic only, so
@@ -146,6 +222,12 @@ def f32_to_half(x):
     return np.uint16(h | sign)
 
 
+def capacity(k):
+    """The slots of a K cache (one sequence's: [n_head_kv, n_blocks, k_dim, KB]); numba too."""
+    c = codes(k)
+    return c.shape[-3] * c.shape[-1]
+
+
 def store_k(k, g, p, row):
     """K[g, :, p] = row (float32 [k_dim]) in the cache's type."""
 
@@ -155,7 +237,7 @@ def store_v(v, g, p, row):
 
 
 def k_run(k, g, i, lo, n, buf):
-    """Row i of group g's K at slots lo..lo+n, as float32 into buf[:n] (returned)."""
+    """Row i of group g's K at slots lo..lo+n (lo + n <= capacity), as float32 into buf[:n] (returned)."""
 
 
 def v_row(v, g, slot, buf):
@@ -167,6 +249,11 @@ def _codes(cache):
     if isinstance(cache, types.BaseTuple):
         return lambda cache: cache[0]
     return lambda cache: cache
+
+
+@overload(capacity, inline="always")
+def _capacity(k):
+    return lambda k: codes(k).shape[-3] * codes(k).shape[-1]
 
 
 @overload(take, inline="always")
@@ -214,19 +301,21 @@ def _store_f32(dst, row):
         dst[i] = row[i]
 
 
-# K is stored transposed ([group, dim, position]) and V not ([group, position, dim]): both stores are the same
-# row store into a 1-D view, strided for K.
+# K is stored transposed in blocks ([group, block, dim, position in block]) and V not ([group, position, dim]):
+# both stores are the same row store into a 1-D view, strided for K.
 @overload(store_k, inline="always", jit_options={"fastmath": True})
 def _store_k(k, g, p, row):
     if isinstance(k, types.BaseTuple):
         def q8(k, g, p, row):
-            _store_q8(k[0][g, :, p], k[1][g, :, p], row)
+            kb = k[0].shape[-1]
+            _store_q8(k[0][g, p // kb, :, p % kb], k[1][g, p // kb, :, p % kb], row)
         return q8
 
     store = _store_half if k.dtype == types.uint16 else _store_f32
 
     def plain(k, g, p, row):
-        store(k[g, :, p], row)
+        kb = k.shape[-1]
+        store(k[g, p // kb, :, p % kb], row)
     return plain
 
 
@@ -244,28 +333,37 @@ def _store_v(v, g, p, row):
     return plain
 
 
-@overload(k_run, inline="always", jit_options={"fastmath": True})
-def _k_run(k, g, i, lo, n, buf):
+def _k_piece(k, g, b, i, a, m, out):
+    """Row i of group g's K block b at positions a..a+m of the block, as float32 into out[:m]."""
+
+
+@overload(_k_piece, inline="always", jit_options={"fastmath": True})
+def _k_piece_impl(k, g, b, i, a, m, out):
     if isinstance(k, types.BaseTuple):
-        def q8(k, g, i, lo, n, buf):
-            c, s = k
-            src, sc = c[g, i, lo:lo + n], s[g, i // Q8_BLOCK, lo:lo + n]
-            for j in range(n):
-                buf[j] = np.float32(src[j]) * half_to_f32(sc[j])
-            return buf[:n]
+        def q8(k, g, b, i, a, m, out):
+            src, sc = k[0][g, b, i, a:a + m], k[1][g, b, i // Q8_BLOCK, a:a + m]
+            for j in range(m):
+                out[j] = np.float32(src[j]) * half_to_f32(sc[j])
         return q8
     if k.dtype == types.uint16:
-        def f16(k, g, i, lo, n, buf):
-            src = k[g, i, lo:lo + n]
-            for j in range(n):
-                buf[j] = half_to_f32(src[j])
-            return buf[:n]
+        def f16(k, g, b, i, a, m, out):
+            _widen_halves(k[g, b, i, a:a + m], out, m)
         return f16
 
-    def f32(k, g, i, lo, n, buf):
-        buf[:n] = k[g, i, lo:lo + n]
-        return buf[:n]
+    def f32(k, g, b, i, a, m, out):
+        out[:m] = k[g, b, i, a:a + m]
     return f32
+
+
+@overload(k_run, inline="always", jit_options={"fastmath": True})
+def _k_run(k, g, i, lo, n, buf):
+    def run(k, g, i, lo, n, buf):
+        kb = codes(k).shape[-1]
+        for b in range(lo // kb, (lo + n + kb - 1) // kb):   # a run crosses blocks: one piece per block
+            p0, p1 = max(lo, b * kb), min(lo + n, (b + 1) * kb)
+            _k_piece(k, g, b, i, p0 - b * kb, p1 - p0, buf[p0 - lo:p1 - lo])
+        return buf[:n]
+    return run
 
 
 @overload(v_row, inline="always", jit_options={"fastmath": True})
@@ -280,9 +378,7 @@ def _v_row(v, g, slot, buf):
         return q8
     if v.dtype == types.uint16:
         def f16(v, g, slot, buf):
-            src = v[g, slot]
-            for j in range(src.shape[0]):
-                buf[j] = half_to_f32(src[j])
+            _widen_halves(v[g, slot], buf, buf.shape[0])
             return buf
         return f16
 

@@ -7,7 +7,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..runtime import limit_blas_threads
-from .kv_formats import codes, k_f32, k_run, store_k, store_v, take, v_f32, v_row
+from .kv_formats import capacity, codes, k_f32, k_run, store_k, store_v, take, v_f32, v_row
 from .strict import exp, fma
 
 
@@ -42,45 +42,63 @@ def head_rmsnorm(x, col0, n_heads, w, eps):
                 x[t, c + i] = x[t, c + i] * inv * w[i]
 
 
+@njit(inline="always", fastmath=True)
+def _rope_row(qkv, t, cos, sin, q_out, k_cache, v_cache, p, n_head, n_head_kv, k_dim, v_dim, neox, krow):
+    """Token t of rope_store: its rotated Q into q_out[t], its K and V into slot p of the caches."""
+    half = cos.shape[1]
+    k0 = n_head * k_dim
+    v0 = k0 + n_head_kv * k_dim
+    step, span = (1, half) if neox else (2, 1)   # pair i: elements i*step and i*step + span
+    for h in range(n_head):
+        base = h * k_dim
+        for i in range(half):
+            a = qkv[t, base + i * step]
+            b = qkv[t, base + i * step + span]
+            q_out[t, h, i * step] = a * cos[t, i] - b * sin[t, i]
+            q_out[t, h, i * step + span] = a * sin[t, i] + b * cos[t, i]
+        for i in range(2 * half, k_dim):
+            q_out[t, h, i] = qkv[t, base + i]
+    for g in range(n_head_kv):
+        base = k0 + g * k_dim
+        for i in range(half):
+            a = qkv[t, base + i * step]
+            b = qkv[t, base + i * step + span]
+            krow[i * step] = a * cos[t, i] - b * sin[t, i]
+            krow[i * step + span] = a * sin[t, i] + b * cos[t, i]
+        for i in range(2 * half, k_dim):
+            krow[i] = qkv[t, base + i]
+        store_k(k_cache, g, p, krow)
+        store_v(v_cache, g, p, qkv[t, v0 + g * v_dim:v0 + (g + 1) * v_dim])
+
+
 @njit(fastmath=True, cache=True)
 def rope_store(qkv, cos, sin, q_out, k_cache, v_cache, pos0, n_head, n_head_kv, k_dim, v_dim, neox=False):
     """Split the fused QKV projection, rotate Q and K, write K and V to one layer's cache.
 
     qkv [T, n_head*k_dim + n_head_kv*(k_dim + v_dim)]; cos/sin [T, n_rot/2] (attention scale factors
-    already folded in); q_out [T, n_head, k_dim]; k_cache [n_head_kv, k_dim, capacity] (transposed, see
-    attention); v_cache [n_head_kv, capacity, v_dim], each of a kv_formats.py type; position p goes to slot
-    p % capacity (kv_cache.py).
+    already folded in); q_out [T, n_head, k_dim]; k_cache and v_cache one layer's caches (kv_formats.py: K
+    transposed in blocks of positions, V [n_head_kv, capacity, v_dim]), each of a kv_formats.py type;
+    position p goes to slot p % capacity (kv_cache.py).
     Rotated pairs: ggml's NORM mode (2i, 2i+1) on the permuted GGUF Q/K rows, or NEOX mode (i, i + n_rot/2);
     dimensions from n_rot on pass unrotated."""
-    T = qkv.shape[0]
-    half = cos.shape[1]
-    cap = codes(k_cache).shape[2]
-    k0 = n_head * k_dim
-    v0 = k0 + n_head_kv * k_dim
-    step, span = (1, half) if neox else (2, 1)   # pair i: elements i*step and i*step + span
+    cap = capacity(k_cache)
     krow = np.empty(k_dim, np.float32)
-    for t in range(T):
-        for h in range(n_head):
-            base = h * k_dim
-            for i in range(half):
-                a = qkv[t, base + i * step]
-                b = qkv[t, base + i * step + span]
-                q_out[t, h, i * step] = a * cos[t, i] - b * sin[t, i]
-                q_out[t, h, i * step + span] = a * sin[t, i] + b * cos[t, i]
-            for i in range(2 * half, k_dim):
-                q_out[t, h, i] = qkv[t, base + i]
-        p = (pos0 + t) % cap
-        for g in range(n_head_kv):
-            base = k0 + g * k_dim
-            for i in range(half):
-                a = qkv[t, base + i * step]
-                b = qkv[t, base + i * step + span]
-                krow[i * step] = a * cos[t, i] - b * sin[t, i]
-                krow[i * step + span] = a * sin[t, i] + b * cos[t, i]
-            for i in range(2 * half, k_dim):
-                krow[i] = qkv[t, base + i]
-            store_k(k_cache, g, p, krow)
-            store_v(v_cache, g, p, qkv[t, v0 + g * v_dim:v0 + (g + 1) * v_dim])
+    for t in range(qkv.shape[0]):
+        _rope_row(qkv, t, cos, sin, q_out, k_cache, v_cache, (pos0 + t) % cap, n_head, n_head_kv, k_dim, v_dim,
+                  neox, krow)
+
+
+@njit(fastmath=True, cache=True)
+def rope_store_slots(qkv, cos, sin, q_out, k_pool, v_pool, slots, pos, n_head, n_head_kv, k_dim, v_dim,
+                     neox=False):
+    """rope_store for one new token of each of several sequences, in one call: row b of qkv / cos / sin /
+    q_out is the token at position pos[b] of the caches k_pool[slots[b]] / v_pool[slots[b]] (the server's
+    pools, as attention_slots). Each row is what rope_store of that sequence alone writes."""
+    krow = np.empty(k_dim, np.float32)
+    for b in range(qkv.shape[0]):
+        k, v = take(k_pool, slots[b]), take(v_pool, slots[b])
+        _rope_row(qkv, b, cos, sin, q_out, k, v, pos[b] % capacity(k), n_head, n_head_kv, k_dim, v_dim, neox,
+                  krow)
 
 
 # Attention: ONE body for every query (decode, prefill, the server's batched decode), whose arithmetic depends
@@ -97,7 +115,7 @@ LANES = 16         # the softmax sum's partial sums (one vector register)
 @njit(inline="always")
 def _widen_k(k_cache, g, p, n, kb):
     """K of group g at positions p..p+n-1 (slots modulo the capacity: a ring wraps at most once) -> kb[:, :n]."""
-    cap = codes(k_cache).shape[2]
+    cap = capacity(k_cache)
     first = p % cap
     n1 = min(n, cap - first)
     for i in range(kb.shape[0]):
@@ -185,7 +203,7 @@ def _attend(q, t0, nq, g, k_cache, v_cache, p0, window, softcap, scale, out, row
     body of attention() and attention_slots(); each query's result is the same whatever nq is."""
     n_head, k_dim = q.shape[1], q.shape[2]
     n_head_kv = codes(k_cache).shape[0]
-    cap = codes(k_cache).shape[2]
+    cap = capacity(k_cache)
     v_dim = codes(v_cache).shape[2]
     group = n_head // n_head_kv
     h0 = g * group
@@ -237,11 +255,11 @@ def _attend(q, t0, nq, g, k_cache, v_cache, p0, window, softcap, scale, out, row
 def attention(q, k_cache, v_cache, pos0, scale, out, window=0, softcap=0.0):
     """Causal softmax attention with grouped K/V heads.
 
-    q [T, n_head, k_dim] for positions pos0..; k_cache [n_head_kv, k_dim, capacity] and v_cache
+    q [T, n_head, k_dim] for positions pos0..; k_cache [n_head_kv, capacity / KB, k_dim, KB] and v_cache
     [n_head_kv, capacity, v_dim] holding the positions the queries see, position p in slot p % capacity
-    (kv_cache.py); out [T, n_head*v_dim]. window > 0: query p sees positions p-window+1 .. p only
+    (kv_cache.py, kv_formats.py); out [T, n_head*v_dim]. window > 0: query p sees positions p-window+1 .. p only
     (sliding-window attention). softcap > 0: scores become softcap * tanh(score / softcap) (Gemma 2).
-    K is stored transposed so that the scores of all positions build up as contiguous multiply-adds
+    K is stored transposed (in blocks of positions) so that the scores of all positions build up as contiguous multiply-adds
     (vectorized over positions, no per-position horizontal sum). The heads of a K/V group and a tile of
     queries run together (_attend), so each cached K/V row is widened once for all of them. A job is a pair
     of tiles (j, last - j): under the causal mask late tiles see more positions than early ones."""
@@ -274,12 +292,13 @@ def attention_slots(q, k_pool, v_pool, slots, pos, scale, out, window=0, softcap
 
 @njit(fastmath=True, cache=True, error_model="numpy")
 def swiglu(gate_up, n_ff, out):
-    """out = silu(gate) * up, where gate_up [T, 2*n_ff] holds gate then up for each token."""
+    """out = silu(gate) * up, where gate_up [T, 2*n_ff] holds gate then up for each token. strict.exp: libm's
+    expf, called one element at a time, made this 4x slower than the vectorized polynomial."""
     T = gate_up.shape[0]
     for t in range(T):
         for i in range(n_ff):
             g = gate_up[t, i]
-            out[t, i] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * gate_up[t, n_ff + i]
+            out[t, i] = g / (np.float32(1.0) + exp(-g)) * gate_up[t, n_ff + i]
 
 
 @njit(fastmath=True, cache=True)
@@ -291,7 +310,7 @@ def geglu(gate_up, n_ff, out):
     for t in range(T):
         for i in range(n_ff):
             g = gate_up[t, i]
-            e = np.float32(math.exp(c * (g + np.float32(0.044715) * g * g * g)))
+            e = exp(c * (g + np.float32(0.044715) * g * g * g))
             out[t, i] = g / (np.float32(1.0) + e) * gate_up[t, n_ff + i]
 
 
@@ -305,7 +324,7 @@ def attention_blas(q, k_cache, v_cache, pos0, scale, out, window=0, softcap=0.0)
     limit_blas_threads()   # BLAS's own worker threads would fight numba's (runtime.py)
     T, n_head, k_dim = q.shape
     n_head_kv = codes(k_cache).shape[0]
-    cap = codes(k_cache).shape[2]
+    cap = capacity(k_cache)
     v_dim = codes(v_cache).shape[2]
     group = n_head // n_head_kv
     for c0 in range(0, T, QUERY_CHUNK):

@@ -93,13 +93,15 @@ def _units() -> dict[str, Unit]:
     ]
     for tk in kv_formats.KV_TYPES:       # the cache kernels, per (type_k, type_v)
         for tv in kv_formats.KV_TYPES:
-            k3, v3, k4, v4 = cache(tk, 3), cache(tv, 3), cache(tk, 4), cache(tv, 4)
+            # K [.., n_head_kv, blocks, k_dim, KB], V [.., n_head_kv, capacity, v_dim]; pools add a slot axis
+            k1, v1, kn, vn = cache(tk, 4), cache(tv, 3), cache(tk, 5), cache(tv, 4)
             units += [
-                Unit(f"attention:{tk},{tv}", 4.0, lambda k3=k3, v3=v3: [
-                    (ops.rope_store, (f32_2, f32_2, f32_2, f32_3, k3, v3, i64, i64, i64, i64, i64, b1)),
-                    (ops.attention, (f32_3, k3, v3, i64, f32, f32_2, i64, f32))]),
-                Unit(f"attention_slots:{tk},{tv}", 3.5, lambda k4=k4, v4=v4: [
-                    (ops.attention_slots, (f32_3, k4, v4, i64_1, i64_1, f32, f32_2, i64, f32))])]
+                Unit(f"attention:{tk},{tv}", 4.0, lambda k1=k1, v1=v1: [
+                    (ops.rope_store, (f32_2, f32_2, f32_2, f32_3, k1, v1, i64, i64, i64, i64, i64, b1)),
+                    (ops.attention, (f32_3, k1, v1, i64, f32, f32_2, i64, f32))]),
+                Unit(f"attention_slots:{tk},{tv}", 4.0, lambda kn=kn, vn=vn: [
+                    (ops.rope_store_slots, (f32_2, f32_2, f32_2, f32_3, kn, vn, i64_1, i64_1, i64, i64, i64, i64, b1)),
+                    (ops.attention_slots, (f32_3, kn, vn, i64_1, i64_1, f32, f32_2, i64, f32))])]
     return {u.name: u for u in units}
 
 

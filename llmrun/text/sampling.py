@@ -83,6 +83,12 @@ def apply_penalties(logits: np.ndarray, previous: Sequence[int], repeat_penalty:
 
 def top_k(ids: np.ndarray, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Keep the k largest logits, returned sorted from most to least likely (equal logits: lower id first)."""
+    order = _top_k_order(logits, k)
+    return ids[order], logits[order]
+
+
+def _top_k_order(logits: np.ndarray, k: int) -> np.ndarray:
+    """The indices of top_k's result (all of them, sorted, when k <= 0 or k >= len(logits))."""
     if k <= 0 or k >= len(logits):
         order = np.argsort(-logits, kind="stable")
     else:
@@ -95,7 +101,7 @@ def top_k(ids: np.ndarray, logits: np.ndarray, k: int) -> tuple[np.ndarray, np.n
         elif cand.size < k:   # no bound held (a NaN from a logits processor): as without it
             cand = np.flatnonzero(logits >= np.partition(logits, len(logits) - k)[len(logits) - k])
         order = cand[np.argsort(-logits[cand], kind="stable")][:k]
-    return ids[order], logits[order]
+    return order
 
 
 _BOUND_CHUNKS = 64
@@ -157,13 +163,20 @@ class Sampler:
         self.params = params or SamplingParams()
         self.rng = rng if rng is not None else np.random.default_rng(seed)
 
+    def _penalised(self, logits: np.ndarray, previous: Sequence[int]) -> np.ndarray:
+        """apply_penalties' result; the row itself (not a copy) when no penalty is on: nothing below writes it."""
+        p = self.params
+        if p.repeat_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0:
+            return np.asarray(logits, dtype=np.float32)
+        return apply_penalties(logits, previous, p.repeat_penalty, p.frequency_penalty, p.presence_penalty,
+                               p.repeat_last_n)
+
     def candidates(self, logits: np.ndarray, previous: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
         """The (ids, penalised logits) that survive truncation, most likely first (before temperature)."""
         p = self.params
-        row = apply_penalties(logits, previous, p.repeat_penalty, p.frequency_penalty, p.presence_penalty,
-                              p.repeat_last_n)
-        ids = np.arange(row.shape[0])
-        ids, row = top_k(ids, row, p.top_k)
+        row = self._penalised(logits, previous)
+        ids = _top_k_order(row, p.top_k)   # top-k's indices are the token ids (a server pays this per token)
+        row = row[ids]
         ids, row = top_p(ids, row, p.top_p)
         ids, row = min_p(ids, row, p.min_p)
         return ids, row
@@ -171,8 +184,6 @@ class Sampler:
     def sample(self, logits: np.ndarray, previous: Sequence[int] = ()) -> int:
         p = self.params
         if p.temperature <= 0:
-            row = apply_penalties(logits, previous, p.repeat_penalty, p.frequency_penalty, p.presence_penalty,
-                                  p.repeat_last_n)
-            return int(np.argmax(row))
+            return int(np.argmax(self._penalised(logits, previous)))
         ids, row = self.candidates(logits, previous)
         return draw(ids, row, p.temperature, self.rng)
