@@ -19,11 +19,15 @@ RING_BATCH = 256   # tokens per forward pass on a model with ring buffers
 
 
 def layer_capacity(n_ctx: int, window: int = 0) -> int:
-    """Slots a layer's cache needs: the whole context, or the ring of a sliding-window layer; rounded up to
-    whole K blocks (kv_formats.K_BLOCK). More slots than positions never change what is kept: a global layer
-    still never wraps, and a ring keeps at least what it must."""
-    need = n_ctx if window <= 0 else min(n_ctx, window + RING_BATCH - 1)
-    return -(-need // kv_formats.K_BLOCK) * kv_formats.K_BLOCK
+    """Slots a layer's cache needs: the whole context, or the ring of a sliding-window layer, rounded up to whole
+    K blocks (kv_formats.K_BLOCK): more slots never change what is kept (a global layer still never wraps, a
+    ring keeps at least what it must). A ring whose rounding would reach the context keeps its exact size (its
+    K is then one block)."""
+    kb = kv_formats.K_BLOCK
+    ring = window + RING_BATCH - 1
+    if window <= 0 or ring >= n_ctx:
+        return -(-n_ctx // kb) * kb
+    return -(-ring // kb) * kb if -(-ring // kb) * kb < n_ctx else ring
 
 
 def new_k(lead: tuple, n_head_kv: int, k_dim: int, capacity: int, kind: str):
