@@ -95,7 +95,7 @@ def test_engine_compiles_only_the_registered_signatures(models):
     # one signature per kernel (per K and V cache type for the cache kernels), and every registered kernel this
     # host can run was used by some model
     cache_kernels = {"llmrun.kernels.ops.rope_store", "llmrun.kernels.ops.attention",
-                     "llmrun.kernels.ops.attention_slots", "llmrun.kernels.ops.rope_store_slots"}
+                     "llmrun.kernels.ops.attention_slots"}
     for name, sigs in reg.items():
         assert len(sigs) == (len(kv_formats.KV_TYPES) ** 2 if name in cache_kernels else 1), name
     host = {f"{d.py_func.__module__}.{d.py_func.__name__}" for n in warmup.host_units()

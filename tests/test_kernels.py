@@ -129,7 +129,8 @@ def test_attention_causal_gqa(kernel, monkeypatch):
     kc = rng.standard_normal((n_kv, n_ctx, hd)).astype(np.float32)
     vc = rng.standard_normal((n_kv, n_ctx, hd)).astype(np.float32)
     out = np.empty((T, n_head * hd), np.float32)
-    getattr(ops, kernel)(q, np.ascontiguousarray(kc.transpose(0, 2, 1)), vc, pos0, np.float32(0.25), out)
+    k_blocks = np.ascontiguousarray(kc.transpose(0, 2, 1))[:, None]   # K transposed, one block (kv_formats.py)
+    getattr(ops, kernel)(q, k_blocks, vc, pos0, np.float32(0.25), out)
     for t in range(T):
         for h in range(n_head):
             g = h // (n_head // n_kv)

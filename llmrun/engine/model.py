@@ -231,8 +231,8 @@ class LlamaModel(ModelLoading):
         neox = hp.arch.rope == "neox"
         activation = ACTIVATIONS[hp.arch.activation]
         hd, vd = hp.head_dim, hp.v_head_dim
-        # The decode rows of caches sharing one pool: their rope/cache writes and their attention are one call
-        # each per layer (a call per row cost ~5 us of dispatch and glue, 120 per step for 4 rows).
+        # The decode rows of caches sharing one pool: their rope, cache writes and attention are one launch per
+        # layer (a call per row cost ~5 us of dispatch and glue, 120 per step for 4 rows).
         pool = spans[0][2].pool if n_dec > 1 else None
         pooled = pool is not None and all(c.pool is pool for _, _, c, _ in spans[:n_dec])
         n_pool = n_dec if pooled else 0
@@ -254,10 +254,8 @@ class LlamaModel(ModelLoading):
             if pooled:
                 kp, vp = pool[0][il], pool[1][il]
                 cos, sin = pool_tables[L.rope]
-                q_dec = np.empty((n_dec, L.n_head, hd), np.float32)
-                ops.rope_store_slots(qkv[:n_dec], cos, sin, q_dec, kp, vp, slots, positions, L.n_head, L.n_head_kv,
-                                     hd, vd, neox)
-                ops.attention_slots(q_dec, kp, vp, slots, positions, scale, att[:n_dec], window, softcap)
+                ops.attention_slots(qkv[:n_dec], cos, sin, kp, vp, slots, positions, L.n_head, hd, vd, neox, scale,
+                                    att[:n_dec], window, softcap)
             for (r0, r1, cache, pos0), span_tables in zip(spans[n_pool:], tables):
                 lc = cache.layers[il]
                 cos, sin = span_tables[L.rope]

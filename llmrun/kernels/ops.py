@@ -42,33 +42,30 @@ def head_rmsnorm(x, col0, n_heads, w, eps):
                 x[t, c + i] = x[t, c + i] * inv * w[i]
 
 
-@njit(inline="always", fastmath=True)
-def _rope_row(qkv, t, cos, sin, q_out, k_cache, v_cache, p, n_head, n_head_kv, k_dim, v_dim, neox, krow):
-    """Token t of rope_store: its rotated Q into q_out[t], its K and V into slot p of the caches."""
+@njit(inline="always")
+def _rope_head(qkv, t, base, cos, sin, dst, neox):
+    """dst[:] = the head at columns base.. of token t of qkv, rotated with cos/sin row t. Explicit FMAs
+    (strict.py): every kernel this is inlined into, fast-math or not, rounds it alike (batch invariance)."""
     half = cos.shape[1]
+    step, span = (1, half) if neox else (2, 1)   # pair i: elements i*step and i*step + span
+    for i in range(half):
+        a = qkv[t, base + i * step]
+        b = qkv[t, base + i * step + span]
+        c, s = cos[t, i], sin[t, i]
+        dst[i * step] = fma(a, c, -(b * s))
+        dst[i * step + span] = fma(a, s, b * c)
+    for i in range(2 * half, dst.shape[0]):
+        dst[i] = qkv[t, base + i]
+
+
+@njit(inline="always")
+def _store_group(qkv, t, cos, sin, k_cache, v_cache, p, g, n_head, n_head_kv, k_dim, v_dim, neox, krow):
+    """K/V group g of token t: its K rotated, both written to slot p of the caches."""
     k0 = n_head * k_dim
     v0 = k0 + n_head_kv * k_dim
-    step, span = (1, half) if neox else (2, 1)   # pair i: elements i*step and i*step + span
-    for h in range(n_head):
-        base = h * k_dim
-        for i in range(half):
-            a = qkv[t, base + i * step]
-            b = qkv[t, base + i * step + span]
-            q_out[t, h, i * step] = a * cos[t, i] - b * sin[t, i]
-            q_out[t, h, i * step + span] = a * sin[t, i] + b * cos[t, i]
-        for i in range(2 * half, k_dim):
-            q_out[t, h, i] = qkv[t, base + i]
-    for g in range(n_head_kv):
-        base = k0 + g * k_dim
-        for i in range(half):
-            a = qkv[t, base + i * step]
-            b = qkv[t, base + i * step + span]
-            krow[i * step] = a * cos[t, i] - b * sin[t, i]
-            krow[i * step + span] = a * sin[t, i] + b * cos[t, i]
-        for i in range(2 * half, k_dim):
-            krow[i] = qkv[t, base + i]
-        store_k(k_cache, g, p, krow)
-        store_v(v_cache, g, p, qkv[t, v0 + g * v_dim:v0 + (g + 1) * v_dim])
+    _rope_head(qkv, t, k0 + g * k_dim, cos, sin, krow, neox)
+    store_k(k_cache, g, p, krow)
+    store_v(v_cache, g, p, qkv[t, v0 + g * v_dim:v0 + (g + 1) * v_dim])
 
 
 @njit(fastmath=True, cache=True)
@@ -84,21 +81,11 @@ def rope_store(qkv, cos, sin, q_out, k_cache, v_cache, pos0, n_head, n_head_kv, 
     cap = capacity(k_cache)
     krow = np.empty(k_dim, np.float32)
     for t in range(qkv.shape[0]):
-        _rope_row(qkv, t, cos, sin, q_out, k_cache, v_cache, (pos0 + t) % cap, n_head, n_head_kv, k_dim, v_dim,
-                  neox, krow)
-
-
-@njit(fastmath=True, cache=True)
-def rope_store_slots(qkv, cos, sin, q_out, k_pool, v_pool, slots, pos, n_head, n_head_kv, k_dim, v_dim,
-                     neox=False):
-    """rope_store for one new token of each of several sequences, in one call: row b of qkv / cos / sin /
-    q_out is the token at position pos[b] of the caches k_pool[slots[b]] / v_pool[slots[b]] (the server's
-    pools, as attention_slots). Each row is what rope_store of that sequence alone writes."""
-    krow = np.empty(k_dim, np.float32)
-    for b in range(qkv.shape[0]):
-        k, v = take(k_pool, slots[b]), take(v_pool, slots[b])
-        _rope_row(qkv, b, cos, sin, q_out, k, v, pos[b] % capacity(k), n_head, n_head_kv, k_dim, v_dim, neox,
-                  krow)
+        for h in range(n_head):
+            _rope_head(qkv, t, h * k_dim, cos, sin, q_out[t, h], neox)
+        for g in range(n_head_kv):
+            _store_group(qkv, t, cos, sin, k_cache, v_cache, (pos0 + t) % cap, g, n_head, n_head_kv, k_dim, v_dim,
+                         neox, krow)
 
 
 # Attention: ONE body for every query (decode, prefill, the server's batched decode), whose arithmetic depends
@@ -277,17 +264,27 @@ def attention(q, k_cache, v_cache, pos0, scale, out, window=0, softcap=0.0):
 
 
 @njit(parallel=True, cache=True, error_model="numpy")
-def attention_slots(q, k_pool, v_pool, slots, pos, scale, out, window=0, softcap=0.0):
-    """attention() for one new token of each of several sequences, in one launch: q [B, n_head, k_dim], token
-    b at position pos[b] of the caches k_pool[slots[b]] / v_pool[slots[b]] ([n_slots, ...] pools of
-    attention()'s cache layout); out [B, n_head*v_dim]. Each row equals attention() of that sequence alone."""
-    B = q.shape[0]
+def attention_slots(qkv, cos, sin, k_pool, v_pool, slots, pos, n_head, k_dim, v_dim, neox, scale, out, window=0,
+                    softcap=0.0):
+    """rope_store and attention() for one new token of each of several sequences, in one launch: row b of qkv
+    (rope_store's layout) / cos / sin is the token at position pos[b] of the caches k_pool[slots[b]] /
+    v_pool[slots[b]] ([n_slots, ...] pools of attention()'s cache layout); out [B, n_head*v_dim]. A job is one
+    (token, K/V group): it rotates that group's Q heads, writes its K and V, and attends, so the cache writes
+    run in parallel too. Each row equals rope_store + attention() of that sequence alone, bit for bit."""
+    B = qkv.shape[0]
     n_head_kv = codes(k_pool).shape[1]
+    group = n_head // n_head_kv
     for job in prange(B * n_head_kv):
         b = job // n_head_kv
-        k = slots[b]
-        _attend(q, b, 1, job % n_head_kv, take(k_pool, k), take(v_pool, k), pos[b], window, softcap, scale,
-                out, b)
+        g = job % n_head_kv
+        k, v = take(k_pool, slots[b]), take(v_pool, slots[b])
+        q = np.empty((1, n_head, k_dim), np.float32)   # only group g's heads are written (and read by _attend)
+        for hh in range(group):
+            h = g * group + hh
+            _rope_head(qkv, b, h * k_dim, cos, sin, q[0, h], neox)
+        krow = np.empty(k_dim, np.float32)
+        _store_group(qkv, b, cos, sin, k, v, pos[b] % capacity(k), g, n_head, n_head_kv, k_dim, v_dim, neox, krow)
+        _attend(q, 0, 1, g, k, v, pos[b], window, softcap, scale, out, b)
 
 
 @njit(fastmath=True, cache=True, error_model="numpy")

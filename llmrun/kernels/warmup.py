@@ -100,8 +100,8 @@ def _units() -> dict[str, Unit]:
                     (ops.rope_store, (f32_2, f32_2, f32_2, f32_3, k1, v1, i64, i64, i64, i64, i64, b1)),
                     (ops.attention, (f32_3, k1, v1, i64, f32, f32_2, i64, f32))]),
                 Unit(f"attention_slots:{tk},{tv}", 4.0, lambda kn=kn, vn=vn: [
-                    (ops.rope_store_slots, (f32_2, f32_2, f32_2, f32_3, kn, vn, i64_1, i64_1, i64, i64, i64, i64, b1)),
-                    (ops.attention_slots, (f32_3, kn, vn, i64_1, i64_1, f32, f32_2, i64, f32))])]
+                    (ops.attention_slots, (f32_2, f32_2, f32_2, kn, vn, i64_1, i64_1, i64, i64, i64, b1, f32, f32_2,
+                                           i64, f32))])]
     return {u.name: u for u in units}
 
 
