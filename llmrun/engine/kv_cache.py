@@ -19,19 +19,12 @@ RING_BATCH = 256   # tokens per forward pass on a model with ring buffers
 
 
 def layer_capacity(n_ctx: int, window: int = 0) -> int:
-    """Slots a layer's cache needs: the whole context, or the ring of a sliding-window layer, rounded up to whole
-    K blocks (kv_formats.K_BLOCK): more slots never change what is kept (a global layer still never wraps, a
-    ring keeps at least what it must). A ring whose rounding would reach the context keeps its exact size (its
-    K is then one block)."""
-    kb = kv_formats.K_BLOCK
-    ring = window + RING_BATCH - 1
-    if window <= 0 or ring >= n_ctx:
-        return -(-n_ctx // kb) * kb
-    return -(-ring // kb) * kb if -(-ring // kb) * kb < n_ctx else ring
+    """Slots a layer's cache needs: the whole context, or the ring of a sliding-window layer."""
+    return n_ctx if window <= 0 else min(n_ctx, window + RING_BATCH - 1)
 
 
 def new_k(lead: tuple, n_head_kv: int, k_dim: int, capacity: int, kind: str):
-    """An empty K cache [*lead, n_head_kv, capacity / KB, k_dim, KB] (transposed in blocks of KB positions:
+    """An empty K cache [*lead, n_head_kv, ceil(capacity / KB), k_dim, KB] (transposed in blocks of KB positions:
     kernels/kv_formats.py)."""
     return kv_formats.empty_cache(kv_formats.k_shape(lead, n_head_kv, k_dim, capacity), kind, blocks_axis=-2)
 
@@ -54,7 +47,7 @@ class LayerCache:
 
     @property
     def capacity(self) -> int:
-        return kv_formats.capacity(self.k)
+        return kv_formats.capacity(self.v)
 
     @property
     def max_batch(self) -> int | None:

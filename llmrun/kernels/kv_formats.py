@@ -1,18 +1,18 @@
 """KV cache storage types (llama.cpp's type_k / type_v): f32, f16, q8_0, and the kernels' access to them.
 
-K is kept transposed in blocks of positions, [n_head_kv, capacity / KB, k_dim, KB], and V as
-[n_head_kv, capacity, v_dim] (ops.attention). Within a block, dimension i of KB consecutive positions is one
+K is kept transposed in blocks of positions, [n_head_kv, ceil(capacity / KB), k_dim, KB], and V as
+[n_head_kv, capacity, v_dim] (ops.attention; the capacity is V's). Within a block, dimension i of KB consecutive positions is one
 contiguous run, so the scores of many positions build up as contiguous multiply-adds; and a block (8 KiB for 64
 f16 dimensions) is a few pages: reading or writing the keys of a few positions touches 2 pages per K/V group,
 not k_dim (one per dimension row, as a [k_dim, capacity] layout does). With the weights streaming through the
 caches every token, those page walks and cold lines made decode attention and its cache writes 3-4x slower
-(2026-12-01, SmolLM2, 2-vCPU EPYC). KB = K_BLOCK (64) when the capacity is a multiple of it (kv_cache.py
-rounds capacities up to one), else the whole capacity (one block: small test caches).
+(2026-12-01, SmolLM2, 2-vCPU EPYC). KB = K_BLOCK (64), or the capacity when that is smaller; the last
+block's positions past the capacity are never used.
   f32   float32
   f16   IEEE half bits (uint16): rounded to nearest even when written (as numpy and ggml do), widened exactly
   q8_0  a pair (int8 codes, half-bits scales): one scale per 32 values of one position's head vector
         (ggml's Q8_0 block: d = max|x| / 127, q = round(x / d); here q is rounded against the stored half d, so
-        that d * q is what was meant). K scales [n_head_kv, capacity / KB, k_dim / 32, KB], V scales
+        that d * q is what was meant). K scales [n_head_kv, ceil(capacity / KB), k_dim / 32, KB], V scales
         [n_head_kv, capacity, v_dim / 32].
 A cache of any type is one numba value, an array or a pair; the helpers below compile to the code of each
 type, so that ops.rope_store and ops.attention keep one source. Leading dimensions may be added in front
@@ -39,14 +39,11 @@ BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 1.0 + 2.0 / Q8_BLOCK}   # per value, sc
 K_BLOCK = 64   # positions per K block (see above)
 
 
-def k_block(capacity: int) -> int:
-    """Positions per block of a K cache of `capacity` slots."""
-    return K_BLOCK if capacity % K_BLOCK == 0 else capacity
-
-
 def k_shape(lead: tuple, n_head_kv: int, k_dim: int, capacity: int) -> tuple:
-    kb = k_block(capacity)
-    return lead + (n_head_kv, capacity // kb, k_dim, kb)
+    """K's shape for `capacity` slots: whole blocks of KB = K_BLOCK positions (or one block of a smaller
+    capacity); the last block's positions past the capacity are never used."""
+    kb = min(K_BLOCK, capacity)
+    return lead + (n_head_kv, -(-capacity // kb), k_dim, kb)
 
 
 def kv_type(value, name: str) -> str:
@@ -101,7 +98,7 @@ def _half_to_f32(bits: np.ndarray) -> np.ndarray:
 
 
 def _unblocked(a: np.ndarray) -> np.ndarray:
-    """One group's K blocks [n_blocks, rows, KB] as [rows, capacity]."""
+    """One group's K blocks [n_blocks, rows, KB] as [rows, n_blocks * KB] (slot p in column p)."""
     return a.transpose(1, 0, 2).reshape(a.shape[1], -1)
 
 
@@ -222,10 +219,10 @@ def f32_to_half(x):
     return np.uint16(h | sign)
 
 
-def capacity(k):
-    """The slots of a K cache (one sequence's: [n_head_kv, n_blocks, k_dim, KB]); numba too."""
-    c = codes(k)
-    return c.shape[-3] * c.shape[-1]
+def capacity(v):
+    """The slots of a cache, read from its V ([.., n_head_kv, capacity, v_dim]: K's last block may have unused
+    positions); numba too."""
+    return codes(v).shape[-2]
 
 
 def store_k(k, g, p, row):
@@ -252,8 +249,8 @@ def _codes(cache):
 
 
 @overload(capacity, inline="always")
-def _capacity(k):
-    return lambda k: codes(k).shape[-3] * codes(k).shape[-1]
+def _capacity(v):
+    return lambda v: codes(v).shape[-2]
 
 
 @overload(take, inline="always")

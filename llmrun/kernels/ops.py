@@ -78,7 +78,7 @@ def rope_store(qkv, cos, sin, q_out, k_cache, v_cache, pos0, n_head, n_head_kv, 
     position p goes to slot p % capacity (kv_cache.py).
     Rotated pairs: ggml's NORM mode (2i, 2i+1) on the permuted GGUF Q/K rows, or NEOX mode (i, i + n_rot/2);
     dimensions from n_rot on pass unrotated."""
-    cap = capacity(k_cache)
+    cap = capacity(v_cache)
     krow = np.empty(k_dim, np.float32)
     for t in range(qkv.shape[0]):
         for h in range(n_head):
@@ -100,9 +100,8 @@ LANES = 16         # the softmax sum's partial sums (one vector register)
 
 
 @njit(inline="always")
-def _widen_k(k_cache, g, p, n, kb):
-    """K of group g at positions p..p+n-1 (slots modulo the capacity: a ring wraps at most once) -> kb[:, :n]."""
-    cap = capacity(k_cache)
+def _widen_k(k_cache, cap, g, p, n, kb):
+    """K of group g at positions p..p+n-1 (slots modulo the capacity cap: a ring wraps at most once) -> kb[:, :n]."""
     first = p % cap
     n1 = min(n, cap - first)
     for i in range(kb.shape[0]):
@@ -190,7 +189,7 @@ def _attend(q, t0, nq, g, k_cache, v_cache, p0, window, softcap, scale, out, row
     body of attention() and attention_slots(); each query's result is the same whatever nq is."""
     n_head, k_dim = q.shape[1], q.shape[2]
     n_head_kv = codes(k_cache).shape[0]
-    cap = capacity(k_cache)
+    cap = capacity(v_cache)
     v_dim = codes(v_cache).shape[2]
     group = n_head // n_head_kv
     h0 = g * group
@@ -212,7 +211,7 @@ def _attend(q, t0, nq, g, k_cache, v_cache, p0, window, softcap, scale, out, row
     kb = np.empty((k_dim, min(n, ATTN_BLOCK)), np.float32)
     for b0 in range(0, n, ATTN_BLOCK):
         bw = min(ATTN_BLOCK, n - b0)
-        _widen_k(k_cache, g, lo + b0, bw, kb)
+        _widen_k(k_cache, cap, g, lo + b0, bw, kb)
         for k in range(npair):
             sa, sb = max(first[k], b0), min(end[k], b0 + bw)
             if sa < sb:
@@ -242,7 +241,7 @@ def _attend(q, t0, nq, g, k_cache, v_cache, p0, window, softcap, scale, out, row
 def attention(q, k_cache, v_cache, pos0, scale, out, window=0, softcap=0.0):
     """Causal softmax attention with grouped K/V heads.
 
-    q [T, n_head, k_dim] for positions pos0..; k_cache [n_head_kv, capacity / KB, k_dim, KB] and v_cache
+    q [T, n_head, k_dim] for positions pos0..; k_cache [n_head_kv, ceil(capacity / KB), k_dim, KB] and v_cache
     [n_head_kv, capacity, v_dim] holding the positions the queries see, position p in slot p % capacity
     (kv_cache.py, kv_formats.py); out [T, n_head*v_dim]. window > 0: query p sees positions p-window+1 .. p only
     (sliding-window attention). softcap > 0: scores become softcap * tanh(score / softcap) (Gemma 2).
@@ -283,7 +282,7 @@ def attention_slots(qkv, cos, sin, k_pool, v_pool, slots, pos, n_head, k_dim, v_
             h = g * group + hh
             _rope_head(qkv, b, h * k_dim, cos, sin, q[0, h], neox)
         krow = np.empty(k_dim, np.float32)
-        _store_group(qkv, b, cos, sin, k, v, pos[b] % capacity(k), g, n_head, n_head_kv, k_dim, v_dim, neox, krow)
+        _store_group(qkv, b, cos, sin, k, v, pos[b] % capacity(v), g, n_head, n_head_kv, k_dim, v_dim, neox, krow)
         _attend(q, 0, 1, g, k, v, pos[b], window, softcap, scale, out, b)
 
 
@@ -321,7 +320,7 @@ def attention_blas(q, k_cache, v_cache, pos0, scale, out, window=0, softcap=0.0)
     limit_blas_threads()   # BLAS's own worker threads would fight numba's (runtime.py)
     T, n_head, k_dim = q.shape
     n_head_kv = codes(k_cache).shape[0]
-    cap = capacity(k_cache)
+    cap = capacity(v_cache)
     v_dim = codes(v_cache).shape[2]
     group = n_head // n_head_kv
     for c0 in range(0, T, QUERY_CHUNK):
