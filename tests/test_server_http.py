@@ -277,8 +277,9 @@ def test_bad_requests_are_4xx_and_the_server_survives(http):
 def test_queue_full_is_503_with_retry_after(default_model):
     with ServerProcess(default_model, "--parallel", "1", "--max-queue", "0", "--ctx", "512") as srv, \
             srv.client() as c:
+        # SmolLM2's end tokens (<|endoftext|> 0, <|im_end|> 2) banned: the answer cannot end before the check
         long = {"messages": QUESTION, "max_tokens": 400, "stream": True, "temperature": 1, "seed": 1,
-                "stop": ["never"]}
+                "stop": ["never"], "logit_bias": {"0": -100, "2": -100}}
         with c.stream("POST", CHAT, json=long) as first:
             next(first.iter_lines())                 # it has the only slot now
             busy = c.post(CHAT, json=OK)
