@@ -9,7 +9,6 @@ import dataclasses
 import threading
 from typing import Awaitable, Iterator
 
-
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
