@@ -31,7 +31,8 @@ import llmrun
 from numba.core.registry import CPUDispatcher
 from llmrun.engine.model import LlamaModel
 from llmrun.gguf import GGUFReader
-from llmrun.kernels import blocks, gemm_blas, gemm_vnni, gemv, gemv_vnni, gemv_vnni_batch, ops, qmatmul, repack
+from llmrun.kernels import blocks, gemm_blas, gemm_vnni, gemv, gemv_vnni, gemv_vnni_batch, ops, qmatmul, repack, token_draw
+from llmrun.text.sampling import Sampler
 
 runs = [(p, None, None) for p in sys.argv[1:]] + [(sys.argv[1], "q8_0", "f32"), (sys.argv[1], "f32", "q8_0")]
 for path, type_k, type_v in runs:
@@ -45,9 +46,10 @@ for path, type_k, type_v in runs:
     m.forward(ids[:6], all_logits=True)      # numba attention over several queries
     a, b = m.new_caches(2)                   # the server's pooled caches
     m.forward_batch([a, b], [ids[:5], ids[5:7]])
-    m.forward_batch([a, b], [ids[7:8], ids[8:9]])   # batched decode, pooled attention
+    rows = m.forward_batch([a, b], [ids[7:8], ids[8:9]])   # batched decode, pooled attention
+    Sampler(seed=0).sample(rows[0])          # every generation samples
 out = {}
-for mod in (blocks, gemm_blas, gemm_vnni, gemv, gemv_vnni, gemv_vnni_batch, ops, qmatmul, repack):
+for mod in (blocks, gemm_blas, gemm_vnni, gemv, gemv_vnni, gemv_vnni_batch, ops, qmatmul, repack, token_draw):
     for name, obj in vars(mod).items():
         if isinstance(obj, CPUDispatcher) and obj.py_func.__module__ == mod.__name__:
             out[f"{mod.__name__}.{name}"] = {"sigs": [repr(s) for s in obj.signatures],

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from llmrun.errors import LlmrunError
-from llmrun.text.sampling import Sampler, SamplingParams, apply_penalties, top_k
+from llmrun.text.sampling import Sampler, SamplingParams, apply_penalties, draw, min_p, top_k, top_p
 
 OFF = dict(top_k=0, top_p=1.0, min_p=0.0)   # no truncation
 
@@ -59,6 +59,43 @@ def test_top_k_equals_a_full_stable_sort(n):
     kth = np.partition(nan, n - 3)[n - 3]
     cand = np.flatnonzero(nan >= kth)
     np.testing.assert_array_equal(ids, cand[np.argsort(-nan[cand], kind="stable")][:3])
+
+
+@pytest.mark.parametrize("n", [6, 300, 5000, 49152])
+def test_sampler_draws_what_the_chain_of_steps_draws(n):
+    """Sampler.sample (one kernel, kernels/token_draw.py) picks, for the same random number, the token that
+    numpy's chain of the steps picks: top_k (a full stable sort's first k), top_p, min_p, draw; on rows with id
+    runs, ties and masked ids, for every truncation setting. A NaN (a logits processor's) is a one-line error."""
+    rng = np.random.default_rng(n + 1)
+    rows = [(rng.standard_normal(n) * 3).astype(np.float32),
+            (np.sin(np.arange(n) / 500) * 3 + rng.standard_normal(n) * 0.1).astype(np.float32),
+            rng.integers(0, 4, n).astype(np.float32),
+            np.where(np.arange(n) % 3 == 0, -np.inf, rng.standard_normal(n)).astype(np.float32),
+            np.where(np.arange(n) == n // 2, 5.0, -np.inf).astype(np.float32),        # one token allowed
+            (rng.standard_cauchy(n) * 4).astype(np.float32)]
+    settings = [dict(top_k=k, top_p=p, min_p=m, temperature=t)
+                for k in (0, 1, 40, 100, n) for p in (1.0, 0.95, 0.3) for m in (0.0, 0.05, 0.9)
+                for t in (0.2, 1.3)]
+    for i, row in enumerate(rows):
+        for j, kw in enumerate(settings):
+            params = SamplingParams(**kw)
+            seed = 1000 * i + j
+            got = [Sampler(params, seed=seed).sample(row)]
+            chain = np.random.default_rng(seed)
+            ids, vals = top_k(np.arange(n), row, params.top_k)
+            ids, vals = top_p(ids, vals, params.top_p)
+            ids, vals = min_p(ids, vals, params.min_p)
+            assert got == [draw(ids, vals, params.temperature, chain)], (i, kw)
+    sampler, chain = Sampler(SamplingParams(), seed=5), np.random.default_rng(5)   # one generator, many draws
+    for _ in range(200):
+        ids, vals = top_k(np.arange(n), rows[0], 40)
+        ids, vals = min_p(*top_p(ids, vals, 0.95), 0.05)
+        assert sampler.sample(rows[0]) == draw(ids, vals, 0.8, chain)
+    nan = rows[0].copy()
+    nan[n // 3] = np.nan
+    for temperature in (0.0, 0.8):
+        with pytest.raises(LlmrunError, match="NaN"):
+            Sampler(SamplingParams(temperature=temperature), seed=0).sample(nan)
 
 
 def test_top_k_never_picks_excluded_and_renormalises():

@@ -56,12 +56,12 @@ def _units() -> dict[str, Unit]:
     """The registry. Signatures are spelled out here; the kernels' callers (qmatmul's matvec / matvec_batch /
     matmul, repack's pack_matrix, the engine) pass exactly these types (tests/test_kernel_warmup.py)."""
     from numba import types
-    from . import gemm_blas, gemm_vnni, gemv, gemv_vnni, gemv_vnni_batch, kv_formats, ops, repack
+    from . import gemm_blas, gemm_vnni, gemv, gemv_vnni, gemv_vnni_batch, kv_formats, ops, repack, token_draw
 
     f32_1, f32_2, f32_3, f32_4 = (_array(np.float32, n) for n in (1, 2, 3, 4))
     u8_3, u8_4, u16_2 = _array(np.uint8, 3), _array(np.uint8, 4), _array(np.uint16, 2)
     i16_2, i32_2, i64_1 = _array(np.int16, 2), _array(np.int32, 2), _array(np.int64, 1)
-    i64, f32, b1 = types.int64, types.float32, types.boolean
+    i64, f32, f64, b1 = types.int64, types.float32, types.float64, types.boolean
     # a family's block scales or offsets: (half bits, super-block scales, sub-block scales), blocks.py
     sc = types.Tuple((_array(np.uint16, 3), f32_3, _array(np.int8, 3)))
     scales = (sc, sc, b1, b1, i64)          # d, m, two_level, has_m, zero
@@ -77,7 +77,8 @@ def _units() -> dict[str, Unit]:
             (ops.rmsnorm, (f32_2, f32_1, f32, f32_2)),
             (ops.head_rmsnorm, (f32_2, i64, i64, f32_1, f32)),
             (ops.swiglu, (f32_2, i64, f32_2)),
-            (ops.geglu, (f32_2, i64, f32_2))]),
+            (ops.geglu, (f32_2, i64, f32_2)),
+            (token_draw.draw_token, (f32_1, i64, f64, f64, f64, f64))]),
         Unit("gemv", 4.5, lambda: [(gemv._gemv, (u8_4, b1, *scales, f32_1, f32_1, b1))]),
         Unit("gemv_vnni", 3.0, lambda: [
             (gemv_vnni._gemv_vnni, (u8_4, b1, *scales, f32_1, f32_1, b1))]),

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import ArgumentTypeError, InvalidArgumentError
 from ..gguf.metadata import describe_value
+from ..kernels.token_draw import draw_token
 
 
 @dataclass(frozen=True)
@@ -182,8 +183,18 @@ class Sampler:
         return ids, row
 
     def sample(self, logits: np.ndarray, previous: Sequence[int] = ()) -> int:
+        """The chain above on one row of logits, its steps in one kernel (kernels/token_draw.py: the same
+        arithmetic as the functions above, without a numpy call per step). A NaN logit (only a logits processor
+        can make one: the model's are checked) is an error: no step orders it."""
         p = self.params
+        row = self._penalised(logits, previous)
         if p.temperature <= 0:
-            return int(np.argmax(self._penalised(logits, previous)))
-        ids, row = self.candidates(logits, previous)
-        return draw(ids, row, p.temperature, self.rng)
+            token = int(np.argmax(row))
+            if np.isnan(row[token]):
+                raise InvalidArgumentError("the logits to sample from hold NaN (from a logits processor?)")
+            return token
+        token = draw_token(np.ascontiguousarray(row, dtype=np.float32).reshape(-1), int(p.top_k), float(p.top_p),
+                           float(p.min_p), float(p.temperature), float(self.rng.random()))
+        if token < 0:
+            raise InvalidArgumentError("the logits to sample from hold NaN (from a logits processor?)")
+        return int(token)
