@@ -165,6 +165,25 @@ def _scale_add_m(typingctx, acc, dv, dx, f, mv, sx):
     return sig, lambda context, builder, signature, args: _epilogue_ir(builder, *args)
 
 
+@intrinsic
+def _int_diff_f32(typingctx, a, b):
+    """float32(a - b) for integers whose difference fits in int32, computed in int32: numba widens integer
+    arithmetic to int64, and the epilogue then sign-extended, subtracted and converted 8 lanes per vector
+    instead of 16 (vpmovsxdq, vpsubq, vcvtqq2ps). The same exact integer, so the same float. A block's dot
+    minus its zero-point term stays far inside int32: |s| <= 32 * 128 * 32767 < 2**28, |zero * sum(xq)| <= 16 *
+    32 * 32767 < 2**24."""
+    if not (isinstance(a, types.Integer) and isinstance(b, types.Integer)):
+        return None
+    sig = types.float32(a, b)
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        x, y = (v if v.type.width == 32 else builder.trunc(v, i32) if v.type.width > 32 else builder.sext(v, i32)
+                for v in args)
+        return builder.sitofp(builder.sub(x, y), ir.FloatType())
+    return sig, codegen
+
+
 @njit(inline="always", fastmath=True)
 def _add_block(acc, s, t, b, d, m, two_level, has_m, zero, xd, xsum, xqsum, dbits, dv, mbits, mv):
     """acc += one block's integer dots s, scaled: d_row * d_x * (s - zero * sum(xq)) (+ m_row * sum(x)),
@@ -184,7 +203,7 @@ def _add_scaled(acc, s, b, has_m, zero, xd, xsum, xqsum, dv, mv):
     if has_m:
         sx = xsum[b]
         for r in range(R):
-            acc[r] = _scale_add_m(acc[r], dv[r], dx, np.float32(s[r] - zq), mv[r], sx)
+            acc[r] = _scale_add_m(acc[r], dv[r], dx, _int_diff_f32(s[r], zq), mv[r], sx)
     else:
         for r in range(R):
-            acc[r] = _scale_add(acc[r], dv[r], dx, np.float32(s[r] - zq))
+            acc[r] = _scale_add(acc[r], dv[r], dx, _int_diff_f32(s[r], zq))
