@@ -7,7 +7,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..runtime import limit_blas_threads
-from .kv_formats import capacity, codes, k_f32, k_run, store_k, store_v, take, v_f32, v_row
+from .kv_formats import K_BLOCK, capacity, codes, k_block, k_f32, k_run, store_k, store_v, take, v_f32, v_rows
 from .strict import exp, fma
 
 
@@ -95,14 +95,19 @@ def rope_store(qkv, cos, sin, q_out, k_cache, v_cache, pos0, n_head, n_head_kv, 
 # tiles of consecutive positions: each block of K/V positions is widened to float32 once for the tile's
 # ATTN_PAIRS (query, head) pairs, which then read it from L1.
 ATTN_PAIRS = 32    # (query, head) pairs per tile
-ATTN_BLOCK = 128   # positions per widened block (64 dims: 32 KiB of K)
+ATTN_BLOCK = K_BLOCK   # positions per widened block: one K block of the cache (64 dims: 16 KiB as float32)
 LANES = 16         # the softmax sum's partial sums (one vector register)
 
 
 @njit(inline="always")
 def _widen_k(k_cache, cap, g, p, n, kb):
-    """K of group g at positions p..p+n-1 (slots modulo the capacity cap: a ring wraps at most once) -> kb[:, :n]."""
+    """K of group g at positions p..p+n-1 (slots modulo the capacity cap: a ring wraps at most once) -> kb[:, :n];
+    a block of the cache in one pass when the positions start one (always, but in a sliding window's ring)."""
     first = p % cap
+    blk = codes(k_cache).shape[-1]
+    if first % blk == 0 and first + n <= cap and blk == kb.shape[1]:
+        k_block(k_cache, g, first // blk, kb)
+        return
     n1 = min(n, cap - first)
     for i in range(kb.shape[0]):
         k_run(k_cache, g, i, first, n1, kb[i, :n1])
@@ -208,7 +213,7 @@ def _attend(q, t0, nq, g, k_cache, v_cache, p0, window, softcap, scale, out, row
             for i in range(k_dim):
                 qs[k, i] = q[t0 + j, h0 + hh, i] * scale
     sc = np.empty((npair, n), np.float32)
-    kb = np.empty((k_dim, min(n, ATTN_BLOCK)), np.float32)
+    kb = np.empty((k_dim, ATTN_BLOCK), np.float32)
     for b0 in range(0, n, ATTN_BLOCK):
         bw = min(ATTN_BLOCK, n - b0)
         _widen_k(k_cache, cap, g, lo + b0, bw, kb)
@@ -223,8 +228,11 @@ def _attend(q, t0, nq, g, k_cache, v_cache, p0, window, softcap, scale, out, row
     vb = np.empty((min(n, ATTN_BLOCK), v_dim), np.float32)
     for b0 in range(0, n, ATTN_BLOCK):
         bw = min(ATTN_BLOCK, n - b0)
-        for s in range(bw):
-            v_row(v_cache, g, (lo + b0 + s) % cap, vb[s])
+        slot = (lo + b0) % cap           # a ring wraps at most once (n <= capacity)
+        n1 = min(bw, cap - slot)
+        v_rows(v_cache, g, slot, n1, vb)
+        if n1 < bw:
+            v_rows(v_cache, g, 0, bw - n1, vb[n1:])
         for k in range(npair):
             sa, sb = max(first[k], b0), min(end[k], b0 + bw)
             if sa < sb:
