@@ -91,6 +91,9 @@ def test_sampler_draws_what_the_chain_of_steps_draws(n):
         ids, vals = top_k(np.arange(n), rows[0], 40)
         ids, vals = min_p(*top_p(ids, vals, 0.95), 0.05)
         assert sampler.sample(rows[0]) == draw(ids, vals, 0.8, chain)
+    for huge in (10 ** 30, -10 ** 30):   # beyond int64: the same as all tokens / off
+        assert Sampler(SamplingParams(top_k=huge), seed=3).sample(rows[0]) == \
+            Sampler(SamplingParams(top_k=0), seed=3).sample(rows[0])
     nan = rows[0].copy()
     nan[n // 3] = np.nan
     for temperature in (0.0, 0.8):

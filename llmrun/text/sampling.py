@@ -193,8 +193,9 @@ class Sampler:
             if np.isnan(row[token]):
                 raise InvalidArgumentError("the logits to sample from hold NaN (from a logits processor?)")
             return token
-        token = draw_token(np.ascontiguousarray(row, dtype=np.float32).reshape(-1), int(p.top_k), float(p.top_p),
-                           float(p.min_p), float(p.temperature), float(self.rng.random()))
+        row = np.ascontiguousarray(row, dtype=np.float32).reshape(-1)
+        k = min(max(p.top_k, 0), row.size)   # <= 0 off, >= the vocabulary all: an int64 either way
+        token = draw_token(row, k, float(p.top_p), float(p.min_p), float(p.temperature), float(self.rng.random()))
         if token < 0:
             raise InvalidArgumentError("the logits to sample from hold NaN (from a logits processor?)")
         return int(token)
