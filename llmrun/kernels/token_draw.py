@@ -22,7 +22,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-BOUND_SETS = 64   # at least this many disjoint sets bound the k-th largest (as sampling.py's _BOUND_CHUNKS)
+BOUND_SETS = 64   # at least this many disjoint sets bound the k-th largest (text/sampling.py's top_k too)
 _PAIRWISE_BLOCK = 128   # numpy's PW_BLOCKSIZE
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import ArgumentTypeError, InvalidArgumentError
 from ..gguf.metadata import describe_value
-from ..kernels.token_draw import draw_token
+from ..kernels.token_draw import BOUND_SETS, draw_token
 
 
 @dataclass(frozen=True)
@@ -93,8 +93,8 @@ def _top_k_order(logits: np.ndarray, k: int) -> np.ndarray:
     if k <= 0 or k >= len(logits):
         order = np.argsort(-logits, kind="stable")
     else:
-        # the candidates: every logit at or above a cheap bound on the k-th largest value (a server pays this per
-        # token and stream; partitioning all of a 50k vocabulary took ~0.3 ms), then the k-th largest among them
+        # the candidates: every logit at or above a cheap bound on the k-th largest value, then the k-th largest
+        # among them (kernels/token_draw.py does the same in one call)
         cand = np.flatnonzero(logits >= _kth_largest_bound(logits, k))
         if cand.size > 4 * k:
             vals = logits[cand]
@@ -105,15 +105,12 @@ def _top_k_order(logits: np.ndarray, k: int) -> np.ndarray:
     return order
 
 
-_BOUND_CHUNKS = 64
-
-
 def _kth_largest_bound(logits: np.ndarray, k: int):
     """A value at most the k-th largest logit: the smallest of the maxima of C >= k disjoint sets (each maximum
     is a different element, so at least C elements are at or above it). The sets are strided (ids j, j + C,
     ...), so that a vocabulary's runs of related ids do not all land in one: on SmolLM2's 49152 logits it
     leaves ~200-300 candidates at k = 40, in ~40 us."""
-    chunks = max(k, _BOUND_CHUNKS)
+    chunks = max(k, BOUND_SETS)
     size = len(logits) // chunks
     if size < 8:   # a small vocabulary: the k-th largest itself
         return np.partition(logits, len(logits) - k)[len(logits) - k]
@@ -172,19 +169,9 @@ class Sampler:
         return apply_penalties(logits, previous, p.repeat_penalty, p.frequency_penalty, p.presence_penalty,
                                p.repeat_last_n)
 
-    def candidates(self, logits: np.ndarray, previous: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
-        """The (ids, penalised logits) that survive truncation, most likely first (before temperature)."""
-        p = self.params
-        row = self._penalised(logits, previous)
-        ids = _top_k_order(row, p.top_k)   # top-k's indices are the token ids (a server pays this per token)
-        row = row[ids]
-        ids, row = top_p(ids, row, p.top_p)
-        ids, row = min_p(ids, row, p.min_p)
-        return ids, row
-
     def sample(self, logits: np.ndarray, previous: Sequence[int] = ()) -> int:
         """The chain above on one row of logits, its steps in one kernel (kernels/token_draw.py: the same
-        arithmetic as the functions above, without a numpy call per step). A NaN logit (only a logits processor
+        arithmetic as the functions above, which stay as its reference, without a numpy call per step). A NaN logit (only a logits processor
         can make one: the model's are checked) is an error: no step orders it."""
         p = self.params
         row = self._penalised(logits, previous)
