@@ -139,3 +139,38 @@ def test_attention_causal_gqa(kernel, monkeypatch):
             p = np.exp(s - s.max())
             p /= p.sum()
             np.testing.assert_allclose(out[t, h * hd:(h + 1) * hd], p @ vc[g, :n], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(_SCALE_FIELDS))
+def test_quads_and_byte_rows_give_the_same_bits(name):
+    """repack.py's two code layouts: every kernel that reads either (the portable one-token and batched products,
+    the widening prefill, row dequantization, and matvec's dispatch: VNNI on quads where the host has it) gives
+    bit-identical results for the same rows."""
+    from llmrun.kernels import gemv
+    from llmrun.kernels.blocks import _scale_args
+    rng = np.random.default_rng(100 + list(_SCALE_FIELDS).index(name))
+    rows, cols = 150, 768
+    raw, qt = _random_rows(rng, name, rows, cols)
+    quads, byte_rows = (pack_matrix(raw, int(qt), cols, quads=q) for q in (True, False))
+    assert quads.codes.shape[-1] == 4 and byte_rows.codes.shape[-1] == 1
+    # byte j of row r: [t, b, j // 4, r, j % 4] in quads, [t, b, j, r, 0] in byte rows
+    t_, b_, n4, R_, _ = quads.codes.shape
+    np.testing.assert_array_equal(quads.codes.transpose(0, 1, 2, 4, 3).reshape(t_, b_, 4 * n4, R_),
+                                  byte_rows.codes[..., 0])
+    X = rng.standard_normal((3, cols)).astype(np.float32)
+    for kernel in (gemv._gemv, gemv._gemv_batch):
+        outs = []
+        for pm in (quads, byte_rows):
+            y = np.zeros((3, rows), np.float32)
+            args = (pm.codes, pm.family == "u4", *_scale_args(pm), pm.zero)
+            if kernel is gemv._gemv:
+                for i in range(3):
+                    kernel(*args, X[i], y[i], False)
+            else:
+                kernel(*args, X, y, False)
+            outs.append(y)
+        np.testing.assert_array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32))
+    np.testing.assert_array_equal(_matmul_widened(quads, X), _matmul_widened(byte_rows, X))
+    picks = [0, 63, 64, 149]
+    np.testing.assert_array_equal(dequantize_rows(quads, picks), dequantize_rows(byte_rows, picks))
+    np.testing.assert_array_equal(matvec(quads, X[0]).view(np.uint32), matvec(byte_rows, X[0]).view(np.uint32))

@@ -45,6 +45,39 @@ def _prefetch(typingctx, arr, idx):
     return sig, codegen
 
 
+# ---------------------------------------------------------------------------------------- code rows
+@intrinsic
+def _quad_rows(typingctx, rows, flat, off, j0):
+    """Byte row j0 + i of `rows` (uint8 [1, 1, 32, R, 1], repack.py's byte rows) = byte i of each row of the quad at flat[off:off + 4R] (repack.py's quads), i < 4: the
+    byte rows the portable kernels' loops vectorize over. A stride-4 shuffle of generic LLVM vectors, lowered
+    for any ISA; the same loops reading the quads' interleaved bytes directly did not vectorize (4-8x slower)."""
+    sig = types.void(rows, flat, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        rp = context.make_array(signature.args[0])(context, builder, args[0]).data
+        fp = context.make_array(signature.args[1])(context, builder, args[1]).data
+        i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+        quad = ir.VectorType(i8, 4 * R)
+        v = builder.load(builder.bitcast(builder.gep(fp, [args[2]]), quad.as_pointer()), align=1)
+        for i in range(4):
+            row = builder.shuffle_vector(v, ir.Constant(quad, ir.Undefined),
+                                         ir.Constant(ir.VectorType(i32, R), [4 * r + i for r in range(R)]))
+            dst = builder.gep(rp, [builder.mul(builder.add(args[3], ir.Constant(i64, i)), ir.Constant(i64, R))])
+            builder.store(row, builder.bitcast(dst, row.type.as_pointer()), align=1)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@njit(inline="always")
+def _code_rows(rows, codes, t, b):
+    """rows (uint8 [1, 1, 32, R, 1]) = the byte rows of block b of tile t, from codes in repack.py's quads."""
+    n_quads = codes.shape[2]
+    flat = codes.reshape(-1)
+    base = (t * codes.shape[1] + b) * n_quads * 4 * R
+    for g in range(n_quads):
+        _quad_rows(rows, flat, base + g * 4 * R, 4 * g)
+
+
 # ---------------------------------------------------------------------------------------- block scales
 # Scales d and offsets m are stored as half bits (uint16) when the format's own scales are halves (exact, half
 # the bytes to stream) or in two levels (K-quants: a float32 super-block scale times a small integer sub-block
@@ -59,9 +92,78 @@ _DUMMY_SUPER = np.zeros((1, 1, R), np.float32)
 _DUMMY_SUB = np.zeros((1, 1, R), np.int8)
 
 
+def _make_scale_loader(two_level: bool):
+    """An intrinsic out[:R] = the scales of block b of tile t as float32, from a kernel scale triple (below):
+    two_level False: halves src[0][t, b, :R] widened (vcvtph2ps: exact); True: src[1][t, g, :R] *
+    float32(src[2][t, b, :R]) (g = the super-block, which holds a power of two of blocks: one rounding).
+    In LLVM IR because the numba loops they replace compiled to ~450 scalar instructions per block (behind an
+    aliasing check: as many as the block's products), and taking an array out of the tuple in numba code cost
+    two reference-count calls per block."""
+    @intrinsic
+    def load(typingctx, src, t, b, out):
+        if not (isinstance(t, types.Integer) and isinstance(b, types.Integer)):
+            return None
+        sig = types.void(src, t, b, out)
+
+        def codegen(context, builder, signature, args):
+            tup_ty = signature.args[0]
+            t_, b_ = (context.cast(builder, args[k], signature.args[k], types.intp) for k in (1, 2))
+            dst = context.make_array(signature.args[3])(context, builder, args[3]).data
+            vf = ir.VectorType(ir.FloatType(), R)
+            zero = context.get_constant(types.intp, 0)
+
+            def member(k):
+                ty = tup_ty.types[k]
+                return ty, context.make_array(ty)(context, builder, builder.extract_value(args[0], k))
+
+            def row(k, i, j):   # pointer to member k's element [i, j, 0]
+                ty, arr = member(k)
+                return cgutils.get_item_pointer(context, builder, ty, arr, [i, j, zero], wraparound=False)
+
+            if two_level:
+                n_sup = builder.extract_value(member(1)[1].shape, 1)
+                n_sub = builder.extract_value(member(2)[1].shape, 1)
+                # g = b // (n_sub / n_sup), a power of two (256-weight super-blocks of 16- or 32-weight blocks):
+                # a shift by the difference of trailing zero counts instead of two divisions per block
+                cttz = cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(n_sub.type, [n_sub.type, ir.IntType(1)]),
+                    f"llvm.cttz.i{n_sub.type.width}")
+                no = ir.Constant(ir.IntType(1), 0)
+                g = builder.ashr(b_, builder.sub(builder.call(cttz, [n_sub, no]), builder.call(cttz, [n_sup, no])))
+                x = builder.load(builder.bitcast(row(1, t_, g), vf.as_pointer()), align=4)
+                y = builder.load(builder.bitcast(row(2, t_, b_), ir.VectorType(ir.IntType(8), R).as_pointer()),
+                                 align=1)
+                builder.store(builder.fmul(x, builder.sitofp(y, vf)), builder.bitcast(dst, vf.as_pointer()),
+                              align=4)
+            else:
+                v = builder.load(builder.bitcast(row(0, t_, b_), ir.VectorType(ir.HalfType(), R).as_pointer()),
+                                 align=2)
+                builder.store(builder.fpext(v, vf), builder.bitcast(dst, vf.as_pointer()), align=4)
+            return context.get_dummy_value()
+        return sig, codegen
+    return load
+
+
+_halves_scales, _two_level_scales = _make_scale_loader(False), _make_scale_loader(True)
+
+
 @njit(inline="always", fastmath=True)
-def _load_scales(src, two_level, t, b, bits, out):
-    """out[:R] = the scales of block b of tile t as float32 (`bits` is `out` viewed as uint32)."""
+def _load_scales(src, two_level, t, b, out):
+    """out[:R] = the scales of block b of tile t as float32 (_make_scale_loader)."""
+    if two_level:
+        _two_level_scales(src, t, b, out)
+    else:
+        _halves_scales(src, t, b, out)
+
+
+@njit(inline="always", fastmath=True)
+def _load_scales_scalar(src, two_level, t, b, out):
+    """_load_scales in numba loops (the same values), for the portable kernels and the prefill GEMM (gemm_vnni.py),
+    whose micro-kernel
+    reloads a block's scales for every group of tokens: after _load_scales' vector stores LLVM forwards the stored
+    vectors into registers for the whole token loop, and the micro-kernel, which holds 24 vectors of sums, spills
+    (prefill 1.2-1.6x slower, 2026-12-01); these scalar stores are not forwarded. The loop's cost per block is
+    shared by all the prompt's tokens there."""
     if two_level:
         sup = src[1]
         sub = src[2]
@@ -70,6 +172,7 @@ def _load_scales(src, two_level, t, b, bits, out):
             out[r] = sup[t, g, r] * np.float32(sub[t, b, r])
     else:
         half = src[0]
+        bits = out.view(np.uint32)
         for r in range(R):
             h = np.uint32(half[t, b, r])
             bits[r] = ((h & np.uint32(0x8000)) << 16) | ((h & np.uint32(0x7FFF)) << 13)
@@ -185,12 +288,12 @@ def _int_diff_f32(typingctx, a, b):
 
 
 @njit(inline="always", fastmath=True)
-def _add_block(acc, s, t, b, d, m, two_level, has_m, zero, xd, xsum, xqsum, dbits, dv, mbits, mv):
+def _add_block(acc, s, t, b, d, m, two_level, has_m, zero, xd, xsum, xqsum, dv, mv):
     """acc += one block's integer dots s, scaled: d_row * d_x * (s - zero * sum(xq)) (+ m_row * sum(x)),
     rounded as _epilogue_ir says."""
-    _load_scales(d, two_level, t, b, dbits, dv)
+    _load_scales_scalar(d, two_level, t, b, dv)   # (the portable kernels': measured no slower on AVX2)
     if has_m:
-        _load_scales(m, two_level, t, b, mbits, mv)
+        _load_scales_scalar(m, two_level, t, b, mv)
     _add_scaled(acc, s, b, has_m, zero, xd, xsum, xqsum, dv, mv)
 
 

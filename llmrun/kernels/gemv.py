@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .blocks import PREFETCH_LINES, R, _add_block, _finish_tile, _prefetch, _quantize_activations
+from .blocks import PREFETCH_LINES, R, _add_block, _code_rows, _finish_tile, _prefetch, _quantize_activations
 
 
 @njit(inline="always", fastmath=True)
@@ -22,8 +22,9 @@ def _prefetch_block(flat, first, n_lines, last):
 
 
 @njit(inline="always", fastmath=True)
-def _block_sums(s, codes, t, b, xq, c0, nibbles):
-    """s[r] = the integer dot of block b of tile t, row r, with the int16 activations xq[c0:c0 + block]."""
+def _block_sums(s, src, st, sb, xq, c0, nibbles, n_lines):
+    """s[r] = the integer dot of block sb of tile st, row r, with the int16 activations xq[c0:c0 + block]; src:
+    codes in byte rows (repack.py), the matrix's own or one block staged from quads (blocks._code_rows)."""
     s[:] = 0
     if nibbles:   # byte j: weights j (low nibble) and j + 16 (high)
         for j in range(0, 16, 2):   # two bytes (four products) per step: fewer passes over s
@@ -32,29 +33,29 @@ def _block_sums(s, codes, t, b, xq, c0, nibbles):
             x2 = np.int32(xq[c0 + j + 1])
             x3 = np.int32(xq[c0 + j + 17])
             for r in range(R):
-                v = np.int32(codes[t, b, j, r])
-                w = np.int32(codes[t, b, j + 1, r])
+                v = np.int32(src[st, sb, j, r, 0])
+                w = np.int32(src[st, sb, j + 1, r, 0])
                 s[r] += (v & 15) * x0 + (v >> 4) * x1 + (w & 15) * x2 + (w >> 4) * x3
-    elif codes.shape[2] == 32:
+    elif n_lines == 32:
         # Two products per step with constant trip counts: the shape LLVM turns into vpmaddwd
         # (a single product per step, or a runtime trip count, stays scalar: 8x slower).
         for j in range(16):
             x0 = np.int32(xq[c0 + j])
             x1 = np.int32(xq[c0 + j + 16])
             for r in range(R):
-                s[r] += np.int32(codes[t, b, j, r]) * x0 + np.int32(codes[t, b, j + 16, r]) * x1
+                s[r] += np.int32(src[st, sb, j, r, 0]) * x0 + np.int32(src[st, sb, j + 16, r, 0]) * x1
     else:
         for j in range(8):
             x0 = np.int32(xq[c0 + j])
             x1 = np.int32(xq[c0 + j + 8])
             for r in range(R):
-                s[r] += np.int32(codes[t, b, j, r]) * x0 + np.int32(codes[t, b, j + 8, r]) * x1
+                s[r] += np.int32(src[st, sb, j, r, 0]) * x0 + np.int32(src[st, sb, j + 8, r, 0]) * x1
 
 
 @njit(parallel=True, fastmath=True, cache=True)
 def _gemv(codes, nibbles, d, m, two_level, has_m, zero, x, y, accumulate):
     """y[:n] (=|+=) W x for U4 (nibbles) or I8 tiles; y has exactly n_rows entries."""
-    n_tiles, nblk, n_lines = codes.shape[0], codes.shape[1], codes.shape[2]
+    n_tiles, nblk, n_lines = codes.shape[0], codes.shape[1], codes.shape[2] * codes.shape[4]   # bytes a row-block
     bs = 32 if nibbles else n_lines
     xq = np.empty(x.shape[0], np.int16)
     xd = np.empty(nblk, np.float32)
@@ -63,17 +64,21 @@ def _gemv(codes, nibbles, d, m, two_level, has_m, zero, x, y, accumulate):
     _quantize_activations(x, bs, xq, xd, xsum, xqsum)
     flat = codes.reshape(-1)
     last = flat.shape[0] - 1
+    quads = codes.shape[4] == 4
     for t in prange(n_tiles):
         acc = np.zeros(R, np.float32)
         s = np.empty(R, np.int32)
-        dbits = np.empty(R, np.uint32)
-        dv = dbits.view(np.float32)
-        mbits = np.empty(R, np.uint32)
-        mv = mbits.view(np.float32)
+        rows = np.empty((1, 1, 32, R, 1), np.uint8)
+        dv = np.empty(R, np.float32)
+        mv = np.empty(R, np.float32)
         for b in range(nblk):
             _prefetch_block(flat, (t * nblk + b) * n_lines * R, n_lines, last)
-            _block_sums(s, codes, t, b, xq, b * bs, nibbles)
-            _add_block(acc, s, t, b, d, m, two_level, has_m, zero, xd, xsum, xqsum, dbits, dv, mbits, mv)
+            if quads:
+                _code_rows(rows, codes, t, b)
+                _block_sums(s, rows, 0, 0, xq, b * bs, nibbles, n_lines)
+            else:
+                _block_sums(s, codes, t, b, xq, b * bs, nibbles, n_lines)
+            _add_block(acc, s, t, b, d, m, two_level, has_m, zero, xd, xsum, xqsum, dv, mv)
         _finish_tile(acc, y, t, y.shape[0], accumulate)
 
 
@@ -85,7 +90,7 @@ def _gemv(codes, nibbles, d, m, two_level, has_m, zero, x, y, accumulate):
 def _gemv_batch(codes, nibbles, d, m, two_level, has_m, zero, X, Y, accumulate):
     """Y[i, :n] (=|+=) W X[i] for U4 (nibbles) or I8 tiles, each i exactly as _gemv."""
     n_tok = X.shape[0]
-    n_tiles, nblk, n_lines = codes.shape[0], codes.shape[1], codes.shape[2]
+    n_tiles, nblk, n_lines = codes.shape[0], codes.shape[1], codes.shape[2] * codes.shape[4]   # bytes a row-block
     bs = 32 if nibbles else n_lines
     xq = np.empty((n_tok, X.shape[1]), np.int16)
     xd = np.empty((n_tok, nblk), np.float32)
@@ -95,19 +100,23 @@ def _gemv_batch(codes, nibbles, d, m, two_level, has_m, zero, X, Y, accumulate):
         _quantize_activations(X[i], bs, xq[i], xd[i], xsum[i], xqsum[i])
     flat = codes.reshape(-1)
     last = flat.shape[0] - 1
+    quads = codes.shape[4] == 4
     for t in prange(n_tiles):
         acc = np.zeros((n_tok, R), np.float32)
         s = np.empty(R, np.int32)
-        dbits = np.empty(R, np.uint32)
-        dv = dbits.view(np.float32)
-        mbits = np.empty(R, np.uint32)
-        mv = mbits.view(np.float32)
+        rows = np.empty((1, 1, 32, R, 1), np.uint8)
+        dv = np.empty(R, np.float32)
+        mv = np.empty(R, np.float32)
         for b in range(nblk):
             _prefetch_block(flat, (t * nblk + b) * n_lines * R, n_lines, last)
-            for i in range(n_tok):   # the block's codes (<= 2 KiB) stay in L1 for the other tokens
-                _block_sums(s, codes, t, b, xq[i], b * bs, nibbles)
-                _add_block(acc[i], s, t, b, d, m, two_level, has_m, zero, xd[i], xsum[i], xqsum[i], dbits, dv, mbits,
-                           mv)
+            if quads:
+                _code_rows(rows, codes, t, b)   # (<= 2 KiB: stays in L1 for the other tokens)
+            for i in range(n_tok):
+                if quads:
+                    _block_sums(s, rows, 0, 0, xq[i], b * bs, nibbles, n_lines)
+                else:
+                    _block_sums(s, codes, t, b, xq[i], b * bs, nibbles, n_lines)
+                _add_block(acc[i], s, t, b, d, m, two_level, has_m, zero, xd[i], xsum[i], xqsum[i], dv, mv)
         for i in range(n_tok):
             _finish_tile(acc[i], Y[i], t, Y.shape[1], accumulate)
 

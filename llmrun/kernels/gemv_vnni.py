@@ -11,13 +11,12 @@ are therefore split into two bytes, x = 256*xh + xl with xh = x >> 8 (signed) an
       sum c*x = 256 * dpbusd(u8 c, s8 xh) + dpbusd(u8 xl, s8 c ^ 0x80) + 128 * sum xl
 
 Exact integers: each block's int32 sums are the same integers the portable kernels compute, and the same
-float epilogue (blocks._add_block) finishes them, so every output is bit-identical to gemv.py's (tested).
+float epilogue (blocks._epilogue_ir, as blocks._add_block runs it) adds them to the tile's rows inside the
+micro-kernel, so every output is bit-identical to gemv.py's (tested).
 
-The codes keep the tile layout of repack.py ([tile, block, byte, row]: one 64-byte load = byte j of 64 rows).
-vpdpbusd wants 4 consecutive weights of one row in a 32-bit lane, so each group of 4 byte rows is transposed
-in registers (8 byte/word unpacks per 4 loads); the sums come out with rows permuted inside 128-bit lanes and
-are put back in order once per block. Measured against a layout stored that way (no unpacks): the same speed,
-so the prefill kernels, dequantize_rows and the batched decode kernel keep their layout (docs/performance.md).
+The codes are in repack.py's quads: one 64-byte load is bytes 4k..4k+3 of 16 rows, exactly vpdpbusd's operand.
+(Byte rows, one byte of 64 rows per load, needed 8 byte/word unpacks per 4 loads and a reordering of the sums
+per block: docs/kernels.md, "Scales in registers, codes in quads".)
 """
 from __future__ import annotations
 
@@ -27,12 +26,12 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .blocks import PREFETCH_LINES, R, _add_block, _finish_tile, _prefetch, _quantize_activations
+from .blocks import PREFETCH_LINES, R, _epilogue_ir, _finish_tile, _load_scales, _prefetch, _quantize_activations
 
 USABLE = R == 64   # the micro-kernels hold one tile's 64 rows in 4 zmm registers of 16 int32 lanes
 
 _I8, _I32, _I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
-_VB, _VI = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16)
+_VB, _VI, _VF = ir.VectorType(_I8, 64), ir.VectorType(_I32, 16), ir.VectorType(ir.FloatType(), 16)
 
 
 def _const(n):
@@ -43,79 +42,55 @@ def _splat(n):
     return ir.Constant(_VI, [n] * 16)
 
 
+def _splat_value(builder, value, vty):
+    """A scalar in every lane of a vector of its type."""
+    u = ir.Constant(vty, ir.Undefined)
+    return builder.shuffle_vector(builder.insert_element(u, value, ir.Constant(_I32, 0)), u,
+                                  ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count))
+
+
 def _shuffle(builder, a, b, mask):
     return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(mask)), mask))
 
 
-def _unpack(builder, a, b, bits, high):
-    """vpunpck{l,h}{bw,wd}: inside each 128-bit lane, interleave the low (or high) halves' `bits`-wide
-    elements of a and b."""
-    n, per = 512 // bits, 128 // bits
-    ty = ir.VectorType(ir.IntType(bits), n)
-    a, b = builder.bitcast(a, ty), builder.bitcast(b, ty)
-    mask = []
-    for lane in range(4):
-        base = lane * per + (per // 2 if high else 0)
-        for i in range(per // 2):
-            mask += [base + i, n + base + i]
-    return builder.bitcast(_shuffle(builder, a, b, mask), _VB)
-
-
-def _quads(builder, rows4):
-    """Byte rows j..j+3 of 64 rows (4 x 64 bytes) -> 4 vectors whose int32 lanes hold bytes j..j+3 of one
-    row; vector q, lane 4k + i = row 16k + 4q + i."""
-    a_lo, a_hi = _unpack(builder, rows4[0], rows4[1], 8, False), _unpack(builder, rows4[0], rows4[1], 8, True)
-    b_lo, b_hi = _unpack(builder, rows4[2], rows4[3], 8, False), _unpack(builder, rows4[2], rows4[3], 8, True)
-    return [_unpack(builder, a_lo, b_lo, 16, False), _unpack(builder, a_lo, b_lo, 16, True),
-            _unpack(builder, a_hi, b_hi, 16, False), _unpack(builder, a_hi, b_hi, 16, True)]
-
-
-def _rows_in_order(builder, sums):
-    """Inverse of _quads' row order: 4 x 16 int32 (vector q, lane 4k + i = row 16k + 4q + i) -> rows 0..63."""
-    def lanes(order):   # 128-bit lanes of the concatenation of two vectors
-        return [4 * lane + i for lane in order for i in range(4)]
-    t01 = _shuffle(builder, sums[0], sums[1], lanes([0, 4, 1, 5]))
-    t23 = _shuffle(builder, sums[2], sums[3], lanes([0, 4, 1, 5]))
-    u01 = _shuffle(builder, sums[0], sums[1], lanes([2, 6, 3, 7]))
-    u23 = _shuffle(builder, sums[2], sums[3], lanes([2, 6, 3, 7]))
-    return [_shuffle(builder, t01, t23, lanes([0, 1, 4, 5])), _shuffle(builder, t01, t23, lanes([2, 3, 6, 7])),
-            _shuffle(builder, u01, u23, lanes([0, 1, 4, 5])), _shuffle(builder, u01, u23, lanes([2, 3, 6, 7]))]
-
-
 def _make_block_dots(nibbles: bool, n_rows: int):
-    """An intrinsic s[r] = sum over one block of codes(row r) * x, r < 64, for the block at flat codes[cbase:]
-    (n_rows byte rows of 64 lanes); xh / xl: the activations' high (s8) and low (u8) bytes as int32 words,
-    the block's first at xo; xl_bias: 128 * the block's sum of xl (I8 only, see the module doc)."""
+    """An intrinsic adding one block to a tile's 64 float rows: the integer sums s[r] = sum over the block of
+    codes(row r) * x for the block at flat codes[cbase:] (n_rows bytes of 64 rows, in quads), then
+    acc[r] = the epilogue (blocks._epilogue_ir) of s[r] - zero * sum(xq) with the block's scales dv / offsets mv
+    [R], dx = the activations' block scale and sx = their block sum: the sums never leave the registers.
+    xh / xl: the activations' high (s8) and low (u8) bytes as int32 words, the block's first at xo; bias: what
+    turns the dpbusd sums into the block's dot minus its zero-point term (128 * the block's sum of xl for I8,
+    minus zero * sum(xq); exact in int32). Without offsets mv and sx are zeros: fma(0, 0, a) = a, as acc is never
+    -0, so the bits are blocks._add_block's either way."""
     groups = n_rows // 4
 
     @intrinsic
-    def block_dots(typingctx, s, codes, cbase, xh, xl, xo, xl_bias):
-        sig = types.void(s, codes, types.intp, xh, xl, types.intp, types.int32)
+    def block_dots(typingctx, acc, codes, cbase, xh, xl, xo, bias, dv, mv, dx, sx):
+        sig = types.void(acc, codes, types.intp, xh, xl, types.intp, types.int32, dv, mv, types.float32,
+                         types.float32)
 
         def codegen(context, builder, signature, args):
-            sp, cp, xhp, xlp = (context.make_array(signature.args[k])(context, builder, args[k]).data
-                                for k in (0, 1, 3, 4))
-            cbase_, xo_, bias = args[2], args[5], args[6]
+            ap, cp, xhp, xlp, dvp, mvp = (context.make_array(signature.args[k])(context, builder, args[k]).data
+                                          for k in (0, 1, 3, 4, 7, 8))
+            cbase_, xo_, bias, dx, sx = args[2], args[5], args[6], args[9], args[10]
             dpbusd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VI, [_VI, _VB, _VB]),
                                                     "llvm.x86.avx512.vpdpbusd.512")
 
-            def byte_row(j):
-                ptr = builder.bitcast(builder.gep(cp, [builder.add(cbase_, _const(j * R))]), _VB.as_pointer())
+            def quad(g, q):   # bytes 4g..4g+3 of rows 16q..16q+15 (repack.py's quads)
+                ptr = builder.bitcast(builder.gep(cp, [builder.add(cbase_, _const((g * R + 16 * q) * 4))]),
+                                      _VB.as_pointer())
                 return builder.load(ptr, typ=_VB, align=1)
 
             def broadcast(base, k):   # activation word k of the block in every lane
                 word = builder.load(builder.gep(base, [builder.add(xo_, _const(k))]))
-                u = ir.Constant(_VI, ir.Undefined)
-                v = builder.shuffle_vector(builder.insert_element(u, word, ir.Constant(_I32, 0)), u,
-                                           ir.Constant(_VI, [0] * 16))
-                return builder.bitcast(v, _VB)
+                return builder.bitcast(_splat_value(builder, word, _VI), _VB)
 
             hi_sums = [ir.Constant(_VI, [0] * 16) for _ in range(4)]   # sum c * xh
             lo_sums = [ir.Constant(_VI, [0] * 16) for _ in range(4)]   # sum c * xl (I8: minus 128 * sum xl)
             nib = builder.bitcast(_splat(0x0F0F0F0F), _VB)
             flip = builder.bitcast(_splat(-0x7F7F7F80), _VB)            # 0x80 in every byte
             for g in range(groups):
-                w = _quads(builder, [byte_row(4 * g + i) for i in range(4)])
+                w = [quad(g, q) for q in range(4)]
                 if nibbles:   # low nibbles: weights 4g..4g+3 of the block, high nibbles: 16+4g..16+4g+3
                     parts = [(g, [builder.and_(v, nib) for v in w]),
                              (4 + g, [builder.and_(builder.bitcast(builder.lshr(builder.bitcast(v, _VI), _splat(4)),
@@ -128,13 +103,17 @@ def _make_block_dots(nibbles: bool, n_rows: int):
                         signed = codes_q[q] if nibbles else builder.xor(codes_q[q], flip)
                         hi_sums[q] = builder.call(dpbusd, [hi_sums[q], codes_q[q], xh_k])
                         lo_sums[q] = builder.call(dpbusd, [lo_sums[q], xl_k, signed])
-            bias_v = builder.shuffle_vector(
-                builder.insert_element(ir.Constant(_VI, ir.Undefined), bias, ir.Constant(_I32, 0)),
-                ir.Constant(_VI, ir.Undefined), ir.Constant(_VI, [0] * 16))
+            bias_v = _splat_value(builder, bias, _VI)
             sums = [builder.add(builder.add(builder.shl(hi_sums[q], _splat(8)), lo_sums[q]), bias_v)
                     for q in range(4)]
-            for q, v in enumerate(_rows_in_order(builder, sums)):
-                builder.store(v, builder.bitcast(builder.gep(sp, [_const(16 * q)]), _VI.as_pointer()), align=4)
+            dx_v, sx_v = _splat_value(builder, dx, _VF), _splat_value(builder, sx, _VF)
+            for q, v in enumerate(sums):
+                def rows(base):   # rows 16q..16q+15 of a float array
+                    return builder.bitcast(builder.gep(base, [_const(16 * q)]), _VF.as_pointer())
+                f = builder.sitofp(v, _VF)
+                dvq, mvq = builder.load(rows(dvp), align=4), builder.load(rows(mvp), align=4)
+                out = _epilogue_ir(builder, builder.load(rows(ap), align=4), dvq, dx_v, f, mvq, sx_v)
+                builder.store(out, rows(ap), align=4)
             return context.get_dummy_value()
         return sig, codegen
     return block_dots
@@ -163,7 +142,7 @@ def _split_activations(xq, bs, nibbles, xh, xl, xl_bias):
 @njit(parallel=True, fastmath=True, cache=True)
 def _gemv_vnni(codes, nibbles, d, m, two_level, has_m, zero, x, y, accumulate):
     """y[:n] (=|+=) W x for U4 (nibbles) or I8 tiles, bit-identical to gemv._gemv."""
-    n_tiles, nblk, n_rows = codes.shape[0], codes.shape[1], codes.shape[2]
+    n_tiles, nblk, n_rows = codes.shape[0], codes.shape[1], 4 * codes.shape[2]   # n_rows bytes of R rows a block
     bs = 32 if nibbles else n_rows
     K = x.shape[0]
     xq = np.empty(K, np.int16)
@@ -176,27 +155,32 @@ def _gemv_vnni(codes, nibbles, d, m, two_level, has_m, zero, x, y, accumulate):
     xl_bias = np.empty(nblk, np.int32)
     _split_activations(xq, bs, nibbles, xh8, xl8, xl_bias)
     xh, xl = xh8.view(np.int32), xl8.view(np.int32)
+    bias = np.empty(nblk, np.int32)
+    xs = np.zeros(nblk, np.float32)   # zeros without offsets (see _make_block_dots)
+    for b in range(nblk):
+        bias[b] = np.int32(xl_bias[b] - zero * xqsum[b])   # exact: |.| < 2**28 (blocks._int_diff_f32)
+        if has_m:
+            xs[b] = xsum[b]
     words = bs // 4
     flat = codes.reshape(-1)
     last = flat.shape[0] - 1
     for t in prange(n_tiles):
         acc = np.zeros(R, np.float32)
-        s = np.empty(R, np.int32)
-        dbits = np.empty(R, np.uint32)
-        dv = dbits.view(np.float32)
-        mbits = np.empty(R, np.uint32)
-        mv = mbits.view(np.float32)
+        dv = np.empty(R, np.float32)
+        mv = np.zeros(R, np.float32)   # zeros without offsets
         for b in range(nblk):
             cbase = (t * nblk + b) * n_rows * R
             # clamped once per block (not per line: ~4 instructions each, a quarter of the block's work)
             ahead = min(cbase + PREFETCH_LINES * R, last - (n_rows - 1) * R)
             for j in range(n_rows):
                 _prefetch(flat, ahead + j * R)
+            _load_scales(d, two_level, t, b, dv)
+            if has_m:
+                _load_scales(m, two_level, t, b, mv)
             if nibbles:
-                _u4_dots(s, flat, cbase, xh, xl, b * words, xl_bias[b])
+                _u4_dots(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
             elif n_rows == 32:
-                _i8_dots32(s, flat, cbase, xh, xl, b * words, xl_bias[b])
+                _i8_dots32(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
             else:
-                _i8_dots16(s, flat, cbase, xh, xl, b * words, xl_bias[b])
-            _add_block(acc, s, t, b, d, m, two_level, has_m, zero, xd, xsum, xqsum, dbits, dv, mbits, mv)
+                _i8_dots16(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
         _finish_tile(acc, y, t, y.shape[0], accumulate)

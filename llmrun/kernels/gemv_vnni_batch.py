@@ -1,10 +1,10 @@
 """Several decode tokens at once (continuous batching) on AVX-512 VNNI hosts: gemv_vnni.py's u8 x s8 identity,
-each weight block read and transposed once for all the tokens.
+each weight block read once for all the tokens.
 
-One token (gemv_vnni.py) pays, per block, the loads, the in-register transposition of the byte rows (and for
-U4 the nibble split) and then the `vpdpbusd` products; only the products depend on the token. Here a block's
-codes are transposed ONCE into a small L1 scratch (2 KiB: 4 weights of one row per 32-bit lane, rows
-already in order) and every token's products read them from there:
+One token (gemv_vnni.py) pays, per block, the loads (and for U4 the nibble split) and then the `vpdpbusd`
+products; only the products depend on the token. Here a block's codes are staged ONCE into a small L1 scratch
+(2 KiB: 4 weights of one row per 32-bit lane, as repack.py's quads hold them, U4 nibbles split) and every
+token's products read them from there:
 
   hi = sum dpbusd(u8 c, s8 xh)   then   s = (hi << 8) + sum dpbusd(u8 xl, s8 c') (+ 128 * sum xl for I8)
 
@@ -26,7 +26,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .gemv_vnni import R, USABLE, _I32, _VB, _VI, _const, _quads, _rows_in_order, _split_activations, _splat
+from .gemv_vnni import R, USABLE, _I32, _VB, _VI, _const, _split_activations, _splat
 from .blocks import PREFETCH_LINES, _epilogue_ir, _finish_tile, _load_scales, _quantize_activations
 
 __all__ = ["USABLE", "GROUP", "gemv_batch_vnni"]
@@ -34,7 +34,7 @@ __all__ = ["USABLE", "GROUP", "gemv_batch_vnni"]
 GROUP = 4          # tokens per micro-kernel call: 4 x 4 accumulators + 4 broadcasts + 1 code vector in zmm
 _LANE_BYTES = 64   # one zmm vector of codes: 16 rows x 4 weights
 _VF = ir.VectorType(ir.FloatType(), 16)
-SCRATCH_BYTES = 32 * _LANE_BYTES + 63   # the most a block transposes to (U4, I8 of 32), and room to align it
+SCRATCH_BYTES = 32 * _LANE_BYTES + 63   # the most a block stages (U4, I8 of 32), and room to align it
 
 
 def _aligned(context, builder, ty, arr):
@@ -44,14 +44,15 @@ def _aligned(context, builder, ty, arr):
     return builder.inttoptr(p, ir.IntType(8).as_pointer())
 
 
-def _make_transpose(nibbles: bool, n_rows: int):
-    """An intrinsic writing one block's codes (flat codes[cbase:], n_rows byte rows of R lanes) to `scratch`
-    as vectors (word k, quarter q) at byte (4k + q) * 64: int32 lane l holds weights 4k..4k+3 of row 16q + l
-    (for U4, word k < 4 holds the low nibbles of bytes 4k..4k+3, word 4 + k their high nibbles)."""
+def _make_stage(nibbles: bool, n_rows: int):
+    """An intrinsic writing one block's codes (flat codes[cbase:], n_rows bytes of R rows in repack.py's quads) to
+    `scratch` as vectors (word k, quarter q) at byte (4k + q) * 64: int32 lane l holds weights 4k..4k+3 of row
+    16q + l. For I8 that is the quads as stored; for U4, word k < 4 holds the low nibbles of bytes 4k..4k+3,
+    word 4 + k their high nibbles (split once for all the tokens)."""
     groups = n_rows // 4
 
     @intrinsic
-    def transpose(typingctx, scratch, codes, cbase):
+    def stage(typingctx, scratch, codes, cbase):
         sig = types.void(scratch, codes, types.intp)
 
         def codegen(context, builder, signature, args):
@@ -59,8 +60,9 @@ def _make_transpose(nibbles: bool, n_rows: int):
             cp = context.make_array(signature.args[1])(context, builder, args[1]).data
             nib = builder.bitcast(_splat(0x0F0F0F0F), _VB)
 
-            def byte_row(j):
-                ptr = builder.bitcast(builder.gep(cp, [builder.add(args[2], _const(j * R))]), _VB.as_pointer())
+            def quad(g, q):
+                ptr = builder.bitcast(builder.gep(cp, [builder.add(args[2], _const((g * R + 16 * q) * 4))]),
+                                      _VB.as_pointer())
                 return builder.load(ptr, typ=_VB, align=1)
 
             def store(k, q, v):
@@ -68,11 +70,8 @@ def _make_transpose(nibbles: bool, n_rows: int):
                 builder.store(v, ptr, align=64)
 
             for g in range(groups):
-                quads = _quads(builder, [byte_row(4 * g + i) for i in range(4)])
-                # rows put in order here, once per block, instead of every token's sums
-                ordered = _rows_in_order(builder, [builder.bitcast(v, _VI) for v in quads])
-                for q, v in enumerate(ordered):
-                    v = builder.bitcast(v, _VB)
+                for q in range(4):
+                    v = quad(g, q)
                     if nibbles:
                         store(g, q, builder.and_(v, nib))
                         high = builder.bitcast(builder.lshr(builder.bitcast(v, _VI), _splat(4)), _VB)
@@ -81,13 +80,13 @@ def _make_transpose(nibbles: bool, n_rows: int):
                         store(g, q, v)
             return context.get_dummy_value()
         return sig, codegen
-    return transpose
+    return stage
 
 
 def _make_block_dots(nibbles: bool, words: int, n_rows: int, n_tok: int):
     """An intrinsic adding one block to the float rows of tokens i0..i0+n_tok-1: the integer sums
-    s_i[r] = sum over the block of codes(row r) * x_i, from the block's transposed codes in `scratch`
-    (_make_transpose), then acc[(i0 + i) * R + r] = the epilogue (blocks._epilogue_ir) of s_i[r] with the
+    s_i[r] = sum over the block of codes(row r) * x_i, from the block's staged codes in `scratch`
+    (_make_stage), then acc[(i0 + i) * R + r] = the epilogue (blocks._epilogue_ir) of s_i[r] with the
     block's scales dv / offsets mv [R] and token i's dx = xd[bo + i], sum(x) = xs[bo + i]: the sums never
     leave the registers, and the scales are loaded once for all the tokens.
     xh / xl: the activations' high (s8) and low (u8) bytes as int32 words, token i's block word k at
@@ -173,7 +172,7 @@ def _make_block_dots(nibbles: bool, words: int, n_rows: int, n_tok: int):
     return block_dots
 
 
-_t_u4, _t_i8_32, _t_i8_16 = _make_transpose(True, 16), _make_transpose(False, 32), _make_transpose(False, 16)
+_t_u4, _t_i8_32, _t_i8_16 = _make_stage(True, 16), _make_stage(False, 32), _make_stage(False, 16)
 _d_u4 = [_make_block_dots(True, 8, 16, n) for n in range(1, GROUP + 1)]
 _d_i8_32 = [_make_block_dots(False, 8, 32, n) for n in range(1, GROUP + 1)]
 _d_i8_16 = [_make_block_dots(False, 4, 16, n) for n in range(1, GROUP + 1)]
@@ -183,7 +182,7 @@ _i8_16_1, _i8_16_2, _i8_16_3, _i8_16_4 = _d_i8_16
 
 
 @njit(inline="always")
-def _transpose(scratch, flat, cbase, nibbles, n_rows):
+def _stage(scratch, flat, cbase, nibbles, n_rows):
     if nibbles:
         _t_u4(scratch, flat, cbase)
     elif n_rows == 32:
@@ -228,7 +227,7 @@ def _dots(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, n
 def gemv_batch_vnni(codes, nibbles, d, m, two_level, has_m, zero, X, Y, accumulate):
     """Y[i, :n] (=|+=) W X[i] for U4 (nibbles) or I8 tiles, each row bit-identical to gemv_vnni._gemv_vnni."""
     n_tok, K = X.shape[0], X.shape[1]
-    n_tiles, nblk, n_rows = codes.shape[0], codes.shape[1], codes.shape[2]
+    n_tiles, nblk, n_rows = codes.shape[0], codes.shape[1], 4 * codes.shape[2]   # n_rows bytes of R rows a block
     bs = 32 if nibbles else n_rows
     xq = np.empty(K, np.int16)
     xd = np.empty(nblk, np.float32)
@@ -259,17 +258,15 @@ def gemv_batch_vnni(codes, nibbles, d, m, two_level, has_m, zero, X, Y, accumula
     for t in prange(n_tiles):
         acc = np.zeros((n_tok, R), np.float32)
         scratch = np.empty(SCRATCH_BYTES, np.uint8)
-        dbits = np.empty(R, np.uint32)
-        dv = dbits.view(np.float32)
-        mbits = np.zeros(R, np.uint32)   # zeros without offsets
-        mv = mbits.view(np.float32)
+        dv = np.empty(R, np.float32)
+        mv = np.zeros(R, np.float32)   # zeros without offsets
         for b in range(nblk):
             cbase = (t * nblk + b) * n_rows * R
             ahead = min(cbase + PREFETCH_LINES * R, last - (n_rows - 1) * R)
-            _transpose(scratch, flat, cbase, nibbles, n_rows)
-            _load_scales(d, two_level, t, b, dbits, dv)   # _add_block's, once for all the tokens
+            _stage(scratch, flat, cbase, nibbles, n_rows)
+            _load_scales(d, two_level, t, b, dv)   # once for all the tokens
             if has_m:
-                _load_scales(m, two_level, t, b, mbits, mv)
+                _load_scales(m, two_level, t, b, mv)
             for i0 in range(0, n_tok, GROUP):
                 g = min(GROUP, n_tok - i0)
                 _dots(acc, i0, scratch, xh, xl, (b * n_tok + i0) * words, bias, b * n_tok + i0, flat, ahead, dv, mv,

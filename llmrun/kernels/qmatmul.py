@@ -44,13 +44,19 @@ VNNI = _vnni_available()
 VNNI_GEMV = VNNI and gemv_vnni.USABLE
 
 
+def _vnni_codes(pm: PackedMatrix) -> bool:
+    """The VNNI kernels read codes in quads (repack.py: what pack_matrix makes on these hosts; byte rows, which
+    a caller may ask for, go to the portable kernels)."""
+    return pm.codes.shape[-1] == 4
+
+
 def matvec(pm: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None, accumulate: bool = False) -> np.ndarray:
     """One token: x float32 [n_cols] -> W x, float32 [n_rows], written to (or added into) `out`."""
     if out is None:
         out = np.empty(pm.n_rows, np.float32)
         accumulate = False
     if pm.family in (U4, I8):
-        kernel = gemv_vnni._gemv_vnni if VNNI_GEMV else _gemv
+        kernel = gemv_vnni._gemv_vnni if VNNI_GEMV and _vnni_codes(pm) else _gemv
         kernel(pm.codes, pm.family == U4, *_scale_args(pm), pm.zero, x, out, accumulate)
     elif pm.family == H16:
         _gemv_h16(pm.codes, pm.kind, x, out, accumulate)
@@ -71,7 +77,7 @@ def matvec_batch(pm: PackedMatrix, X: np.ndarray, out: np.ndarray | None = None,
     if out is None:
         out = np.empty((X.shape[0], pm.n_rows), np.float32)
         accumulate = False
-    if pm.family in (U4, I8) and X.shape[0] > 1 and VNNI_GEMV:
+    if pm.family in (U4, I8) and X.shape[0] > 1 and VNNI_GEMV and _vnni_codes(pm):
         gemv_vnni_batch.gemv_batch_vnni(pm.codes, pm.family == U4, *_scale_args(pm), pm.zero, X, out, accumulate)
     elif pm.family in (U4, I8) and X.shape[0] > 1:
         _gemv_batch(pm.codes, pm.family == U4, *_scale_args(pm), pm.zero, X, out, accumulate)
@@ -95,7 +101,7 @@ def matmul(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
         for i in range(T):
             matvec(pm, X[i], Y[i])
         return Y
-    if VNNI and pm.family in (U4, I8):
+    if VNNI and pm.family in (U4, I8) and _vnni_codes(pm):
         return np.ascontiguousarray(_matmul_vnni(pm, X))
     return np.ascontiguousarray(_matmul_widened(pm, X))
 
@@ -111,7 +117,7 @@ def dequantize_rows(pm: PackedMatrix, rows) -> np.ndarray:
         if pm.kind == 1:
             return (u.astype(np.uint32) << 16).view(np.float32)
         return u.view(np.float16).astype(np.float32)
-    c = pm.codes[t, :, :, lane]            # [n, nblk, bytes]
+    c = pm.codes[t, :, :, lane].reshape(len(rows), pm.codes.shape[1], -1)   # [n, nblk, bytes] (from quads)
     if pm.family == U4:
         q = np.concatenate([c & 15, c >> 4], axis=-1).astype(np.float32)
     else:

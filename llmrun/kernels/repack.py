@@ -12,9 +12,14 @@ row and an integer zero point per matrix, so that `w = d*(q - zero) + m`. Signed
   H16  raw 16-bit floats (kind 0 = IEEE half, 1 = bfloat16), no scales                 F16 BF16
   F32  raw float32, no scales                                                           F32
 
-For U4 and I8, rows are grouped into tiles of TILE_ROWS; inside a tile the codes are stored *row-innermost*
-([tile, block, byte, row]) so that the kernels' innermost loop runs over TILE_ROWS independent output
-rows: long, contiguous and without reductions, which is what LLVM vectorizes well (docs/kernels.md).
+For U4 and I8, rows are grouped into tiles of TILE_ROWS and the kernels' innermost loops run over a tile's
+independent output rows, without reductions (docs/kernels.md). Codes are uint8 [tile, block, n, R, E], byte j
+of row r at [t, b, j // E, r, j % E], in one of two layouts, both of one array type (one compiled kernel):
+  quads (E = 4, on AVX-512 VNNI hosts: QUADS): one 64-byte vector holds bytes 4k..4k+3 of 16 consecutive rows,
+      4 bytes per 32-bit lane: the operand `vpdpbusd` multiplies with 4 activations at once (gemv_vnni.py);
+  byte rows (E = 1, elsewhere): one 64-byte run is byte j of 64 rows, which the portable loops (gemv.py)
+      vectorize over; they read quads through a shuffle into byte rows (blocks._code_rows), 15-48 % slower
+      than byte rows on an AVX2 target, so hosts that run them keep byte rows.
 H16 and F32 rows stay row-major. Nothing is dequantized to a float32 copy: U4 keeps 4 bits per weight,
 I8 8 bits, H16 16 bits (prefill widens one chunk of rows at a time, gemm_blas.py).
 """
@@ -27,6 +32,7 @@ from numba import njit
 
 from ..errors import ModelError
 from ..ggml import GGML_BLOCK, IQ4_NL_VALUES, GGMLType, fp16_values
+from ..runtime import cpu_target_has
 
 # Rows per tile. The kernels (blocks.py and the product files beside it) compile it in as a constant; numba's
 # on-disk cache only watches the file a kernel is defined in, so after changing it here, touch those files
@@ -34,6 +40,10 @@ from ..ggml import GGML_BLOCK, IQ4_NL_VALUES, GGMLType, fp16_values
 TILE_ROWS = 64
 
 U4, I8, H16, FP32 = "u4", "i8", "h16", "f32"
+
+# The code layout (module doc) the kernels this host runs read fastest: quads where the VNNI kernels run (on the
+# CPU numba compiles for, which NUMBA_CPU_FEATURES may set apart from the host's), byte rows elsewhere.
+QUADS = TILE_ROWS == 64 and cpu_target_has("avx512vnni", "avx512bw")
 
 # The ggml types the engine runs and the family each is reduced to (module doc).
 FAMILY = {GGMLType.F32: FP32, GGMLType.F16: H16, GGMLType.BF16: H16,
@@ -49,7 +59,7 @@ class PackedMatrix:
     family: str
     n_rows: int
     n_cols: int
-    codes: np.ndarray          # U4 uint8 [tiles, nblk, 16, R]; I8 uint8 [tiles, nblk, bs, R];
+    codes: np.ndarray          # U4 uint8 [tiles, nblk, 16/E, R, E]; I8 uint8 [tiles, nblk, bs/E, R, E] (E: doc);
                                # H16 uint16 [n_rows, n_cols]; F32 float32 [n_rows, n_cols] (row-major)
     d: np.ndarray | tuple | None  # (U4, I8) per-block scales: uint16 half bits [tiles, nblk, R] when the format's
                                # scales are halves (exact, 16 bits per block); K-quants: a pair (float32 super-block
@@ -221,6 +231,17 @@ def _tile(a: np.ndarray, n_rows_padded: int) -> np.ndarray:
     return out.reshape((out.shape[0],) + inner + (TILE_ROWS,))
 
 
+def _tile_codes(codes: np.ndarray, n_rows_padded: int, quads: bool) -> np.ndarray:
+    """Codes [rows, nblk, bytes] -> [tiles, nblk, bytes/E, TILE_ROWS, E] (module doc): quads are tiled as 4-byte
+    words."""
+    if not quads:
+        tiled = _tile(codes, n_rows_padded)                    # [tiles, nblk, bytes, TILE_ROWS]
+        return tiled.reshape(tiled.shape + (1,))
+    words = np.ascontiguousarray(codes).view("<u4")            # [rows, nblk, bytes/4]
+    tiled = _tile(words, n_rows_padded)                        # [tiles, nblk, bytes/4, TILE_ROWS]
+    return tiled.view(np.uint8).reshape(tiled.shape + (4,))
+
+
 def _tile_any(a, n_rows_padded):
     """_tile for an array, a (super, sub) scale pair or None."""
     if a is None:
@@ -245,8 +266,9 @@ def _join_any(parts):
 _ROWS_PER_STEP = 2048
 
 
-def pack_matrix(raw: np.ndarray, qtype: int, n_cols: int) -> PackedMatrix:
-    """ggml rows (uint8 [n_rows, row_nbytes]) of type `qtype` -> PackedMatrix."""
+def pack_matrix(raw: np.ndarray, qtype: int, n_cols: int, quads: bool = QUADS) -> PackedMatrix:
+    """ggml rows (uint8 [n_rows, row_nbytes]) of type `qtype` -> PackedMatrix (U4/I8 codes in quads or byte rows:
+    module doc)."""
     qtype = int(qtype)
     if qtype not in ENGINE_TYPES:
         raise ModelError(f"type code {qtype} is not supported by the engine")
@@ -269,7 +291,7 @@ def pack_matrix(raw: np.ndarray, qtype: int, n_cols: int) -> PackedMatrix:
         chunk = np.asarray(raw[r0:r0 + step])
         family, codes, d, m, bs, zero = _unpack(chunk, n_cols, qtype)
         rows_here = min(step, n_pad - r0)
-        parts.append(tuple(_tile_any(a, rows_here) for a in (codes, d, m)))
+        parts.append((_tile_codes(codes, rows_here, quads),) + tuple(_tile_any(a, rows_here) for a in (d, m)))
 
     codes, d, m = (_join_any([p[i] for p in parts]) for i in range(3))
     return PackedMatrix(family, n_rows, n_cols, codes, d, m, bs, zero=zero, kind=kind, src_type=int(qtype))

@@ -60,6 +60,7 @@ def _units() -> dict[str, Unit]:
 
     f32_1, f32_2, f32_3, f32_4 = (_array(np.float32, n) for n in (1, 2, 3, 4))
     u8_3, u8_4, u16_2 = _array(np.uint8, 3), _array(np.uint8, 4), _array(np.uint16, 2)
+    quads = _array(np.uint8, 5)   # U4/I8 codes (repack.py)
     i16_2, i32_2, i64_1 = _array(np.int16, 2), _array(np.int32, 2), _array(np.int64, 1)
     i64, f32, f64, b1 = types.int64, types.float32, types.float64, types.boolean
     # a family's block scales or offsets: (half bits, super-block scales, sub-block scales), blocks.py
@@ -79,17 +80,17 @@ def _units() -> dict[str, Unit]:
             (ops.swiglu, (f32_2, i64, f32_2)),
             (ops.geglu, (f32_2, i64, f32_2)),
             (token_draw.draw_token, (f32_1, i64, f64, f64, f64, f64))]),
-        Unit("gemv", 4.5, lambda: [(gemv._gemv, (u8_4, b1, *scales, f32_1, f32_1, b1))]),
+        Unit("gemv", 4.5, lambda: [(gemv._gemv, (quads, b1, *scales, f32_1, f32_1, b1))]),
         Unit("gemv_vnni", 3.0, lambda: [
-            (gemv_vnni._gemv_vnni, (u8_4, b1, *scales, f32_1, f32_1, b1))]),
+            (gemv_vnni._gemv_vnni, (quads, b1, *scales, f32_1, f32_1, b1))]),
         Unit("gemv_h16", 1.5, lambda: [(gemv._gemv_h16, (u16_2, i64, f32_1, f32_1, b1))]),
         Unit("batch_vnni", 5.0, lambda: [
-            (gemv_vnni_batch.gemv_batch_vnni, (u8_4, b1, *scales, f32_2, f32_2, b1))]),
-        Unit("batch", 5.0, lambda: [(gemv._gemv_batch, (u8_4, b1, *scales, f32_2, f32_2, b1))]),
+            (gemv_vnni_batch.gemv_batch_vnni, (quads, b1, *scales, f32_2, f32_2, b1))]),
+        Unit("batch", 5.0, lambda: [(gemv._gemv_batch, (quads, b1, *scales, f32_2, f32_2, b1))]),
         Unit("igemm", 3.5, lambda: [
-            (gemm_vnni._igemm, (u8_4, b1, *scales, i32_2, f32_2, f32_2, f32_2)),
+            (gemm_vnni._igemm, (quads, b1, *scales, i32_2, f32_2, f32_2, f32_2)),
             (gemm_vnni._quantize_token_blocks, (f32_2, i64, i16_2, f32_2, f32_2))]),
-        Unit("widen", 2.5, lambda: [(gemm_blas._widen, (u8_4, b1, *scales, i64, i64, f32_3))]),
+        Unit("widen", 2.5, lambda: [(gemm_blas._widen, (quads, b1, *scales, i64, i64, f32_3))]),
         Unit("widen_h16", 1.0, lambda: [(gemm_blas._widen_h16, (u16_2, i64, i64, i64, f32_2))]),
     ]
     for tk in kv_formats.KV_TYPES:       # the cache kernels, per (type_k, type_v)
