@@ -2,9 +2,9 @@
 each weight block read once for all the tokens.
 
 One token (gemv_vnni.py) pays, per block, the loads (and for U4 the nibble split) and then the `vpdpbusd`
-products; only the products depend on the token. Here a block's codes are staged ONCE into a small L1 scratch
-(2 KiB: 4 weights of one row per 32-bit lane, as repack.py's quads hold them, U4 nibbles split) and every
-token's products read them from there:
+products; only the products depend on the token. Here every token's products read a block's code vectors (4
+weights of one row per 32-bit lane) from L1: I8 quads where they are stored (repack.py), U4 codes after their
+nibbles are split ONCE into a small scratch (2 KiB):
 
   hi = sum dpbusd(u8 c, s8 xh)   then   s = (hi << 8) + sum dpbusd(u8 xl, s8 c') (+ 128 * sum xl for I8)
 
@@ -34,7 +34,7 @@ __all__ = ["USABLE", "GROUP", "gemv_batch_vnni"]
 GROUP = 4          # tokens per micro-kernel call: 4 x 4 accumulators + 4 broadcasts + 1 code vector in zmm
 _LANE_BYTES = 64   # one zmm vector of codes: 16 rows x 4 weights
 _VF = ir.VectorType(ir.FloatType(), 16)
-SCRATCH_BYTES = 32 * _LANE_BYTES + 63   # the most a block stages (U4, I8 of 32), and room to align it
+SCRATCH_BYTES = 32 * _LANE_BYTES + 63   # a U4 block's split nibbles, and room to align it
 
 
 def _aligned(context, builder, ty, arr):
@@ -44,49 +44,35 @@ def _aligned(context, builder, ty, arr):
     return builder.inttoptr(p, ir.IntType(8).as_pointer())
 
 
-def _make_stage(nibbles: bool, n_rows: int):
-    """An intrinsic writing one block's codes (flat codes[cbase:], n_rows bytes of R rows in repack.py's quads) to
-    `scratch` as vectors (word k, quarter q) at byte (4k + q) * 64: int32 lane l holds weights 4k..4k+3 of row
-    16q + l. For I8 that is the quads as stored; for U4, word k < 4 holds the low nibbles of bytes 4k..4k+3,
-    word 4 + k their high nibbles (split once for all the tokens)."""
-    groups = n_rows // 4
+@intrinsic
+def _stage_u4(typingctx, scratch, codes, cbase):
+    """One U4 block's codes (flat codes[cbase:], 16 bytes of R rows in repack.py's quads) to `scratch` as vectors
+    (word k, quarter q) at byte (4k + q) * 64: int32 lane l holds weights 4k..4k+3 of row 16q + l, word k < 4
+    the low nibbles of bytes 4k..4k+3, word 4 + k their high nibbles (split once for all the tokens; I8 quads
+    are already that operand and are read where they are)."""
+    sig = types.void(scratch, codes, types.intp)
 
-    @intrinsic
-    def stage(typingctx, scratch, codes, cbase):
-        sig = types.void(scratch, codes, types.intp)
-
-        def codegen(context, builder, signature, args):
-            dst = _aligned(context, builder, signature.args[0], args[0])
-            cp = context.make_array(signature.args[1])(context, builder, args[1]).data
-            nib = builder.bitcast(_splat(0x0F0F0F0F), _VB)
-
-            def quad(g, q):
+    def codegen(context, builder, signature, args):
+        dst = _aligned(context, builder, signature.args[0], args[0])
+        cp = context.make_array(signature.args[1])(context, builder, args[1]).data
+        nib = builder.bitcast(_splat(0x0F0F0F0F), _VB)
+        for g in range(4):
+            for q in range(4):
                 ptr = builder.bitcast(builder.gep(cp, [builder.add(args[2], _const((g * R + 16 * q) * 4))]),
                                       _VB.as_pointer())
-                return builder.load(ptr, typ=_VB, align=1)
-
-            def store(k, q, v):
-                ptr = builder.bitcast(builder.gep(dst, [_const((4 * k + q) * _LANE_BYTES)]), _VB.as_pointer())
-                builder.store(v, ptr, align=64)
-
-            for g in range(groups):
-                for q in range(4):
-                    v = quad(g, q)
-                    if nibbles:
-                        store(g, q, builder.and_(v, nib))
-                        high = builder.bitcast(builder.lshr(builder.bitcast(v, _VI), _splat(4)), _VB)
-                        store(4 + g, q, builder.and_(high, nib))
-                    else:
-                        store(g, q, v)
-            return context.get_dummy_value()
-        return sig, codegen
-    return stage
+                v = builder.load(ptr, typ=_VB, align=1)
+                high = builder.bitcast(builder.lshr(builder.bitcast(v, _VI), _splat(4)), _VB)
+                for k, part in ((g, builder.and_(v, nib)), (4 + g, builder.and_(high, nib))):
+                    out = builder.bitcast(builder.gep(dst, [_const((4 * k + q) * _LANE_BYTES)]), _VB.as_pointer())
+                    builder.store(part, out, align=64)
+        return context.get_dummy_value()
+    return sig, codegen
 
 
 def _make_block_dots(nibbles: bool, words: int, n_rows: int, n_tok: int):
     """An intrinsic adding one block to the float rows of tokens i0..i0+n_tok-1: the integer sums
     s_i[r] = sum over the block of codes(row r) * x_i, from the block's staged codes in `scratch`
-    (_make_stage), then acc[(i0 + i) * R + r] = the epilogue (blocks._epilogue_ir) of s_i[r] with the
+    (_stage_u4; I8: the codes[cbase:] quads themselves), then acc[(i0 + i) * R + r] = the epilogue (blocks._epilogue_ir) of s_i[r] with the
     block's scales dv / offsets mv [R] and token i's dx = xd[bo + i], sum(x) = xs[bo + i]: the sums never
     leave the registers, and the scales are loaded once for all the tokens.
     xh / xl: the activations' high (s8) and low (u8) bytes as int32 words, token i's block word k at
@@ -97,15 +83,19 @@ def _make_block_dots(nibbles: bool, words: int, n_rows: int, n_tok: int):
     so that the requests to memory are spread over the block's work instead of one burst."""
 
     @intrinsic
-    def block_dots(typingctx, acc, i0, scratch, xh, xl, xo, bias, bo, codes, ahead, dv, mv, xd, xs):
+    def block_dots(typingctx, acc, i0, scratch, xh, xl, xo, bias, bo, codes, ahead, dv, mv, xd, xs, cbase):
         sig = types.void(acc, types.intp, scratch, xh, xl, types.intp, bias, types.intp, codes, types.intp, dv, mv,
-                         xd, xs)
+                         xd, xs, types.intp)
 
         def codegen(context, builder, signature, args):
             ap, xhp, xlp, bp, dvp, mvp, xdp, xsp = (
                 context.make_array(signature.args[k])(context, builder, args[k]).data for k in (0, 3, 4, 6, 10, 11,
                                                                                                  12, 13))
-            cp = _aligned(context, builder, signature.args[2], args[2])
+            if nibbles:   # the staged, split nibbles
+                cp, align = _aligned(context, builder, signature.args[2], args[2]), 64
+            else:         # I8: the quads as stored
+                cp = builder.gep(context.make_array(signature.args[8])(context, builder, args[8]).data, [args[14]])
+                align = 1
             xh0, xl0, b0 = builder.gep(xhp, [args[5]]), builder.gep(xlp, [args[5]]), builder.gep(bp, [args[7]])
             xd0, xs0 = builder.gep(xdp, [args[7]]), builder.gep(xsp, [args[7]])
             a0 = builder.gep(ap, [builder.mul(args[1], _const(R))])
@@ -126,7 +116,7 @@ def _make_block_dots(nibbles: bool, words: int, n_rows: int, n_tok: int):
 
             def code(k, q):
                 ptr = builder.bitcast(builder.gep(cp, [_const((4 * k + q) * _LANE_BYTES)]), _VB.as_pointer())
-                return builder.load(ptr, typ=_VB, align=64)
+                return builder.load(ptr, typ=_VB, align=align)
 
             def broadcast(base, n, vty=_VI):   # element base[n] in every lane
                 word = builder.load(builder.gep(base, [_const(n)]))
@@ -172,7 +162,6 @@ def _make_block_dots(nibbles: bool, words: int, n_rows: int, n_tok: int):
     return block_dots
 
 
-_t_u4, _t_i8_32, _t_i8_16 = _make_stage(True, 16), _make_stage(False, 32), _make_stage(False, 16)
 _d_u4 = [_make_block_dots(True, 8, 16, n) for n in range(1, GROUP + 1)]
 _d_i8_32 = [_make_block_dots(False, 8, 32, n) for n in range(1, GROUP + 1)]
 _d_i8_16 = [_make_block_dots(False, 4, 16, n) for n in range(1, GROUP + 1)]
@@ -182,45 +171,35 @@ _i8_16_1, _i8_16_2, _i8_16_3, _i8_16_4 = _d_i8_16
 
 
 @njit(inline="always")
-def _stage(scratch, flat, cbase, nibbles, n_rows):
-    if nibbles:
-        _t_u4(scratch, flat, cbase)
-    elif n_rows == 32:
-        _t_i8_32(scratch, flat, cbase)
-    else:
-        _t_i8_16(scratch, flat, cbase)
-
-
-@njit(inline="always")
-def _dots(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, nibbles, n_rows, g):
+def _dots(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase, nibbles, n_rows, g):
     """The micro-kernel for this block shape and g (1..GROUP) tokens (numba wants each intrinsic named)."""
     if nibbles:
         if g == 4:
-            _u4_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs)
+            _u4_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
         elif g == 3:
-            _u4_3(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs)
+            _u4_3(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
         elif g == 2:
-            _u4_2(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs)
+            _u4_2(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
         else:
-            _u4_1(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs)
+            _u4_1(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
     elif n_rows == 32:
         if g == 4:
-            _i8_32_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs)
+            _i8_32_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
         elif g == 3:
-            _i8_32_3(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs)
+            _i8_32_3(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
         elif g == 2:
-            _i8_32_2(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs)
+            _i8_32_2(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
         else:
-            _i8_32_1(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs)
+            _i8_32_1(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
     else:
         if g == 4:
-            _i8_16_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs)
+            _i8_16_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
         elif g == 3:
-            _i8_16_3(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs)
+            _i8_16_3(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
         elif g == 2:
-            _i8_16_2(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs)
+            _i8_16_2(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
         else:
-            _i8_16_1(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs)
+            _i8_16_1(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -263,13 +242,14 @@ def gemv_batch_vnni(codes, nibbles, d, m, two_level, has_m, zero, X, Y, accumula
         for b in range(nblk):
             cbase = (t * nblk + b) * n_rows * R
             ahead = min(cbase + PREFETCH_LINES * R, last - (n_rows - 1) * R)
-            _stage(scratch, flat, cbase, nibbles, n_rows)
+            if nibbles:   # (I8 quads are read where they are)
+                _stage_u4(scratch, flat, cbase)
             _load_scales(d, two_level, t, b, dv)   # once for all the tokens
             if has_m:
                 _load_scales(m, two_level, t, b, mv)
             for i0 in range(0, n_tok, GROUP):
                 g = min(GROUP, n_tok - i0)
                 _dots(acc, i0, scratch, xh, xl, (b * n_tok + i0) * words, bias, b * n_tok + i0, flat, ahead, dv, mv,
-                      xdf, xsf, nibbles, n_rows, g)
+                      xdf, xsf, cbase, nibbles, n_rows, g)
         for i in range(n_tok):
             _finish_tile(acc[i], Y[i], t, Y.shape[1], accumulate)
