@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..runtime import limit_blas_threads
-from .blocks import F16_TO_F32, R, _code_rows, _load_scales_scalar, _scale_args
+from .blocks import F16_TO_F32, R, _byte_rows, _code_rows, _load_scales_scalar, _scale_args
 from .repack import U4, I8, PackedMatrix
 
 # Many tokens: compute-bound, so a chunk of rows is widened to float32 (a bounded scratch, never the
@@ -26,13 +26,14 @@ def _widen(codes, nibbles, d, m, two_level, has_m, zero, t0, t1, out):
     writes)."""
     nblk, n_lines = codes.shape[1], codes.shape[2] * codes.shape[4]   # bytes of a block's row (repack.py)
     quads = codes.shape[4] == 4
+    byte_rows = _byte_rows(codes)
     zf = np.float32(zero)
     for t in prange(t0, t1):
         dv = np.empty(R, np.float32)
         mv = np.zeros(R, np.float32)
-        rows = np.empty((1, 1, 32, R, 1), np.uint8)
+        rows = np.empty((1, 1, 32, R), np.uint8)
         for b in range(nblk):
-            src, st, sb = codes, t, b
+            src, st, sb = byte_rows, t, b
             if quads:   # staged as byte rows (blocks._code_rows)
                 _code_rows(rows, codes, t, b)
                 src, st, sb = rows, 0, 0
@@ -42,14 +43,14 @@ def _widen(codes, nibbles, d, m, two_level, has_m, zero, t0, t1, out):
             if nibbles:   # byte j: weights j (low nibble) and j + 16 (high)
                 for j in range(16):
                     for r in range(R):
-                        v = src[st, sb, j, r, 0]
+                        v = src[st, sb, j, r]
                         # uint8 casts keep the nibble arithmetic 8/32-bit wide (else int64 lanes: 2x slower)
                         out[t - t0, b * 32 + j, r] = (np.float32(np.uint8(v & 15)) - zf) * dv[r] + mv[r]
                         out[t - t0, b * 32 + j + 16, r] = (np.float32(np.uint8(v >> 4)) - zf) * dv[r] + mv[r]
             else:
                 for j in range(n_lines):
                     for r in range(R):
-                        out[t - t0, b * n_lines + j, r] = (np.float32(src[st, sb, j, r, 0]) - zf) * dv[r] + mv[r]
+                        out[t - t0, b * n_lines + j, r] = (np.float32(src[st, sb, j, r]) - zf) * dv[r] + mv[r]
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)   # nogil: prefill runs it from several threads

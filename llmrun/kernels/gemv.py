@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .blocks import PREFETCH_LINES, R, _add_block, _code_rows, _finish_tile, _prefetch, _quantize_activations
+from .blocks import PREFETCH_LINES, R, _add_block, _byte_rows, _code_rows, _finish_tile, _prefetch, _quantize_activations
 
 
 @njit(inline="always", fastmath=True)
@@ -24,7 +24,8 @@ def _prefetch_block(flat, first, n_lines, last):
 @njit(inline="always", fastmath=True)
 def _block_sums(s, src, st, sb, xq, c0, nibbles, n_lines):
     """s[r] = the integer dot of block sb of tile st, row r, with the int16 activations xq[c0:c0 + block]; src:
-    codes in byte rows (repack.py), the matrix's own or one block staged from quads (blocks._code_rows)."""
+    byte rows [tiles, nblk, bytes, R] (repack.py), the matrix's own or one block staged from quads
+    (blocks._code_rows)."""
     s[:] = 0
     if nibbles:   # byte j: weights j (low nibble) and j + 16 (high)
         for j in range(0, 16, 2):   # two bytes (four products) per step: fewer passes over s
@@ -33,8 +34,8 @@ def _block_sums(s, src, st, sb, xq, c0, nibbles, n_lines):
             x2 = np.int32(xq[c0 + j + 1])
             x3 = np.int32(xq[c0 + j + 17])
             for r in range(R):
-                v = np.int32(src[st, sb, j, r, 0])
-                w = np.int32(src[st, sb, j + 1, r, 0])
+                v = np.int32(src[st, sb, j, r])
+                w = np.int32(src[st, sb, j + 1, r])
                 s[r] += (v & 15) * x0 + (v >> 4) * x1 + (w & 15) * x2 + (w >> 4) * x3
     elif n_lines == 32:
         # Two products per step with constant trip counts: the shape LLVM turns into vpmaddwd
@@ -43,13 +44,13 @@ def _block_sums(s, src, st, sb, xq, c0, nibbles, n_lines):
             x0 = np.int32(xq[c0 + j])
             x1 = np.int32(xq[c0 + j + 16])
             for r in range(R):
-                s[r] += np.int32(src[st, sb, j, r, 0]) * x0 + np.int32(src[st, sb, j + 16, r, 0]) * x1
+                s[r] += np.int32(src[st, sb, j, r]) * x0 + np.int32(src[st, sb, j + 16, r]) * x1
     else:
         for j in range(8):
             x0 = np.int32(xq[c0 + j])
             x1 = np.int32(xq[c0 + j + 8])
             for r in range(R):
-                s[r] += np.int32(src[st, sb, j, r, 0]) * x0 + np.int32(src[st, sb, j + 8, r, 0]) * x1
+                s[r] += np.int32(src[st, sb, j, r]) * x0 + np.int32(src[st, sb, j + 8, r]) * x1
 
 
 @njit(parallel=True, fastmath=True, cache=True)
@@ -65,10 +66,11 @@ def _gemv(codes, nibbles, d, m, two_level, has_m, zero, x, y, accumulate):
     flat = codes.reshape(-1)
     last = flat.shape[0] - 1
     quads = codes.shape[4] == 4
+    byte_rows = _byte_rows(codes)
     for t in prange(n_tiles):
         acc = np.zeros(R, np.float32)
         s = np.empty(R, np.int32)
-        rows = np.empty((1, 1, 32, R, 1), np.uint8)
+        rows = np.empty((1, 1, 32, R), np.uint8)
         dv = np.empty(R, np.float32)
         mv = np.empty(R, np.float32)
         for b in range(nblk):
@@ -77,7 +79,7 @@ def _gemv(codes, nibbles, d, m, two_level, has_m, zero, x, y, accumulate):
                 _code_rows(rows, codes, t, b)
                 _block_sums(s, rows, 0, 0, xq, b * bs, nibbles, n_lines)
             else:
-                _block_sums(s, codes, t, b, xq, b * bs, nibbles, n_lines)
+                _block_sums(s, byte_rows, t, b, xq, b * bs, nibbles, n_lines)
             _add_block(acc, s, t, b, d, m, two_level, has_m, zero, xd, xsum, xqsum, dv, mv)
         _finish_tile(acc, y, t, y.shape[0], accumulate)
 
@@ -101,10 +103,11 @@ def _gemv_batch(codes, nibbles, d, m, two_level, has_m, zero, X, Y, accumulate):
     flat = codes.reshape(-1)
     last = flat.shape[0] - 1
     quads = codes.shape[4] == 4
+    byte_rows = _byte_rows(codes)
     for t in prange(n_tiles):
         acc = np.zeros((n_tok, R), np.float32)
         s = np.empty(R, np.int32)
-        rows = np.empty((1, 1, 32, R, 1), np.uint8)
+        rows = np.empty((1, 1, 32, R), np.uint8)
         dv = np.empty(R, np.float32)
         mv = np.empty(R, np.float32)
         for b in range(nblk):
@@ -115,7 +118,7 @@ def _gemv_batch(codes, nibbles, d, m, two_level, has_m, zero, X, Y, accumulate):
                 if quads:
                     _block_sums(s, rows, 0, 0, xq[i], b * bs, nibbles, n_lines)
                 else:
-                    _block_sums(s, codes, t, b, xq[i], b * bs, nibbles, n_lines)
+                    _block_sums(s, byte_rows, t, b, xq[i], b * bs, nibbles, n_lines)
                 _add_block(acc[i], s, t, b, d, m, two_level, has_m, zero, xd[i], xsum[i], xqsum[i], dv, mv)
         for i in range(n_tok):
             _finish_tile(acc[i], Y[i], t, Y.shape[1], accumulate)
