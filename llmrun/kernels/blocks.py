@@ -48,9 +48,10 @@ def _prefetch(typingctx, arr, idx):
 # ---------------------------------------------------------------------------------------- code rows
 @intrinsic
 def _quad_rows(typingctx, rows, flat, off, j0):
-    """Byte row j0 + i of `rows` (uint8 [1, 1, 32, R], repack.py's byte rows) = byte i of each row of the quad at flat[off:off + 4R] (repack.py's quads), i < 4: the
-    byte rows the portable kernels' loops vectorize over. A stride-4 shuffle of generic LLVM vectors, lowered
-    for any ISA; the same loops reading the quads' interleaved bytes directly did not vectorize (4-8x slower)."""
+    """Byte row j0 + i of `rows` (uint8 [1, 1, 32, R], repack.py's byte rows) = byte i of each row of the quad at
+    flat[off:off + 4R] (repack.py's quads), i < 4: the byte rows the portable kernels' loops vectorize over. A
+    stride-4 shuffle of generic LLVM vectors, lowered for any ISA; the same loops reading the quads' interleaved
+    bytes directly did not vectorize (4-8x slower)."""
     sig = types.void(rows, flat, types.intp, types.intp)
 
     def codegen(context, builder, signature, args):
@@ -166,12 +167,11 @@ def _load_scales(src, two_level, t, b, out):
 
 @njit(inline="always", fastmath=True)
 def _load_scales_scalar(src, two_level, t, b, out):
-    """_load_scales in numba loops (the same values), for the portable kernels and the prefill GEMM (gemm_vnni.py),
-    whose micro-kernel
-    reloads a block's scales for every group of tokens: after _load_scales' vector stores LLVM forwards the stored
-    vectors into registers for the whole token loop, and the micro-kernel, which holds 24 vectors of sums, spills
-    (prefill 1.2-1.6x slower, 2026-12-01); these scalar stores are not forwarded. The loop's cost per block is
-    shared by all the prompt's tokens there."""
+    """_load_scales in numba loops (the same values: halves and their products are exact), for the portable kernels
+    and the prefill GEMM (gemm_vnni.py). The GEMM's micro-kernel reloads a block's scales for every group of
+    tokens: after _load_scales' vector stores LLVM forwards the stored vectors into registers for the whole token
+    loop, and the micro-kernel, which holds 24 vectors of sums, spills (prefill 1.2-1.6x slower, 2026-12-01);
+    these scalar stores are not forwarded, and the loop's cost per block is shared by all the prompt's tokens."""
     if two_level:
         sup = src[1]
         sub = src[2]

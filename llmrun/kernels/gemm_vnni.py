@@ -100,8 +100,9 @@ def _make_pairs(nibbles: bool, n_quads: int):
             wpp = context.make_array(signature.args[0])(context, builder, args[0]).data
             cp = context.make_array(signature.args[1])(context, builder, args[1]).data
             z16 = builder.trunc(args[3], i16)
-            zv = builder.shuffle_vector(builder.insert_element(ir.Constant(vh, ir.Undefined), z16, ir.Constant(i32, 0)),
-                                        ir.Constant(vh, ir.Undefined), ir.Constant(ir.VectorType(i32, 32), [0] * 32))
+            one = builder.insert_element(ir.Constant(vh, ir.Undefined), z16, ir.Constant(i32, 0))
+            zv = builder.shuffle_vector(one, ir.Constant(vh, ir.Undefined),
+                                        ir.Constant(ir.VectorType(i32, 32), [0] * 32))
             nib = ir.Constant(vb, [15] * 64)
             even = ir.Constant(ir.VectorType(i32, 16), list(range(0, 32, 2)))
             odd = ir.Constant(ir.VectorType(i32, 16), list(range(1, 32, 2)))
@@ -111,8 +112,8 @@ def _make_pairs(nibbles: bool, n_quads: int):
                 builder.store(v, builder.bitcast(ptr, vi.as_pointer()), align=4)
 
             def widen_half(v, half):   # bytes 32*half.. of v as int16 minus the zero point
-                part = builder.shuffle_vector(v, ir.Constant(vb, ir.Undefined),
-                                              ir.Constant(ir.VectorType(i32, 32), list(range(32 * half, 32 * half + 32))))
+                lanes = ir.Constant(ir.VectorType(i32, 32), list(range(32 * half, 32 * half + 32)))
+                part = builder.shuffle_vector(v, ir.Constant(vb, ir.Undefined), lanes)
                 return builder.bitcast(builder.sub(builder.zext(part, vh), zv), vi)
 
             def split(v, p0, q):       # pairs p0 and p0 + 1 of rows 16q..16q+15 from their 64 bytes

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .blocks import PREFETCH_LINES, R, _add_block, _byte_rows, _code_rows, _finish_tile, _prefetch, _quantize_activations
+from .blocks import (PREFETCH_LINES, R, _add_block, _byte_rows, _code_rows, _finish_tile, _prefetch,
+                     _quantize_activations)
 
 
 @njit(inline="always", fastmath=True)

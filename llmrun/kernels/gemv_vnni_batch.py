@@ -71,10 +71,10 @@ def _stage_u4(typingctx, scratch, codes, cbase):
 
 def _make_block_dots(nibbles: bool, words: int, n_rows: int, n_tok: int):
     """An intrinsic adding one block to the float rows of tokens i0..i0+n_tok-1: the integer sums
-    s_i[r] = sum over the block of codes(row r) * x_i, from the block's staged codes in `scratch`
-    (_stage_u4; I8: the codes[cbase:] quads themselves), then acc[(i0 + i) * R + r] = the epilogue (blocks._epilogue_ir) of s_i[r] with the
-    block's scales dv / offsets mv [R] and token i's dx = xd[bo + i], sum(x) = xs[bo + i]: the sums never
-    leave the registers, and the scales are loaded once for all the tokens.
+    s_i[r] = sum over the block of codes(row r) * x_i, from the block's code vectors (U4: staged in `scratch`
+    by _stage_u4; I8: the quads at codes[cbase:] themselves), then acc[(i0 + i) * R + r] = the epilogue
+    (blocks._epilogue_ir) of s_i[r] with the block's scales dv / offsets mv [R] and token i's dx = xd[bo + i],
+    sum(x) = xs[bo + i]: the sums never leave the registers, and the scales are loaded once for all the tokens.
     xh / xl: the activations' high (s8) and low (u8) bytes as int32 words, token i's block word k at
     xo + i*words + k (block-major: constant offsets from one base); bias[bo + i]: what turns the sums into
     the block's dot minus its zero-point term (128 * sum of xl for I8, minus zero * sum of xq; exact in int32).

@@ -19,7 +19,6 @@ import math
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 BOUND_SETS = 64   # at least this many disjoint sets bound the k-th largest (text/sampling.py's top_k too)
