@@ -255,6 +255,14 @@ def _finish_tile(acc, y, t, n_rows, accumulate):
                 y[row] = acc[r]
 
 
+def _splat_ir(builder, value, vty):
+    """A scalar in every lane of a vector of its type (the IR micro-kernels' broadcasts)."""
+    u = ir.Constant(vty, ir.Undefined)
+    i32 = ir.IntType(32)
+    return builder.shuffle_vector(builder.insert_element(u, value, ir.Constant(i32, 0)), u,
+                                  ir.Constant(ir.VectorType(i32, vty.count), [0] * vty.count))
+
+
 def _epilogue_ir(builder, acc, dv, dx, f, mv=None, sx=None):
     """acc + d_row * d_x * f (+ m_row * sum(x)), rounded as fma(d_row * d_x, f, fma(m_row, sum(x), acc)): the ONE
     definition of how a block's integer dot f is scaled and added, emitted by _add_block (decode) and by the
@@ -302,13 +310,6 @@ def _add_block(acc, s, t, b, d, m, two_level, has_m, zero, xd, xsum, xqsum, dv, 
     _load_scales_scalar(d, two_level, t, b, dv)   # (the portable kernels': measured no slower on AVX2)
     if has_m:
         _load_scales_scalar(m, two_level, t, b, mv)
-    _add_scaled(acc, s, b, has_m, zero, xd, xsum, xqsum, dv, mv)
-
-
-@njit(inline="always", fastmath=True)
-def _add_scaled(acc, s, b, has_m, zero, xd, xsum, xqsum, dv, mv):
-    """_add_block with the block's scales dv (and offsets mv) already loaded: the sums of several tokens of one
-    block share them (gemv_vnni_batch.py)."""
     dx = xd[b]
     zq = zero * xqsum[b]
     if has_m:

@@ -11,7 +11,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .blocks import R, _epilogue_ir, _load_scales_scalar, _quantize_activations, _scale_args
+from .blocks import R, _epilogue_ir, _load_scales_scalar, _quantize_activations, _scale_args, _splat_ir
 from .repack import U4, PackedMatrix
 
 # Many tokens through U4/I8 tiles: an integer GEMM. Activations are quantized per weight block to int16 (as for
@@ -49,25 +49,20 @@ def _make_block_fma(n_pairs):
             def vload(base, off, ty):
                 return builder.load(builder.bitcast(builder.gep(base, [off]), ty.as_pointer()), typ=ty, align=4)
 
-            def bcast(val, ty):
-                u = ir.Constant(ty, ir.Undefined)
-                return builder.shuffle_vector(builder.insert_element(u, val, ir.Constant(i32, 0)), u,
-                                              ir.Constant(ir.VectorType(i32, ty.count), [0] * ty.count))
-
             sums = [[ir.Constant(vi, [0] * 16) for _ in range(_VECS)] for _ in range(TOKENS_PER_CALL)]
             for p in range(n_pairs):
                 wv = [builder.bitcast(vload(wp, c(p * R + v * 16), vi), vh) for v in range(_VECS)]
                 for i in range(TOKENS_PER_CALL):
                     off = builder.add(xo, builder.add(builder.mul(c(i), xs), c(p)))
-                    xv = builder.bitcast(bcast(builder.load(builder.gep(xpp, [off])), vi), vh)
+                    xv = builder.bitcast(_splat_ir(builder, builder.load(builder.gep(xpp, [off])), vi), vh)
                     for v in range(_VECS):
                         sums[i][v] = builder.call(fn, [sums[i][v], wv[v], xv])
             dvv = [vload(dvp, c(v * 16), vf) for v in range(_VECS)]
             mvv = [vload(mvp, c(v * 16), vf) for v in range(_VECS)]
             for i in range(TOKENS_PER_CALL):
                 soff = builder.add(so, builder.mul(c(i), ss))
-                dx = bcast(builder.load(builder.gep(xdp, [soff])), vf)
-                sx = bcast(builder.load(builder.gep(xsp, [soff])), vf)
+                dx = _splat_ir(builder, builder.load(builder.gep(xdp, [soff])), vf)
+                sx = _splat_ir(builder, builder.load(builder.gep(xsp, [soff])), vf)
                 for v in range(_VECS):   # mv is 0 where the format has no offsets: fma(0, sx, acc) = acc
                     aoff = builder.add(ao, c(i * R + v * 16))
                     acc_v = _epilogue_ir(builder, vload(accp, aoff, vf), dvv[v], dx, builder.sitofp(sums[i][v], vf),
@@ -100,9 +95,7 @@ def _make_pairs(nibbles: bool, n_quads: int):
             wpp = context.make_array(signature.args[0])(context, builder, args[0]).data
             cp = context.make_array(signature.args[1])(context, builder, args[1]).data
             z16 = builder.trunc(args[3], i16)
-            one = builder.insert_element(ir.Constant(vh, ir.Undefined), z16, ir.Constant(i32, 0))
-            zv = builder.shuffle_vector(one, ir.Constant(vh, ir.Undefined),
-                                        ir.Constant(ir.VectorType(i32, 32), [0] * 32))
+            zv = _splat_ir(builder, z16, vh)
             nib = ir.Constant(vb, [15] * 64)
             even = ir.Constant(ir.VectorType(i32, 16), list(range(0, 32, 2)))
             odd = ir.Constant(ir.VectorType(i32, 16), list(range(1, 32, 2)))

@@ -26,7 +26,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .blocks import PREFETCH_LINES, R, _epilogue_ir, _finish_tile, _load_scales, _prefetch, _quantize_activations
+from .blocks import (PREFETCH_LINES, R, _epilogue_ir, _finish_tile, _load_scales, _prefetch, _quantize_activations,
+                     _splat_ir)
 
 USABLE = R == 64   # the micro-kernels hold one tile's 64 rows in 4 zmm registers of 16 int32 lanes
 
@@ -40,13 +41,6 @@ def _const(n):
 
 def _splat(n):
     return ir.Constant(_VI, [n] * 16)
-
-
-def _splat_value(builder, value, vty):
-    """A scalar in every lane of a vector of its type."""
-    u = ir.Constant(vty, ir.Undefined)
-    return builder.shuffle_vector(builder.insert_element(u, value, ir.Constant(_I32, 0)), u,
-                                  ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count))
 
 
 def _shuffle(builder, a, b, mask):
@@ -83,7 +77,7 @@ def _make_block_dots(nibbles: bool, n_rows: int):
 
             def broadcast(base, k):   # activation word k of the block in every lane
                 word = builder.load(builder.gep(base, [builder.add(xo_, _const(k))]))
-                return builder.bitcast(_splat_value(builder, word, _VI), _VB)
+                return builder.bitcast(_splat_ir(builder, word, _VI), _VB)
 
             hi_sums = [ir.Constant(_VI, [0] * 16) for _ in range(4)]   # sum c * xh
             lo_sums = [ir.Constant(_VI, [0] * 16) for _ in range(4)]   # sum c * xl (I8: minus 128 * sum xl)
@@ -103,10 +97,10 @@ def _make_block_dots(nibbles: bool, n_rows: int):
                         signed = codes_q[q] if nibbles else builder.xor(codes_q[q], flip)
                         hi_sums[q] = builder.call(dpbusd, [hi_sums[q], codes_q[q], xh_k])
                         lo_sums[q] = builder.call(dpbusd, [lo_sums[q], xl_k, signed])
-            bias_v = _splat_value(builder, bias, _VI)
+            bias_v = _splat_ir(builder, bias, _VI)
             sums = [builder.add(builder.add(builder.shl(hi_sums[q], _splat(8)), lo_sums[q]), bias_v)
                     for q in range(4)]
-            dx_v, sx_v = _splat_value(builder, dx, _VF), _splat_value(builder, sx, _VF)
+            dx_v, sx_v = _splat_ir(builder, dx, _VF), _splat_ir(builder, sx, _VF)
             for q, v in enumerate(sums):
                 def rows(base):   # rows 16q..16q+15 of a float array
                     return builder.bitcast(builder.gep(base, [_const(16 * q)]), _VF.as_pointer())

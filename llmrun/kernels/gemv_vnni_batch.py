@@ -26,14 +26,13 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .gemv_vnni import R, USABLE, _I32, _VB, _VI, _const, _split_activations, _splat
-from .blocks import PREFETCH_LINES, _epilogue_ir, _finish_tile, _load_scales, _quantize_activations
+from .gemv_vnni import R, USABLE, _I32, _VB, _VF, _VI, _const, _split_activations, _splat
+from .blocks import PREFETCH_LINES, _epilogue_ir, _finish_tile, _load_scales, _quantize_activations, _splat_ir
 
 __all__ = ["USABLE", "GROUP", "gemv_batch_vnni"]
 
 GROUP = 4          # tokens per micro-kernel call: 4 x 4 accumulators + 4 broadcasts + 1 code vector in zmm
 _LANE_BYTES = 64   # one zmm vector of codes: 16 rows x 4 weights
-_VF = ir.VectorType(ir.FloatType(), 16)
 SCRATCH_BYTES = 32 * _LANE_BYTES + 63   # a U4 block's split nibbles, and room to align it
 
 
@@ -119,10 +118,7 @@ def _make_block_dots(nibbles: bool, words: int, n_rows: int, n_tok: int):
                 return builder.load(ptr, typ=_VB, align=align)
 
             def broadcast(base, n, vty=_VI):   # element base[n] in every lane
-                word = builder.load(builder.gep(base, [_const(n)]))
-                u = ir.Constant(vty, ir.Undefined)
-                return builder.shuffle_vector(builder.insert_element(u, word, ir.Constant(ir.IntType(32), 0)), u,
-                                              ir.Constant(_VI, [0] * 16))
+                return _splat_ir(builder, builder.load(builder.gep(base, [_const(n)])), vty)
 
             def rows(base, q, vty):   # 16 consecutive floats at base + 16q
                 return builder.bitcast(builder.gep(base, [_const(16 * q)]), vty.as_pointer())

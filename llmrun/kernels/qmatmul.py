@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..runtime import cpu_target_has, limit_blas_threads
+from ..runtime import limit_blas_threads
 from . import gemv_vnni, gemv_vnni_batch
 from .blocks import R, _scale_args, _scales_f32
 from .gemm_blas import _matmul_widened
 from .gemm_vnni import _matmul_vnni
 from .gemv import _gemv, _gemv_batch, _gemv_h16
-from .repack import U4, I8, H16, FP32, PackedMatrix
+from .repack import U4, I8, H16, FP32, VNNI_TARGET, PackedMatrix
 
 FEW_TOKENS = 3              # up to this many tokens, run the decode kernel per token instead
 
@@ -37,7 +37,7 @@ def _vnni_available() -> bool:
     """The IR micro-kernels (gemm_vnni.py) need AVX-512 VNNI (and 512-bit vectors:
     TILE_ROWS int32 = whole zmm registers), on the CPU numba compiles for (which NUMBA_CPU_FEATURES may set
     apart from the host's)."""
-    return R % 16 == 0 and cpu_target_has("avx512vnni", "avx512bw")
+    return R % 16 == 0 and VNNI_TARGET
 
 
 VNNI = _vnni_available()

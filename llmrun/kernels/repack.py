@@ -43,7 +43,8 @@ U4, I8, H16, FP32 = "u4", "i8", "h16", "f32"
 
 # The code layout (module doc) the kernels this host runs read fastest: quads where the VNNI kernels run (on the
 # CPU numba compiles for, which NUMBA_CPU_FEATURES may set apart from the host's), byte rows elsewhere.
-QUADS = TILE_ROWS == 64 and cpu_target_has("avx512vnni", "avx512bw")
+VNNI_TARGET = cpu_target_has("avx512vnni", "avx512bw")   # what the IR micro-kernels (qmatmul.VNNI) need
+QUADS = TILE_ROWS == 64 and VNNI_TARGET
 
 # The ggml types the engine runs and the family each is reduced to (module doc).
 FAMILY = {GGMLType.F32: FP32, GGMLType.F16: H16, GGMLType.BF16: H16,

@@ -171,8 +171,8 @@ class Sampler:
 
     def sample(self, logits: np.ndarray, previous: Sequence[int] = ()) -> int:
         """The chain above on one row of logits, its steps in one kernel (kernels/token_draw.py: the same
-        arithmetic as the functions above, which stay as its reference, without a numpy call per step). A NaN logit (only a logits processor
-        can make one: the model's are checked) is an error: no step orders it."""
+        arithmetic as the functions above, which stay as its reference, without a numpy call per step). A NaN
+        logit (only a logits processor can make one: the model's are checked) is an error: no step orders it."""
         p = self.params
         row = self._penalised(logits, previous)
         if p.temperature <= 0:
