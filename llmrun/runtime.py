@@ -30,6 +30,14 @@ While a model loads (engine/model.py, glibc on Linux only; elsewhere nothing hap
   madvise(MADV_DONTNEED)  on each tensor's memory-mapped file pages once its repacked copy exists: the file's
       pages would only double the resident memory (the page cache keeps them; a later read faults them back).
 
+When llmrun.kernels or llmrun.quants is first imported (before their kernels are defined):
+  numba's cache stamp  the on-disk cache of llmrun's kernels is keyed by ONE digest of all the sources their
+      machine code is built from (llmrun/kernels, llmrun/quants, ggml.py: kernel_sources_digest), not by each
+      kernel's own file: numba's stamp is the hash of the file a kernel is defined in, so changing a helper that
+      kernels of other files inline (blocks.py) left their stale machine code in use, after an upgrade too. A
+      digest of contents (not of times) also keeps valid the cache that a wheel build compiled (setup.py):
+      installing changes the files' times, not their bytes. Numba's other caches are left alone.
+
 Per forward call (engine/model.py), numba's thread count (numba.set_num_threads is per OS thread): the threads
 asked for, but no more than the cores other processes left free over the last quarter second (free_threads:
 /proc/stat's busy time minus this process's own CPU time; Linux only, elsewhere the threads asked for). Not
@@ -40,6 +48,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import mmap
 import os
 import sys
@@ -101,6 +110,65 @@ def cpu_target_has(*features: str) -> bool:
         return all(bool(host.get(f)) for f in features)
     except Exception:   # an unknown host: claim nothing
         return False
+
+
+# ------------------------------------------------------------------------------------------ numba's cache
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_KERNEL_SOURCES = ("kernels", "quants", "ggml.py")   # what the kernels' machine code is built from
+
+
+@functools.cache
+def kernel_sources_digest() -> bytes:
+    """sha256 over the contents of every source file llmrun's compiled kernels come from (the module doc)."""
+    h = hashlib.sha256()
+    for entry in _KERNEL_SOURCES:
+        path = os.path.join(_PACKAGE_DIR, entry)
+        files = [path] if entry.endswith(".py") else sorted(
+            os.path.join(path, f) for f in os.listdir(path) if f.endswith(".py"))
+        for f in files:
+            with open(f, "rb") as fh:
+                data = fh.read()
+            h.update(os.path.relpath(f, _PACKAGE_DIR).encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+    return h.digest()
+
+
+def _ours(py_file) -> bool:
+    try:
+        return os.path.commonpath([os.path.abspath(py_file), _PACKAGE_DIR]) == _PACKAGE_DIR
+    except (TypeError, ValueError):
+        return False
+
+
+_stamp_installed = False
+
+
+def use_kernel_sources_stamp() -> None:
+    """Key numba's on-disk cache of llmrun's kernels by kernel_sources_digest() (module doc). Called by
+    llmrun.kernels and llmrun.quants before they define kernels; does nothing on a numba without these
+    internals (its own per-file stamp then applies)."""
+    global _stamp_installed
+    if _stamp_installed:
+        return
+    _stamp_installed = True
+    try:
+        from numba.core import caching
+        impl = caching.CacheImpl
+        bases = (caching.UserProvidedCacheLocator, caching.InTreeCacheLocator)   # the order numba tries them in
+    except AttributeError:
+        return
+
+    def locator(base):
+        class Locator(base):
+            @classmethod
+            def from_function(cls, py_func, py_file):
+                return super().from_function(py_func, py_file) if _ours(py_file) else None
+
+            def get_source_stamp(self):
+                return kernel_sources_digest()
+        Locator.__name__ = Locator.__qualname__ = "Llmrun" + base.__name__
+        return Locator
+
+    impl._locator_classes = [locator(b) for b in bases] + list(impl._locator_classes)
 
 
 # ------------------------------------------------------------------------------------------ free cores

@@ -3,8 +3,8 @@
 The product kernels (gemv.py, gemv_vnni.py, gemm_vnni.py, gemm_blas.py, qmatmul.py's batched decode) differ in
 how they form a block's integer dot products; what they read besides the codes and how a block's sums become
 floats is defined once, here, so that decode and prefill give the same bits (docs/kernels.md, "Batch invariance").
-Numba's on-disk cache watches only the file a kernel is defined in: after changing a helper here, touch the
-kernel files (or clear their __pycache__).
+Numba's on-disk cache of every kernel is keyed by all the kernel sources together (runtime.py), so a change to a
+helper here recompiles the kernels of the other files that inline it.
 """
 from __future__ import annotations
 

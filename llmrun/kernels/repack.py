@@ -34,9 +34,8 @@ from ..errors import ModelError
 from ..ggml import GGML_BLOCK, IQ4_NL_VALUES, GGMLType, fp16_values
 from ..runtime import cpu_target_has
 
-# Rows per tile. The kernels (blocks.py and the product files beside it) compile it in as a constant; numba's
-# on-disk cache only watches the file a kernel is defined in, so after changing it here, touch those files
-# (or clear __pycache__).
+# Rows per tile. The kernels (blocks.py and the product files beside it) compile it in as a constant (a change
+# recompiles them all: numba's cache is keyed by all the kernel sources, runtime.py).
 TILE_ROWS = 64
 
 U4, I8, H16, FP32 = "u4", "i8", "h16", "f32"

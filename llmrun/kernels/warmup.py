@@ -14,7 +14,8 @@ first forward, silently, and each further quant type compiled every product kern
   (``python -m llmrun.kernels.warmup --queue DIR UNIT...``), one per core but one, that take the missing units
   dearest first from a queue of claim folders while the weights load; once loaded, the loading process takes
   units from the same queue. The model's first calls then load the machine code from the cache.
-* ``python -m llmrun.kernels.warmup --all`` (``make install``) compiles every unit of this host the same way.
+* ``python -m llmrun.kernels.warmup --all`` (``make install``) compiles every unit of this host the same way;
+  setup.py runs it on the build tree, so a wheel built on this machine (``pip install .``) carries the cache.
 
 Two processes must never write different signatures of one function's cache at the same time (numba's
 index is read-modify-write: the entries could be crossed). Hence one signature per kernel, each unit compiled

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..runtime import use_kernel_sources_stamp
+
+use_kernel_sources_stamp()   # before any kernel is defined (runtime.py)
+
 from ..errors import QuantError
 from ..ggml import GGMLType, GGML_BLOCK, row_nbytes
 from . import floats, legacy, kquants, iq4_nl
