@@ -26,8 +26,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .blocks import (PREFETCH_LINES, R, _epilogue_ir, _finish_tile, _load_scales, _prefetch, _quantize_activations,
-                     _splat_ir)
+from .blocks import (PREFETCH_LINES, R, _epilogue_ir, _finish_tile, _load_scales, _prefetch, _prefetch_scales,
+                     _quantize_activations, _scale_lines, _splat_ir)
 
 USABLE = R == 64   # the micro-kernels hold one tile's 64 rows in 4 zmm registers of 16 int32 lanes
 
@@ -158,6 +158,8 @@ def _gemv_vnni(codes, nibbles, d, m, two_level, has_m, zero, x, y, accumulate):
     words = bs // 4
     flat = codes.reshape(-1)
     last = flat.shape[0] - 1
+    d_lines, m_lines = _scale_lines(d, two_level), _scale_lines(m, two_level)
+    group = nblk // d[1].shape[1] if two_level else 1
     for t in prange(n_tiles):
         acc = np.zeros(R, np.float32)
         dv = np.empty(R, np.float32)
@@ -168,8 +170,10 @@ def _gemv_vnni(codes, nibbles, d, m, two_level, has_m, zero, x, y, accumulate):
             ahead = min(cbase + PREFETCH_LINES * R, last - (n_rows - 1) * R)
             for j in range(n_rows):
                 _prefetch(flat, ahead + j * R)
+            _prefetch_scales(d_lines, two_level, t, b, nblk, group)
             _load_scales(d, two_level, t, b, dv)
             if has_m:
+                _prefetch_scales(m_lines, two_level, t, b, nblk, group)
                 _load_scales(m, two_level, t, b, mv)
             if nibbles:
                 _u4_dots(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
