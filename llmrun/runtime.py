@@ -223,7 +223,7 @@ def free_threads(wanted: int) -> int:
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
     free = cores - _CORE_SHARE.update()
-    return max(1, min(wanted, int(free + 0.4)))   # another process at >= 0.6 of a core takes one away
+    return max(1, min(wanted, int(free + 0.4)))   # others at more than 0.4 of a core take one away
 
 
 # ------------------------------------------------------------------------------------------ BLAS threads
