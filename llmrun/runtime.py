@@ -153,7 +153,8 @@ def use_kernel_sources_stamp() -> None:
     try:
         from numba.core import caching
         impl = caching.CacheImpl
-        bases = (caching.UserProvidedCacheLocator, caching.InTreeCacheLocator)   # the order numba tries them in
+        bases = (caching.UserProvidedCacheLocator, caching.InTreeCacheLocator,   # in the order numba tries them
+                 caching.UserWideCacheLocator)
     except AttributeError:
         return
 
