@@ -162,7 +162,7 @@ def test_quads_and_byte_rows_give_the_same_bits(name):
         outs = []
         for pm in (quads, byte_rows):
             y = np.zeros((3, rows), np.float32)
-            args = (pm.codes, pm.family == "u4", *_scale_args(pm), pm.zero)
+            args = (pm.codes, pm.code_kind, *_scale_args(pm), pm.zero)
             if kernel is gemv._gemv:
                 for i in range(3):
                     kernel(*args, X[i], y[i], False)
