@@ -4,8 +4,8 @@ the staging of codes (quads to byte rows, U6's planes to codes 0..63).
 The product kernels (gemv.py, gemv_vnni.py, gemm_vnni.py, gemm_blas.py, qmatmul.py's batched decode) differ in
 how they form a block's integer dot products; what they read besides the codes and how a block's sums become
 floats is defined once, here, so that decode and prefill give the same bits (docs/kernels.md, "Batch invariance").
-Numba's on-disk cache watches only the file a kernel is defined in: after changing a helper here, touch the
-kernel files (or clear their __pycache__).
+Numba's on-disk cache watches only the file a kernel is defined in (a hash of its contents: touching it does not
+count): after changing a helper here, clear llmrun/kernels/__pycache__.
 """
 from __future__ import annotations
 

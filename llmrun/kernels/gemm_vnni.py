@@ -11,7 +11,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .blocks import R, _epilogue_ir, _load_scales_scalar, _quantize_activations, _scale_args, _splat_ir, six_bit_codes_ir
+from .blocks import (R, _epilogue_ir, _load_scales_scalar, _quantize_activations, _scale_args, _splat_ir,
+                     six_bit_codes_ir)
 from .repack import KIND_I8, KIND_U4, KIND_U6, PackedMatrix
 
 # Many tokens through tiled codes: an integer GEMM. Activations are quantized per weight block to int16 (as for

@@ -90,9 +90,9 @@ _stage_u4, _stage_u6 = _make_stage(KIND_U4), _make_stage(KIND_U6)
 
 
 def _make_block_dots(staged: bool, words: int, n_rows: int, n_tok: int):
-    """An intrinsic adding one block to the float rows of tokens i0..i0+n_tok-1: the integer sums
-    s_i[r] = sum over the block of codes(row r) * x_i, from the block's code vectors (staged: U4 / U6 codes in
-    `scratch` by _stage_u4 / _stage_u6; else I8, the quads at codes[cbase:] themselves), then acc[(i0 + i) * R + r] = the epilogue
+    """An intrinsic adding one block to the float rows of tokens i0..i0+n_tok-1: the integer sums s_i[r] = sum over
+    the block of codes(row r) * x_i, from the block's code vectors (staged: U4 / U6 codes in `scratch` by _stage_u4
+    / _stage_u6; else I8, the quads at codes[cbase:] themselves), then acc[(i0 + i) * R + r] = the epilogue
     (blocks._epilogue_ir) of s_i[r] with the block's scales dv / offsets mv [R] and token i's dx = xd[bo + i],
     sum(x) = xs[bo + i]: the sums never leave the registers, and the scales are loaded once for all the tokens.
     xh / xl: the activations' high (s8) and low (u8) bytes as int32 words, token i's block word k at

@@ -14,9 +14,10 @@ row and an integer zero point per matrix, so that `w = d*(q - zero) + m`. Signed
   H16  raw 16-bit floats (kind 0 = IEEE half, 1 = bfloat16), no scales                 F16 BF16
   F32  raw float32, no scales                                                           F32
 
-For U4, U6 and I8 (the tiled families), rows are grouped into tiles of TILE_ROWS and the kernels' innermost loops run over a tile's
-independent output rows, without reductions (docs/kernels.md). Codes are uint8 [tile, block, n, R, E], byte j
-of row r at [t, b, j // E, r, j % E], in one of two layouts, both of one array type (one compiled kernel):
+For U4, U6 and I8 (the tiled families), rows are grouped into tiles of TILE_ROWS and the kernels' innermost loops
+run over a tile's independent output rows, without reductions (docs/kernels.md). Codes are uint8 [tile, block, n,
+R, E], byte j of row r at [t, b, j // E, r, j % E], in one of two layouts, both of one array type (one compiled
+kernel):
   quads (E = 4, on AVX-512 VNNI hosts: QUADS): one 64-byte vector holds bytes 4k..4k+3 of 16 consecutive rows,
       4 bytes per 32-bit lane: the operand `vpdpbusd` multiplies with 4 activations at once (gemv_vnni.py);
   byte rows (E = 1, elsewhere): one 64-byte run is byte j of 64 rows, which the portable loops (gemv.py)
@@ -24,7 +25,8 @@ of row r at [t, b, j // E, r, j % E], in one of two layouts, both of one array t
       than byte rows on an AVX2 target, so hosts that run them keep byte rows.
 U6's 2-bit plane is arranged so that, in either layout, one shift and one mask of a 64-byte vector give the bits
 4-5 of 64 codes (shifts of 32-bit lanes: bits crossing from a neighbouring byte are masked off), so the kernels
-rebuild a block's codes 0..63 in registers (blocks.six_bit_codes_ir) and then treat them as I8 codes.
+rebuild a block's codes 0..63 in registers or a small scratch (blocks.six_bit_codes_ir) and multiply them as I8
+codes (the VNNI kernels as U4's: codes 0..63 are valid s8), the same integers as when Q6_K was held in I8.
 H16 and F32 rows stay row-major. Nothing is dequantized to a float32 copy: U4 keeps 4 bits per weight, U6 6,
 I8 8 bits, H16 16 bits (prefill widens one chunk of rows at a time, gemm_blas.py).
 """
@@ -40,8 +42,8 @@ from ..ggml import GGML_BLOCK, IQ4_NL_VALUES, GGMLType, fp16_values
 from ..runtime import cpu_target_has
 
 # Rows per tile. The kernels (blocks.py and the product files beside it) compile it in as a constant; numba's
-# on-disk cache only watches the file a kernel is defined in, so after changing it here, touch those files
-# (or clear __pycache__).
+# on-disk cache only watches the contents of the file a kernel is defined in, so after changing it (or the KIND_*
+# codes) here, clear llmrun/kernels/__pycache__.
 TILE_ROWS = 64
 
 U4, U6, I8, H16, FP32 = "u4", "u6", "i8", "h16", "f32"
@@ -73,7 +75,7 @@ class PackedMatrix:
     codes: np.ndarray          # U4 uint8 [tiles, nblk, 16/E, R, E]; U6 [tiles, nblk, 12/E, R, E];
                                # I8 [tiles, nblk, bs/E, R, E] (E: doc);
                                # H16 uint16 [n_rows, n_cols]; F32 float32 [n_rows, n_cols] (row-major)
-    d: np.ndarray | tuple | None  # (U4, I8) per-block scales: uint16 half bits [tiles, nblk, R] when the format's
+    d: np.ndarray | tuple | None  # (tiled) per-block scales: uint16 half bits [tiles, nblk, R] when the format's
                                # scales are halves (exact, 16 bits per block); K-quants: a pair (float32 super-block
                                # scale [tiles, nblk/G, R], int8/uint8 sub-block scale [tiles, nblk, R]) whose product
                                # is the block scale (exact in float32; ~8 bits per block instead of 32)
