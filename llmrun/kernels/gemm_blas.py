@@ -31,7 +31,7 @@ def _widen(codes, kind, d, m, two_level, has_m, zero, t0, t1, out):
     for t in prange(t0, t1):
         dv = np.empty(R, np.float32)
         mv = np.zeros(R, np.float32)
-        rows = np.empty((1, 1, 32, R), np.uint8)
+        rows = np.empty((2, 1, 32, R), np.uint8)   # (blocks._block_rows)
         for b in range(nblk):
             src, st, sb = _block_rows(rows, codes, byte_rows, t, b, kind)   # I8 byte rows unless U4
             _load_scales_scalar(d, two_level, t, b, dv)

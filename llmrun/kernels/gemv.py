@@ -73,7 +73,7 @@ def _gemv(codes, kind, d, m, two_level, has_m, zero, x, y, accumulate):
     for t in prange(n_tiles):
         acc = np.zeros(R, np.float32)
         s = np.empty(R, np.int32)
-        rows = np.empty((1, 1, 32, R), np.uint8)
+        rows = np.empty((2, 1, 32, R), np.uint8)   # (blocks._block_rows)
         dv = np.empty(R, np.float32)
         mv = np.empty(R, np.float32)
         for b in range(nblk):
@@ -107,7 +107,7 @@ def _gemv_batch(codes, kind, d, m, two_level, has_m, zero, X, Y, accumulate):
     for t in prange(n_tiles):
         acc = np.zeros((n_tok, R), np.float32)
         s = np.empty(R, np.int32)
-        rows = np.empty((1, 1, 32, R), np.uint8)
+        rows = np.empty((2, 1, 32, R), np.uint8)   # (blocks._block_rows)
         dv = np.empty(R, np.float32)
         mv = np.empty(R, np.float32)
         for b in range(nblk):
