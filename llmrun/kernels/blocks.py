@@ -113,8 +113,9 @@ def six_bit_codes_ir(builder, nib, plane, high, g):
 @intrinsic
 def _six_bit_rows(typingctx, dst, src, off, doff):
     """dst's rows j < 16 from element doff of its data (uint8 [.., 32, R]) = code j (0..63) of R rows of a U6 block
-    whose 12 byte rows start at element off of src's data (the matrix's byte rows, or dst itself after _code_rows: no row is read after it is
-    overwritten). Generic LLVM vectors, lowered for any ISA (numba loops on uint8 widen to int64)."""
+    whose 12 byte rows start at element off of src's data (the matrix's byte rows, or dst itself after _code_rows:
+    no row is read after it is overwritten). Generic LLVM vectors, lowered for any ISA (numba loops on uint8 widen
+    to int64)."""
     sig = types.void(dst, src, types.intp, types.intp)
 
     def codegen(context, builder, signature, args):
