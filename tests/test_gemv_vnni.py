@@ -8,7 +8,6 @@ import pytest
 
 from llmrun.kernels import matvec, pack_matrix
 from llmrun.kernels import gemv, qmatmul
-from llmrun.kernels.repack import U4
 from test_kernels import _SCALE_FIELDS, _random_rows
 
 pytestmark = pytest.mark.skipif(not qmatmul.VNNI_GEMV, reason="needs AVX-512 VNNI (other hosts run gemv.py's kernels)")
@@ -33,7 +32,7 @@ def test_vnni_gemv_bit_identical_to_portable(name):
     rows, cols = 150, 768   # 150: a partial last tile; 768: three 256-blocks (K-quant super-blocks)
     raw, qt = _random_rows(rng, name, rows, cols)
     pm = pack_matrix(raw, int(qt), cols)
-    args = (pm.family == U4, *qmatmul._scale_args(pm), pm.zero)
+    args = (pm.code_kind, *qmatmul._scale_args(pm), pm.zero)
     for _ in range(3):
         x = _activations(rng, cols)
         for accumulate in (False, True):
@@ -57,7 +56,7 @@ def test_extreme_codes_and_activations():
     blocks[:32, :, 2:] = 127            # int8 127 -> stored code 255
     blocks[32:, :, 2:] = 0x80           # int8 -128 -> stored code 0
     pm = pack_matrix(blocks.reshape(64, -1), int(qt), 256)
-    args = (False, *qmatmul._scale_args(pm), pm.zero)
+    args = (pm.code_kind, *qmatmul._scale_args(pm), pm.zero)
     for x in (np.full(256, 3.0, np.float32), np.full(256, -3.0, np.float32),
               np.where(np.arange(256) % 2, 1.0, -1.0).astype(np.float32)):
         want, got = np.empty(64, np.float32), np.empty(64, np.float32)

@@ -9,7 +9,6 @@ import pytest
 
 from llmrun.kernels import matvec, matvec_batch, pack_matrix
 from llmrun.kernels import qmatmul
-from llmrun.kernels.repack import U4
 from test_gemv_vnni import _activations
 from test_kernels import _SCALE_FIELDS, _random_rows
 
@@ -24,7 +23,7 @@ def test_batch_rows_bit_identical_to_one_token(name):
     rows, cols = 150, 768   # 150: a partial last tile; 768: three 256-blocks (K-quant super-blocks)
     raw, qt = _random_rows(rng, name, rows, cols)
     pm = pack_matrix(raw, int(qt), cols)
-    args = (pm.codes, pm.family == U4, *qmatmul._scale_args(pm), pm.zero)
+    args = (pm.codes, pm.code_kind, *qmatmul._scale_args(pm), pm.zero)
     X = np.stack([_activations(rng, cols) for _ in range(9)])
     for T in range(1, 10):   # 1..9: one token, whole groups of 4 and partial ones
         for accumulate in (False, True):
@@ -51,7 +50,7 @@ def test_extreme_codes_and_activations():
     blocks[:32, :, 2:] = 127            # int8 127 -> stored code 255
     blocks[32:, :, 2:] = 0x80           # int8 -128 -> stored code 0
     pm = pack_matrix(blocks.reshape(64, -1), int(qt), 256)
-    args = (pm.codes, False, *qmatmul._scale_args(pm), pm.zero)
+    args = (pm.codes, pm.code_kind, *qmatmul._scale_args(pm), pm.zero)
     X = np.stack([np.full(256, 3.0, np.float32), np.full(256, -3.0, np.float32),
                   np.where(np.arange(256) % 2, 1.0, -1.0).astype(np.float32), np.zeros(256, np.float32),
                   np.full(256, 1e-30, np.float32)])

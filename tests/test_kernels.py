@@ -91,9 +91,10 @@ def test_matvec_batch_rows_equal_matvec(name):
         np.testing.assert_array_equal(acc, np.float32(1) + got)
 
 # Repacked bytes per weight vs ggml's (the RSS bound after load: file + KV cache + 15 %). The legacy types keep
-# ggml's exact size (codes + half scales); K-quants add ~0.25 bit (Q4_K) / ~2 bits (Q6_K, one byte per 6-bit code).
+# ggml's exact size (codes + half scales); K-quants add ~0.25 bit (Q4_K) / ~0.06 bit (Q6_K: 6-bit codes in U6,
+# the super-block scale as float32).
 _MAX_SIZE_RATIO = {"q4_0": 1.0, "q4_1": 1.0, "q8_0": 1.0, "q5_0": 1.55, "q5_1": 1.51, "iq4_nl": 1.9,
-                   "q4_k": 1.06, "q5_k": 1.7, "q6_k": 1.32}
+                   "q4_k": 1.06, "q5_k": 1.7, "q6_k": 1.01}
 
 
 @pytest.mark.parametrize("name", list(_MAX_SIZE_RATIO))
@@ -162,7 +163,7 @@ def test_quads_and_byte_rows_give_the_same_bits(name):
         outs = []
         for pm in (quads, byte_rows):
             y = np.zeros((3, rows), np.float32)
-            args = (pm.codes, pm.family == "u4", *_scale_args(pm), pm.zero)
+            args = (pm.codes, pm.code_kind, *_scale_args(pm), pm.zero)
             if kernel is gemv._gemv:
                 for i in range(3):
                     kernel(*args, X[i], y[i], False)
@@ -174,3 +175,80 @@ def test_quads_and_byte_rows_give_the_same_bits(name):
     picks = [0, 63, 64, 149]
     np.testing.assert_array_equal(dequantize_rows(quads, picks), dequantize_rows(byte_rows, picks))
     np.testing.assert_array_equal(matvec(quads, X[0]).view(np.uint32), matvec(byte_rows, X[0]).view(np.uint32))
+
+
+def test_six_bit_layout():
+    """repack.py's U6 bytes, bit by bit as its doc says (byte j < 8: code j low nibble, code j + 8 high; byte 8 + i:
+    bits 4-5 of code 4g + i at bits 2g), and back."""
+    from llmrun.kernels.repack import pack_six_bit, six_bit_codes
+    rng = np.random.default_rng(3)
+    q = rng.integers(0, 64, (50, 16)).astype(np.uint8)
+    q[0] = np.arange(16) * 4 + 3   # every code value somewhere
+    q[1] = 63 - q[0]
+    b = pack_six_bit(q)
+    assert b.shape == (50, 12) and b.dtype == np.uint8
+    for j in range(16):
+        nib = (b[:, j % 8] >> (4 * (j // 8))) & 15
+        hb = (b[:, 8 + j % 4] >> (2 * (j // 4))) & 3
+        np.testing.assert_array_equal(nib | (hb << 4), q[:, j])
+    np.testing.assert_array_equal(six_bit_codes(b), q)
+
+
+def _q6_k_as_i8(raw, cols, quads):
+    """The same Q6_K rows packed as before U6: family I8, one byte per code 0..63 (zero point 32), tiled like the
+    U6 matrix: the layout whose kernels the U6 ones must reproduce bit for bit."""
+    from llmrun.kernels import repack
+    fam, codes, d, m, bs, zero = repack._unpack(raw, cols, int(gguf.GGMLQuantizationType.Q6_K))
+    assert fam == repack.U6
+    n_pad = -(-raw.shape[0] // repack.TILE_ROWS) * repack.TILE_ROWS
+    return repack.PackedMatrix(repack.I8, raw.shape[0], cols,
+                               repack._tile_codes(repack.six_bit_codes(codes), n_pad, quads),
+                               repack._tile_any(d, n_pad), None, bs, zero=zero,
+                               src_type=int(gguf.GGMLQuantizationType.Q6_K))
+
+
+@pytest.mark.parametrize("quads", [True, False])
+def test_q6_k_six_bit_codes_give_i8_bits_on_every_path(quads):
+    """Q6_K held as U6 (12 bytes per 16 codes) gives, on every product path, exactly the bits of the same codes
+    held one per byte (I8): decode (VNNI or portable, both layouts), batched decode (T = 2..9), both prefill paths,
+    the widening kernel's float32 weights (equal to gguf-py's dequantization) and embedding rows."""
+    from llmrun.kernels import gemm_blas, gemv, qmatmul
+    from llmrun.kernels.blocks import _scale_args
+    rng = np.random.default_rng(23)
+    rows, cols = 150, 768   # a partial last tile, three super-blocks
+    raw, qt = _random_rows(rng, "q6_k", rows, cols)
+    u6 = pack_matrix(raw, int(qt), cols, quads=quads)
+    i8 = _q6_k_as_i8(raw, cols, quads)
+    assert u6.family == "u6" and i8.family == "i8"
+    assert u6.codes.nbytes * 4 == i8.codes.nbytes * 3
+    X = (rng.standard_normal((9, cols)) * np.exp(rng.uniform(-3, 3, (9, cols)))).astype(np.float32)
+    X[0, :16] = 0   # a zero block
+
+    def same(a, b):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
+
+    for i in range(3):
+        same(matvec(u6, X[i]), matvec(i8, X[i]))
+    for T in range(2, 10):
+        same(matvec_batch(u6, X[:T]), matvec_batch(i8, X[:T]))
+    for kernel in (gemv._gemv, gemv._gemv_batch):   # the portable kernels, also where VNNI ones run
+        ys = []
+        for pm in (u6, i8):
+            y = np.zeros((4, rows), np.float32)
+            args = (pm.codes, pm.code_kind, *_scale_args(pm), pm.zero)
+            if kernel is gemv._gemv:
+                kernel(*args, X[1], y[0], False)
+            else:
+                kernel(*args, X[:4], y, False)
+            ys.append(y)
+        same(*ys)
+    same(_matmul_widened(u6, X), _matmul_widened(i8, X))
+    if VNNI and quads:
+        same(_matmul_vnni(u6, X), _matmul_vnni(i8, X))
+    ref = gguf.quants.dequantize(raw, qt).reshape(rows, cols)
+    w = np.empty((3, cols, 64), np.float32)
+    gemm_blas._widen(u6.codes, u6.code_kind, *_scale_args(u6), u6.zero, 0, 3, w)
+    np.testing.assert_array_equal(w.transpose(0, 2, 1).reshape(-1, cols)[:rows], ref)   # (values: -0 == 0)
+    picks = [0, 1, 63, 64, 149]
+    np.testing.assert_array_equal(dequantize_rows(u6, picks), ref[picks])
+    same(dequantize_rows(u6, picks), dequantize_rows(i8, picks))

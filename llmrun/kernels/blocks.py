@@ -1,4 +1,5 @@
-"""What every U4/I8 product kernel shares: the block scales, the activations' int16 quantization, the epilogue.
+"""What every U4/U6/I8 product kernel shares: the block scales, the activations' int16 quantization, the epilogue,
+the staging of codes (quads to byte rows, U6's planes to codes 0..63).
 
 The product kernels (gemv.py, gemv_vnni.py, gemm_vnni.py, gemm_blas.py, qmatmul.py's batched decode) differ in
 how they form a block's integer dot products; what they read besides the codes and how a block's sums become
@@ -14,7 +15,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .repack import TILE_ROWS, PackedMatrix
+from .repack import KIND_U4, KIND_U6, TILE_ROWS, PackedMatrix
 from .strict import fma_ir
 
 R = TILE_ROWS
@@ -48,7 +49,7 @@ def _prefetch(typingctx, arr, idx):
 # ---------------------------------------------------------------------------------------- code rows
 @intrinsic
 def _quad_rows(typingctx, rows, flat, off, j0):
-    """Byte row j0 + i of `rows` (uint8 [1, 1, 32, R], repack.py's byte rows) = byte i of each row of the quad at
+    """Byte row j0 + i of `rows` (uint8 [.., 32, R], repack.py's byte rows) = byte i of each row of the quad at
     flat[off:off + 4R] (repack.py's quads), i < 4: the byte rows the portable kernels' loops vectorize over. A
     stride-4 shuffle of generic LLVM vectors, lowered for any ISA; the same loops reading the quads' interleaved
     bytes directly did not vectorize (4-8x slower)."""
@@ -79,12 +80,93 @@ def _byte_rows(codes):
 
 @njit(inline="always")
 def _code_rows(rows, codes, t, b):
-    """rows (uint8 [1, 1, 32, R]) = the byte rows of block b of tile t, from codes in repack.py's quads."""
+    """rows (uint8 [.., 32, R], its first 32 rows) = the byte rows of block b of tile t, from codes in repack.py's
+    quads."""
     n_quads = codes.shape[2]
     flat = codes.reshape(-1)
     base = (t * codes.shape[1] + b) * n_quads * 4 * R
     for g in range(n_quads):
         _quad_rows(rows, flat, base + g * 4 * R, 4 * g)
+
+
+# ---------------------------------------------------------------------------------------- 6-bit codes
+def six_bit_codes_ir(builder, nib, plane, high, g):
+    """One vector of U6 codes 0..63 (repack.py): the low or `high` nibbles of the byte vector `nib`, with bits 4-5
+    taken from bits 2g..2g+1 of each byte of `plane`. Shifts are of 32-bit lanes (any byte vector of a multiple of
+    4 bytes: x86 has no byte shifts), exact per byte because each is masked to bits that did not cross a byte.
+    In quads (16 rows x 4 bytes a vector), code vector k (codes 4k..4k+3) is nibble quad k % 2, high = k >= 2,
+    g = k, plane = quad 2; in byte rows (one byte of R rows), code j < 8 is nibble row j, plane row 8 + j % 4,
+    g = j // 4, and code j + 8 the same with high and g + 2."""
+    vb = nib.type
+    vi = ir.VectorType(ir.IntType(32), vb.count // 4)
+
+    def shift(v, n):   # n > 0: left, n < 0: right
+        w = builder.bitcast(v, vi)
+        w = builder.shl(w, ir.Constant(vi, [n] * vi.count)) if n > 0 else \
+            builder.lshr(w, ir.Constant(vi, [-n] * vi.count)) if n < 0 else w
+        return builder.bitcast(w, vb)
+
+    lo = builder.and_(shift(nib, -4) if high else nib, ir.Constant(vb, [0x0F] * vb.count))
+    return builder.or_(lo, builder.and_(shift(plane, 4 - 2 * g), ir.Constant(vb, [0x30] * vb.count)))
+
+
+@intrinsic
+def _six_bit_rows(typingctx, dst, src, off, doff):
+    """dst's rows j < 16 from element doff of its data (uint8 [.., 32, R]) = code j (0..63) of R rows of a U6 block
+    whose 12 byte rows start at element off of src's data (the matrix's byte rows, or dst itself after _code_rows:
+    no row is read after it is overwritten). Generic LLVM vectors, lowered for any ISA (numba loops on uint8 widen
+    to int64)."""
+    sig = types.void(dst, src, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        dp = context.make_array(signature.args[0])(context, builder, args[0]).data
+        dp = builder.gep(dp, [args[3]])
+        sp = context.make_array(signature.args[1])(context, builder, args[1]).data
+        vb, i64 = ir.VectorType(ir.IntType(8), R), ir.IntType(64)
+
+        def row(base, j, off):
+            return builder.bitcast(builder.gep(base, [builder.add(off, ir.Constant(i64, j * R))]), vb.as_pointer())
+
+        zero = ir.Constant(i64, 0)
+        for i in range(4):   # plane row i: codes i, i + 4, i + 8, i + 12 (3 rows live, none read after it is stored)
+            lo, hi, plane = (builder.load(row(sp, j, args[2]), align=1) for j in (i, i + 4, 8 + i))
+            for g, nib in enumerate((lo, hi, lo, hi)):
+                builder.store(six_bit_codes_ir(builder, nib, plane, g >= 2, g), row(dp, i + 4 * g, zero), align=1)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@njit(inline="always")
+def _block_size(kind, n_lines):
+    """Weights per block of a tiled matrix whose blocks hold n_lines bytes of each row."""
+    return 32 if kind == KIND_U4 else 16 if kind == KIND_U6 else n_lines
+
+
+@njit(inline="always")
+def _block_rows(rows, codes, byte_rows, t, b, kind):
+    """(src, tile, block): where the portable loops read block b of tile t as byte rows (src [tiles, nblk, lines,
+    R]): the matrix's own byte rows, or staged in `rows` (uint8 [2, 1, 32, R]) from quads (_code_rows) and, for U6,
+    as I8 byte rows of codes 0..63 (_six_bit_rows): one row per code, so the I8 loops read them. Called for
+    b = 0, 1, .. of a tile in order: U6 byte rows are staged one block ahead, into the other half of `rows`, so that
+    the loops do not read the rows just stored (one-token decode on an AVX2 target: 1.12 -> 1.06x the time of the
+    I8 layout's)."""
+    quads = codes.shape[4] == 4
+    zero = np.intp(0)   # (np.intp throughout: a parfor's index may be unsigned, and uint64 | int64 types as float)
+    if quads:
+        _code_rows(rows, codes, t, b)
+    if kind == KIND_U6:
+        if quads:
+            _six_bit_rows(rows, rows, 0, 0)
+            return rows, zero, zero
+        first = (np.intp(t) * byte_rows.shape[1]) * byte_rows.shape[2] * R
+        if b == 0:
+            _six_bit_rows(rows, byte_rows, first, 0)
+        if b + 1 < byte_rows.shape[1]:
+            _six_bit_rows(rows, byte_rows, first + (b + 1) * byte_rows.shape[2] * R, ((b + 1) & 1) * 32 * R)
+        return rows, np.intp(b & 1), zero
+    if quads:
+        return rows, zero, zero
+    return byte_rows, np.intp(t), np.intp(b)
 
 
 # ---------------------------------------------------------------------------------------- block scales
@@ -249,7 +331,7 @@ def _scale_args(pm: PackedMatrix):
 
 
 # ---------------------------------------------------------------------------------------- activations
-# Every U4/I8 product quantizes the activations to int16 with one float scale per
+# Every tiled product quantizes the activations to int16 with one float scale per
 # weight block (|error| <= 1.5e-5 of the block's largest value: ~250x finer than ggml's int8 Q8 activations),
 # so the inner loop is integer multiply-adds on codes widened straight from memory.
 ACT_MAX = np.float32(32767.0)

@@ -1,6 +1,6 @@
 """Prefill products through BLAS: weights widened to float32 chunk by chunk, then sgemm.
 
-The path for the float families (F16/BF16) and, on hosts without AVX-512 VNNI, for U4/I8 tiles. The activations
+The path for the float families (F16/BF16) and, on hosts without AVX-512 VNNI, for the tiled families. The activations
 stay float32, so prefill and decode agree within float32 rounding here, not bit for bit (docs/kernels.md).
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 from numba import njit, prange
 
 from ..runtime import limit_blas_threads
-from .blocks import F16_TO_F32, R, _byte_rows, _code_rows, _load_scales_scalar, _scale_args
-from .repack import U4, I8, PackedMatrix
+from .blocks import F16_TO_F32, R, _block_rows, _block_size, _byte_rows, _load_scales_scalar, _scale_args
+from .repack import KIND_U4, TILED, PackedMatrix
 
 # Many tokens: compute-bound, so a chunk of rows is widened to float32 (a bounded scratch, never the
 # whole matrix) and multiplied with the float32 activations by BLAS sgemm (~3x our best Numba FMA loop).
@@ -21,26 +21,23 @@ CHUNK_FLOATS = 1 << 20      # widened weights per chunk (4 MiB)
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)   # nogil: prefill runs it from several threads
-def _widen(codes, nibbles, d, m, two_level, has_m, zero, t0, t1, out):
-    """U4 (nibbles) or I8 tiles t0..t1 -> float32 out[t - t0, col, r] (each tile's W.T, contiguous: sequential
-    writes)."""
-    nblk, n_lines = codes.shape[1], codes.shape[2] * codes.shape[4]   # bytes of a block's row (repack.py)
-    quads = codes.shape[4] == 4
+def _widen(codes, kind, d, m, two_level, has_m, zero, t0, t1, out):
+    """Tiles t0..t1 (any code kind, repack.KIND_*) -> float32 out[t - t0, col, r] (each tile's W.T, contiguous:
+    sequential writes)."""
+    nblk = codes.shape[1]
+    bs = _block_size(kind, codes.shape[2] * codes.shape[4])
     byte_rows = _byte_rows(codes)
     zf = np.float32(zero)
     for t in prange(t0, t1):
         dv = np.empty(R, np.float32)
         mv = np.zeros(R, np.float32)
-        rows = np.empty((1, 1, 32, R), np.uint8)
+        rows = np.empty((2, 1, 32, R), np.uint8)   # (blocks._block_rows)
         for b in range(nblk):
-            src, st, sb = byte_rows, t, b
-            if quads:   # staged as byte rows (blocks._code_rows)
-                _code_rows(rows, codes, t, b)
-                src, st, sb = rows, 0, 0
+            src, st, sb = _block_rows(rows, codes, byte_rows, t, b, kind)   # I8 byte rows unless U4
             _load_scales_scalar(d, two_level, t, b, dv)
             if has_m:
                 _load_scales_scalar(m, two_level, t, b, mv)
-            if nibbles:   # byte j: weights j (low nibble) and j + 16 (high)
+            if kind == KIND_U4:   # byte j: weights j (low nibble) and j + 16 (high)
                 for j in range(16):
                     for r in range(R):
                         v = src[st, sb, j, r]
@@ -48,9 +45,9 @@ def _widen(codes, nibbles, d, m, two_level, has_m, zero, t0, t1, out):
                         out[t - t0, b * 32 + j, r] = (np.float32(np.uint8(v & 15)) - zf) * dv[r] + mv[r]
                         out[t - t0, b * 32 + j + 16, r] = (np.float32(np.uint8(v >> 4)) - zf) * dv[r] + mv[r]
             else:
-                for j in range(n_lines):
+                for j in range(bs):
                     for r in range(R):
-                        out[t - t0, b * n_lines + j, r] = (np.float32(src[st, sb, j, r]) - zf) * dv[r] + mv[r]
+                        out[t - t0, b * bs + j, r] = (np.float32(src[st, sb, j, r]) - zf) * dv[r] + mv[r]
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)   # nogil: prefill runs it from several threads
@@ -86,12 +83,12 @@ def _workers(n: int) -> ThreadPoolExecutor:
 
 
 def _matmul_widened(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
-    """Prefill product: chunks of rows (H16) or of tiles (U4/I8) are widened to float32 and multiplied by
+    """Prefill product: chunks of rows (H16) or of tiles (tiled families) are widened to float32 and multiplied by
     single-threaded BLAS; with several threads, the chunks are shared out to that many Python threads
     (BLAS and the widening kernels release the GIL)."""
     T, K = X.shape
     limit_blas_threads()
-    tiled = pm.family in (U4, I8)
+    tiled = pm.family in TILED
     if tiled:
         d, m, two_level, has_m = _scale_args(pm)
     n_units = pm.codes.shape[0] if tiled else pm.n_rows           # tiles or rows
@@ -111,7 +108,7 @@ def _matmul_widened(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
             for t0 in chunk_starts:
                 t1 = min(n_units, t0 + step)
                 n = t1 - t0
-                _widen(pm.codes, pm.family == U4, d, m, two_level, has_m, pm.zero, t0, t1, buf)
+                _widen(pm.codes, pm.code_kind, d, m, two_level, has_m, pm.zero, t0, t1, buf)
                 np.matmul(X, buf[:n], out=part[:n])
                 Y[:, t0 * R:t1 * R].reshape(T, n, R)[:] = part[:n].transpose(1, 0, 2)
         else:

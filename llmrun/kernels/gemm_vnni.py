@@ -1,4 +1,4 @@
-"""Prefill products (many tokens) on AVX-512 VNNI hosts: an integer GEMM over U4/I8 tiles (vpdpwssd, LLVM IR).
+"""Prefill products (many tokens) on AVX-512 VNNI hosts: an integer GEMM over U4/U6/I8 tiles (vpdpwssd, LLVM IR).
 
 Activations are quantized to int16 per weight block as for decode (blocks.py), and each block's sums are scaled
 by the same epilogue (blocks._epilogue_ir), so prefill gives decode's bits (docs/kernels.md, "Batch invariance").
@@ -11,10 +11,11 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .blocks import R, _epilogue_ir, _load_scales_scalar, _quantize_activations, _scale_args, _splat_ir
-from .repack import U4, PackedMatrix
+from .blocks import (R, _epilogue_ir, _load_scales_scalar, _quantize_activations, _scale_args, _splat_ir,
+                     six_bit_codes_ir)
+from .repack import KIND_I8, KIND_U4, KIND_U6, PackedMatrix
 
-# Many tokens through U4/I8 tiles: an integer GEMM. Activations are quantized per weight block to int16 (as for
+# Many tokens through tiled codes: an integer GEMM. Activations are quantized per weight block to int16 (as for
 # decode: ~250x finer than ggml's int8 activations), codes minus their zero point are unpacked once per
 # (tile, block) into int16 pairs, and a micro-kernel written in LLVM IR (vpdpwssd: AVX-512 VNNI, 32 int16
 # products per instruction) keeps TOKENS_PER_CALL x TILE_ROWS int32 sums in 24 zmm registers, so each weight
@@ -77,12 +78,13 @@ _block_fma_32 = _make_block_fma(16)   # 32-weight blocks: 16 pairs
 _block_fma_16 = _make_block_fma(8)    # 16-weight blocks (Q6_K, Q3_K, Q2_K)
 
 
-def _make_pairs(nibbles: bool, n_quads: int):
+def _make_pairs(kind: int, n_quads: int):
     """An intrinsic writing one block's weights as the micro-kernel's int16 pairs: wp[p * R + r] = weights
     (2p, 2p + 1) of row r, zero point removed, in one int32 word. From repack.py's quads (flat codes[cbase:],
     one 64-byte vector = bytes 4g..4g+3 of 16 rows): bytes widened to int16 in place, so each row's 64 bits
     hold pairs 2g and 2g + 1, which one two-source dword permute per pair separates (U4: the low nibbles give
-    pairs 2g, 2g + 1, the high nibbles 8 + 2g, 9 + 2g). A numba loop over the quads' interleaved bytes did not
+    pairs 2g, 2g + 1, the high nibbles 8 + 2g, 9 + 2g; U6: code vector k, rebuilt from the 3 quads as
+    blocks.six_bit_codes_ir says, gives pairs 2k, 2k + 1). A numba loop over the quads' interleaved bytes did not
     vectorize (7x slower than over the byte rows of the layout before)."""
     i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
     vb, vh, vi = ir.VectorType(i8, 64), ir.VectorType(i16, 32), ir.VectorType(i32, 16)
@@ -114,11 +116,20 @@ def _make_pairs(nibbles: bool, n_quads: int):
                 store(p0, q, builder.shuffle_vector(a, b, even))
                 store(p0 + 1, q, builder.shuffle_vector(a, b, odd))
 
+            def load(g, q):
+                off = builder.add(args[2], ir.Constant(ir.IntType(64), (g * R + 16 * q) * 4))
+                return builder.load(builder.bitcast(builder.gep(cp, [off]), vb.as_pointer()), align=1)
+
+            if kind == KIND_U6:
+                for q in range(R // 16):
+                    w = [load(g, q) for g in range(3)]
+                    for k in range(4):
+                        split(six_bit_codes_ir(builder, w[k % 2], w[2], k >= 2, k), 2 * k, q)
+                return context.get_dummy_value()
             for g in range(n_quads):
                 for q in range(R // 16):
-                    off = builder.add(args[2], ir.Constant(ir.IntType(64), (g * R + 16 * q) * 4))
-                    v = builder.load(builder.bitcast(builder.gep(cp, [off]), vb.as_pointer()), align=1)
-                    if nibbles:
+                    v = load(g, q)
+                    if kind == KIND_U4:
                         split(builder.and_(v, nib), 2 * g, q)
                         high = builder.bitcast(builder.lshr(builder.bitcast(v, vi), ir.Constant(vi, [4] * 16)), vb)
                         split(builder.and_(high, nib), 8 + 2 * g, q)
@@ -129,7 +140,8 @@ def _make_pairs(nibbles: bool, n_quads: int):
     return pairs
 
 
-_pairs_u4, _pairs_i8_32, _pairs_i8_16 = _make_pairs(True, 4), _make_pairs(False, 8), _make_pairs(False, 4)
+_pairs_u4, _pairs_u6 = _make_pairs(KIND_U4, 4), _make_pairs(KIND_U6, 3)
+_pairs_i8_32, _pairs_i8_16 = _make_pairs(KIND_I8, 8), _make_pairs(KIND_I8, 4)
 
 
 @njit(fastmath=True, cache=True)
@@ -150,11 +162,11 @@ def _quantize_token_blocks(X, bs, xq, xd, xsum):
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
-def _igemm(codes, nibbles, d, m, two_level, has_m, zero, xp, xd, xsum, Y):
-    """Y[T, tiles*R] = X @ W.T for U4 (nibbles) or I8 tiles; xp = X's int16 codes as pairs (int32 words)
+def _igemm(codes, kind, d, m, two_level, has_m, zero, xp, xd, xsum, Y):
+    """Y[T, tiles*R] = X @ W.T for tiles of any code kind (repack.KIND_*); xp = X's int16 codes as pairs (int32 words)
     [Tp, K/2], Tp a multiple of TOKENS_PER_CALL (padding tokens zero); xd, xsum [Tp, K/bs]."""
     n_tiles, nblk, n_quads = codes.shape[0], codes.shape[1], codes.shape[2]
-    n_pairs = 16 if nibbles else 2 * n_quads
+    n_pairs = 16 if kind == KIND_U4 else 8 if kind == KIND_U6 else 2 * n_quads
     T, Tp, xs = Y.shape[0], xp.shape[0], xp.shape[1]
     xflat, xdf, xsf = xp.reshape(-1), xd.reshape(-1), xsum.reshape(-1)
     z = np.int32(zero)
@@ -166,8 +178,10 @@ def _igemm(codes, nibbles, d, m, two_level, has_m, zero, xp, xd, xsum, Y):
         mv = np.zeros(R, np.float32)
         for b in range(nblk):
             cbase = (t * nblk + b) * n_quads * R * 4
-            if nibbles:
+            if kind == KIND_U4:
                 _pairs_u4(wp, flat, cbase, z)
+            elif kind == KIND_U6:
+                _pairs_u6(wp, flat, cbase, z)
             elif n_quads == 8:
                 _pairs_i8_32(wp, flat, cbase, z)
             else:
@@ -188,7 +202,7 @@ def _igemm(codes, nibbles, d, m, two_level, has_m, zero, xp, xd, xsum, Y):
 
 
 def _matmul_vnni(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
-    """Prefill product through the VNNI integer GEMM (U4/I8 tiles)."""
+    """Prefill product through the VNNI integer GEMM (tiled families)."""
     T, K = X.shape
     bs = pm.bs
     Tp = -(-T // TOKENS_PER_CALL) * TOKENS_PER_CALL
@@ -197,5 +211,5 @@ def _matmul_vnni(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
     xsum = np.empty((Tp, K // bs), np.float32)
     _quantize_token_blocks(X, bs, xq, xd, xsum)
     Y = np.empty((T, pm.codes.shape[0] * R), np.float32)
-    _igemm(pm.codes, pm.family == U4, *_scale_args(pm), pm.zero, xq.view(np.int32), xd, xsum, Y)
+    _igemm(pm.codes, pm.code_kind, *_scale_args(pm), pm.zero, xq.view(np.int32), xd, xsum, Y)
     return Y[:, :pm.n_rows]

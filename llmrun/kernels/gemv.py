@@ -1,7 +1,8 @@
-"""One-token products (decode) and several decode tokens at once, portable Numba: U4, I8 and H16 weights.
+"""One-token products (decode) and several decode tokens at once, portable Numba: U4, U6, I8 and H16 weights.
 
 U4/I8: codes are consumed straight from memory and multiplied with the int16 activations (blocks.py) in
-integer arithmetic, per-block partial sums finished by blocks._add_block. On AVX-512 VNNI hosts the one-token
+integer arithmetic, per-block partial sums finished by blocks._add_block; U6 blocks are first staged as I8 byte
+rows of codes 0..63 (blocks._block_rows: the same integers). On AVX-512 VNNI hosts the one-token
 product runs in gemv_vnni.py and the batched one in qmatmul.py instead, on the same integers (bit-identical).
 H16: each row converted to float32 in a small buffer and dotted in float32.
 """
@@ -10,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .blocks import (PREFETCH_LINES, R, _add_block, _byte_rows, _code_rows, _finish_tile, _prefetch,
+from .blocks import (PREFETCH_LINES, R, _add_block, _block_rows, _block_size, _byte_rows, _finish_tile, _prefetch,
                      _quantize_activations)
+from .repack import KIND_U4
 
 
 @njit(inline="always", fastmath=True)
@@ -25,8 +27,8 @@ def _prefetch_block(flat, first, n_lines, last):
 @njit(inline="always", fastmath=True)
 def _block_sums(s, src, st, sb, xq, c0, nibbles, n_lines):
     """s[r] = the integer dot of block sb of tile st, row r, with the int16 activations xq[c0:c0 + block]; src:
-    byte rows [tiles, nblk, bytes, R] (repack.py), the matrix's own or one block staged from quads
-    (blocks._code_rows)."""
+    byte rows [tiles, nblk, bytes, R] (repack.py), the matrix's own or one block staged (blocks._block_rows);
+    nibbles: U4 codes, else n_lines I8 codes (one byte row each)."""
     s[:] = 0
     if nibbles:   # byte j: weights j (low nibble) and j + 16 (high)
         for j in range(0, 16, 2):   # two bytes (four products) per step: fewer passes over s
@@ -55,10 +57,11 @@ def _block_sums(s, src, st, sb, xq, c0, nibbles, n_lines):
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv(codes, nibbles, d, m, two_level, has_m, zero, x, y, accumulate):
-    """y[:n] (=|+=) W x for U4 (nibbles) or I8 tiles; y has exactly n_rows entries."""
+def _gemv(codes, kind, d, m, two_level, has_m, zero, x, y, accumulate):
+    """y[:n] (=|+=) W x for tiles of any code kind (repack.KIND_*); y has exactly n_rows entries."""
     n_tiles, nblk, n_lines = codes.shape[0], codes.shape[1], codes.shape[2] * codes.shape[4]   # bytes a row-block
-    bs = 32 if nibbles else n_lines
+    bs = _block_size(kind, n_lines)
+    nibbles = kind == KIND_U4
     xq = np.empty(x.shape[0], np.int16)
     xd = np.empty(nblk, np.float32)
     xsum = np.empty(nblk, np.float32)
@@ -66,21 +69,17 @@ def _gemv(codes, nibbles, d, m, two_level, has_m, zero, x, y, accumulate):
     _quantize_activations(x, bs, xq, xd, xsum, xqsum)
     flat = codes.reshape(-1)
     last = flat.shape[0] - 1
-    quads = codes.shape[4] == 4
     byte_rows = _byte_rows(codes)
     for t in prange(n_tiles):
         acc = np.zeros(R, np.float32)
         s = np.empty(R, np.int32)
-        rows = np.empty((1, 1, 32, R), np.uint8)
+        rows = np.empty((2, 1, 32, R), np.uint8)   # (blocks._block_rows)
         dv = np.empty(R, np.float32)
         mv = np.empty(R, np.float32)
         for b in range(nblk):
             _prefetch_block(flat, (t * nblk + b) * n_lines * R, n_lines, last)
-            if quads:
-                _code_rows(rows, codes, t, b)
-                _block_sums(s, rows, 0, 0, xq, b * bs, nibbles, n_lines)
-            else:
-                _block_sums(s, byte_rows, t, b, xq, b * bs, nibbles, n_lines)
+            src, st, sb = _block_rows(rows, codes, byte_rows, t, b, kind)
+            _block_sums(s, src, st, sb, xq, b * bs, nibbles, bs)
             _add_block(acc, s, t, b, d, m, two_level, has_m, zero, xd, xsum, xqsum, dv, mv)
         _finish_tile(acc, y, t, y.shape[0], accumulate)
 
@@ -90,11 +89,12 @@ def _gemv(codes, nibbles, d, m, two_level, has_m, zero, x, y, accumulate):
 # in the same order with the same float steps as in the one-token kernel above, so each row of the result is
 # bit-identical to that token's matvec: a sequence decodes the same whether or not others run beside it.
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_batch(codes, nibbles, d, m, two_level, has_m, zero, X, Y, accumulate):
-    """Y[i, :n] (=|+=) W X[i] for U4 (nibbles) or I8 tiles, each i exactly as _gemv."""
+def _gemv_batch(codes, kind, d, m, two_level, has_m, zero, X, Y, accumulate):
+    """Y[i, :n] (=|+=) W X[i] for tiles of any code kind, each i exactly as _gemv."""
     n_tok = X.shape[0]
     n_tiles, nblk, n_lines = codes.shape[0], codes.shape[1], codes.shape[2] * codes.shape[4]   # bytes a row-block
-    bs = 32 if nibbles else n_lines
+    bs = _block_size(kind, n_lines)
+    nibbles = kind == KIND_U4
     xq = np.empty((n_tok, X.shape[1]), np.int16)
     xd = np.empty((n_tok, nblk), np.float32)
     xsum = np.empty((n_tok, nblk), np.float32)
@@ -103,23 +103,18 @@ def _gemv_batch(codes, nibbles, d, m, two_level, has_m, zero, X, Y, accumulate):
         _quantize_activations(X[i], bs, xq[i], xd[i], xsum[i], xqsum[i])
     flat = codes.reshape(-1)
     last = flat.shape[0] - 1
-    quads = codes.shape[4] == 4
     byte_rows = _byte_rows(codes)
     for t in prange(n_tiles):
         acc = np.zeros((n_tok, R), np.float32)
         s = np.empty(R, np.int32)
-        rows = np.empty((1, 1, 32, R), np.uint8)
+        rows = np.empty((2, 1, 32, R), np.uint8)   # (blocks._block_rows)
         dv = np.empty(R, np.float32)
         mv = np.empty(R, np.float32)
         for b in range(nblk):
             _prefetch_block(flat, (t * nblk + b) * n_lines * R, n_lines, last)
-            if quads:
-                _code_rows(rows, codes, t, b)   # (<= 2 KiB: stays in L1 for the other tokens)
+            src, st, sb = _block_rows(rows, codes, byte_rows, t, b, kind)   # (<= 2 KiB: in L1 for every token)
             for i in range(n_tok):
-                if quads:
-                    _block_sums(s, rows, 0, 0, xq[i], b * bs, nibbles, n_lines)
-                else:
-                    _block_sums(s, byte_rows, t, b, xq[i], b * bs, nibbles, n_lines)
+                _block_sums(s, src, st, sb, xq[i], b * bs, nibbles, bs)
                 _add_block(acc[i], s, t, b, d, m, two_level, has_m, zero, xd[i], xsum[i], xqsum[i], dv, mv)
         for i in range(n_tok):
             _finish_tile(acc[i], Y[i], t, Y.shape[1], accumulate)

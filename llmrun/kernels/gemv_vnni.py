@@ -6,7 +6,8 @@ with an int16 activation: ~10 instructions per 64 products, bound by instruction
 products per instruction, but on bytes. The int16 activation codes x (exactly blocks._quantize_activations')
 are therefore split into two bytes, x = 256*xh + xl with xh = x >> 8 (signed) and xl = x & 255 (unsigned):
 
-  U4 codes c in 0..15 (valid as u8 and as s8):  sum c*x = 256 * dpbusd(u8 c, s8 xh) + dpbusd(u8 xl, s8 c)
+  U4 codes c in 0..15 and U6 codes in 0..63 (valid as u8 and as s8):
+      sum c*x = 256 * dpbusd(u8 c, s8 xh) + dpbusd(u8 xl, s8 c)
   I8 codes c in 0..255 (u8; c - 128 = c ^ 0x80 is an s8):
       sum c*x = 256 * dpbusd(u8 c, s8 xh) + dpbusd(u8 xl, s8 c ^ 0x80) + 128 * sum xl
 
@@ -14,7 +15,8 @@ Exact integers: each block's int32 sums are the same integers the portable kerne
 float epilogue (blocks._epilogue_ir, as blocks._add_block runs it) adds them to the tile's rows inside the
 micro-kernel, so every output is bit-identical to gemv.py's (tested).
 
-The codes are in repack.py's quads: one 64-byte load is bytes 4k..4k+3 of 16 rows, exactly vpdpbusd's operand.
+The codes are in repack.py's quads: one 64-byte load is bytes 4k..4k+3 of 16 rows, exactly vpdpbusd's operand
+(U4: after a nibble mask; U6: rebuilt from the nibble and 2-bit planes, blocks.six_bit_codes_ir).
 (Byte rows, one byte of 64 rows per load, needed 8 byte/word unpacks per 4 loads and a reordering of the sums
 per block: docs/kernels.md, "Scales in registers, codes in quads".)
 """
@@ -26,8 +28,9 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .blocks import (PREFETCH_LINES, R, _epilogue_ir, _finish_tile, _load_scales, _prefetch, _prefetch_scales,
-                     _quantize_activations, _scale_lines, _splat_ir)
+from .blocks import (PREFETCH_LINES, R, _block_size, _epilogue_ir, _finish_tile, _load_scales, _prefetch,
+                     _prefetch_scales, _quantize_activations, _scale_lines, _splat_ir, six_bit_codes_ir)
+from .repack import KIND_I8, KIND_U4, KIND_U6
 
 USABLE = R == 64   # the micro-kernels hold one tile's 64 rows in 4 zmm registers of 16 int32 lanes
 
@@ -47,9 +50,10 @@ def _shuffle(builder, a, b, mask):
     return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32, len(mask)), mask))
 
 
-def _make_block_dots(nibbles: bool, n_rows: int):
-    """An intrinsic adding one block to a tile's 64 float rows: the integer sums s[r] = sum over the block of
-    codes(row r) * x for the block at flat codes[cbase:] (n_rows bytes of 64 rows, in quads), then
+def _make_block_dots(kind: int, n_rows: int):
+    """An intrinsic adding one block of code kind `kind` (repack.KIND_*) to a tile's 64 float rows: the integer
+    sums s[r] = sum over the block of codes(row r) * x for the block at flat codes[cbase:] (n_rows bytes of 64
+    rows, in quads), then
     acc[r] = the epilogue (blocks._epilogue_ir) of s[r] - zero * sum(xq) with the block's scales dv / offsets mv
     [R], dx = the activations' block scale and sx = their block sum: the sums never leave the registers.
     xh / xl: the activations' high (s8) and low (u8) bytes as int32 words, the block's first at xo; bias: what
@@ -57,6 +61,7 @@ def _make_block_dots(nibbles: bool, n_rows: int):
     minus zero * sum(xq); exact in int32). Without offsets mv and sx are zeros: fma(0, 0, a) = a, as acc is never
     -0, so the bits are blocks._add_block's either way."""
     groups = n_rows // 4
+    flip = kind == KIND_I8   # I8 codes go through c ^ 0x80 (module doc); U4 / U6 codes are valid s8
 
     @intrinsic
     def block_dots(typingctx, acc, codes, cbase, xh, xl, xo, bias, dv, mv, dx, sx):
@@ -82,21 +87,29 @@ def _make_block_dots(nibbles: bool, n_rows: int):
             hi_sums = [ir.Constant(_VI, [0] * 16) for _ in range(4)]   # sum c * xh
             lo_sums = [ir.Constant(_VI, [0] * 16) for _ in range(4)]   # sum c * xl (I8: minus 128 * sum xl)
             nib = builder.bitcast(_splat(0x0F0F0F0F), _VB)
-            flip = builder.bitcast(_splat(-0x7F7F7F80), _VB)            # 0x80 in every byte
-            for g in range(groups):
-                w = [quad(g, q) for q in range(4)]
-                if nibbles:   # low nibbles: weights 4g..4g+3 of the block, high nibbles: 16+4g..16+4g+3
-                    parts = [(g, [builder.and_(v, nib) for v in w]),
-                             (4 + g, [builder.and_(builder.bitcast(builder.lshr(builder.bitcast(v, _VI), _splat(4)),
-                                                                   _VB), nib) for v in w])]
-                else:
-                    parts = [(g, w)]
-                for k, codes_q in parts:
-                    xh_k, xl_k = broadcast(xhp, k), broadcast(xlp, k)
-                    for q in range(4):
-                        signed = codes_q[q] if nibbles else builder.xor(codes_q[q], flip)
-                        hi_sums[q] = builder.call(dpbusd, [hi_sums[q], codes_q[q], xh_k])
-                        lo_sums[q] = builder.call(dpbusd, [lo_sums[q], xl_k, signed])
+            x80 = builder.bitcast(_splat(-0x7F7F7F80), _VB)            # 0x80 in every byte
+
+            def code_vectors():   # (activation word k, code vectors of weights 4k..4k+3 of rows 16q.., q < 4)
+                if kind == KIND_U6:   # rebuilt from the block's 3 quads (nibbles, nibbles, 2-bit plane)
+                    w = [[quad(g, q) for g in range(3)] for q in range(4)]
+                    for k in range(4):
+                        yield k, [six_bit_codes_ir(builder, w[q][k % 2], w[q][2], k >= 2, k) for q in range(4)]
+                    return
+                for g in range(groups):
+                    w = [quad(g, q) for q in range(4)]
+                    if kind == KIND_U4:   # low nibbles: weights 4g..4g+3, high nibbles: 16+4g..16+4g+3
+                        yield g, [builder.and_(v, nib) for v in w]
+                        yield 4 + g, [builder.and_(builder.bitcast(builder.lshr(builder.bitcast(v, _VI), _splat(4)),
+                                                                   _VB), nib) for v in w]
+                    else:
+                        yield g, w
+
+            for k, codes_q in code_vectors():
+                xh_k, xl_k = broadcast(xhp, k), broadcast(xlp, k)
+                for q in range(4):
+                    signed = builder.xor(codes_q[q], x80) if flip else codes_q[q]
+                    hi_sums[q] = builder.call(dpbusd, [hi_sums[q], codes_q[q], xh_k])
+                    lo_sums[q] = builder.call(dpbusd, [lo_sums[q], xl_k, signed])
             bias_v = _splat_ir(builder, bias, _VI)
             sums = [builder.add(builder.add(builder.shl(hi_sums[q], _splat(8)), lo_sums[q]), bias_v)
                     for q in range(4)]
@@ -113,31 +126,33 @@ def _make_block_dots(nibbles: bool, n_rows: int):
     return block_dots
 
 
-_u4_dots = _make_block_dots(True, 16)
-_i8_dots32 = _make_block_dots(False, 32)
-_i8_dots16 = _make_block_dots(False, 16)
+_u4_dots = _make_block_dots(KIND_U4, 16)
+_u6_dots = _make_block_dots(KIND_U6, 12)
+_i8_dots32 = _make_block_dots(KIND_I8, 32)
+_i8_dots16 = _make_block_dots(KIND_I8, 16)
 
 
 @njit(fastmath=False)
-def _split_activations(xq, bs, nibbles, xh, xl, xl_bias):
-    """int16 codes -> high bytes xh (int8), low bytes xl (uint8); I8: 128 * each block's sum of xl."""
+def _split_activations(xq, bs, flip, xh, xl, xl_bias):
+    """int16 codes -> high bytes xh (int8), low bytes xl (uint8); flip (I8 codes): 128 * each block's sum of xl,
+    else 0."""
     for j in range(xq.shape[0]):
         v = np.int32(xq[j])
         xh[j] = np.int8(v >> 8)
         xl[j] = np.uint8(v & 255)
     for b in range(xl_bias.shape[0]):
         tot = np.int32(0)
-        if not nibbles:
+        if flip:
             for j in range(b * bs, (b + 1) * bs):
                 tot += np.int32(xl[j])
         xl_bias[b] = 128 * tot
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def _gemv_vnni(codes, nibbles, d, m, two_level, has_m, zero, x, y, accumulate):
-    """y[:n] (=|+=) W x for U4 (nibbles) or I8 tiles, bit-identical to gemv._gemv."""
+def _gemv_vnni(codes, kind, d, m, two_level, has_m, zero, x, y, accumulate):
+    """y[:n] (=|+=) W x for tiles of any code kind (repack.KIND_*), bit-identical to gemv._gemv."""
     n_tiles, nblk, n_rows = codes.shape[0], codes.shape[1], 4 * codes.shape[2]   # n_rows bytes of R rows a block
-    bs = 32 if nibbles else n_rows
+    bs = _block_size(kind, n_rows)
     K = x.shape[0]
     xq = np.empty(K, np.int16)
     xd = np.empty(nblk, np.float32)
@@ -147,7 +162,7 @@ def _gemv_vnni(codes, nibbles, d, m, two_level, has_m, zero, x, y, accumulate):
     xh8 = np.empty(K, np.int8)
     xl8 = np.empty(K, np.uint8)
     xl_bias = np.empty(nblk, np.int32)
-    _split_activations(xq, bs, nibbles, xh8, xl8, xl_bias)
+    _split_activations(xq, bs, kind == KIND_I8, xh8, xl8, xl_bias)
     xh, xl = xh8.view(np.int32), xl8.view(np.int32)
     bias = np.empty(nblk, np.int32)
     xs = np.zeros(nblk, np.float32)   # zeros without offsets (see _make_block_dots)
@@ -175,8 +190,10 @@ def _gemv_vnni(codes, nibbles, d, m, two_level, has_m, zero, x, y, accumulate):
             if has_m:
                 _prefetch_scales(m_lines, two_level, t, b, nblk, group)
                 _load_scales(m, two_level, t, b, mv)
-            if nibbles:
+            if kind == KIND_U4:
                 _u4_dots(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
+            elif kind == KIND_U6:
+                _u6_dots(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
             elif n_rows == 32:
                 _i8_dots32(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
             else:

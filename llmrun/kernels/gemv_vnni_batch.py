@@ -4,11 +4,12 @@ each weight block read once for all the tokens.
 One token (gemv_vnni.py) pays, per block, the loads (and for U4 the nibble split) and then the `vpdpbusd`
 products; only the products depend on the token. Here every token's products read a block's code vectors (4
 weights of one row per 32-bit lane) from L1: I8 quads where they are stored (repack.py), U4 codes after their
-nibbles are split ONCE into a small scratch (2 KiB):
+nibbles are split ONCE into a small scratch (2 KiB), U6 codes after they are rebuilt from their two planes once
+into it (1 KiB):
 
   hi = sum dpbusd(u8 c, s8 xh)   then   s = (hi << 8) + sum dpbusd(u8 xl, s8 c') (+ 128 * sum xl for I8)
 
-with c' = c (U4) or c ^ 0x80 (I8), gemv_vnni.py's identity with the high byte's sums shifted before the low
+with c' = c (U4, U6) or c ^ 0x80 (I8), gemv_vnni.py's identity with the high byte's sums shifted before the low
 byte's are added (int32 arithmetic wraps alike in any order: the same integers). So one accumulator per 16
 rows and token (4 per token), and up to GROUP tokens share each code vector loaded from the scratch; T > GROUP
 tokens loop over groups of GROUP within the block while it sits in L1. The integer block sums are the
@@ -27,7 +28,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .gemv_vnni import R, USABLE, _I32, _VB, _VF, _VI, _const, _split_activations, _splat
-from .blocks import PREFETCH_LINES, _epilogue_ir, _finish_tile, _load_scales, _quantize_activations, _splat_ir
+from .blocks import (PREFETCH_LINES, _block_size, _epilogue_ir, _finish_tile, _load_scales, _quantize_activations,
+                     _splat_ir, six_bit_codes_ir)
+from .repack import KIND_I8, KIND_U4, KIND_U6
 
 __all__ = ["USABLE", "GROUP", "gemv_batch_vnni"]
 
@@ -43,35 +46,53 @@ def _aligned(context, builder, ty, arr):
     return builder.inttoptr(p, ir.IntType(8).as_pointer())
 
 
-@intrinsic
-def _stage_u4(typingctx, scratch, codes, cbase):
-    """One U4 block's codes (flat codes[cbase:], 16 bytes of R rows in repack.py's quads) to `scratch` as vectors
-    (word k, quarter q) at byte (4k + q) * 64: int32 lane l holds weights 4k..4k+3 of row 16q + l, word k < 4
-    the low nibbles of bytes 4k..4k+3, word 4 + k their high nibbles (split once for all the tokens; I8 quads
-    are already that operand and are read where they are)."""
-    sig = types.void(scratch, codes, types.intp)
+def _make_stage(kind: int):
+    """An intrinsic staging one U4 or U6 block (flat codes[cbase:], 16 or 12 bytes of R rows in repack.py's quads)
+    in `scratch` as vectors (word k, quarter q) at byte (4k + q) * 64: int32 lane l holds weights 4k..4k+3 of row
+    16q + l. U4: word k < 4 the low nibbles of bytes 4k..4k+3, word 4 + k their high nibbles; U6: the codes 0..63
+    rebuilt from the nibble and 2-bit planes (blocks.six_bit_codes_ir). Done once for all the tokens; I8 quads
+    are already that operand and are read where they are."""
+    @intrinsic
+    def stage(typingctx, scratch, codes, cbase):
+        sig = types.void(scratch, codes, types.intp)
 
-    def codegen(context, builder, signature, args):
-        dst = _aligned(context, builder, signature.args[0], args[0])
-        cp = context.make_array(signature.args[1])(context, builder, args[1]).data
-        nib = builder.bitcast(_splat(0x0F0F0F0F), _VB)
-        for g in range(4):
-            for q in range(4):
+        def codegen(context, builder, signature, args):
+            dst = _aligned(context, builder, signature.args[0], args[0])
+            cp = context.make_array(signature.args[1])(context, builder, args[1]).data
+            nib = builder.bitcast(_splat(0x0F0F0F0F), _VB)
+
+            def load(g, q):   # bytes 4g..4g+3 of rows 16q..16q+15
                 ptr = builder.bitcast(builder.gep(cp, [builder.add(args[2], _const((g * R + 16 * q) * 4))]),
                                       _VB.as_pointer())
-                v = builder.load(ptr, typ=_VB, align=1)
-                high = builder.bitcast(builder.lshr(builder.bitcast(v, _VI), _splat(4)), _VB)
-                for k, part in ((g, builder.and_(v, nib)), (4 + g, builder.and_(high, nib))):
-                    out = builder.bitcast(builder.gep(dst, [_const((4 * k + q) * _LANE_BYTES)]), _VB.as_pointer())
-                    builder.store(part, out, align=64)
-        return context.get_dummy_value()
-    return sig, codegen
+                return builder.load(ptr, typ=_VB, align=1)
+
+            def store(k, q, v):
+                out = builder.bitcast(builder.gep(dst, [_const((4 * k + q) * _LANE_BYTES)]), _VB.as_pointer())
+                builder.store(v, out, align=64)
+
+            for q in range(4):
+                if kind == KIND_U6:
+                    w = [load(g, q) for g in range(3)]
+                    for k in range(4):
+                        store(k, q, six_bit_codes_ir(builder, w[k % 2], w[2], k >= 2, k))
+                    continue
+                for g in range(4):
+                    v = load(g, q)
+                    high = builder.bitcast(builder.lshr(builder.bitcast(v, _VI), _splat(4)), _VB)
+                    store(g, q, builder.and_(v, nib))
+                    store(4 + g, q, builder.and_(high, nib))
+            return context.get_dummy_value()
+        return sig, codegen
+    return stage
 
 
-def _make_block_dots(nibbles: bool, words: int, n_rows: int, n_tok: int):
-    """An intrinsic adding one block to the float rows of tokens i0..i0+n_tok-1: the integer sums
-    s_i[r] = sum over the block of codes(row r) * x_i, from the block's code vectors (U4: staged in `scratch`
-    by _stage_u4; I8: the quads at codes[cbase:] themselves), then acc[(i0 + i) * R + r] = the epilogue
+_stage_u4, _stage_u6 = _make_stage(KIND_U4), _make_stage(KIND_U6)
+
+
+def _make_block_dots(staged: bool, words: int, n_rows: int, n_tok: int):
+    """An intrinsic adding one block to the float rows of tokens i0..i0+n_tok-1: the integer sums s_i[r] = sum over
+    the block of codes(row r) * x_i, from the block's code vectors (staged: U4 / U6 codes in `scratch` by _stage_u4
+    / _stage_u6; else I8, the quads at codes[cbase:] themselves), then acc[(i0 + i) * R + r] = the epilogue
     (blocks._epilogue_ir) of s_i[r] with the block's scales dv / offsets mv [R] and token i's dx = xd[bo + i],
     sum(x) = xs[bo + i]: the sums never leave the registers, and the scales are loaded once for all the tokens.
     xh / xl: the activations' high (s8) and low (u8) bytes as int32 words, token i's block word k at
@@ -90,7 +111,7 @@ def _make_block_dots(nibbles: bool, words: int, n_rows: int, n_tok: int):
             ap, xhp, xlp, bp, dvp, mvp, xdp, xsp = (
                 context.make_array(signature.args[k])(context, builder, args[k]).data for k in (0, 3, 4, 6, 10, 11,
                                                                                                  12, 13))
-            if nibbles:   # the staged, split nibbles
+            if staged:   # the staged codes (split nibbles or rebuilt 6-bit codes)
                 cp, align = _aligned(context, builder, signature.args[2], args[2]), 64
             else:         # I8: the quads as stored
                 cp = builder.gep(context.make_array(signature.args[8])(context, builder, args[8]).data, [args[14]])
@@ -104,10 +125,10 @@ def _make_block_dots(nibbles: bool, words: int, n_rows: int, n_tok: int):
                 builder.module, ir.FunctionType(ir.VoidType(), [ir.PointerType(), _I32, _I32, _I32]),
                 "llvm.prefetch.p0")
             pf0 = builder.gep(context.make_array(signature.args[8])(context, builder, args[8]).data, [args[9]])
-            per_step = n_rows // (2 * words)
+            steps = 2 * words
 
-            def prefetch(step):   # lines step*per_step .. of the later block
-                for j in range(step * per_step, (step + 1) * per_step):
+            def prefetch(step):   # the step-th of `steps` shares of the n_rows lines of the later block
+                for j in range(step * n_rows // steps, (step + 1) * n_rows // steps):
                     ptr = builder.bitcast(builder.gep(pf0, [_const(j * R)]), ir.PointerType())
                     builder.call(pf_fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
@@ -139,7 +160,7 @@ def _make_block_dots(nibbles: bool, words: int, n_rows: int, n_tok: int):
                 prefetch(words + k)
                 xk = [builder.bitcast(broadcast(xl0, i * words + k), _VB) for i in range(n_tok)]
                 for q in range(4):
-                    c = code(k, q) if nibbles else builder.xor(code(k, q), flip)
+                    c = code(k, q) if staged else builder.xor(code(k, q), flip)
                     for i in range(n_tok):
                         acc[i][q] = builder.call(dpbusd, [acc[i][q], xk[i], c])
             dvs = [builder.load(rows(dvp, q, _VF), align=4) for q in range(4)]
@@ -159,17 +180,20 @@ def _make_block_dots(nibbles: bool, words: int, n_rows: int, n_tok: int):
 
 
 _d_u4 = [_make_block_dots(True, 8, 16, n) for n in range(1, GROUP + 1)]
+_d_u6 = [_make_block_dots(True, 4, 12, n) for n in range(1, GROUP + 1)]
 _d_i8_32 = [_make_block_dots(False, 8, 32, n) for n in range(1, GROUP + 1)]
 _d_i8_16 = [_make_block_dots(False, 4, 16, n) for n in range(1, GROUP + 1)]
 _u4_1, _u4_2, _u4_3, _u4_4 = _d_u4
+_u6_1, _u6_2, _u6_3, _u6_4 = _d_u6
 _i8_32_1, _i8_32_2, _i8_32_3, _i8_32_4 = _d_i8_32
 _i8_16_1, _i8_16_2, _i8_16_3, _i8_16_4 = _d_i8_16
 
 
 @njit(inline="always")
-def _dots(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase, nibbles, n_rows, g):
-    """The micro-kernel for this block shape and g (1..GROUP) tokens (numba wants each intrinsic named)."""
-    if nibbles:
+def _dots(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase, kind, n_rows, g):
+    """The micro-kernel for this code kind, block shape and g (1..GROUP) tokens (numba wants each intrinsic
+    named)."""
+    if kind == KIND_U4:
         if g == 4:
             _u4_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
         elif g == 3:
@@ -178,6 +202,15 @@ def _dots(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, c
             _u4_2(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
         else:
             _u4_1(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
+    elif kind == KIND_U6:
+        if g == 4:
+            _u6_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
+        elif g == 3:
+            _u6_3(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
+        elif g == 2:
+            _u6_2(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
+        else:
+            _u6_1(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
     elif n_rows == 32:
         if g == 4:
             _i8_32_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
@@ -199,11 +232,12 @@ def _dots(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, c
 
 
 @njit(parallel=True, fastmath=True, cache=True)
-def gemv_batch_vnni(codes, nibbles, d, m, two_level, has_m, zero, X, Y, accumulate):
-    """Y[i, :n] (=|+=) W X[i] for U4 (nibbles) or I8 tiles, each row bit-identical to gemv_vnni._gemv_vnni."""
+def gemv_batch_vnni(codes, kind, d, m, two_level, has_m, zero, X, Y, accumulate):
+    """Y[i, :n] (=|+=) W X[i] for tiles of any code kind (repack.KIND_*), each row bit-identical to
+    gemv_vnni._gemv_vnni."""
     n_tok, K = X.shape[0], X.shape[1]
     n_tiles, nblk, n_rows = codes.shape[0], codes.shape[1], 4 * codes.shape[2]   # n_rows bytes of R rows a block
-    bs = 32 if nibbles else n_rows
+    bs = _block_size(kind, n_rows)
     xq = np.empty(K, np.int16)
     xd = np.empty(nblk, np.float32)
     xsum = np.empty(nblk, np.float32)
@@ -217,7 +251,7 @@ def gemv_batch_vnni(codes, nibbles, d, m, two_level, has_m, zero, X, Y, accumula
     xs_b = np.zeros((nblk, n_tok), np.float32)   # zeros without offsets (see _make_block_dots)
     for i in range(n_tok):   # here, not in a parallel region of its own: a launch costs more than this
         _quantize_activations(X[i], bs, xq, xd, xsum, xqsum)
-        _split_activations(xq, bs, nibbles, xh1, xl1, bias1)
+        _split_activations(xq, bs, kind == KIND_I8, xh1, xl1, bias1)
         for b in range(nblk):
             xh8[b, i] = xh1[b * bs:(b + 1) * bs]
             xl8[b, i] = xl1[b * bs:(b + 1) * bs]
@@ -238,14 +272,16 @@ def gemv_batch_vnni(codes, nibbles, d, m, two_level, has_m, zero, X, Y, accumula
         for b in range(nblk):
             cbase = (t * nblk + b) * n_rows * R
             ahead = min(cbase + PREFETCH_LINES * R, last - (n_rows - 1) * R)
-            if nibbles:   # (I8 quads are read where they are)
+            if kind == KIND_U4:   # (I8 quads are read where they are)
                 _stage_u4(scratch, flat, cbase)
+            elif kind == KIND_U6:
+                _stage_u6(scratch, flat, cbase)
             _load_scales(d, two_level, t, b, dv)   # once for all the tokens
             if has_m:
                 _load_scales(m, two_level, t, b, mv)
             for i0 in range(0, n_tok, GROUP):
                 g = min(GROUP, n_tok - i0)
                 _dots(acc, i0, scratch, xh, xl, (b * n_tok + i0) * words, bias, b * n_tok + i0, flat, ahead, dv, mv,
-                      xdf, xsf, cbase, nibbles, n_rows, g)
+                      xdf, xsf, cbase, kind, n_rows, g)
         for i in range(n_tok):
             _finish_tile(acc[i], Y[i], t, Y.shape[1], accumulate)

@@ -6,11 +6,11 @@ int8, which is where llama.cpp loses fidelity. The innermost loops run over the 
 LLVM vectorizes them without horizontal reductions.
 
 Two shapes:
-  gemv  one token (decode). U4/I8: codes are consumed straight from memory and multiplied with int16
+  gemv  one token (decode). U4/U6/I8: codes are consumed straight from memory and multiplied with int16
         activations (per-block scale) in integer arithmetic, per-block partial sums (gemv.py); on AVX-512 VNNI
         hosts the same integers through vpdpbusd (gemv_vnni.py, bit-identical). H16: each row converted to
         float32 in a small buffer and dotted in float32 (gemv.py).
-  gemm  many tokens (prefill). U4/I8 on AVX-512 VNNI hosts: an integer GEMM with int16 activations (per-block
+  gemm  many tokens (prefill). Tiled codes on AVX-512 VNNI hosts: an integer GEMM with int16 activations (per-block
         scale, as decode) and a vpdpwssd micro-kernel in LLVM IR, ~1.3-1.4x BLAS sgemm (gemm_vnni.py); its rows
         are bit-identical to gemv's (one float epilogue, blocks._epilogue_ir). Float families (and hosts without
         VNNI): a chunk of rows is widened to float32 scratch and handed to BLAS sgemm (gemm_blas.py;
@@ -28,7 +28,7 @@ from .blocks import R, _scale_args, _scales_f32
 from .gemm_blas import _matmul_widened
 from .gemm_vnni import _matmul_vnni
 from .gemv import _gemv, _gemv_batch, _gemv_h16
-from .repack import U4, I8, H16, FP32, VNNI_TARGET, PackedMatrix
+from .repack import FP32, H16, TILED, U4, U6, VNNI_TARGET, PackedMatrix, six_bit_codes
 
 FEW_TOKENS = 3              # up to this many tokens, run the decode kernel per token instead
 
@@ -55,9 +55,9 @@ def matvec(pm: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None, accum
     if out is None:
         out = np.empty(pm.n_rows, np.float32)
         accumulate = False
-    if pm.family in (U4, I8):
+    if pm.family in TILED:
         kernel = gemv_vnni._gemv_vnni if VNNI_GEMV and _vnni_codes(pm) else _gemv
-        kernel(pm.codes, pm.family == U4, *_scale_args(pm), pm.zero, x, out, accumulate)
+        kernel(pm.codes, pm.code_kind, *_scale_args(pm), pm.zero, x, out, accumulate)
     elif pm.family == H16:
         _gemv_h16(pm.codes, pm.kind, x, out, accumulate)
     else:
@@ -72,15 +72,15 @@ def matvec(pm: PackedMatrix, x: np.ndarray, out: np.ndarray | None = None, accum
 def matvec_batch(pm: PackedMatrix, X: np.ndarray, out: np.ndarray | None = None,
                  accumulate: bool = False) -> np.ndarray:
     """Several decode tokens: X float32 [T, n_cols] -> [T, n_rows], row i bit-identical to matvec(pm, X[i]);
-    U4/I8 weights are streamed once for all T (continuous batching)."""
+    tiled weights are streamed once for all T (continuous batching)."""
     X = np.ascontiguousarray(X, dtype=np.float32)
     if out is None:
         out = np.empty((X.shape[0], pm.n_rows), np.float32)
         accumulate = False
-    if pm.family in (U4, I8) and X.shape[0] > 1 and VNNI_GEMV and _vnni_codes(pm):
-        gemv_vnni_batch.gemv_batch_vnni(pm.codes, pm.family == U4, *_scale_args(pm), pm.zero, X, out, accumulate)
-    elif pm.family in (U4, I8) and X.shape[0] > 1:
-        _gemv_batch(pm.codes, pm.family == U4, *_scale_args(pm), pm.zero, X, out, accumulate)
+    if pm.family in TILED and X.shape[0] > 1 and VNNI_GEMV and _vnni_codes(pm):
+        gemv_vnni_batch.gemv_batch_vnni(pm.codes, pm.code_kind, *_scale_args(pm), pm.zero, X, out, accumulate)
+    elif pm.family in TILED and X.shape[0] > 1:
+        _gemv_batch(pm.codes, pm.code_kind, *_scale_args(pm), pm.zero, X, out, accumulate)
     else:
         for i in range(X.shape[0]):
             matvec(pm, X[i], out[i], accumulate)
@@ -94,14 +94,14 @@ def matmul(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
     if pm.family == FP32:
         limit_blas_threads()
         return X @ pm.codes.T
-    if T <= FEW_TOKENS and pm.family in (U4, I8, H16):
+    if T <= FEW_TOKENS and pm.family in TILED + (H16,):
         # per token, not matvec_batch (the same bits): a one-sequence model then never needs the batched kernels
         # compiled, which cost ~6 s of a cold start (kernels/warmup.py); the server's decode rows use them
         Y = np.empty((T, pm.n_rows), np.float32)
         for i in range(T):
             matvec(pm, X[i], Y[i])
         return Y
-    if VNNI and pm.family in (U4, I8) and _vnni_codes(pm):
+    if VNNI and pm.family in TILED and _vnni_codes(pm):
         return np.ascontiguousarray(_matmul_vnni(pm, X))
     return np.ascontiguousarray(_matmul_widened(pm, X))
 
@@ -120,6 +120,8 @@ def dequantize_rows(pm: PackedMatrix, rows) -> np.ndarray:
     c = pm.codes[t, :, :, lane].reshape(len(rows), pm.codes.shape[1], -1)   # [n, nblk, bytes] (from quads)
     if pm.family == U4:
         q = np.concatenate([c & 15, c >> 4], axis=-1).astype(np.float32)
+    elif pm.family == U6:
+        q = six_bit_codes(c).astype(np.float32)
     else:
         q = c.astype(np.float32)
     q -= pm.zero

@@ -1,26 +1,33 @@
 """Load-time layouts: ggml's quantized rows -> row tiles the matmul kernels stream through.
 
-Every ggml type is reduced to one of four *families*, each holding weights as small unsigned integers
+Every ggml type is reduced to one of five *families*, each holding weights as small unsigned integers
 (or raw floats) plus one float32 scale `d` and one float32 offset `m` per block of `bs` weights of a
 row and an integer zero point per matrix, so that `w = d*(q - zero) + m`. Signed formats (Q8_0, Q6_K,
 ...) are stored with their codes shifted to unsigned: the kernels then see only non-negative bytes
 (which LLVM multiplies with vpmaddwd) and subtract the zero point exactly, in integers.
 
   U4   4-bit codes, two per byte (byte j of a 32-block: code j low, code j+16 high)   Q4_0 Q4_1 Q4_K
+  U6   6-bit codes of a 16-block in 12 bytes: a nibble plane (bytes j < 8: code j low,   Q6_K
+       code j+8 high) and a 2-bit plane (byte 8+i: code 4g+i's bits 4-5 at bits 2g)
   I8   8-bit codes, one per byte, bs = 32 or 16                                        Q8_0 Q5_0 Q5_1
-                                                                                        Q5_K Q6_K Q3_K Q2_K IQ4_NL
+                                                                                        Q5_K Q3_K Q2_K IQ4_NL
   H16  raw 16-bit floats (kind 0 = IEEE half, 1 = bfloat16), no scales                 F16 BF16
   F32  raw float32, no scales                                                           F32
 
-For U4 and I8, rows are grouped into tiles of TILE_ROWS and the kernels' innermost loops run over a tile's
-independent output rows, without reductions (docs/kernels.md). Codes are uint8 [tile, block, n, R, E], byte j
-of row r at [t, b, j // E, r, j % E], in one of two layouts, both of one array type (one compiled kernel):
+For U4, U6 and I8 (the tiled families), rows are grouped into tiles of TILE_ROWS and the kernels' innermost loops
+run over a tile's independent output rows, without reductions (docs/kernels.md). Codes are uint8 [tile, block, n,
+R, E], byte j of row r at [t, b, j // E, r, j % E], in one of two layouts, both of one array type (one compiled
+kernel):
   quads (E = 4, on AVX-512 VNNI hosts: QUADS): one 64-byte vector holds bytes 4k..4k+3 of 16 consecutive rows,
       4 bytes per 32-bit lane: the operand `vpdpbusd` multiplies with 4 activations at once (gemv_vnni.py);
   byte rows (E = 1, elsewhere): one 64-byte run is byte j of 64 rows, which the portable loops (gemv.py)
       vectorize over; they read quads through a shuffle into byte rows (blocks._code_rows), 15-48 % slower
       than byte rows on an AVX2 target, so hosts that run them keep byte rows.
-H16 and F32 rows stay row-major. Nothing is dequantized to a float32 copy: U4 keeps 4 bits per weight,
+U6's 2-bit plane is arranged so that, in either layout, one shift and one mask of a 64-byte vector give the bits
+4-5 of 64 codes (shifts of 32-bit lanes: bits crossing from a neighbouring byte are masked off), so the kernels
+rebuild a block's codes 0..63 in registers or a small scratch (blocks.six_bit_codes_ir) and multiply them as I8
+codes (the VNNI kernels as U4's: codes 0..63 are valid s8), the same integers as when Q6_K was held in I8.
+H16 and F32 rows stay row-major. Nothing is dequantized to a float32 copy: U4 keeps 4 bits per weight, U6 6,
 I8 8 bits, H16 16 bits (prefill widens one chunk of rows at a time, gemm_blas.py).
 """
 from __future__ import annotations
@@ -38,7 +45,12 @@ from ..runtime import cpu_target_has
 # recompiles them all: numba's cache is keyed by all the kernel sources, runtime.py).
 TILE_ROWS = 64
 
-U4, I8, H16, FP32 = "u4", "i8", "h16", "f32"
+U4, U6, I8, H16, FP32 = "u4", "u6", "i8", "h16", "f32"
+TILED = (U4, U6, I8)   # the families in row tiles, read by the integer product kernels
+
+# The product kernels' code-kind argument (one int: one compiled signature for every tiled family).
+KIND_I8, KIND_U4, KIND_U6 = 0, 1, 2
+CODE_KIND = {I8: KIND_I8, U4: KIND_U4, U6: KIND_U6}
 
 # The code layout (module doc) the kernels this host runs read fastest: quads where the VNNI kernels run (on the
 # CPU numba compiles for, which NUMBA_CPU_FEATURES may set apart from the host's), byte rows elsewhere.
@@ -49,7 +61,7 @@ QUADS = TILE_ROWS == 64 and VNNI_TARGET
 FAMILY = {GGMLType.F32: FP32, GGMLType.F16: H16, GGMLType.BF16: H16,
           GGMLType.Q4_0: U4, GGMLType.Q4_1: U4, GGMLType.Q4_K: U4,
           GGMLType.Q5_0: I8, GGMLType.Q5_1: I8, GGMLType.Q8_0: I8, GGMLType.IQ4_NL: I8, GGMLType.Q2_K: I8,
-          GGMLType.Q3_K: I8, GGMLType.Q5_K: I8, GGMLType.Q6_K: I8}
+          GGMLType.Q3_K: I8, GGMLType.Q5_K: I8, GGMLType.Q6_K: U6}
 ENGINE_TYPES = frozenset(FAMILY)
 
 
@@ -59,18 +71,24 @@ class PackedMatrix:
     family: str
     n_rows: int
     n_cols: int
-    codes: np.ndarray          # U4 uint8 [tiles, nblk, 16/E, R, E]; I8 uint8 [tiles, nblk, bs/E, R, E] (E: doc);
+    codes: np.ndarray          # U4 uint8 [tiles, nblk, 16/E, R, E]; U6 [tiles, nblk, 12/E, R, E];
+                               # I8 [tiles, nblk, bs/E, R, E] (E: doc);
                                # H16 uint16 [n_rows, n_cols]; F32 float32 [n_rows, n_cols] (row-major)
-    d: np.ndarray | tuple | None  # (U4, I8) per-block scales: uint16 half bits [tiles, nblk, R] when the format's
+    d: np.ndarray | tuple | None  # (tiled) per-block scales: uint16 half bits [tiles, nblk, R] when the format's
                                # scales are halves (exact, 16 bits per block); K-quants: a pair (float32 super-block
                                # scale [tiles, nblk/G, R], int8/uint8 sub-block scale [tiles, nblk, R]) whose product
                                # is the block scale (exact in float32; ~8 bits per block instead of 32)
     m: np.ndarray | tuple | None  # offsets, stored like d, or None when every offset is zero (nothing read)
-    bs: int = 1                # weights per scale block (U4: 32, I8: 32 or 16)
+    bs: int = 1                # weights per scale block (U4: 32, U6: 16, I8: 32 or 16)
     zero: int = 0              # integer zero point of the codes: w = d*(q - zero) + m (exact in the kernels)
     kind: int = 0              # H16: 0 = f16, 1 = bf16
     src_type: int = -1
     kernel_scales: tuple | None = field(default=None, repr=False, compare=False)   # blocks._scale_args
+
+    @property
+    def code_kind(self) -> int:
+        """The product kernels' `kind` argument (KIND_I8 / KIND_U4 / KIND_U6)."""
+        return CODE_KIND[self.family]
 
     @property
     def nbytes(self) -> int:
@@ -93,6 +111,28 @@ def _split_blocks(raw: np.ndarray, n_cols: int, qtype: int) -> np.ndarray:
 def _pack_nibbles(q: np.ndarray) -> np.ndarray:
     """Codes 0..15 [rows, nblk32, 32] -> bytes [rows, nblk32, 16] (low = code j, high = code j+16)."""
     return (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
+
+
+# U6 (module doc): the 2-bit plane's byte i holds bits 4-5 of code 4g + i at bits 2g..2g+1, g = 0..3.
+_PLANE_SHIFTS = np.array([0, 2, 4, 6], np.uint8)
+
+
+def pack_six_bit(q: np.ndarray) -> np.ndarray:
+    """Codes 0..63 [..., 16] -> U6 bytes [..., 12]: nibble bytes j < 8 (code j low, code j + 8 high), then the
+    2-bit plane."""
+    q = q.astype(np.uint8)
+    lo = q & 15
+    hb = (q >> 4).reshape(q.shape[:-1] + (4, 4))                # [g][i]: code 4g + i
+    plane = np.bitwise_or.reduce(hb << _PLANE_SHIFTS[:, None], axis=-2)
+    return np.concatenate([lo[..., :8] | (lo[..., 8:] << 4), plane], axis=-1).astype(np.uint8)
+
+
+def six_bit_codes(c: np.ndarray) -> np.ndarray:
+    """U6 bytes [..., 12] -> codes 0..63 [..., 16] (pack_six_bit's inverse)."""
+    c = c.astype(np.uint8)
+    lo = np.concatenate([c[..., :8] & 15, c[..., :8] >> 4], axis=-1)
+    hb = (c[..., None, 8:12] >> _PLANE_SHIFTS[:, None]) & 3      # [g][i]
+    return lo | (hb.reshape(c.shape[:-1] + (16,)) << 4)
 
 
 def _kquant_scales_mins(sc: np.ndarray):
@@ -169,7 +209,7 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
         sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8)
         d = fp16_values(b[..., 208:210])
         nblk = q.shape[1] * 16
-        return I8, q.astype(np.uint8).reshape(rows, nblk, 16), (d, sc.reshape(rows, nblk)), None, 16, 32
+        return U6, pack_six_bit(q.reshape(rows, nblk, 16)), (d, sc.reshape(rows, nblk)), None, 16, 32
     if qtype == GGMLType.Q3_K:
         hmask = b[..., 0:32]
         low = _two_bit_plane(b[..., 32:96]).reshape(rows, -1, 8, 32)
@@ -267,7 +307,7 @@ _ROWS_PER_STEP = 2048
 
 
 def pack_matrix(raw: np.ndarray, qtype: int, n_cols: int, quads: bool = QUADS) -> PackedMatrix:
-    """ggml rows (uint8 [n_rows, row_nbytes]) of type `qtype` -> PackedMatrix (U4/I8 codes in quads or byte rows:
+    """ggml rows (uint8 [n_rows, row_nbytes]) of type `qtype` -> PackedMatrix (tiled codes in quads or byte rows:
     module doc)."""
     qtype = int(qtype)
     if qtype not in ENGINE_TYPES:

@@ -5,10 +5,10 @@ its on-disk cache (``cache=True``: in ``__pycache__`` beside the source, or numb
 folder is read-only). Left to itself, a cold first run compiled the kernels one after the other inside the
 first forward, silently, and each further quant type compiled every product kernel again. Instead:
 
-* every kernel has exactly ONE signature: one dtype per argument, the scale layouts of all the quant types
-  of a family share one argument layout (blocks.py), and U4 and I8 tiles share each product kernel (a
-  `nibbles` flag). The registry below spells them out, in units (one or two kernels compiled together);
-  tests/test_kernel_warmup.py runs models of every type and checks that nothing else gets compiled.
+* every kernel has exactly ONE signature: one dtype per argument, the scale layouts of all the quant types of a
+  family share one argument layout (blocks.py), and the tiled families (U4, U6, I8) share each product kernel (an
+  int `kind` argument, repack.KIND_*). The registry below spells them out, in units (one or two kernels compiled
+  together); tests/test_kernel_warmup.py runs models of every type and checks that nothing else gets compiled.
 * ``start(units)``, at the beginning of a model load, looks the signatures up in numba's cache index (no
   compiling). If some are missing it prints ONE line on stderr and starts worker processes
   (``python -m llmrun.kernels.warmup --queue DIR UNIT...``), one per core but one, that take the missing units
@@ -61,7 +61,7 @@ def _units() -> dict[str, Unit]:
 
     f32_1, f32_2, f32_3, f32_4 = (_array(np.float32, n) for n in (1, 2, 3, 4))
     u8_3, u8_4, u16_2 = _array(np.uint8, 3), _array(np.uint8, 4), _array(np.uint16, 2)
-    quads = _array(np.uint8, 5)   # U4/I8 codes (repack.py)
+    quads = _array(np.uint8, 5)   # tiled codes (repack.py), with their kind (repack.KIND_*)
     i16_2, i32_2, i64_1 = _array(np.int16, 2), _array(np.int32, 2), _array(np.int64, 1)
     i64, f32, f64, b1 = types.int64, types.float32, types.float64, types.boolean
     # a family's block scales or offsets: (half bits, super-block scales, sub-block scales), blocks.py
@@ -81,17 +81,17 @@ def _units() -> dict[str, Unit]:
             (ops.swiglu, (f32_2, i64, f32_2)),
             (ops.geglu, (f32_2, i64, f32_2)),
             (token_draw.draw_token, (f32_1, i64, f64, f64, f64, f64))]),
-        Unit("gemv", 4.5, lambda: [(gemv._gemv, (quads, b1, *scales, f32_1, f32_1, b1))]),
+        Unit("gemv", 4.5, lambda: [(gemv._gemv, (quads, i64, *scales, f32_1, f32_1, b1))]),
         Unit("gemv_vnni", 3.0, lambda: [
-            (gemv_vnni._gemv_vnni, (quads, b1, *scales, f32_1, f32_1, b1))]),
+            (gemv_vnni._gemv_vnni, (quads, i64, *scales, f32_1, f32_1, b1))]),
         Unit("gemv_h16", 1.5, lambda: [(gemv._gemv_h16, (u16_2, i64, f32_1, f32_1, b1))]),
         Unit("batch_vnni", 5.0, lambda: [
-            (gemv_vnni_batch.gemv_batch_vnni, (quads, b1, *scales, f32_2, f32_2, b1))]),
-        Unit("batch", 5.0, lambda: [(gemv._gemv_batch, (quads, b1, *scales, f32_2, f32_2, b1))]),
+            (gemv_vnni_batch.gemv_batch_vnni, (quads, i64, *scales, f32_2, f32_2, b1))]),
+        Unit("batch", 5.0, lambda: [(gemv._gemv_batch, (quads, i64, *scales, f32_2, f32_2, b1))]),
         Unit("igemm", 3.5, lambda: [
-            (gemm_vnni._igemm, (quads, b1, *scales, i32_2, f32_2, f32_2, f32_2)),
+            (gemm_vnni._igemm, (quads, i64, *scales, i32_2, f32_2, f32_2, f32_2)),
             (gemm_vnni._quantize_token_blocks, (f32_2, i64, i16_2, f32_2, f32_2))]),
-        Unit("widen", 2.5, lambda: [(gemm_blas._widen, (quads, b1, *scales, i64, i64, f32_3))]),
+        Unit("widen", 2.5, lambda: [(gemm_blas._widen, (quads, i64, *scales, i64, i64, f32_3))]),
         Unit("widen_h16", 1.0, lambda: [(gemm_blas._widen_h16, (u16_2, i64, i64, i64, f32_2))]),
     ]
     for tk in kv_formats.KV_TYPES:       # the cache kernels, per (type_k, type_v)
@@ -120,7 +120,7 @@ def units() -> dict[str, Unit]:
 
 def host_units() -> list[str]:
     """What `--all` compiles: every unit this host runs, with the default KV cache types (VNNI hosts prefill
-    U4/I8 through the integer GEMM, others through BLAS)."""
+    tiled codes through the integer GEMM, others through BLAS)."""
     from .kv_formats import DEFAULT_KV_TYPE as d
     from .qmatmul import VNNI, VNNI_GEMV
     skip = {"widen"} if VNNI else {"igemm"}
@@ -133,16 +133,16 @@ def units_for(families: Iterable[str], kv_types: tuple[str, str], batched: bool 
     host. `batched`: what forward_batch over pooled caches (the server's decode steps) adds instead: the
     several-token gemv kernels and the pooled attention."""
     from .qmatmul import VNNI, VNNI_GEMV
-    from .repack import H16, I8, U4
+    from .repack import H16, TILED
     fams = set(families)
     kv = ",".join(kv_types)
     if batched:
         need = [f"attention_slots:{kv}"]
-        if fams & {U4, I8}:
+        if fams & set(TILED):
             need.append("batch_vnni" if VNNI_GEMV else "batch")
         return need
     need = ["graph", f"attention:{kv}"]
-    if fams & {U4, I8}:   # tiled at load (repack), then products
+    if fams & set(TILED):   # tiled at load (repack), then products
         need += ["repack", "gemv_vnni" if VNNI_GEMV else "gemv", "igemm" if VNNI else "widen"]
     if H16 in fams:
         need += ["gemv_h16", "widen_h16"]
