@@ -27,23 +27,35 @@ F16_TO_F32 = np.float32(2.0 ** 112)  # rebias a half's exponent after shifting i
 # ~9 GB/s/core on the Xeon VMs; software prefetches PREFETCH_LINES cache lines ahead of the line being
 # read gave +40 % on a plain streaming loop (9.3 -> 13.2 GB/s at 1 thread, 16.6 -> 22.7 at 2).
 PREFETCH_LINES = 32
+# The one-token VNNI kernel (gemv_vnni.py) reads a block's codes in a few dozen cycles, so it wants them from
+# further ahead, and into L2 only (prefetcht1; prefetcht0 at that distance gained nothing): 128 lines ahead made
+# whole-model decode products 0.74-0.92x the time at 1 and 2 threads on Q4_0, Q4_1, Q8_0 and Q4_K_M models
+# (same-process A/B, the EPYC VM, 2026-12-02).
+DECODE_PREFETCH_LINES = 128
 
 
-@intrinsic
-def _prefetch(typingctx, arr, idx):
-    """Prefetch the cache line holding element idx of a 1-D array (llvm.prefetch: read, keep in all caches).
-    A prefetch never faults, but callers still stay inside the array."""
-    sig = types.void(arr, types.intp)
+def _make_prefetch(locality: int):
+    """An intrinsic prefetching the cache line that holds element idx of a 1-D array (llvm.prefetch, read;
+    locality 3: into every cache level, 2: into L2 and beyond). A prefetch never faults, but callers still stay
+    inside the array."""
+    @intrinsic
+    def prefetch(typingctx, arr, idx):
+        sig = types.void(arr, types.intp)
 
-    def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), ir.PointerType())
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [ir.PointerType(), i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-    return sig, codegen
+        def codegen(context, builder, signature, args):
+            ary = context.make_array(signature.args[0])(context, builder, args[0])
+            ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), ir.PointerType())
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.VoidType(), [ir.PointerType(), i32, i32, i32])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+            builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, locality), ir.Constant(i32, 1)])
+            return context.get_dummy_value()
+        return sig, codegen
+    return prefetch
+
+
+_prefetch = _make_prefetch(3)
+_prefetch_l2 = _make_prefetch(2)
 
 
 # ---------------------------------------------------------------------------------------- code rows

@@ -28,8 +28,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .blocks import (PREFETCH_LINES, R, _block_size, _epilogue_ir, _finish_tile, _load_scales, _prefetch,
-                     _prefetch_scales, _quantize_activations, _scale_lines, _splat_ir, six_bit_codes_ir)
+from .blocks import (DECODE_PREFETCH_LINES, R, _block_size, _epilogue_ir, _finish_tile, _load_scales,
+                     _prefetch_l2, _prefetch_scales, _quantize_activations, _scale_lines, _splat_ir, six_bit_codes_ir)
 from .repack import KIND_I8, KIND_U4, KIND_U6
 
 USABLE = R == 64   # the micro-kernels hold one tile's 64 rows in 4 zmm registers of 16 int32 lanes
@@ -182,9 +182,9 @@ def _gemv_vnni(codes, kind, d, m, two_level, has_m, zero, x, y, accumulate):
         for b in range(nblk):
             cbase = (t * nblk + b) * n_rows * R
             # clamped once per block (not per line: ~4 instructions each, a quarter of the block's work)
-            ahead = min(cbase + PREFETCH_LINES * R, last - (n_rows - 1) * R)
+            ahead = min(cbase + DECODE_PREFETCH_LINES * R, last - (n_rows - 1) * R)
             for j in range(n_rows):
-                _prefetch(flat, ahead + j * R)
+                _prefetch_l2(flat, ahead + j * R)
             _prefetch_scales(d_lines, two_level, t, b, nblk, group)
             _load_scales(d, two_level, t, b, dv)
             if has_m:
