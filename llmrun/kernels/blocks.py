@@ -122,6 +122,12 @@ def six_bit_codes_ir(builder, nib, plane, high, g):
     return builder.or_(lo, builder.and_(shift(plane, 4 - 2 * g), ir.Constant(vb, [0x30] * vb.count)))
 
 
+def six_bit_quad_ir(builder, quads, k):
+    """Code vector k (codes 4k..4k+3 of 16 rows, k < 4) of a U6 block in quads, from its 3 quads of those rows
+    (nibble quads 0 and 1, the 2-bit plane): six_bit_codes_ir's quads case."""
+    return six_bit_codes_ir(builder, quads[k % 2], quads[2], k >= 2, k)
+
+
 @intrinsic
 def _six_bit_rows(typingctx, dst, src, off, doff):
     """dst's rows j < 16 from element doff of its data (uint8 [.., 32, R]) = code j (0..63) of R rows of a U6 block

@@ -12,7 +12,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .blocks import (R, _epilogue_ir, _load_scales_scalar, _quantize_activations, _scale_args, _splat_ir,
-                     six_bit_codes_ir)
+                     six_bit_quad_ir)
 from .repack import KIND_I8, KIND_U4, KIND_U6, PackedMatrix
 
 # Many tokens through tiled codes: an integer GEMM. Activations are quantized per weight block to int16 (as for
@@ -124,7 +124,7 @@ def _make_pairs(kind: int, n_quads: int):
                 for q in range(R // 16):
                     w = [load(g, q) for g in range(3)]
                     for k in range(4):
-                        split(six_bit_codes_ir(builder, w[k % 2], w[2], k >= 2, k), 2 * k, q)
+                        split(six_bit_quad_ir(builder, w, k), 2 * k, q)
                 return context.get_dummy_value()
             for g in range(n_quads):
                 for q in range(R // 16):

@@ -29,7 +29,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .blocks import (DECODE_PREFETCH_LINES, R, _block_size, _epilogue_ir, _finish_tile, _load_scales,
-                     _prefetch_l2, _prefetch_scales, _quantize_activations, _scale_lines, _splat_ir, six_bit_codes_ir)
+                     _prefetch_l2, _prefetch_scales, _quantize_activations, _scale_lines, _splat_ir, six_bit_quad_ir)
 from .repack import KIND_I8, KIND_U4, KIND_U6
 
 USABLE = R == 64   # the micro-kernels hold one tile's 64 rows in 4 zmm registers of 16 int32 lanes
@@ -93,7 +93,7 @@ def _make_block_dots(kind: int, n_rows: int):
                 if kind == KIND_U6:   # rebuilt from the block's 3 quads (nibbles, nibbles, 2-bit plane)
                     w = [[quad(g, q) for g in range(3)] for q in range(4)]
                     for k in range(4):
-                        yield k, [six_bit_codes_ir(builder, w[q][k % 2], w[q][2], k >= 2, k) for q in range(4)]
+                        yield k, [six_bit_quad_ir(builder, w[q], k) for q in range(4)]
                     return
                 for g in range(groups):
                     w = [quad(g, q) for q in range(4)]

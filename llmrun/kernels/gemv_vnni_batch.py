@@ -29,7 +29,7 @@ from numba.extending import intrinsic
 
 from .gemv_vnni import R, USABLE, _I32, _VB, _VF, _VI, _const, _split_activations, _splat
 from .blocks import (PREFETCH_LINES, _block_size, _epilogue_ir, _finish_tile, _load_scales, _quantize_activations,
-                     _splat_ir, six_bit_codes_ir)
+                     _splat_ir, six_bit_quad_ir)
 from .repack import KIND_I8, KIND_U4, KIND_U6
 
 __all__ = ["USABLE", "GROUP", "gemv_batch_vnni"]
@@ -74,7 +74,7 @@ def _make_stage(kind: int):
                 if kind == KIND_U6:
                     w = [load(g, q) for g in range(3)]
                     for k in range(4):
-                        store(k, q, six_bit_codes_ir(builder, w[k % 2], w[2], k >= 2, k))
+                        store(k, q, six_bit_quad_ir(builder, w, k))
                     continue
                 for g in range(4):
                     v = load(g, q)
