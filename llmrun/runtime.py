@@ -40,7 +40,9 @@ When llmrun.kernels or llmrun.quants is first imported (before their kernels are
 
 Per forward call (engine/model.py), numba's thread count (numba.set_num_threads is per OS thread): the threads
 asked for, but no more than the cores other processes left free over the last quarter second (free_threads:
-/proc/stat's busy time minus this process's own CPU time; Linux only, elsewhere the threads asked for). Not
+/proc/stat's busy time minus this process's own CPU time; after a pause of over a second, the other processes'
+threads running at that instant; Linux only, elsewhere the threads asked for), looked at again before each layer
+(a prefill lasts seconds; a cached answer costs a microsecond). Not
 process-wide, so not here: the chat REPL's SIGINT handler (installed and restored around each answer,
 cli/chat_session.py).
 """
@@ -174,6 +176,10 @@ def use_kernel_sources_stamp() -> None:
 
 # ------------------------------------------------------------------------------------------ free cores
 _SAMPLE_S = 0.25
+# An average over a longer interval (the time since the previous call: a pause between requests, or the
+# seconds another program just spent on its own burst) says what ran then, not now: averaged over the 3 s
+# before a prefill, a 2-core burst that had ended 0.3 s earlier put the whole prefill on one thread.
+_STALE_S = 1.0
 
 
 class _CoreShare:
@@ -193,9 +199,11 @@ class _CoreShare:
             if busy is None:
                 return 0.0
             own = time.process_time()
-            if self._last is not None:
+            if self._last is not None and now - self._last[0] <= _STALE_S:
                 wall = now - self._last[0]
                 self.others = max(0.0, (busy - self._last[1] - (own - self._last[2])) / wall)
+            else:   # the first call, or the first after a pause: what runs now, not what ran seconds ago
+                self.others = _others_running_now()
             self._last = (now, busy, own)
             return self.others
 
@@ -209,6 +217,24 @@ def _machine_busy_seconds() -> float | None:
         return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _others_running_now() -> float:
+    """Threads of other processes running or runnable at this instant (/proc/stat's procs_running minus this
+    process's threads in state R, the caller among them): a snapshot, for when no recent average exists."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            running = next(int(line.split()[1]) for line in f if line.startswith("procs_running "))
+        own = 0
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat", encoding="ascii", errors="replace") as f:
+                    own += f.read().rpartition(")")[2].split()[:1] == ["R"]
+            except OSError:   # the thread ended meanwhile
+                pass
+        return float(max(0, running - max(own, 1)))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return 0.0
 
 
 _CORE_SHARE = _CoreShare()

@@ -15,6 +15,7 @@ from llmrun import runtime
 class FakeClock:
     def __init__(self):
         self.wall = self.busy = self.own = 0.0
+        self.running_now = 0.0   # other processes' threads running at this instant
 
     def advance(self, seconds, others, own):
         """`seconds` pass; other processes use `others` cores, this process `own` cores."""
@@ -28,6 +29,7 @@ def clock(monkeypatch):
     c = FakeClock()
     monkeypatch.setattr(runtime, "_CORE_SHARE", runtime._CoreShare())
     monkeypatch.setattr(runtime, "_machine_busy_seconds", lambda: c.busy)
+    monkeypatch.setattr(runtime, "_others_running_now", lambda: c.running_now)
     monkeypatch.setattr(runtime.time, "monotonic", lambda: c.wall)
     monkeypatch.setattr(runtime.time, "process_time", lambda: c.own)
     monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
@@ -51,6 +53,35 @@ def test_samples_at_most_every_quarter_second(clock):
     assert runtime.free_threads(2) == 1
     clock.advance(0.3, 0.0, 2.0)
     assert runtime.free_threads(2) == 2
+
+
+def test_a_burst_that_ended_does_not_count_after_a_pause(clock):
+    runtime.free_threads(2)
+    clock.advance(2.5, 2.0, 0.0)                  # another program's 2-core burst while this one waited
+    clock.advance(0.3, 0.0, 0.0)                  # ... which ended 0.3 s ago: its average is stale
+    assert runtime.free_threads(2) == 2
+    clock.advance(0.3, 1.0, 1.0)                  # then a fresh quarter second decides again
+    assert runtime.free_threads(2) == 1
+
+
+def test_after_a_pause_what_runs_now_decides(clock):
+    runtime.free_threads(2)
+    clock.advance(3.0, 0.0, 0.0)
+    clock.running_now = 1.0                       # a busy thread of another process, right now
+    assert runtime.free_threads(2) == 1
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux's /proc/stat and two cores")
+def test_the_snapshot_sees_a_busy_process_but_not_this_one():
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        seen = max(runtime._others_running_now() for _ in range(20))
+    finally:
+        busy.kill()
+        busy.wait()
+    assert seen >= 1.0
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/stat") or len(os.sched_getaffinity(0)) < 2,
@@ -79,3 +110,36 @@ def test_llmrun_spins_briefly_unless_told_otherwise():
     assert run(env) == [runtime.SPIN_COUNT, "None"]
     assert run({**env, "OMP_WAIT_POLICY": "PASSIVE"}) == ["None", "PASSIVE"]     # a user's policy is kept
     assert run({**env, "GOMP_SPINCOUNT": "0"}) == ["0", "None"]
+
+
+def test_a_prompt_rechecks_the_free_cores_per_layer_with_the_same_bits(tmp_path, monkeypatch):
+    """A prefill lasts seconds: the thread count is looked at again before every layer (a decode step once), and
+    changing it between layers changes no bit of the logits."""
+    import numba
+    import numpy as np
+
+    from helpers.tiny_gguf import TinySpec, hf_model, write_gguf
+    from llmrun.engine import model as model_mod
+    from llmrun.gguf import GGUFReader
+
+    spec = TinySpec(qtype="q4_0", layers=3, seed=11)
+    path = write_gguf(tmp_path / "m.gguf", hf_model(spec), spec)
+    with GGUFReader(path) as r:
+        m = model_mod.LlamaModel.load(r, n_ctx=32)
+    prompt, nxt = list(range(1, 20)), [7]
+    m.n_threads = 2
+    steady = [m.forward(prompt).copy(), m.forward(nxt).copy()]
+
+    asked = []
+    def alternating(wanted):   # 2, 1, 2, 1, ... threads, whatever the machine does
+        asked.append(wanted)
+        return min(wanted, 1 + len(asked) % 2)
+    monkeypatch.setattr(model_mod, "free_threads", alternating)
+    m.cache = m.new_cache()
+    prefill = m.forward(prompt)
+    assert len(asked) == spec.layers
+    decode = m.forward(nxt)
+    assert len(asked) == spec.layers + 1
+    np.testing.assert_array_equal(prefill, steady[0])
+    np.testing.assert_array_equal(decode, steady[1])
+    assert numba.get_num_threads() in (1, 2)

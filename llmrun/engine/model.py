@@ -202,10 +202,7 @@ class LlamaModel(ModelLoading):
         """Each sequence's tokens (at most _max_batch each) after its cache's; logits (or final-normed hidden
         states) for "all" rows (one sequence), each sequence's "last" row, or None."""
         hp = self.hparams
-        # per call: numba's thread count is per OS thread, other models may have changed it, and the cores other
-        # processes keep busy are not ours (runtime.free_threads)
-        numba.set_num_threads(free_threads(min(int(self.n_threads or numba.config.NUMBA_NUM_THREADS),
-                                               numba.config.NUMBA_NUM_THREADS)))
+        self._use_free_threads()
         # Rows: the one-token sequences first (decode, batched), then each longer chunk.
         order = sorted(range(len(seqs)), key=lambda i: seqs[i].size > 1)
         spans, r = [], 0                      # (row0, row1, cache, pos0) per sequence, in row order
@@ -242,6 +239,8 @@ class LlamaModel(ModelLoading):
             pool_tables = [rope.tables_at(positions) for rope in self.ropes]
         tables = [[rope.tables(pos0, r1 - r0) for rope in self.ropes] for r0, r1, _, pos0 in spans[n_pool:]]
         for il, L in enumerate(self.layers):
+            if il and T > n_dec:   # a prompt chunk: its layers take milliseconds each (decode checks per call)
+                self._use_free_threads()
             ops.rmsnorm(x, L.attn_norm, eps, h)
             qkv = _matmul_rows(L.qkv, h, groups)
             if L.qkv_bias is not None:
@@ -299,6 +298,14 @@ class LlamaModel(ModelLoading):
         back = np.empty_like(out)
         back[order] = out                     # rows back in the callers' order
         return back
+
+    def _use_free_threads(self) -> None:
+        """numba's thread count for the next kernels: set per call, as it is per OS thread and other models may
+        have changed it, and again per layer of a prompt chunk, as the cores other processes keep busy are not ours
+        (runtime.free_threads) and a prefill outlasts the moment it started in (~4 us a call: per layer of
+        every decode step it would cost ~1 % of a small model's token)."""
+        numba.set_num_threads(free_threads(min(int(self.n_threads or numba.config.NUMBA_NUM_THREADS),
+                                               numba.config.NUMBA_NUM_THREADS)))
 
     @staticmethod
     def _residual(w: MatrixGroup, a: np.ndarray, post_norm: np.ndarray | None, x: np.ndarray, eps, groups) -> None:
