@@ -252,3 +252,40 @@ def test_q6_k_six_bit_codes_give_i8_bits_on_every_path(quads):
     picks = [0, 1, 63, 64, 149]
     np.testing.assert_array_equal(dequantize_rows(u6, picks), ref[picks])
     same(dequantize_rows(u6, picks), dequantize_rows(i8, picks))
+
+
+@pytest.mark.parametrize("bs", [16, 32])
+def test_activation_quantizer_against_numpy(bs):
+    """The int16 activation codes every tiled product multiplies (blocks._quantize_activations, vector IR):
+    numpy's round-half-even of x * 32767 / amax per block, the block's amax / 32767, the codes' exact sum and
+    the block's float sum (its own fixed order: within float32 rounding of numpy's float64 sum)."""
+    from numba import njit
+
+    from llmrun.kernels.blocks import _quantize_activations
+
+    @njit
+    def quantize(x, bs, xq, xd, xsum, xqsum):
+        _quantize_activations(x, bs, xq, xd, xsum, xqsum)
+
+    rng = np.random.default_rng(bs)
+    K = 512
+    for scale in (1e-6, 1.0, 3e4):
+        x = (rng.standard_normal(K) * scale).astype(np.float32)
+        x[:bs] = 0.0                               # an all-zero block: scale 0, codes 0
+        x[bs:2 * bs] = 0.5
+        x[bs + 1] = np.float32(-1.0)               # halves land on .5 exactly: round half to even
+        xq = np.empty(K, np.int16)
+        xd, xsum = np.empty(K // bs, np.float32), np.empty(K // bs, np.float32)
+        xqsum = np.empty(K // bs, np.int32)
+        quantize(x, bs, xq, xd, xsum, xqsum)
+        blocks = x.reshape(-1, bs)
+        amax = np.abs(blocks).max(axis=1)
+        inv = np.where(amax > 0, np.float32(32767.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+        want = np.rint(blocks * inv[:, None]).astype(np.int16)
+        np.testing.assert_array_equal(xq.reshape(-1, bs), want)
+        np.testing.assert_array_equal(xd, amax / np.float32(32767.0))
+        np.testing.assert_array_equal(xqsum, want.astype(np.int64).sum(axis=1))
+        ref = blocks.astype(np.float64).sum(axis=1)
+        bound = bs * 6e-8 * np.abs(blocks).max(axis=1).astype(np.float64)   # bs roundings of at most amax
+        assert np.all(np.abs(xsum - ref) <= bound)
+    assert xq[bs + 2] == 16384 and xq[bs + 1] == -32767   # 0.5 * 32767 = 16383.5 -> 16384 (even)
