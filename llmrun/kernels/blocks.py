@@ -356,9 +356,9 @@ ACT_MAX = np.float32(32767.0)
 
 
 def _make_block_quantizer(bs: int):
-    """An intrinsic quantizing block b (bs = 16 or 32 weights) of x: xq[b*bs:(b+1)*bs] = int16(rint(x * inv)) with
-    inv = ACT_MAX / amax (0 when amax = 0), xd[b] = amax / ACT_MAX, xsum[b] = the block's float sum, xqsum[b] = the
-    sum of its codes. Vectors of 16 floats in explicit operations (no fast-math flag, so no pass reorders them):
+    """An intrinsic quantizing the bs = 16 or 32 activations at x[xo:]: xq[qo:qo+bs] = int16(rint(x * inv)) with
+    inv = ACT_MAX / amax (0 when amax = 0), xd[so] = amax / ACT_MAX, xsum[so] = the block's float sum, xqsum[so] =
+    the sum of its codes (flat offsets: the prefill GEMM stores its blocks apart from the token order). Vectors of 16 floats in explicit operations (no fast-math flag, so no pass reorders them):
     amax is exact in any order (NaNs skipped, as Python's max does); xsum is added in one fixed order, lanes j and
     j + 16 first, then halves (8, 4, 2, 1 lanes), which every kernel gets the same; rint is numba's round(). The
     loops it replaces were scalar (a sum and a max chained through every element: ~4 ns per activation, serial
@@ -366,19 +366,18 @@ def _make_block_quantizer(bs: int):
     n_vec = bs // 16
 
     @intrinsic
-    def quantize_block(typingctx, x, xq, xd, xsum, xqsum, b):
+    def quantize_block(typingctx, x, xo, xq, qo, xd, xsum, xqsum, so):
         if not all(isinstance(a, types.Array) and a.layout == "C" for a in (x, xq, xd, xsum, xqsum)):
             return None
-        sig = types.void(x, xq, xd, xsum, xqsum, types.intp)
+        sig = types.void(x, types.intp, xq, types.intp, xd, xsum, xqsum, types.intp)
 
         def codegen(context, builder, signature, args):
             xp, qp, dp, sp, qsp = (context.make_array(signature.args[k])(context, builder, args[k]).data
-                                   for k in range(5))
-            b_ = args[5]
+                                   for k in (0, 2, 4, 5, 6))
+            base, qbase, b_ = args[1], args[3], args[7]
             f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
             vf, vi = ir.VectorType(f32, 16), ir.VectorType(i32, 16)
             vh = ir.VectorType(ir.IntType(16), 16)
-            base = builder.mul(b_, ir.Constant(i64, bs))
 
             def fn(name, ret, *argtys):
                 return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, list(argtys)), name)
@@ -414,7 +413,7 @@ def _make_block_quantizer(bs: int):
             qsum = ir.Constant(vi, [0] * 16)
             for k, v in enumerate(vs):
                 q = builder.trunc(builder.fptosi(builder.call(rint, [builder.fmul(v, inv_v)]), vi), vh)
-                dst = builder.gep(qp, [builder.add(base, ir.Constant(i64, 16 * k))])
+                dst = builder.gep(qp, [builder.add(qbase, ir.Constant(i64, 16 * k))])
                 builder.store(q, builder.bitcast(dst, vh.as_pointer()), align=2)
                 qsum = builder.add(qsum, builder.sext(q, vi))
             builder.store(builder.fdiv(amax, act_max), builder.gep(dp, [b_]))
@@ -434,12 +433,18 @@ def _quantize_activations(x, bs, xq, xd, xsum, xqsum):
     offsets m) and per-block integer sums xqsum (for the codes' zero point), blocks of bs = 16 or 32 (every tiled
     format's). One definition of the order of xsum's additions (_make_block_quantizer), inlined into every kernel:
     the batched decode kernels and the prefill GEMM reproduce the one-token kernels' bits."""
+    for b in range(x.shape[0] // bs):
+        _quantize_block(x, b * bs, xq, b * bs, xd, xsum, xqsum, b, bs)
+
+
+@njit(fastmath=False)
+def _quantize_block(x, xo, xq, qo, xd, xsum, xqsum, so, bs):
+    """One block of _quantize_activations (offsets: _make_block_quantizer). A function of its own, never inlined
+    by numba: numba's fast-math pass flags every float operation of the function it runs on, these included."""
     if bs == 32:
-        for b in range(x.shape[0] // 32):
-            _quantize_block32(x, xq, xd, xsum, xqsum, b)
+        _quantize_block32(x, xo, xq, qo, xd, xsum, xqsum, so)
     elif bs == 16:
-        for b in range(x.shape[0] // 16):
-            _quantize_block16(x, xq, xd, xsum, xqsum, b)
+        _quantize_block16(x, xo, xq, qo, xd, xsum, xqsum, so)
     else:
         raise ValueError("activation blocks are of 16 or 32 weights")
 

@@ -11,8 +11,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .blocks import (R, _epilogue_ir, _load_scales_scalar, _quantize_activations, _scale_args, _splat_ir,
-                     six_bit_quad_ir)
+from .blocks import R, _epilogue_ir, _load_scales_scalar, _quantize_block, _scale_args, _splat_ir, six_bit_quad_ir
 from .repack import KIND_I8, KIND_U4, KIND_U6, PackedMatrix
 
 # Many tokens through tiled codes: an integer GEMM. Activations are quantized per weight block to int16 (as for
@@ -146,28 +145,33 @@ _pairs_i8_32, _pairs_i8_16 = _make_pairs(KIND_I8, 8), _make_pairs(KIND_I8, 4)
 
 @njit(fastmath=True, cache=True)
 def _quantize_token_blocks(X, bs, xq, xd, xsum):
-    """Rows of X -> int16 xq (rows past X's are zero, as are their scales and sums), per-block scales/sums.
-    Serial: a few microseconds per token next to the product's milliseconds, and a parallel region would cost
-    one more second of compiling (kernels/warmup.py)."""
-    T = X.shape[0]
-    nblk = xd.shape[1]
-    for i in range(xq.shape[0]):
-        if i < T:
-            qsum = np.empty(nblk, np.int32)
-            _quantize_activations(X[i], bs, xq[i], xd[i], xsum[i], qsum)
-        else:
-            xq[i, :] = 0
-            xd[i, :] = 0
-            xsum[i, :] = 0
+    """Rows of X -> int16 codes xq [nblk, Tp, bs] and per-block scales / sums xd, xsum [nblk, Tp]: block-major, so
+    that the micro-kernel reads the Tp tokens of one block as one contiguous run (token-major, the rows K*2 bytes
+    apart, 4 KiB for K = 2048, all fell into one L1 set: the products ran 10-20 % slower). Tokens past X's are
+    zero, as are their scales and sums. Serial: microseconds per token next to the product's milliseconds."""
+    T, K = X.shape
+    nblk, Tp = xd.shape[0], xd.shape[1]
+    xf, qf, df, sf = X.reshape(-1), xq.reshape(-1), xd.reshape(-1), xsum.reshape(-1)
+    qsum = np.empty(nblk * Tp, np.int32)   # (the codes' sums: not used by the GEMM)
+    for b in range(nblk):
+        for i in range(Tp):
+            so = b * Tp + i
+            if i < T:
+                _quantize_block(xf, i * K + b * bs, qf, so * bs, df, sf, qsum, so, bs)
+            else:
+                qf[so * bs:(so + 1) * bs] = 0
+                df[so] = 0
+                sf[so] = 0
 
 
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)
 def _igemm(codes, kind, d, m, two_level, has_m, zero, xp, xd, xsum, Y):
     """Y[T, tiles*R] = X @ W.T for tiles of any code kind (repack.KIND_*); xp = X's int16 codes as pairs (int32 words)
-    [Tp, K/2], Tp a multiple of TOKENS_PER_CALL (padding tokens zero); xd, xsum [Tp, K/bs]."""
+    [nblk, Tp, bs/2], Tp a multiple of TOKENS_PER_CALL (padding tokens zero); xd, xsum [nblk, Tp]
+    (_quantize_token_blocks)."""
     n_tiles, nblk, n_quads = codes.shape[0], codes.shape[1], codes.shape[2]
     n_pairs = 16 if kind == KIND_U4 else 8 if kind == KIND_U6 else 2 * n_quads
-    T, Tp, xs = Y.shape[0], xp.shape[0], xp.shape[1]
+    T, Tp, words = Y.shape[0], xp.shape[1], xp.shape[2]
     xflat, xdf, xsf = xp.reshape(-1), xd.reshape(-1), xsum.reshape(-1)
     z = np.int32(zero)
     flat = codes.reshape(-1)
@@ -190,12 +194,11 @@ def _igemm(codes, kind, d, m, two_level, has_m, zero, xp, xd, xsum, Y):
             if has_m:
                 _load_scales_scalar(m, two_level, t, b, mv)
             for i0 in range(0, Tp, TOKENS_PER_CALL):
+                so = b * Tp + i0
                 if n_pairs == 16:
-                    _block_fma_32(acc, i0 * R, wp, xflat, i0 * xs + b * 16, xs, dv, mv, xdf, xsf,
-                                  i0 * nblk + b, nblk)
+                    _block_fma_32(acc, i0 * R, wp, xflat, so * words, words, dv, mv, xdf, xsf, so, 1)
                 else:
-                    _block_fma_16(acc, i0 * R, wp, xflat, i0 * xs + b * 8, xs, dv, mv, xdf, xsf,
-                                  i0 * nblk + b, nblk)
+                    _block_fma_16(acc, i0 * R, wp, xflat, so * words, words, dv, mv, xdf, xsf, so, 1)
         for i in range(T):
             for r in range(R):
                 Y[i, t * R + r] = acc[i * R + r]
@@ -206,9 +209,9 @@ def _matmul_vnni(pm: PackedMatrix, X: np.ndarray) -> np.ndarray:
     T, K = X.shape
     bs = pm.bs
     Tp = -(-T // TOKENS_PER_CALL) * TOKENS_PER_CALL
-    xq = np.empty((Tp, K), np.int16)
-    xd = np.empty((Tp, K // bs), np.float32)
-    xsum = np.empty((Tp, K // bs), np.float32)
+    xq = np.empty((K // bs, Tp, bs), np.int16)
+    xd = np.empty((K // bs, Tp), np.float32)
+    xsum = np.empty((K // bs, Tp), np.float32)
     _quantize_token_blocks(X, bs, xq, xd, xsum)
     Y = np.empty((T, pm.codes.shape[0] * R), np.float32)
     _igemm(pm.codes, pm.code_kind, *_scale_args(pm), pm.zero, xq.view(np.int32), xd, xsum, Y)

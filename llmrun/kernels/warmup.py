@@ -62,7 +62,7 @@ def _units() -> dict[str, Unit]:
     f32_1, f32_2, f32_3, f32_4 = (_array(np.float32, n) for n in (1, 2, 3, 4))
     u8_3, u8_4, u16_2 = _array(np.uint8, 3), _array(np.uint8, 4), _array(np.uint16, 2)
     quads = _array(np.uint8, 5)   # tiled codes (repack.py), with their kind (repack.KIND_*)
-    i16_2, i32_2, i64_1 = _array(np.int16, 2), _array(np.int32, 2), _array(np.int64, 1)
+    i16_3, i32_3, i64_1 = _array(np.int16, 3), _array(np.int32, 3), _array(np.int64, 1)
     i64, f32, f64, b1 = types.int64, types.float32, types.float64, types.boolean
     # a family's block scales or offsets: (half bits, super-block scales, sub-block scales), blocks.py
     sc = types.Tuple((_array(np.uint16, 3), f32_3, _array(np.int8, 3)))
@@ -89,8 +89,8 @@ def _units() -> dict[str, Unit]:
             (gemv_vnni_batch.gemv_batch_vnni, (quads, i64, *scales, f32_2, f32_2, b1))]),
         Unit("batch", 5.0, lambda: [(gemv._gemv_batch, (quads, i64, *scales, f32_2, f32_2, b1))]),
         Unit("igemm", 3.5, lambda: [
-            (gemm_vnni._igemm, (quads, i64, *scales, i32_2, f32_2, f32_2, f32_2)),
-            (gemm_vnni._quantize_token_blocks, (f32_2, i64, i16_2, f32_2, f32_2))]),
+            (gemm_vnni._igemm, (quads, i64, *scales, i32_3, f32_2, f32_2, f32_2)),
+            (gemm_vnni._quantize_token_blocks, (f32_2, i64, i16_3, f32_2, f32_2))]),
         Unit("widen", 2.5, lambda: [(gemm_blas._widen, (quads, i64, *scales, i64, i64, f32_3))]),
         Unit("widen_h16", 1.0, lambda: [(gemm_blas._widen_h16, (u16_2, i64, i64, i64, f32_2))]),
     ]
