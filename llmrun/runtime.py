@@ -27,6 +27,11 @@ While a model loads (engine/model.py, glibc on Linux only; elsewhere nothing hap
       32 MiB), after which repacking's temporaries fragment the heap: ~30 % of the weights' size stayed
       resident after loading a 1.1B model.
   malloc_trim(0)  at the end of each load: gives the load's freed temporaries back to the system.
+  then mallopt(M_MMAP_THRESHOLD, 32 MiB), mallopt(M_TRIM_THRESHOLD, 64 MiB)  for the forwards that follow: their
+      temporaries (a few MB each, a fresh set per layer) are reused from the heap instead of being new mappings
+      whose pages fault in and are zeroed per layer (~3,000 page faults a layer of a 1.1B model's 128-token
+      prefill, serial: 8-20 % of it); up to 64 MiB of freed heap stays resident for the next call. The next load
+      sets the 1 MiB threshold again.
   madvise(MADV_DONTNEED)  on each tensor's memory-mapped file pages once its repacked copy exists: the file's
       pages would only double the resident memory (the page cache keeps them; a later read faults them back).
 
@@ -279,7 +284,12 @@ def limit_blas_threads() -> None:
 
 
 # ------------------------------------------------------------------------------------------ glibc memory
-_M_MMAP_THRESHOLD = -3   # mallopt parameter (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # mallopt parameters (malloc.h)
+# After loading: a forward's temporaries (a 128-token prefill of a 1.1B model: ~13 MB a layer, in blocks of
+# 1-6 MB) come from the heap and stay there between layers and calls, instead of each being a fresh mapping whose
+# pages fault in and are zeroed again (prefill 1.08-1.2x faster, 2026-12-02). 32 MiB: glibc's largest threshold.
+_FORWARD_MMAP_THRESHOLD = 32 << 20
+_FORWARD_TRIM_THRESHOLD = 64 << 20
 _MADV_DONTNEED = 4       # Linux
 
 
@@ -298,6 +308,14 @@ def fixed_mmap_threshold() -> None:
     fn = getattr(_libc(), "mallopt", None)
     if fn is not None:
         fn(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(1 << 20))
+
+
+def forward_heap() -> None:
+    """mallopt(M_MMAP_THRESHOLD, 32 MiB) and mallopt(M_TRIM_THRESHOLD, 64 MiB): see the module doc. Best effort."""
+    fn = getattr(_libc(), "mallopt", None)
+    if fn is not None:
+        fn(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(_FORWARD_MMAP_THRESHOLD))
+        fn(ctypes.c_int(_M_TRIM_THRESHOLD), ctypes.c_int(_FORWARD_TRIM_THRESHOLD))
 
 
 def trim_heap() -> None:

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import ModelError
 from ..kernels import kv_formats, warmup
 from ..kernels.repack import FAMILY
-from ..runtime import fixed_mmap_threshold, trim_heap
+from ..runtime import fixed_mmap_threshold, forward_heap, trim_heap
 from .hparams import read_hparams
 from .kv_cache import KVCache, LayerCache
 from .load_checks import check_context
@@ -115,6 +115,7 @@ class ModelLoading:
         # forwards longer than a ring's spare room run in batches (kv_cache.py)
         self._max_batch = min((L.cache.max_batch for L in self.layers if L.cache.ring), default=None)
         trim_heap()
+        forward_heap()   # and the forwards' temporaries: runtime.py
         compiling.wait()
         self.load_seconds = time.perf_counter() - t0
         return self
