@@ -47,7 +47,7 @@ Per forward call (engine/model.py), numba's thread count (numba.set_num_threads 
 asked for, but no more than the cores other processes left free over the last quarter second (free_threads:
 /proc/stat's busy time minus this process's own CPU time; after a pause of over a second, the other processes'
 threads running at that instant; Linux only, elsewhere the threads asked for), looked at again before each layer
-(a prefill lasts seconds; a cached answer costs a microsecond). Not
+of a prompt chunk (a prefill lasts seconds; a decode step checks once). Not
 process-wide, so not here: the chat REPL's SIGINT handler (installed and restored around each answer,
 cli/chat_session.py).
 """
