@@ -17,7 +17,9 @@ import pytest
 from llmrun.gguf import GGMLType, GGUFWriter
 
 SLOW_WRITER = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    # as from a terminal: a test run under nohup would hand SIGHUP down ignored, which the writer rightly keeps
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
     import numpy as np
     from llmrun.gguf import GGMLType, GGUFWriter
     w = GGUFWriter(sys.argv[1], overwrite=True)
