@@ -358,11 +358,12 @@ ACT_MAX = np.float32(32767.0)
 def _make_block_quantizer(bs: int):
     """An intrinsic quantizing the bs = 16 or 32 activations at x[xo:]: xq[qo:qo+bs] = int16(rint(x * inv)) with
     inv = ACT_MAX / amax (0 when amax = 0), xd[so] = amax / ACT_MAX, xsum[so] = the block's float sum, xqsum[so] =
-    the sum of its codes (flat offsets: the prefill GEMM stores its blocks apart from the token order). Vectors of 16 floats in explicit operations (no fast-math flag, so no pass reorders them):
-    amax is exact in any order (NaNs skipped, as Python's max does); xsum is added in one fixed order, lanes j and
-    j + 16 first, then halves (8, 4, 2, 1 lanes), which every kernel gets the same; rint is numba's round(). The
-    loops it replaces were scalar (a sum and a max chained through every element: ~4 ns per activation, serial
-    before each product's parallel region)."""
+    the sum of its codes (flat offsets: the prefill GEMM stores its blocks apart from the token order). Vectors of
+    16 floats in explicit operations (no fast-math flag, so no pass reorders them): amax is exact in any order
+    (NaNs skipped, as Python's max does); xsum is added in one fixed order, lanes j and j + 16 first, then halves
+    (8, 4, 2, 1 lanes), which every kernel gets the same; rint is numba's round(). The loops it replaces were
+    scalar (a sum and a max chained through every element: ~4 ns per activation, serial before each product's
+    parallel region)."""
     n_vec = bs // 16
 
     @intrinsic
@@ -374,7 +375,7 @@ def _make_block_quantizer(bs: int):
         def codegen(context, builder, signature, args):
             xp, qp, dp, sp, qsp = (context.make_array(signature.args[k])(context, builder, args[k]).data
                                    for k in (0, 2, 4, 5, 6))
-            base, qbase, b_ = args[1], args[3], args[7]
+            base, qbase, so_ = args[1], args[3], args[7]
             f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
             vf, vi = ir.VectorType(f32, 16), ir.VectorType(i32, 16)
             vh = ir.VectorType(ir.IntType(16), 16)
@@ -416,9 +417,9 @@ def _make_block_quantizer(bs: int):
                 dst = builder.gep(qp, [builder.add(qbase, ir.Constant(i64, 16 * k))])
                 builder.store(q, builder.bitcast(dst, vh.as_pointer()), align=2)
                 qsum = builder.add(qsum, builder.sext(q, vi))
-            builder.store(builder.fdiv(amax, act_max), builder.gep(dp, [b_]))
-            builder.store(tot, builder.gep(sp, [b_]))
-            builder.store(halves(qsum, builder.add), builder.gep(qsp, [b_]))
+            builder.store(builder.fdiv(amax, act_max), builder.gep(dp, [so_]))
+            builder.store(tot, builder.gep(sp, [so_]))
+            builder.store(halves(qsum, builder.add), builder.gep(qsp, [so_]))
             return context.get_dummy_value()
         return sig, codegen
     return quantize_block
@@ -431,7 +432,7 @@ _quantize_block16, _quantize_block32 = _make_block_quantizer(16), _make_block_qu
 def _quantize_activations(x, bs, xq, xd, xsum, xqsum):
     """x float32 [K] -> xq int16 [K], per-block scale xd [K/bs], per-block sums xsum (for the float
     offsets m) and per-block integer sums xqsum (for the codes' zero point), blocks of bs = 16 or 32 (every tiled
-    format's). One definition of the order of xsum's additions (_make_block_quantizer), inlined into every kernel:
+    format's). One definition of the order of xsum's additions (_make_block_quantizer), called by every kernel:
     the batched decode kernels and the prefill GEMM reproduce the one-token kernels' bits."""
     for b in range(x.shape[0] // bs):
         _quantize_block(x, b * bs, xq, b * bs, xd, xsum, xqsum, b, bs)
