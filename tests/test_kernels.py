@@ -90,11 +90,12 @@ def test_matvec_batch_rows_equal_matvec(name):
         matvec_batch(pm, X[:T], acc, accumulate=True)
         np.testing.assert_array_equal(acc, np.float32(1) + got)
 
-# Repacked bytes per weight vs ggml's (the RSS bound after load: file + KV cache + 15 %). The legacy types keep
-# ggml's exact size (codes + half scales); K-quants add ~0.25 bit (Q4_K) / ~0.06 bit (Q6_K: 6-bit codes in U6,
-# the super-block scale as float32).
-_MAX_SIZE_RATIO = {"q4_0": 1.0, "q4_1": 1.0, "q8_0": 1.0, "q5_0": 1.55, "q5_1": 1.51, "iq4_nl": 1.9,
-                   "q4_k": 1.06, "q5_k": 1.7, "q6_k": 1.01}
+# Repacked bytes per weight vs ggml's (the RSS bound after load: file + KV cache + 15 %). Q4_0, Q4_1 and Q8_0 keep
+# ggml's exact size (codes + half scales); Q4_K adds ~0.25 bit and Q6_K ~0.06 bit (the super-block scale as
+# float32). The other types are held in U6 (6-bit codes): Q5_0 5.5 -> 6.5 bits, Q5_1 6 -> 7, Q5_K 5.5 -> 6.75,
+# Q3_K 3.44 -> 6.63, Q2_K 2.63 -> 7.25; IQ4_NL in I8 (its codes are table values).
+_MAX_SIZE_RATIO = {"q4_0": 1.0, "q4_1": 1.0, "q8_0": 1.0, "q5_0": 1.19, "q5_1": 1.17, "iq4_nl": 1.9,
+                   "q4_k": 1.06, "q5_k": 1.23, "q6_k": 1.01, "q3_k": 1.93, "q2_k": 2.77}
 
 
 @pytest.mark.parametrize("name", list(_MAX_SIZE_RATIO))
@@ -194,32 +195,40 @@ def test_six_bit_layout():
     np.testing.assert_array_equal(six_bit_codes(b), q)
 
 
-def _q6_k_as_i8(raw, cols, quads):
-    """The same Q6_K rows packed as before U6: family I8, one byte per code 0..63 (zero point 32), tiled like the
-    U6 matrix: the layout whose kernels the U6 ones must reproduce bit for bit."""
+_SIX_BIT = ["q6_k", "q5_0", "q5_1", "q5_k", "q3_k", "q2_k"]   # the types held in U6 (q5: in blocks of 32)
+
+
+def name_of(qt):
+    return gguf.GGMLQuantizationType(qt).name.lower()
+
+
+def _six_bit_as_i8(raw, qt, cols, quads):
+    """The same rows packed as before U6: family I8, one byte per code (the same zero point, scales and blocks of
+    16 or 32), tiled like the U6 matrix: the layout whose kernels the U6 ones must reproduce bit for bit."""
     from llmrun.kernels import repack
-    fam, codes, d, m, bs, zero = repack._unpack(raw, cols, int(gguf.GGMLQuantizationType.Q6_K))
-    assert fam == repack.U6
+    fam, codes, d, m, bs, zero = repack._unpack(raw, cols, int(qt))
+    assert fam == repack.U6 and bs == (32 if name_of(qt).startswith("q5") else 16)
     n_pad = -(-raw.shape[0] // repack.TILE_ROWS) * repack.TILE_ROWS
     return repack.PackedMatrix(repack.I8, raw.shape[0], cols,
                                repack._tile_codes(repack.six_bit_codes(codes), n_pad, quads),
-                               repack._tile_any(d, n_pad), None, bs, zero=zero,
-                               src_type=int(gguf.GGMLQuantizationType.Q6_K))
+                               repack._tile_any(d, n_pad), repack._tile_any(m, n_pad), bs, zero=zero,
+                               src_type=int(qt))
 
 
 @pytest.mark.parametrize("quads", [True, False])
-def test_q6_k_six_bit_codes_give_i8_bits_on_every_path(quads):
-    """Q6_K held as U6 (12 bytes per 16 codes) gives, on every product path, exactly the bits of the same codes
-    held one per byte (I8): decode (VNNI or portable, both layouts), batched decode (T = 2..9), both prefill paths,
-    the widening kernel's float32 weights (equal to gguf-py's dequantization) and embedding rows."""
+@pytest.mark.parametrize("name", _SIX_BIT)
+def test_six_bit_codes_give_i8_bits_on_every_path(name, quads):
+    """Every type held as U6 (12 bytes per 16 codes) gives, on every product path, exactly the bits of the same
+    codes held one per byte (I8): decode (VNNI or portable, both layouts), batched decode (T = 2..9), both prefill
+    paths, the widening kernel's float32 weights (equal to gguf-py's dequantization) and embedding rows."""
     from llmrun.kernels import gemm_blas, gemv, qmatmul
     from llmrun.kernels.blocks import _scale_args
-    rng = np.random.default_rng(23)
+    rng = np.random.default_rng(23 + _SIX_BIT.index(name))
     rows, cols = 150, 768   # a partial last tile, three super-blocks
-    raw, qt = _random_rows(rng, "q6_k", rows, cols)
+    raw, qt = _random_rows(rng, name, rows, cols)
     u6 = pack_matrix(raw, int(qt), cols, quads=quads)
-    i8 = _q6_k_as_i8(raw, cols, quads)
-    assert u6.family == "u6" and i8.family == "i8"
+    i8 = _six_bit_as_i8(raw, qt, cols, quads)
+    assert u6.family == "u6" and i8.family == "i8" and u6.bs == i8.bs
     assert u6.codes.nbytes * 4 == i8.codes.nbytes * 3
     X = (rng.standard_normal((9, cols)) * np.exp(rng.uniform(-3, 3, (9, cols)))).astype(np.float32)
     X[0, :16] = 0   # a zero block

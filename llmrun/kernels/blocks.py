@@ -156,15 +156,25 @@ def _six_bit_rows(typingctx, dst, src, off, doff):
 
 @njit(inline="always")
 def _block_size(kind, n_lines):
-    """Weights per block of a tiled matrix whose blocks hold n_lines bytes of each row."""
-    return 32 if kind == KIND_U4 else 16 if kind == KIND_U6 else n_lines
+    """Weights per block of a tiled matrix whose blocks hold n_lines bytes of each row (U6: 12 bytes per 16)."""
+    return 32 if kind == KIND_U4 else n_lines // 12 * 16 if kind == KIND_U6 else n_lines
+
+
+@njit(inline="always")
+def _stage_six_bit(dst, src, off, doff, n_groups):
+    """_six_bit_rows for a U6 block of n_groups groups of 12 byte rows (16 or 32 codes): group k's codes to rows
+    16k.. from doff. The last group first, so that staging a block in place (dst is src, off = doff, after
+    _code_rows) reads no row after it is overwritten: group 1 reads rows 12..23 while it writes 16..31 in the
+    order _six_bit_rows does, and group 0 then overwrites what group 1 has read."""
+    for k in range(n_groups - 1, -1, -1):
+        _six_bit_rows(dst, src, off + 12 * R * k, doff + 16 * R * k)
 
 
 @njit(inline="always")
 def _block_rows(rows, codes, byte_rows, t, b, kind):
     """(src, tile, block): where the portable loops read block b of tile t as byte rows (src [tiles, nblk, lines,
     R]): the matrix's own byte rows, or staged in `rows` (uint8 [2, 1, 32, R]) from quads (_code_rows) and, for U6,
-    as I8 byte rows of codes 0..63 (_six_bit_rows): one row per code, so the I8 loops read them. Called for
+    as I8 byte rows of codes 0..63 (_stage_six_bit): one row per code, so the I8 loops read them. Called for
     b = 0, 1, .. of a tile in order: U6 byte rows are staged one block ahead, into the other half of `rows`, so that
     the loops do not read the rows just stored (one-token decode on an AVX2 target: 1.12 -> 1.06x the time of the
     I8 layout's)."""
@@ -173,14 +183,16 @@ def _block_rows(rows, codes, byte_rows, t, b, kind):
     if quads:
         _code_rows(rows, codes, t, b)
     if kind == KIND_U6:
+        n_groups = byte_rows.shape[2] // 12
         if quads:
-            _six_bit_rows(rows, rows, 0, 0)
+            _stage_six_bit(rows, rows, 0, 0, n_groups)
             return rows, zero, zero
         first = (np.intp(t) * byte_rows.shape[1]) * byte_rows.shape[2] * R
         if b == 0:
-            _six_bit_rows(rows, byte_rows, first, 0)
+            _stage_six_bit(rows, byte_rows, first, 0, n_groups)
         if b + 1 < byte_rows.shape[1]:
-            _six_bit_rows(rows, byte_rows, first + (b + 1) * byte_rows.shape[2] * R, ((b + 1) & 1) * 32 * R)
+            _stage_six_bit(rows, byte_rows, first + (b + 1) * byte_rows.shape[2] * R, ((b + 1) & 1) * 32 * R,
+                           n_groups)
         return rows, np.intp(b & 1), zero
     if quads:
         return rows, zero, zero

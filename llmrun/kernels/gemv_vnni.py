@@ -90,10 +90,11 @@ def _make_block_dots(kind: int, n_rows: int):
             x80 = builder.bitcast(_splat(-0x7F7F7F80), _VB)            # 0x80 in every byte
 
             def code_vectors():   # (activation word k, code vectors of weights 4k..4k+3 of rows 16q.., q < 4)
-                if kind == KIND_U6:   # rebuilt from the block's 3 quads (nibbles, nibbles, 2-bit plane)
-                    w = [[quad(g, q) for g in range(3)] for q in range(4)]
-                    for k in range(4):
-                        yield k, [six_bit_quad_ir(builder, w[q], k) for q in range(4)]
+                if kind == KIND_U6:   # rebuilt from each group's 3 quads (nibbles, nibbles, 2-bit plane)
+                    for h in range(n_rows // 12):   # group h: weights 16h..16h+15
+                        w = [[quad(3 * h + g, q) for g in range(3)] for q in range(4)]
+                        for k in range(4):
+                            yield 4 * h + k, [six_bit_quad_ir(builder, w[q], k) for q in range(4)]
                     return
                 for g in range(groups):
                     w = [quad(g, q) for q in range(4)]
@@ -127,7 +128,8 @@ def _make_block_dots(kind: int, n_rows: int):
 
 
 _u4_dots = _make_block_dots(KIND_U4, 16)
-_u6_dots = _make_block_dots(KIND_U6, 12)
+_u6_dots16 = _make_block_dots(KIND_U6, 12)
+_u6_dots32 = _make_block_dots(KIND_U6, 24)
 _i8_dots32 = _make_block_dots(KIND_I8, 32)
 _i8_dots16 = _make_block_dots(KIND_I8, 16)
 
@@ -192,8 +194,10 @@ def _gemv_vnni(codes, kind, d, m, two_level, has_m, zero, x, y, accumulate):
                 _load_scales(m, two_level, t, b, mv)
             if kind == KIND_U4:
                 _u4_dots(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
+            elif kind == KIND_U6 and n_rows == 12:
+                _u6_dots16(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
             elif kind == KIND_U6:
-                _u6_dots(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
+                _u6_dots32(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
             elif n_rows == 32:
                 _i8_dots32(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
             else:

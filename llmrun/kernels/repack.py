@@ -7,10 +7,10 @@ row and an integer zero point per matrix, so that `w = d*(q - zero) + m`. Signed
 (which LLVM multiplies with vpmaddwd) and subtract the zero point exactly, in integers.
 
   U4   4-bit codes, two per byte (byte j of a 32-block: code j low, code j+16 high)   Q4_0 Q4_1 Q4_K
-  U6   6-bit codes of a 16-block in 12 bytes: a nibble plane (bytes j < 8: code j low,   Q6_K
-       code j+8 high) and a 2-bit plane (byte 8+i: code 4g+i's bits 4-5 at bits 2g)
-  I8   8-bit codes, one per byte, bs = 32 or 16                                        Q8_0 Q5_0 Q5_1
-                                                                                        Q5_K Q3_K Q2_K IQ4_NL
+  U6   6-bit codes, 16 in 12 bytes: a nibble plane (bytes j < 8: code j low,           Q6_K Q3_K Q2_K
+       code j+8 high) and a 2-bit plane (byte 8+i: code 4g+i's bits 4-5 at bits 2g);   (bs 16)
+       bs = 32: two such groups of 12 bytes, weights 0..15 then 16..31                  Q5_0 Q5_1 Q5_K
+  I8   8-bit codes, one per byte, bs = 32 (the kernels take 16 too)                     Q8_0 IQ4_NL
   H16  raw 16-bit floats (kind 0 = IEEE half, 1 = bfloat16), no scales                 F16 BF16
   F32  raw float32, no scales                                                           F32
 
@@ -26,9 +26,11 @@ kernel):
 U6's 2-bit plane is arranged so that, in either layout, one shift and one mask of a 64-byte vector give the bits
 4-5 of 64 codes (shifts of 32-bit lanes: bits crossing from a neighbouring byte are masked off), so the kernels
 rebuild a block's codes 0..63 in registers or a small scratch (blocks.six_bit_codes_ir) and multiply them as I8
-codes (the VNNI kernels as U4's: codes 0..63 are valid s8), the same integers as when Q6_K was held in I8.
-H16 and F32 rows stay row-major. Nothing is dequantized to a float32 copy: U4 keeps 4 bits per weight, U6 6,
-I8 8 bits, H16 16 bits (prefill widens one chunk of rows at a time, gemm_blas.py).
+codes (the VNNI kernels as U4's: codes 0..63 are valid s8), the same integers as when these types were held in
+I8: every type whose codes fit in 6 bits is held in U6, in its own block size (Q5_K 6.75 bits per weight where
+one byte per code took 8.75, Q3_K 6.6 where it took 8.6). H16 and F32 rows stay row-major. Nothing is dequantized to a float32 copy:
+U4 keeps 4 bits per weight, U6 6, I8 8 bits, H16 16 bits (prefill widens one chunk of rows at a time,
+gemm_blas.py).
 """
 from __future__ import annotations
 
@@ -60,8 +62,9 @@ QUADS = TILE_ROWS == 64 and VNNI_TARGET
 # The ggml types the engine runs and the family each is reduced to (module doc).
 FAMILY = {GGMLType.F32: FP32, GGMLType.F16: H16, GGMLType.BF16: H16,
           GGMLType.Q4_0: U4, GGMLType.Q4_1: U4, GGMLType.Q4_K: U4,
-          GGMLType.Q5_0: I8, GGMLType.Q5_1: I8, GGMLType.Q8_0: I8, GGMLType.IQ4_NL: I8, GGMLType.Q2_K: I8,
-          GGMLType.Q3_K: I8, GGMLType.Q5_K: I8, GGMLType.Q6_K: U6}
+          GGMLType.Q8_0: I8, GGMLType.IQ4_NL: I8,
+          GGMLType.Q5_0: U6, GGMLType.Q5_1: U6, GGMLType.Q5_K: U6, GGMLType.Q6_K: U6, GGMLType.Q3_K: U6,
+          GGMLType.Q2_K: U6}
 ENGINE_TYPES = frozenset(FAMILY)
 
 
@@ -128,11 +131,19 @@ def pack_six_bit(q: np.ndarray) -> np.ndarray:
 
 
 def six_bit_codes(c: np.ndarray) -> np.ndarray:
-    """U6 bytes [..., 12] -> codes 0..63 [..., 16] (pack_six_bit's inverse)."""
-    c = c.astype(np.uint8)
+    """U6 bytes [..., 12 k] (k groups of 12: a block of 16 or 32) -> codes 0..63 [..., 16 k] (pack_six_bit's
+    inverse)."""
+    shape = c.shape
+    c = c.astype(np.uint8).reshape(shape[:-1] + (shape[-1] // 12, 12))
     lo = np.concatenate([c[..., :8] & 15, c[..., :8] >> 4], axis=-1)
     hb = (c[..., None, 8:12] >> _PLANE_SHIFTS[:, None]) & 3      # [g][i]
-    return lo | (hb.reshape(c.shape[:-1] + (16,)) << 4)
+    return (lo | (hb.reshape(c.shape[:-1] + (16,)) << 4)).reshape(shape[:-1] + (shape[-1] // 12 * 16,))
+
+
+def _six_bit_blocks(q: np.ndarray) -> np.ndarray:
+    """Codes below 64 in blocks of 32 [rows, nblk, 32] -> U6 blocks of 32 [rows, nblk, 24]: two groups of 12 bytes
+    (weights 0..15, 16..31), each laid out as a 16-block's (module doc)."""
+    return pack_six_bit(q.reshape(q.shape[:-1] + (2, 16))).reshape(q.shape[:-1] + (24,))
 
 
 def _kquant_scales_mins(sc: np.ndarray):
@@ -180,8 +191,8 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
         q = np.concatenate([qs & 15, qs >> 4], axis=-1) | high
         d = _f16_bits(b[..., 0:2])
         if qtype == GGMLType.Q5_0:
-            return I8, q, d, None, 32, 16
-        return I8, q, d, _f16_bits(b[..., 2:4]), 32, 0
+            return U6, _six_bit_blocks(q), d, None, 32, 16
+        return U6, _six_bit_blocks(q), d, _f16_bits(b[..., 2:4]), 32, 0
     if qtype in (GGMLType.Q4_K, GGMLType.Q5_K):
         d = fp16_values(b[..., 0:2])
         dmin = fp16_values(b[..., 2:4])
@@ -194,12 +205,11 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
             bits = ((qh >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1) << 4
             q = q | bits
         nblk = q.shape[1] * 8
-        dd = (d, sc.reshape(rows, nblk))
-        mm = (-dmin, mn.reshape(rows, nblk))
+        sc, mn = sc.reshape(rows, nblk), mn.reshape(rows, nblk)
         q = q.reshape(rows, nblk, 32)
         if qtype == GGMLType.Q4_K:
-            return U4, _pack_nibbles(q), dd, mm, 32, 0
-        return I8, q.astype(np.uint8), dd, mm, 32, 0
+            return U4, _pack_nibbles(q), (d, sc), (-dmin, mn), 32, 0
+        return U6, _six_bit_blocks(q), (d, sc), (-dmin, mn), 32, 0
     if qtype == GGMLType.Q6_K:
         ql = b[..., 0:128].reshape(rows, -1, 2, 2, 32)       # [h][half][l]: ql[64h + 32*half + l]
         qh = b[..., 128:192].reshape(rows, -1, 2, 1, 32)     # qh[32h + l]
@@ -222,7 +232,7 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
         c = ((low4 | (hi2 << 4)).astype(np.int16) - 32).astype(np.int8)
         d = fp16_values(b[..., 108:110])
         nblk = q.shape[1] * 16
-        return I8, q.astype(np.uint8).reshape(rows, nblk, 16), (d, c.reshape(rows, nblk)), None, 16, 4
+        return U6, pack_six_bit(q.reshape(rows, nblk, 16)), (d, c.reshape(rows, nblk)), None, 16, 4
     if qtype == GGMLType.Q2_K:
         sc = b[..., 0:16]
         q = _two_bit_plane(b[..., 16:80])
@@ -231,7 +241,7 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
         nblk = q.shape[1] * 16
         dd = (d, (sc & 15).reshape(rows, nblk))
         mm = (-dmin, (sc >> 4).reshape(rows, nblk))
-        return I8, q.astype(np.uint8).reshape(rows, nblk, 16), dd, mm, 16, 0
+        return U6, pack_six_bit(q.reshape(rows, nblk, 16)), dd, mm, 16, 0
     raise ModelError(f"tensor type {qtype} is not supported by the engine")
 
 
