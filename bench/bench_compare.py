@@ -72,6 +72,8 @@ CASES = [
     Case("tinyllama-q8_0-t2", "tinyllama", "q8_0", 2),
     Case("tinyllama-q4_k_m-t1", "tinyllama", "q4_k_m", 1),
     Case("tinyllama-q4_k_m-t2", "tinyllama", "q4_k_m", 2),
+    Case("tinyllama-q5_k_m-t1", "tinyllama", "q5_k_m", 1),
+    Case("tinyllama-q5_k_m-t2", "tinyllama", "q5_k_m", 2),
     Case("smollm2-q4_1-t2", "smollm2", "q4_1", 2),
     Case("gemma3-270m-q4_k_m-t1", "gemma3", "q4_k_m", 1),
     Case("gemma3-270m-q4_k_m-t2", "gemma3", "q4_k_m", 2),

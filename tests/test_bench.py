@@ -94,7 +94,7 @@ def test_compare_case_selection():
     assert select_cases(None, quick=False) == CASES
     assert {c.qtype for c in select_cases(["tinyllama-q4_0"], quick=False)} == {"q4_0"}
     assert {(c.qtype, c.threads) for c in CASES} == {("q4_0", 1), ("q4_0", 2), ("q8_0", 2), ("q4_k_m", 1), ("q4_k_m", 2),
-                                                      ("q4_1", 2)}
+                                                      ("q5_k_m", 1), ("q5_k_m", 2), ("q4_1", 2)}
 
 
 def test_compare_gives_llamacpp_the_users_environment_not_llmruns():
