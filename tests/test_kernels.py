@@ -92,10 +92,10 @@ def test_matvec_batch_rows_equal_matvec(name):
 
 # Repacked bytes per weight vs ggml's (the RSS bound after load: file + KV cache + 15 %). Q4_0, Q4_1 and Q8_0 keep
 # ggml's exact size (codes + half scales); Q4_K adds ~0.25 bit and Q6_K ~0.06 bit (the super-block scale as
-# float32). The other types are held in U6 (6-bit codes): Q5_0 5.5 -> 6.5 bits, Q5_1 6 -> 7, Q5_K 5.5 -> 6.75,
-# Q3_K 3.44 -> 6.63, Q2_K 2.63 -> 7.25; IQ4_NL in I8 (its codes are table values).
-_MAX_SIZE_RATIO = {"q4_0": 1.0, "q4_1": 1.0, "q8_0": 1.0, "q5_0": 1.19, "q5_1": 1.17, "iq4_nl": 1.9,
-                   "q4_k": 1.06, "q5_k": 1.23, "q6_k": 1.01, "q3_k": 1.93, "q2_k": 2.77}
+# float32). Q5_0 and Q5_1 (U5) keep ggml's exact size too, Q5_K adds ~0.25 bit; Q3_K and Q2_K are held in U6
+# (6-bit codes: 3.44 -> 6.63 bits, 2.63 -> 7.25); IQ4_NL in I8 (its codes are table values).
+_MAX_SIZE_RATIO = {"q4_0": 1.0, "q4_1": 1.0, "q8_0": 1.0, "q5_0": 1.0, "q5_1": 1.0, "iq4_nl": 1.9,
+                   "q4_k": 1.06, "q5_k": 1.05, "q6_k": 1.01, "q3_k": 1.93, "q2_k": 2.77}
 
 
 @pytest.mark.parametrize("name", list(_MAX_SIZE_RATIO))
@@ -195,41 +195,56 @@ def test_six_bit_layout():
     np.testing.assert_array_equal(six_bit_codes(b), q)
 
 
-_SIX_BIT = ["q6_k", "q5_0", "q5_1", "q5_k", "q3_k", "q2_k"]   # the types held in U6 (q5: in blocks of 32)
+_PACKED = {"q6_k": "u6", "q3_k": "u6", "q2_k": "u6", "q5_0": "u5", "q5_1": "u5", "q5_k": "u5"}   # the types
+# whose codes are held in fewer than 8 bits with a high-bit plane (repack.py)
 
 
-def name_of(qt):
-    return gguf.GGMLQuantizationType(qt).name.lower()
-
-
-def _six_bit_as_i8(raw, qt, cols, quads):
-    """The same rows packed as before U6: family I8, one byte per code (the same zero point, scales and blocks of
-    16 or 32), tiled like the U6 matrix: the layout whose kernels the U6 ones must reproduce bit for bit."""
+def _unpacked_as_i8(raw, qt, cols, quads):
+    """The same rows packed as before U5 / U6: family I8, one byte per code (the same zero point, scales and
+    blocks), tiled like the packed matrix: the layout whose kernels the packed ones must reproduce bit for bit."""
     from llmrun.kernels import repack
     fam, codes, d, m, bs, zero = repack._unpack(raw, cols, int(qt))
-    assert fam == repack.U6 and bs == (32 if name_of(qt).startswith("q5") else 16)
+    codes = repack.five_bit_codes(codes) if fam == repack.U5 else repack.six_bit_codes(codes)
     n_pad = -(-raw.shape[0] // repack.TILE_ROWS) * repack.TILE_ROWS
-    return repack.PackedMatrix(repack.I8, raw.shape[0], cols,
-                               repack._tile_codes(repack.six_bit_codes(codes), n_pad, quads),
+    return repack.PackedMatrix(repack.I8, raw.shape[0], cols, repack._tile_codes(codes, n_pad, quads),
                                repack._tile_any(d, n_pad), repack._tile_any(m, n_pad), bs, zero=zero,
                                src_type=int(qt))
 
 
+def test_five_bit_layout():
+    """repack.py's U5 bytes, bit by bit as its doc says (byte j < 16: code j low nibble, code j + 16 high; byte
+    16 + i: bit 4 of code 4k + i at bit k), and back."""
+    from llmrun.kernels.repack import five_bit_codes, pack_five_bit
+    rng = np.random.default_rng(4)
+    q = rng.integers(0, 32, (50, 32)).astype(np.uint8)
+    q[0] = np.arange(32)   # every code value somewhere
+    q[1] = 31 - q[0]
+    b = pack_five_bit(q)
+    assert b.shape == (50, 20) and b.dtype == np.uint8
+    for j in range(32):
+        nib = (b[:, j % 16] >> (4 * (j // 16))) & 15
+        hb = (b[:, 16 + j % 4] >> (j // 4)) & 1
+        np.testing.assert_array_equal(nib | (hb << 4), q[:, j])
+    np.testing.assert_array_equal(five_bit_codes(b), q)
+
+
 @pytest.mark.parametrize("quads", [True, False])
-@pytest.mark.parametrize("name", _SIX_BIT)
-def test_six_bit_codes_give_i8_bits_on_every_path(name, quads):
-    """Every type held as U6 (12 bytes per 16 codes) gives, on every product path, exactly the bits of the same
-    codes held one per byte (I8): decode (VNNI or portable, both layouts), batched decode (T = 2..9), both prefill
-    paths, the widening kernel's float32 weights (equal to gguf-py's dequantization) and embedding rows."""
+@pytest.mark.parametrize("name", list(_PACKED))
+def test_packed_codes_give_i8_bits_on_every_path(name, quads):
+    """Every type held as U5 (20 bytes per 32 codes) or U6 (12 bytes per 16) gives, on every product path, exactly
+    the bits of the same codes held one per byte (I8): decode (VNNI or portable, both layouts), batched decode
+    (T = 2..9), both prefill paths, the widening kernel's float32 weights (equal to gguf-py's dequantization) and
+    embedding rows."""
     from llmrun.kernels import gemm_blas, gemv, qmatmul
     from llmrun.kernels.blocks import _scale_args
-    rng = np.random.default_rng(23 + _SIX_BIT.index(name))
+    rng = np.random.default_rng(23 + list(_PACKED).index(name))
     rows, cols = 150, 768   # a partial last tile, three super-blocks
     raw, qt = _random_rows(rng, name, rows, cols)
-    u6 = pack_matrix(raw, int(qt), cols, quads=quads)
-    i8 = _six_bit_as_i8(raw, qt, cols, quads)
-    assert u6.family == "u6" and i8.family == "i8" and u6.bs == i8.bs
-    assert u6.codes.nbytes * 4 == i8.codes.nbytes * 3
+    packed = pack_matrix(raw, int(qt), cols, quads=quads)
+    i8 = _unpacked_as_i8(raw, qt, cols, quads)
+    assert packed.family == _PACKED[name] and i8.family == "i8" and packed.bs == i8.bs
+    bits = 5 if packed.family == "u5" else 6
+    assert packed.codes.nbytes * 8 == i8.codes.nbytes * bits
     X = (rng.standard_normal((9, cols)) * np.exp(rng.uniform(-3, 3, (9, cols)))).astype(np.float32)
     X[0, :16] = 0   # a zero block
 
@@ -237,12 +252,12 @@ def test_six_bit_codes_give_i8_bits_on_every_path(name, quads):
         np.testing.assert_array_equal(np.asarray(a).view(np.uint32), np.asarray(b).view(np.uint32))
 
     for i in range(3):
-        same(matvec(u6, X[i]), matvec(i8, X[i]))
+        same(matvec(packed, X[i]), matvec(i8, X[i]))
     for T in range(2, 10):
-        same(matvec_batch(u6, X[:T]), matvec_batch(i8, X[:T]))
+        same(matvec_batch(packed, X[:T]), matvec_batch(i8, X[:T]))
     for kernel in (gemv._gemv, gemv._gemv_batch):   # the portable kernels, also where VNNI ones run
         ys = []
-        for pm in (u6, i8):
+        for pm in (packed, i8):
             y = np.zeros((4, rows), np.float32)
             args = (pm.codes, pm.code_kind, *_scale_args(pm), pm.zero)
             if kernel is gemv._gemv:
@@ -251,16 +266,16 @@ def test_six_bit_codes_give_i8_bits_on_every_path(name, quads):
                 kernel(*args, X[:4], y, False)
             ys.append(y)
         same(*ys)
-    same(_matmul_widened(u6, X), _matmul_widened(i8, X))
+    same(_matmul_widened(packed, X), _matmul_widened(i8, X))
     if VNNI and quads:
-        same(_matmul_vnni(u6, X), _matmul_vnni(i8, X))
+        same(_matmul_vnni(packed, X), _matmul_vnni(i8, X))
     ref = gguf.quants.dequantize(raw, qt).reshape(rows, cols)
     w = np.empty((3, cols, 64), np.float32)
-    gemm_blas._widen(u6.codes, u6.code_kind, *_scale_args(u6), u6.zero, 0, 3, w)
+    gemm_blas._widen(packed.codes, packed.code_kind, *_scale_args(packed), packed.zero, 0, 3, w)
     np.testing.assert_array_equal(w.transpose(0, 2, 1).reshape(-1, cols)[:rows], ref)   # (values: -0 == 0)
     picks = [0, 1, 63, 64, 149]
-    np.testing.assert_array_equal(dequantize_rows(u6, picks), ref[picks])
-    same(dequantize_rows(u6, picks), dequantize_rows(i8, picks))
+    np.testing.assert_array_equal(dequantize_rows(packed, picks), ref[picks])
+    same(dequantize_rows(packed, picks), dequantize_rows(i8, picks))
 
 
 @pytest.mark.parametrize("bs", [16, 32])

@@ -1,5 +1,5 @@
-"""What every U4/U6/I8 product kernel shares: the block scales, the activations' int16 quantization, the epilogue,
-the staging of codes (quads to byte rows, U6's planes to codes 0..63).
+"""What every U4/U5/U6/I8 product kernel shares: the block scales, the activations' int16 quantization, the epilogue,
+the staging of codes (quads to byte rows, U5's and U6's planes to codes).
 
 The product kernels (gemv.py, gemv_vnni.py, gemm_vnni.py, gemm_blas.py, qmatmul.py's batched decode) differ in
 how they form a block's integer dot products; what they read besides the codes and how a block's sums become
@@ -15,7 +15,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .repack import KIND_U4, KIND_U6, TILE_ROWS, PackedMatrix
+from .repack import KIND_U4, KIND_U5, KIND_U6, TILE_ROWS, PackedMatrix
 from .strict import fma_ir
 
 R = TILE_ROWS
@@ -154,45 +154,96 @@ def _six_bit_rows(typingctx, dst, src, off, doff):
     return sig, codegen
 
 
+# ---------------------------------------------------------------------------------------- 5-bit codes
+def five_bit_codes_ir(builder, nib, plane, high, k):
+    """One vector of U5 codes 0..31 (repack.py): the low or `high` nibbles of the byte vector `nib`, with bit 4
+    taken from bit k of each byte of `plane` (shifts of 32-bit lanes, exact per byte after the mask, as
+    six_bit_codes_ir's). In quads (16 rows x 4 bytes a vector), code vector k (codes 4k..4k+3, k < 8) is nibble
+    quad k % 4, high = k >= 4, plane = quad 4; in byte rows, code j is nibble row j % 16, high = j >= 16, plane row
+    16 + j % 4, k = j // 4."""
+    vb = nib.type
+    vi = ir.VectorType(ir.IntType(32), vb.count // 4)
+
+    def shift(v, n):   # n > 0: left, n < 0: right
+        w = builder.bitcast(v, vi)
+        w = builder.shl(w, ir.Constant(vi, [n] * vi.count)) if n > 0 else \
+            builder.lshr(w, ir.Constant(vi, [-n] * vi.count)) if n < 0 else w
+        return builder.bitcast(w, vb)
+
+    lo = builder.and_(shift(nib, -4) if high else nib, ir.Constant(vb, [0x0F] * vb.count))
+    return builder.or_(lo, builder.and_(shift(plane, 4 - k), ir.Constant(vb, [0x10] * vb.count)))
+
+
+def five_bit_quad_ir(builder, quads, k):
+    """Code vector k (codes 4k..4k+3 of 16 rows, k < 8) of a U5 block in quads, from its 5 quads of those rows
+    (nibble quads 0..3, the 1-bit plane): five_bit_codes_ir's quads case."""
+    return five_bit_codes_ir(builder, quads[k % 4], quads[4], k >= 4, k)
+
+
+@intrinsic
+def _five_bit_rows(typingctx, dst, src, off, doff):
+    """dst's rows j < 32 from element doff of its data (uint8 [.., 32, R]) = code j (0..31) of R rows of a U5 block
+    whose 20 byte rows start at element off of src's data (the matrix's byte rows, or the other half of dst after
+    _code_rows). Generic LLVM vectors, lowered for any ISA."""
+    sig = types.void(dst, src, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        dp = context.make_array(signature.args[0])(context, builder, args[0]).data
+        dp = builder.gep(dp, [args[3]])
+        sp = context.make_array(signature.args[1])(context, builder, args[1]).data
+        vb, i64 = ir.VectorType(ir.IntType(8), R), ir.IntType(64)
+
+        def row(base, j, off):
+            return builder.bitcast(builder.gep(base, [builder.add(off, ir.Constant(i64, j * R))]), vb.as_pointer())
+
+        zero = ir.Constant(i64, 0)
+        for i in range(4):   # plane row i: codes i + 4k, k < 8, from nibble rows i, i + 4, i + 8, i + 12 (5 live)
+            nibs = [builder.load(row(sp, i + 4 * g, args[2]), align=1) for g in range(4)]
+            plane = builder.load(row(sp, 16 + i, args[2]), align=1)
+            for k in range(8):
+                code = five_bit_codes_ir(builder, nibs[k % 4], plane, k >= 4, k)
+                builder.store(code, row(dp, i + 4 * k, zero), align=1)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 @njit(inline="always")
 def _block_size(kind, n_lines):
-    """Weights per block of a tiled matrix whose blocks hold n_lines bytes of each row (U6: 12 bytes per 16)."""
-    return 32 if kind == KIND_U4 else n_lines // 12 * 16 if kind == KIND_U6 else n_lines
-
-
-@njit(inline="always")
-def _stage_six_bit(dst, src, off, doff, n_groups):
-    """_six_bit_rows for a U6 block of n_groups groups of 12 byte rows (16 or 32 codes): group k's codes to rows
-    16k.. from doff. The last group first, so that staging a block in place (dst is src, off = doff, after
-    _code_rows) reads no row after it is overwritten: group 1 reads rows 12..23 while it writes 16..31 in the
-    order _six_bit_rows does, and group 0 then overwrites what group 1 has read."""
-    for k in range(n_groups - 1, -1, -1):
-        _six_bit_rows(dst, src, off + 12 * R * k, doff + 16 * R * k)
+    """Weights per block of a tiled matrix whose blocks hold n_lines bytes of each row."""
+    return 32 if kind == KIND_U4 or kind == KIND_U5 else 16 if kind == KIND_U6 else n_lines
 
 
 @njit(inline="always")
 def _block_rows(rows, codes, byte_rows, t, b, kind):
     """(src, tile, block): where the portable loops read block b of tile t as byte rows (src [tiles, nblk, lines,
-    R]): the matrix's own byte rows, or staged in `rows` (uint8 [2, 1, 32, R]) from quads (_code_rows) and, for U6,
-    as I8 byte rows of codes 0..63 (_stage_six_bit): one row per code, so the I8 loops read them. Called for
-    b = 0, 1, .. of a tile in order: U6 byte rows are staged one block ahead, into the other half of `rows`, so that
-    the loops do not read the rows just stored (one-token decode on an AVX2 target: 1.12 -> 1.06x the time of the
-    I8 layout's)."""
+    R]): the matrix's own byte rows, or staged in `rows` (uint8 [2, 1, 32, R]) from quads (_code_rows) and, for U5
+    and U6, as I8 byte rows of their codes (_five_bit_rows, _six_bit_rows): one row per code, so the I8 loops read
+    them. Called for b = 0, 1, .. of a tile in order: U5 / U6 byte rows are staged one block ahead, into the other
+    half of `rows`, so that the loops do not read the rows just stored (U6, one-token decode on an AVX2 target: 1.12
+    -> 1.06x the time of the I8 layout's)."""
     quads = codes.shape[4] == 4
     zero = np.intp(0)   # (np.intp throughout: a parfor's index may be unsigned, and uint64 | int64 types as float)
     if quads:
         _code_rows(rows, codes, t, b)
-    if kind == KIND_U6:
-        n_groups = byte_rows.shape[2] // 12
+    if kind == KIND_U5:   # codes 0..31 into the other half of `rows` (quads) or one block ahead (byte rows)
         if quads:
-            _stage_six_bit(rows, rows, 0, 0, n_groups)
+            _five_bit_rows(rows, rows, 0, 32 * R)
+            return rows, np.intp(1), zero
+        first = (np.intp(t) * byte_rows.shape[1]) * byte_rows.shape[2] * R
+        if b == 0:
+            _five_bit_rows(rows, byte_rows, first, 0)
+        if b + 1 < byte_rows.shape[1]:
+            _five_bit_rows(rows, byte_rows, first + (b + 1) * byte_rows.shape[2] * R, ((b + 1) & 1) * 32 * R)
+        return rows, np.intp(b & 1), zero
+    if kind == KIND_U6:
+        if quads:
+            _six_bit_rows(rows, rows, 0, 0)
             return rows, zero, zero
         first = (np.intp(t) * byte_rows.shape[1]) * byte_rows.shape[2] * R
         if b == 0:
-            _stage_six_bit(rows, byte_rows, first, 0, n_groups)
+            _six_bit_rows(rows, byte_rows, first, 0)
         if b + 1 < byte_rows.shape[1]:
-            _stage_six_bit(rows, byte_rows, first + (b + 1) * byte_rows.shape[2] * R, ((b + 1) & 1) * 32 * R,
-                           n_groups)
+            _six_bit_rows(rows, byte_rows, first + (b + 1) * byte_rows.shape[2] * R, ((b + 1) & 1) * 32 * R)
         return rows, np.intp(b & 1), zero
     if quads:
         return rows, zero, zero

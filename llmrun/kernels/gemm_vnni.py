@@ -1,4 +1,4 @@
-"""Prefill products (many tokens) on AVX-512 VNNI hosts: an integer GEMM over U4/U6/I8 tiles (vpdpwssd, LLVM IR).
+"""Prefill products (many tokens) on AVX-512 VNNI hosts: an integer GEMM over U4/U5/U6/I8 tiles (vpdpwssd, LLVM IR).
 
 Activations are quantized to int16 per weight block as for decode (blocks.py), and each block's sums are scaled
 by the same epilogue (blocks._epilogue_ir), so prefill gives decode's bits (docs/kernels.md, "Batch invariance").
@@ -11,8 +11,9 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .blocks import R, _epilogue_ir, _load_scales_scalar, _quantize_block, _scale_args, _splat_ir, six_bit_quad_ir
-from .repack import KIND_I8, KIND_U4, KIND_U6, PackedMatrix
+from .blocks import (R, _epilogue_ir, _load_scales_scalar, _quantize_block, _scale_args, _splat_ir, five_bit_quad_ir,
+                     six_bit_quad_ir)
+from .repack import KIND_I8, KIND_U4, KIND_U5, KIND_U6, PackedMatrix
 
 # Many tokens through tiled codes: an integer GEMM. Activations are quantized per weight block to int16 (as for
 # decode: ~250x finer than ggml's int8 activations), codes minus their zero point are unpacked once per
@@ -82,9 +83,9 @@ def _make_pairs(kind: int, n_quads: int):
     (2p, 2p + 1) of row r, zero point removed, in one int32 word. From repack.py's quads (flat codes[cbase:],
     one 64-byte vector = bytes 4g..4g+3 of 16 rows): bytes widened to int16 in place, so each row's 64 bits
     hold pairs 2g and 2g + 1, which one two-source dword permute per pair separates (U4: the low nibbles give
-    pairs 2g, 2g + 1, the high nibbles 8 + 2g, 9 + 2g; U6: code vector k of group h, rebuilt from the group's 3
-    quads as blocks.six_bit_codes_ir says, gives pairs 8h + 2k, 8h + 2k + 1). A numba loop over the quads' interleaved bytes did not
-    vectorize (7x slower than over the byte rows of the layout before)."""
+    pairs 2g, 2g + 1, the high nibbles 8 + 2g, 9 + 2g; U5 / U6: code vector k, rebuilt from the 5 / 3 quads as
+    blocks.five_bit_codes_ir / six_bit_codes_ir say, gives pairs 2k, 2k + 1). A numba loop over the quads'
+    interleaved bytes did not vectorize (7x slower than over the byte rows of the layout before)."""
     i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
     vb, vh, vi = ir.VectorType(i8, 64), ir.VectorType(i16, 32), ir.VectorType(i32, 16)
 
@@ -119,12 +120,17 @@ def _make_pairs(kind: int, n_quads: int):
                 off = builder.add(args[2], ir.Constant(ir.IntType(64), (g * R + 16 * q) * 4))
                 return builder.load(builder.bitcast(builder.gep(cp, [off]), vb.as_pointer()), align=1)
 
-            if kind == KIND_U6:   # n_quads // 3 groups of 16 weights
+            if kind == KIND_U6:
                 for q in range(R // 16):
-                    for h in range(n_quads // 3):
-                        w = [load(3 * h + g, q) for g in range(3)]
-                        for k in range(4):
-                            split(six_bit_quad_ir(builder, w, k), 8 * h + 2 * k, q)
+                    w = [load(g, q) for g in range(3)]
+                    for k in range(4):
+                        split(six_bit_quad_ir(builder, w, k), 2 * k, q)
+                return context.get_dummy_value()
+            if kind == KIND_U5:
+                for q in range(R // 16):
+                    w = [load(g, q) for g in range(5)]
+                    for k in range(8):
+                        split(five_bit_quad_ir(builder, w, k), 2 * k, q)
                 return context.get_dummy_value()
             for g in range(n_quads):
                 for q in range(R // 16):
@@ -140,7 +146,7 @@ def _make_pairs(kind: int, n_quads: int):
     return pairs
 
 
-_pairs_u4, _pairs_u6_16, _pairs_u6_32 = _make_pairs(KIND_U4, 4), _make_pairs(KIND_U6, 3), _make_pairs(KIND_U6, 6)
+_pairs_u4, _pairs_u5, _pairs_u6 = _make_pairs(KIND_U4, 4), _make_pairs(KIND_U5, 5), _make_pairs(KIND_U6, 3)
 _pairs_i8_32, _pairs_i8_16 = _make_pairs(KIND_I8, 8), _make_pairs(KIND_I8, 4)
 
 
@@ -171,7 +177,7 @@ def _igemm(codes, kind, d, m, two_level, has_m, zero, xp, xd, xsum, Y):
     [nblk, Tp, bs/2], Tp a multiple of TOKENS_PER_CALL (padding tokens zero); xd, xsum [nblk, Tp]
     (_quantize_token_blocks)."""
     n_tiles, nblk, n_quads = codes.shape[0], codes.shape[1], codes.shape[2]
-    n_pairs = 16 if kind == KIND_U4 else 8 * (n_quads // 3) if kind == KIND_U6 else 2 * n_quads
+    n_pairs = 16 if kind == KIND_U4 or kind == KIND_U5 else 8 if kind == KIND_U6 else 2 * n_quads
     T, Tp, words = Y.shape[0], xp.shape[1], xp.shape[2]
     xflat, xdf, xsf = xp.reshape(-1), xd.reshape(-1), xsum.reshape(-1)
     z = np.int32(zero)
@@ -185,10 +191,10 @@ def _igemm(codes, kind, d, m, two_level, has_m, zero, xp, xd, xsum, Y):
             cbase = (t * nblk + b) * n_quads * R * 4
             if kind == KIND_U4:
                 _pairs_u4(wp, flat, cbase, z)
-            elif kind == KIND_U6 and n_quads == 3:
-                _pairs_u6_16(wp, flat, cbase, z)
             elif kind == KIND_U6:
-                _pairs_u6_32(wp, flat, cbase, z)
+                _pairs_u6(wp, flat, cbase, z)
+            elif kind == KIND_U5:
+                _pairs_u5(wp, flat, cbase, z)
             elif n_quads == 8:
                 _pairs_i8_32(wp, flat, cbase, z)
             else:

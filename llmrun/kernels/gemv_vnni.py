@@ -6,7 +6,7 @@ with an int16 activation: ~10 instructions per 64 products, bound by instruction
 products per instruction, but on bytes. The int16 activation codes x (exactly blocks._quantize_activations')
 are therefore split into two bytes, x = 256*xh + xl with xh = x >> 8 (signed) and xl = x & 255 (unsigned):
 
-  U4 codes c in 0..15 and U6 codes in 0..63 (valid as u8 and as s8):
+  U4, U5 and U6 codes c in 0..15, 0..31, 0..63 (valid as u8 and as s8):
       sum c*x = 256 * dpbusd(u8 c, s8 xh) + dpbusd(u8 xl, s8 c)
   I8 codes c in 0..255 (u8; c - 128 = c ^ 0x80 is an s8):
       sum c*x = 256 * dpbusd(u8 c, s8 xh) + dpbusd(u8 xl, s8 c ^ 0x80) + 128 * sum xl
@@ -16,7 +16,8 @@ float epilogue (blocks._epilogue_ir, as blocks._add_block runs it) adds them to 
 micro-kernel, so every output is bit-identical to gemv.py's (tested).
 
 The codes are in repack.py's quads: one 64-byte load is bytes 4k..4k+3 of 16 rows, exactly vpdpbusd's operand
-(U4: after a nibble mask; U6: rebuilt from the nibble and 2-bit planes, blocks.six_bit_codes_ir).
+(U4: after a nibble mask; U5 / U6: rebuilt from the nibbles and the high-bit plane, blocks.five_bit_codes_ir /
+six_bit_codes_ir).
 (Byte rows, one byte of 64 rows per load, needed 8 byte/word unpacks per 4 loads and a reordering of the sums
 per block: docs/kernels.md, "Scales in registers, codes in quads".)
 """
@@ -29,8 +30,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .blocks import (DECODE_PREFETCH_LINES, R, _block_size, _epilogue_ir, _finish_tile, _load_scales,
-                     _prefetch_l2, _prefetch_scales, _quantize_activations, _scale_lines, _splat_ir, six_bit_quad_ir)
-from .repack import KIND_I8, KIND_U4, KIND_U6
+                     _prefetch_l2, _prefetch_scales, _quantize_activations, _scale_lines, _splat_ir, five_bit_codes_ir,
+                     six_bit_quad_ir)
+from .repack import KIND_I8, KIND_U4, KIND_U5, KIND_U6
 
 USABLE = R == 64   # the micro-kernels hold one tile's 64 rows in 4 zmm registers of 16 int32 lanes
 
@@ -61,7 +63,7 @@ def _make_block_dots(kind: int, n_rows: int):
     minus zero * sum(xq); exact in int32). Without offsets mv and sx are zeros: fma(0, 0, a) = a, as acc is never
     -0, so the bits are blocks._add_block's either way."""
     groups = n_rows // 4
-    flip = kind == KIND_I8   # I8 codes go through c ^ 0x80 (module doc); U4 / U6 codes are valid s8
+    flip = kind == KIND_I8   # I8 codes go through c ^ 0x80 (module doc); U4 / U5 / U6 codes are valid s8
 
     @intrinsic
     def block_dots(typingctx, acc, codes, cbase, xh, xl, xo, bias, dv, mv, dx, sx):
@@ -90,11 +92,17 @@ def _make_block_dots(kind: int, n_rows: int):
             x80 = builder.bitcast(_splat(-0x7F7F7F80), _VB)            # 0x80 in every byte
 
             def code_vectors():   # (activation word k, code vectors of weights 4k..4k+3 of rows 16q.., q < 4)
-                if kind == KIND_U6:   # rebuilt from each group's 3 quads (nibbles, nibbles, 2-bit plane)
-                    for h in range(n_rows // 12):   # group h: weights 16h..16h+15
-                        w = [[quad(3 * h + g, q) for g in range(3)] for q in range(4)]
-                        for k in range(4):
-                            yield 4 * h + k, [six_bit_quad_ir(builder, w[q], k) for q in range(4)]
+                if kind == KIND_U6:   # rebuilt from the block's 3 quads (nibbles, nibbles, 2-bit plane)
+                    w = [[quad(g, q) for g in range(3)] for q in range(4)]
+                    for k in range(4):
+                        yield k, [six_bit_quad_ir(builder, w[q], k) for q in range(4)]
+                    return
+                if kind == KIND_U5:   # rebuilt from the block's 5 quads (4 of nibbles, the 1-bit plane)
+                    planes = [quad(4, q) for q in range(4)]
+                    for g in range(4):
+                        w = [quad(g, q) for q in range(4)]
+                        for k in (g, 4 + g):
+                            yield k, [five_bit_codes_ir(builder, w[q], planes[q], k >= 4, k) for q in range(4)]
                     return
                 for g in range(groups):
                     w = [quad(g, q) for q in range(4)]
@@ -128,8 +136,8 @@ def _make_block_dots(kind: int, n_rows: int):
 
 
 _u4_dots = _make_block_dots(KIND_U4, 16)
-_u6_dots16 = _make_block_dots(KIND_U6, 12)
-_u6_dots32 = _make_block_dots(KIND_U6, 24)
+_u5_dots = _make_block_dots(KIND_U5, 20)
+_u6_dots = _make_block_dots(KIND_U6, 12)
 _i8_dots32 = _make_block_dots(KIND_I8, 32)
 _i8_dots16 = _make_block_dots(KIND_I8, 16)
 
@@ -194,10 +202,10 @@ def _gemv_vnni(codes, kind, d, m, two_level, has_m, zero, x, y, accumulate):
                 _load_scales(m, two_level, t, b, mv)
             if kind == KIND_U4:
                 _u4_dots(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
-            elif kind == KIND_U6 and n_rows == 12:
-                _u6_dots16(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
             elif kind == KIND_U6:
-                _u6_dots32(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
+                _u6_dots(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
+            elif kind == KIND_U5:
+                _u5_dots(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
             elif n_rows == 32:
                 _i8_dots32(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
             else:

@@ -9,7 +9,7 @@ into it (1 KiB):
 
   hi = sum dpbusd(u8 c, s8 xh)   then   s = (hi << 8) + sum dpbusd(u8 xl, s8 c') (+ 128 * sum xl for I8)
 
-with c' = c (U4, U6) or c ^ 0x80 (I8), gemv_vnni.py's identity with the high byte's sums shifted before the low
+with c' = c (U4, U5, U6) or c ^ 0x80 (I8), gemv_vnni.py's identity with the high byte's sums shifted before the low
 byte's are added (int32 arithmetic wraps alike in any order: the same integers). So one accumulator per 16
 rows and token (4 per token), and up to GROUP tokens share each code vector loaded from the scratch; T > GROUP
 tokens loop over groups of GROUP within the block while it sits in L1. The integer block sums are the
@@ -29,8 +29,8 @@ from numba.extending import intrinsic
 
 from .gemv_vnni import R, USABLE, _I32, _VB, _VF, _VI, _const, _split_activations, _splat
 from .blocks import (PREFETCH_LINES, _block_size, _epilogue_ir, _finish_tile, _load_scales, _quantize_activations,
-                     _splat_ir, six_bit_quad_ir)
-from .repack import KIND_I8, KIND_U4, KIND_U6
+                     _splat_ir, five_bit_quad_ir, six_bit_quad_ir)
+from .repack import KIND_I8, KIND_U4, KIND_U5, KIND_U6
 
 __all__ = ["USABLE", "GROUP", "gemv_batch_vnni"]
 
@@ -46,12 +46,12 @@ def _aligned(context, builder, ty, arr):
     return builder.inttoptr(p, ir.IntType(8).as_pointer())
 
 
-def _make_stage(kind: int, n_groups: int = 1):
-    """An intrinsic staging one U4 or U6 block (flat codes[cbase:], 16 or 12 n_groups bytes of R rows in repack.py's
+def _make_stage(kind: int):
+    """An intrinsic staging one U4, U5 or U6 block (flat codes[cbase:], 16, 20 or 12 bytes of R rows in repack.py's
     quads) in `scratch` as vectors (word k, quarter q) at byte (4k + q) * 64: int32 lane l holds weights 4k..4k+3
-    of row 16q + l. U4: word k < 4 the low nibbles of bytes 4k..4k+3, word 4 + k their high nibbles; U6: the codes
-    0..63 rebuilt from the nibble and 2-bit planes (blocks.six_bit_codes_ir), group h's as words 4h..4h+3. Done
-    once for all the tokens; I8 quads are already that operand and are read where they are."""
+    of row 16q + l. U4: word k < 4 the low nibbles of bytes 4k..4k+3, word 4 + k their high nibbles; U5 / U6: the
+    codes rebuilt from the nibbles and the high-bit plane (blocks.five_bit_codes_ir / six_bit_codes_ir). Done once
+    for all the tokens; I8 quads are already that operand and are read where they are."""
     @intrinsic
     def stage(typingctx, scratch, codes, cbase):
         sig = types.void(scratch, codes, types.intp)
@@ -72,10 +72,14 @@ def _make_stage(kind: int, n_groups: int = 1):
 
             for q in range(4):
                 if kind == KIND_U6:
-                    for h in range(n_groups):
-                        w = [load(3 * h + g, q) for g in range(3)]
-                        for k in range(4):
-                            store(4 * h + k, q, six_bit_quad_ir(builder, w, k))
+                    w = [load(g, q) for g in range(3)]
+                    for k in range(4):
+                        store(k, q, six_bit_quad_ir(builder, w, k))
+                    continue
+                if kind == KIND_U5:
+                    w = [load(g, q) for g in range(5)]
+                    for k in range(8):
+                        store(k, q, five_bit_quad_ir(builder, w, k))
                     continue
                 for g in range(4):
                     v = load(g, q)
@@ -87,13 +91,13 @@ def _make_stage(kind: int, n_groups: int = 1):
     return stage
 
 
-_stage_u4, _stage_u6_16, _stage_u6_32 = _make_stage(KIND_U4), _make_stage(KIND_U6), _make_stage(KIND_U6, 2)
+_stage_u4, _stage_u5, _stage_u6 = _make_stage(KIND_U4), _make_stage(KIND_U5), _make_stage(KIND_U6)
 
 
 def _make_block_dots(staged: bool, words: int, n_rows: int, n_tok: int):
     """An intrinsic adding one block to the float rows of tokens i0..i0+n_tok-1: the integer sums s_i[r] = sum over
-    the block of codes(row r) * x_i, from the block's code vectors (staged: U4 / U6 codes in `scratch` by _stage_u4
-    / _stage_u6_16 / _stage_u6_32; else I8, the quads at codes[cbase:] themselves), then acc[(i0 + i) * R + r] = the epilogue
+    the block of codes(row r) * x_i, from the block's code vectors (staged: U4 / U5 / U6 codes in `scratch` by _stage_u4
+    / _stage_u5 / _stage_u6; else I8, the quads at codes[cbase:] themselves), then acc[(i0 + i) * R + r] = the epilogue
     (blocks._epilogue_ir) of s_i[r] with the block's scales dv / offsets mv [R] and token i's dx = xd[bo + i],
     sum(x) = xs[bo + i]: the sums never leave the registers, and the scales are loaded once for all the tokens.
     xh / xl: the activations' high (s8) and low (u8) bytes as int32 words, token i's block word k at
@@ -181,13 +185,13 @@ def _make_block_dots(staged: bool, words: int, n_rows: int, n_tok: int):
 
 
 _d_u4 = [_make_block_dots(True, 8, 16, n) for n in range(1, GROUP + 1)]
-_d_u6_16 = [_make_block_dots(True, 4, 12, n) for n in range(1, GROUP + 1)]
-_d_u6_32 = [_make_block_dots(True, 8, 24, n) for n in range(1, GROUP + 1)]
+_d_u5 = [_make_block_dots(True, 8, 20, n) for n in range(1, GROUP + 1)]
+_d_u6 = [_make_block_dots(True, 4, 12, n) for n in range(1, GROUP + 1)]
 _d_i8_32 = [_make_block_dots(False, 8, 32, n) for n in range(1, GROUP + 1)]
 _d_i8_16 = [_make_block_dots(False, 4, 16, n) for n in range(1, GROUP + 1)]
 _u4_1, _u4_2, _u4_3, _u4_4 = _d_u4
-_u6_16_1, _u6_16_2, _u6_16_3, _u6_16_4 = _d_u6_16
-_u6_32_1, _u6_32_2, _u6_32_3, _u6_32_4 = _d_u6_32
+_u5_1, _u5_2, _u5_3, _u5_4 = _d_u5
+_u6_1, _u6_2, _u6_3, _u6_4 = _d_u6
 _i8_32_1, _i8_32_2, _i8_32_3, _i8_32_4 = _d_i8_32
 _i8_16_1, _i8_16_2, _i8_16_3, _i8_16_4 = _d_i8_16
 
@@ -205,24 +209,24 @@ def _dots(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, c
             _u4_2(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
         else:
             _u4_1(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
-    elif kind == KIND_U6 and n_rows == 12:
+    elif kind == KIND_U5:
         if g == 4:
-            _u6_16_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
+            _u5_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
         elif g == 3:
-            _u6_16_3(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
+            _u5_3(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
         elif g == 2:
-            _u6_16_2(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
+            _u5_2(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
         else:
-            _u6_16_1(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
+            _u5_1(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
     elif kind == KIND_U6:
         if g == 4:
-            _u6_32_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
+            _u6_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
         elif g == 3:
-            _u6_32_3(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
+            _u6_3(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
         elif g == 2:
-            _u6_32_2(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
+            _u6_2(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
         else:
-            _u6_32_1(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
+            _u6_1(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
     elif n_rows == 32:
         if g == 4:
             _i8_32_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
@@ -286,10 +290,10 @@ def gemv_batch_vnni(codes, kind, d, m, two_level, has_m, zero, X, Y, accumulate)
             ahead = min(cbase + PREFETCH_LINES * R, last - (n_rows - 1) * R)
             if kind == KIND_U4:   # (I8 quads are read where they are)
                 _stage_u4(scratch, flat, cbase)
-            elif kind == KIND_U6 and n_rows == 12:
-                _stage_u6_16(scratch, flat, cbase)
             elif kind == KIND_U6:
-                _stage_u6_32(scratch, flat, cbase)
+                _stage_u6(scratch, flat, cbase)
+            elif kind == KIND_U5:
+                _stage_u5(scratch, flat, cbase)
             _load_scales(d, two_level, t, b, dv)   # once for all the tokens
             if has_m:
                 _load_scales(m, two_level, t, b, mv)

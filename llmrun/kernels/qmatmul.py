@@ -6,7 +6,7 @@ int8, which is where llama.cpp loses fidelity. The innermost loops run over the 
 LLVM vectorizes them without horizontal reductions.
 
 Two shapes:
-  gemv  one token (decode). U4/U6/I8: codes are consumed straight from memory and multiplied with int16
+  gemv  one token (decode). U4/U5/U6/I8: codes are consumed straight from memory and multiplied with int16
         activations (per-block scale) in integer arithmetic, per-block partial sums (gemv.py); on AVX-512 VNNI
         hosts the same integers through vpdpbusd (gemv_vnni.py, bit-identical). H16: each row converted to
         float32 in a small buffer and dotted in float32 (gemv.py).
@@ -28,7 +28,7 @@ from .blocks import R, _scale_args, _scales_f32
 from .gemm_blas import _matmul_widened
 from .gemm_vnni import _matmul_vnni
 from .gemv import _gemv, _gemv_batch, _gemv_h16
-from .repack import FP32, H16, TILED, U4, U6, VNNI_TARGET, PackedMatrix, six_bit_codes
+from .repack import FP32, H16, TILED, U4, U5, U6, VNNI_TARGET, PackedMatrix, five_bit_codes, six_bit_codes
 
 FEW_TOKENS = 3              # up to this many tokens, run the decode kernel per token instead
 
@@ -120,6 +120,8 @@ def dequantize_rows(pm: PackedMatrix, rows) -> np.ndarray:
     c = pm.codes[t, :, :, lane].reshape(len(rows), pm.codes.shape[1], -1)   # [n, nblk, bytes] (from quads)
     if pm.family == U4:
         q = np.concatenate([c & 15, c >> 4], axis=-1).astype(np.float32)
+    elif pm.family == U5:
+        q = five_bit_codes(c).astype(np.float32)
     elif pm.family == U6:
         q = six_bit_codes(c).astype(np.float32)
     else:

@@ -1,36 +1,36 @@
 """Load-time layouts: ggml's quantized rows -> row tiles the matmul kernels stream through.
 
-Every ggml type is reduced to one of five *families*, each holding weights as small unsigned integers
+Every ggml type is reduced to one of six *families*, each holding weights as small unsigned integers
 (or raw floats) plus one float32 scale `d` and one float32 offset `m` per block of `bs` weights of a
 row and an integer zero point per matrix, so that `w = d*(q - zero) + m`. Signed formats (Q8_0, Q6_K,
 ...) are stored with their codes shifted to unsigned: the kernels then see only non-negative bytes
 (which LLVM multiplies with vpmaddwd) and subtract the zero point exactly, in integers.
 
   U4   4-bit codes, two per byte (byte j of a 32-block: code j low, code j+16 high)   Q4_0 Q4_1 Q4_K
-  U6   6-bit codes, 16 in 12 bytes: a nibble plane (bytes j < 8: code j low,           Q6_K Q3_K Q2_K
-       code j+8 high) and a 2-bit plane (byte 8+i: code 4g+i's bits 4-5 at bits 2g);   (bs 16)
-       bs = 32: two such groups of 12 bytes, weights 0..15 then 16..31                  Q5_0 Q5_1 Q5_K
+  U5   5-bit codes of a 32-block in 20 bytes: U4's 16 nibble bytes and a 1-bit plane   Q5_0 Q5_1 Q5_K
+       (byte 16+i: bit 4 of code 4k+i at bit k)
+  U6   6-bit codes of a 16-block in 12 bytes: a nibble plane (bytes j < 8: code j low,   Q6_K Q3_K Q2_K
+       code j+8 high) and a 2-bit plane (byte 8+i: code 4g+i's bits 4-5 at bits 2g)
   I8   8-bit codes, one per byte, bs = 32 (the kernels take 16 too)                     Q8_0 IQ4_NL
   H16  raw 16-bit floats (kind 0 = IEEE half, 1 = bfloat16), no scales                 F16 BF16
   F32  raw float32, no scales                                                           F32
 
-For U4, U6 and I8 (the tiled families), rows are grouped into tiles of TILE_ROWS and the kernels' innermost loops
-run over a tile's independent output rows, without reductions (docs/kernels.md). Codes are uint8 [tile, block, n,
-R, E], byte j of row r at [t, b, j // E, r, j % E], in one of two layouts, both of one array type (one compiled
-kernel):
+For U4, U5, U6 and I8 (the tiled families), rows are grouped into tiles of TILE_ROWS and the kernels' innermost
+loops run over a tile's independent output rows, without reductions (docs/kernels.md). Codes are uint8 [tile,
+block, n, R, E], byte j of row r at [t, b, j // E, r, j % E], in one of two layouts, both of one array type (one
+compiled kernel):
   quads (E = 4, on AVX-512 VNNI hosts: QUADS): one 64-byte vector holds bytes 4k..4k+3 of 16 consecutive rows,
       4 bytes per 32-bit lane: the operand `vpdpbusd` multiplies with 4 activations at once (gemv_vnni.py);
   byte rows (E = 1, elsewhere): one 64-byte run is byte j of 64 rows, which the portable loops (gemv.py)
       vectorize over; they read quads through a shuffle into byte rows (blocks._code_rows), 15-48 % slower
       than byte rows on an AVX2 target, so hosts that run them keep byte rows.
-U6's 2-bit plane is arranged so that, in either layout, one shift and one mask of a 64-byte vector give the bits
-4-5 of 64 codes (shifts of 32-bit lanes: bits crossing from a neighbouring byte are masked off), so the kernels
-rebuild a block's codes 0..63 in registers or a small scratch (blocks.six_bit_codes_ir) and multiply them as I8
-codes (the VNNI kernels as U4's: codes 0..63 are valid s8), the same integers as when these types were held in
-I8: every type whose codes fit in 6 bits is held in U6, in its own block size (Q5_K 6.75 bits per weight where
-one byte per code took 8.75, Q3_K 6.6 where it took 8.6). H16 and F32 rows stay row-major. Nothing is dequantized to a float32 copy:
-U4 keeps 4 bits per weight, U6 6, I8 8 bits, H16 16 bits (prefill widens one chunk of rows at a time,
-gemm_blas.py).
+The high-bit planes of U5 and U6 are arranged so that, in either layout, one shift and one mask of a 64-byte
+vector give the high bits of 64 codes (shifts of 32-bit lanes: bits crossing from a neighbouring byte are masked
+off), so the kernels rebuild a block's codes in registers or a small scratch (blocks.five_bit_codes_ir,
+six_bit_codes_ir) and multiply them as I8 codes (the VNNI kernels as U4's: codes below 64 are valid s8), the
+same integers as when these types were held in I8. H16 and F32 rows stay row-major. Nothing is dequantized to a
+float32 copy: U4 keeps 4 bits per weight, U5 5, U6 6, I8 8 bits, H16 16 bits (prefill widens one chunk of rows at
+a time, gemm_blas.py).
 """
 from __future__ import annotations
 
@@ -47,12 +47,12 @@ from ..runtime import cpu_target_has
 # recompiles them all: numba's cache is keyed by all the kernel sources, runtime.py).
 TILE_ROWS = 64
 
-U4, U6, I8, H16, FP32 = "u4", "u6", "i8", "h16", "f32"
-TILED = (U4, U6, I8)   # the families in row tiles, read by the integer product kernels
+U4, U5, U6, I8, H16, FP32 = "u4", "u5", "u6", "i8", "h16", "f32"
+TILED = (U4, U5, U6, I8)   # the families in row tiles, read by the integer product kernels
 
 # The product kernels' code-kind argument (one int: one compiled signature for every tiled family).
-KIND_I8, KIND_U4, KIND_U6 = 0, 1, 2
-CODE_KIND = {I8: KIND_I8, U4: KIND_U4, U6: KIND_U6}
+KIND_I8, KIND_U4, KIND_U6, KIND_U5 = 0, 1, 2, 3
+CODE_KIND = {I8: KIND_I8, U4: KIND_U4, U6: KIND_U6, U5: KIND_U5}
 
 # The code layout (module doc) the kernels this host runs read fastest: quads where the VNNI kernels run (on the
 # CPU numba compiles for, which NUMBA_CPU_FEATURES may set apart from the host's), byte rows elsewhere.
@@ -63,8 +63,8 @@ QUADS = TILE_ROWS == 64 and VNNI_TARGET
 FAMILY = {GGMLType.F32: FP32, GGMLType.F16: H16, GGMLType.BF16: H16,
           GGMLType.Q4_0: U4, GGMLType.Q4_1: U4, GGMLType.Q4_K: U4,
           GGMLType.Q8_0: I8, GGMLType.IQ4_NL: I8,
-          GGMLType.Q5_0: U6, GGMLType.Q5_1: U6, GGMLType.Q5_K: U6, GGMLType.Q6_K: U6, GGMLType.Q3_K: U6,
-          GGMLType.Q2_K: U6}
+          GGMLType.Q5_0: U5, GGMLType.Q5_1: U5, GGMLType.Q5_K: U5,
+          GGMLType.Q6_K: U6, GGMLType.Q3_K: U6, GGMLType.Q2_K: U6}
 ENGINE_TYPES = frozenset(FAMILY)
 
 
@@ -131,19 +131,33 @@ def pack_six_bit(q: np.ndarray) -> np.ndarray:
 
 
 def six_bit_codes(c: np.ndarray) -> np.ndarray:
-    """U6 bytes [..., 12 k] (k groups of 12: a block of 16 or 32) -> codes 0..63 [..., 16 k] (pack_six_bit's
-    inverse)."""
-    shape = c.shape
-    c = c.astype(np.uint8).reshape(shape[:-1] + (shape[-1] // 12, 12))
+    """U6 bytes [..., 12] -> codes 0..63 [..., 16] (pack_six_bit's inverse)."""
+    c = c.astype(np.uint8)
     lo = np.concatenate([c[..., :8] & 15, c[..., :8] >> 4], axis=-1)
     hb = (c[..., None, 8:12] >> _PLANE_SHIFTS[:, None]) & 3      # [g][i]
-    return (lo | (hb.reshape(c.shape[:-1] + (16,)) << 4)).reshape(shape[:-1] + (shape[-1] // 12 * 16,))
+    return lo | (hb.reshape(c.shape[:-1] + (16,)) << 4)
 
 
-def _six_bit_blocks(q: np.ndarray) -> np.ndarray:
-    """Codes below 64 in blocks of 32 [rows, nblk, 32] -> U6 blocks of 32 [rows, nblk, 24]: two groups of 12 bytes
-    (weights 0..15, 16..31), each laid out as a 16-block's (module doc)."""
-    return pack_six_bit(q.reshape(q.shape[:-1] + (2, 16))).reshape(q.shape[:-1] + (24,))
+# U5 (module doc): bit 4 of code 4k + i is bit k of the 1-bit plane's byte i, k = 0..7.
+_BIT_SHIFTS = np.arange(8, dtype=np.uint8)
+
+
+def pack_five_bit(q: np.ndarray) -> np.ndarray:
+    """Codes 0..31 [..., 32] -> U5 bytes [..., 20]: U4's nibble bytes (byte j: code j low, code j + 16 high),
+    then the 1-bit plane (4 bytes)."""
+    q = q.astype(np.uint8)
+    lo = q & 15
+    hb = (q >> 4).reshape(q.shape[:-1] + (8, 4))                # [k][i]: code 4k + i
+    plane = np.bitwise_or.reduce(hb << _BIT_SHIFTS[:, None], axis=-2)
+    return np.concatenate([lo[..., :16] | (lo[..., 16:] << 4), plane], axis=-1).astype(np.uint8)
+
+
+def five_bit_codes(c: np.ndarray) -> np.ndarray:
+    """U5 bytes [..., 20] -> codes 0..31 [..., 32] (pack_five_bit's inverse)."""
+    c = c.astype(np.uint8)
+    lo = np.concatenate([c[..., :16] & 15, c[..., :16] >> 4], axis=-1)
+    hb = (c[..., None, 16:20] >> _BIT_SHIFTS[:, None]) & 1      # [k][i]
+    return lo | (hb.reshape(c.shape[:-1] + (32,)) << 4)
 
 
 def _kquant_scales_mins(sc: np.ndarray):
@@ -191,8 +205,8 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
         q = np.concatenate([qs & 15, qs >> 4], axis=-1) | high
         d = _f16_bits(b[..., 0:2])
         if qtype == GGMLType.Q5_0:
-            return U6, _six_bit_blocks(q), d, None, 32, 16
-        return U6, _six_bit_blocks(q), d, _f16_bits(b[..., 2:4]), 32, 0
+            return U5, pack_five_bit(q), d, None, 32, 16
+        return U5, pack_five_bit(q), d, _f16_bits(b[..., 2:4]), 32, 0
     if qtype in (GGMLType.Q4_K, GGMLType.Q5_K):
         d = fp16_values(b[..., 0:2])
         dmin = fp16_values(b[..., 2:4])
@@ -209,7 +223,7 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
         q = q.reshape(rows, nblk, 32)
         if qtype == GGMLType.Q4_K:
             return U4, _pack_nibbles(q), (d, sc), (-dmin, mn), 32, 0
-        return U6, _six_bit_blocks(q), (d, sc), (-dmin, mn), 32, 0
+        return U5, pack_five_bit(q), (d, sc), (-dmin, mn), 32, 0
     if qtype == GGMLType.Q6_K:
         ql = b[..., 0:128].reshape(rows, -1, 2, 2, 32)       # [h][half][l]: ql[64h + 32*half + l]
         qh = b[..., 128:192].reshape(rows, -1, 2, 1, 32)     # qh[32h + l]
