@@ -101,14 +101,19 @@ def _code_rows(rows, codes, t, b):
         _quad_rows(rows, flat, base + g * 4 * R, 4 * g)
 
 
-# ---------------------------------------------------------------------------------------- 6-bit codes
-def six_bit_codes_ir(builder, nib, plane, high, g):
-    """One vector of U6 codes 0..63 (repack.py): the low or `high` nibbles of the byte vector `nib`, with bits 4-5
-    taken from bits 2g..2g+1 of each byte of `plane`. Shifts are of 32-bit lanes (any byte vector of a multiple of
-    4 bytes: x86 has no byte shifts), exact per byte because each is masked to bits that did not cross a byte.
-    In quads (16 rows x 4 bytes a vector), code vector k (codes 4k..4k+3) is nibble quad k % 2, high = k >= 2,
-    g = k, plane = quad 2; in byte rows (one byte of R rows), code j < 8 is nibble row j, plane row 8 + j % 4,
-    g = j // 4, and code j + 8 the same with high and g + 2."""
+# ---------------------------------------------------------------------------------------- codes in planes
+# U5 and U6 (repack.py) hold a block's codes as nibbles plus a plane of their high bits (1 or 2 per code):
+# (codes per block, nibble quads) of each.
+PLANES = {5: (32, 4), 6: (16, 2)}
+
+
+def plane_codes_ir(builder, nib, plane, high, k, bits):
+    """One vector of U5 / U6 codes (`bits` = 5 or 6, repack.py): the low or `high` nibbles of the byte vector `nib`,
+    with the high bits taken from bits (bits - 4) k.. of each byte of `plane`. Shifts are of 32-bit lanes (any byte
+    vector of a multiple of 4 bytes: x86 has no byte shifts), exact per byte because each is masked to bits that
+    did not cross a byte. In quads (16 rows x 4 bytes a vector) code vector k (codes 4k..4k+3) is nibble quad
+    k % n, high = k >= n, plane = quad n (n nibble quads: PLANES); in byte rows (one byte of R rows) code j is
+    nibble row j % 4n, high = j >= 4n, plane row 4n + j % 4, k = j // 4."""
     vb = nib.type
     vi = ir.VectorType(ir.IntType(32), vb.count // 4)
 
@@ -119,92 +124,51 @@ def six_bit_codes_ir(builder, nib, plane, high, g):
         return builder.bitcast(w, vb)
 
     lo = builder.and_(shift(nib, -4) if high else nib, ir.Constant(vb, [0x0F] * vb.count))
-    return builder.or_(lo, builder.and_(shift(plane, 4 - 2 * g), ir.Constant(vb, [0x30] * vb.count)))
+    mask = ((1 << (bits - 4)) - 1) << 4
+    return builder.or_(lo, builder.and_(shift(plane, 4 - (bits - 4) * k), ir.Constant(vb, [mask] * vb.count)))
 
 
-def six_bit_quad_ir(builder, quads, k):
-    """Code vector k (codes 4k..4k+3 of 16 rows, k < 4) of a U6 block in quads, from its 3 quads of those rows
-    (nibble quads 0 and 1, the 2-bit plane): six_bit_codes_ir's quads case."""
-    return six_bit_codes_ir(builder, quads[k % 2], quads[2], k >= 2, k)
+def plane_quad_ir(builder, quads, k, bits):
+    """Code vector k (codes 4k..4k+3 of 16 rows) of a U5 / U6 block in quads, from its quads of those rows (the
+    nibble quads, then the plane): plane_codes_ir's quads case."""
+    n = PLANES[bits][1]
+    return plane_codes_ir(builder, quads[k % n], quads[n], k >= n, k, bits)
 
 
-@intrinsic
-def _six_bit_rows(typingctx, dst, src, off, doff):
-    """dst's rows j < 16 from element doff of its data (uint8 [.., 32, R]) = code j (0..63) of R rows of a U6 block
-    whose 12 byte rows start at element off of src's data (the matrix's byte rows, or dst itself after _code_rows:
-    no row is read after it is overwritten). Generic LLVM vectors, lowered for any ISA (numba loops on uint8 widen
-    to int64)."""
-    sig = types.void(dst, src, types.intp, types.intp)
+def _make_plane_rows(bits: int):
+    """An intrinsic (dst, src, off, doff): dst's rows j < C from element doff of its data (uint8 [.., 32, R]) = code j
+    of R rows of a U5 / U6 block (C = 32 / 16 codes) whose byte rows start at element off of src's data (the
+    matrix's byte rows, or dst itself after _code_rows: in the order below no row is read after it is
+    overwritten). Generic LLVM vectors, lowered for any ISA (numba loops on uint8 widen to int64)."""
+    n_codes, n = PLANES[bits]
 
-    def codegen(context, builder, signature, args):
-        dp = context.make_array(signature.args[0])(context, builder, args[0]).data
-        dp = builder.gep(dp, [args[3]])
-        sp = context.make_array(signature.args[1])(context, builder, args[1]).data
-        vb, i64 = ir.VectorType(ir.IntType(8), R), ir.IntType(64)
+    @intrinsic
+    def plane_rows(typingctx, dst, src, off, doff):
+        sig = types.void(dst, src, types.intp, types.intp)
 
-        def row(base, j, off):
-            return builder.bitcast(builder.gep(base, [builder.add(off, ir.Constant(i64, j * R))]), vb.as_pointer())
+        def codegen(context, builder, signature, args):
+            dp = context.make_array(signature.args[0])(context, builder, args[0]).data
+            dp = builder.gep(dp, [args[3]])
+            sp = context.make_array(signature.args[1])(context, builder, args[1]).data
+            vb, i64 = ir.VectorType(ir.IntType(8), R), ir.IntType(64)
 
-        zero = ir.Constant(i64, 0)
-        for i in range(4):   # plane row i: codes i, i + 4, i + 8, i + 12 (3 rows live, none read after it is stored)
-            lo, hi, plane = (builder.load(row(sp, j, args[2]), align=1) for j in (i, i + 4, 8 + i))
-            for g, nib in enumerate((lo, hi, lo, hi)):
-                builder.store(six_bit_codes_ir(builder, nib, plane, g >= 2, g), row(dp, i + 4 * g, zero), align=1)
-        return context.get_dummy_value()
-    return sig, codegen
+            def row(base, j, off):
+                return builder.bitcast(builder.gep(base, [builder.add(off, ir.Constant(i64, j * R))]),
+                                       vb.as_pointer())
 
-
-# ---------------------------------------------------------------------------------------- 5-bit codes
-def five_bit_codes_ir(builder, nib, plane, high, k):
-    """One vector of U5 codes 0..31 (repack.py): the low or `high` nibbles of the byte vector `nib`, with bit 4
-    taken from bit k of each byte of `plane` (shifts of 32-bit lanes, exact per byte after the mask, as
-    six_bit_codes_ir's). In quads (16 rows x 4 bytes a vector), code vector k (codes 4k..4k+3, k < 8) is nibble
-    quad k % 4, high = k >= 4, plane = quad 4; in byte rows, code j is nibble row j % 16, high = j >= 16, plane row
-    16 + j % 4, k = j // 4."""
-    vb = nib.type
-    vi = ir.VectorType(ir.IntType(32), vb.count // 4)
-
-    def shift(v, n):   # n > 0: left, n < 0: right
-        w = builder.bitcast(v, vi)
-        w = builder.shl(w, ir.Constant(vi, [n] * vi.count)) if n > 0 else \
-            builder.lshr(w, ir.Constant(vi, [-n] * vi.count)) if n < 0 else w
-        return builder.bitcast(w, vb)
-
-    lo = builder.and_(shift(nib, -4) if high else nib, ir.Constant(vb, [0x0F] * vb.count))
-    return builder.or_(lo, builder.and_(shift(plane, 4 - k), ir.Constant(vb, [0x10] * vb.count)))
+            zero = ir.Constant(i64, 0)
+            for i in range(4):   # plane row i: codes i + 4k from nibble rows i + 4g (n + 1 rows live)
+                nibs = [builder.load(row(sp, i + 4 * g, args[2]), align=1) for g in range(n)]
+                plane = builder.load(row(sp, 4 * n + i, args[2]), align=1)
+                for k in range(n_codes // 4):
+                    code = plane_codes_ir(builder, nibs[k % n], plane, k >= n, k, bits)
+                    builder.store(code, row(dp, i + 4 * k, zero), align=1)
+            return context.get_dummy_value()
+        return sig, codegen
+    return plane_rows
 
 
-def five_bit_quad_ir(builder, quads, k):
-    """Code vector k (codes 4k..4k+3 of 16 rows, k < 8) of a U5 block in quads, from its 5 quads of those rows
-    (nibble quads 0..3, the 1-bit plane): five_bit_codes_ir's quads case."""
-    return five_bit_codes_ir(builder, quads[k % 4], quads[4], k >= 4, k)
-
-
-@intrinsic
-def _five_bit_rows(typingctx, dst, src, off, doff):
-    """dst's rows j < 32 from element doff of its data (uint8 [.., 32, R]) = code j (0..31) of R rows of a U5 block
-    whose 20 byte rows start at element off of src's data (the matrix's byte rows, or the other half of dst after
-    _code_rows). Generic LLVM vectors, lowered for any ISA."""
-    sig = types.void(dst, src, types.intp, types.intp)
-
-    def codegen(context, builder, signature, args):
-        dp = context.make_array(signature.args[0])(context, builder, args[0]).data
-        dp = builder.gep(dp, [args[3]])
-        sp = context.make_array(signature.args[1])(context, builder, args[1]).data
-        vb, i64 = ir.VectorType(ir.IntType(8), R), ir.IntType(64)
-
-        def row(base, j, off):
-            return builder.bitcast(builder.gep(base, [builder.add(off, ir.Constant(i64, j * R))]), vb.as_pointer())
-
-        zero = ir.Constant(i64, 0)
-        for i in range(4):   # plane row i: codes i + 4k, k < 8, from nibble rows i, i + 4, i + 8, i + 12 (5 live)
-            nibs = [builder.load(row(sp, i + 4 * g, args[2]), align=1) for g in range(4)]
-            plane = builder.load(row(sp, 16 + i, args[2]), align=1)
-            for k in range(8):
-                code = five_bit_codes_ir(builder, nibs[k % 4], plane, k >= 4, k)
-                builder.store(code, row(dp, i + 4 * k, zero), align=1)
-        return context.get_dummy_value()
-    return sig, codegen
+_five_bit_rows, _six_bit_rows = _make_plane_rows(5), _make_plane_rows(6)
 
 
 @njit(inline="always")

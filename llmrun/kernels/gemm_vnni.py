@@ -11,8 +11,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .blocks import (R, _epilogue_ir, _load_scales_scalar, _quantize_block, _scale_args, _splat_ir, five_bit_quad_ir,
-                     six_bit_quad_ir)
+from .blocks import PLANES, R, _epilogue_ir, _load_scales_scalar, _quantize_block, _scale_args, _splat_ir, plane_quad_ir
 from .repack import KIND_I8, KIND_U4, KIND_U5, KIND_U6, PackedMatrix
 
 # Many tokens through tiled codes: an integer GEMM. Activations are quantized per weight block to int16 (as for
@@ -84,7 +83,7 @@ def _make_pairs(kind: int, n_quads: int):
     one 64-byte vector = bytes 4g..4g+3 of 16 rows): bytes widened to int16 in place, so each row's 64 bits
     hold pairs 2g and 2g + 1, which one two-source dword permute per pair separates (U4: the low nibbles give
     pairs 2g, 2g + 1, the high nibbles 8 + 2g, 9 + 2g; U5 / U6: code vector k, rebuilt from the 5 / 3 quads as
-    blocks.five_bit_codes_ir / six_bit_codes_ir say, gives pairs 2k, 2k + 1). A numba loop over the quads'
+    blocks.plane_codes_ir says, gives pairs 2k, 2k + 1). A numba loop over the quads'
     interleaved bytes did not vectorize (7x slower than over the byte rows of the layout before)."""
     i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
     vb, vh, vi = ir.VectorType(i8, 64), ir.VectorType(i16, 32), ir.VectorType(i32, 16)
@@ -120,17 +119,13 @@ def _make_pairs(kind: int, n_quads: int):
                 off = builder.add(args[2], ir.Constant(ir.IntType(64), (g * R + 16 * q) * 4))
                 return builder.load(builder.bitcast(builder.gep(cp, [off]), vb.as_pointer()), align=1)
 
-            if kind == KIND_U6:
+            if kind in (KIND_U5, KIND_U6):
+                bits = 5 if kind == KIND_U5 else 6
+                n_codes, n = PLANES[bits]
                 for q in range(R // 16):
-                    w = [load(g, q) for g in range(3)]
-                    for k in range(4):
-                        split(six_bit_quad_ir(builder, w, k), 2 * k, q)
-                return context.get_dummy_value()
-            if kind == KIND_U5:
-                for q in range(R // 16):
-                    w = [load(g, q) for g in range(5)]
-                    for k in range(8):
-                        split(five_bit_quad_ir(builder, w, k), 2 * k, q)
+                    w = [load(g, q) for g in range(n + 1)]
+                    for k in range(n_codes // 4):
+                        split(plane_quad_ir(builder, w, k, bits), 2 * k, q)
                 return context.get_dummy_value()
             for g in range(n_quads):
                 for q in range(R // 16):

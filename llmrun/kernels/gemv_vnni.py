@@ -16,8 +16,7 @@ float epilogue (blocks._epilogue_ir, as blocks._add_block runs it) adds them to 
 micro-kernel, so every output is bit-identical to gemv.py's (tested).
 
 The codes are in repack.py's quads: one 64-byte load is bytes 4k..4k+3 of 16 rows, exactly vpdpbusd's operand
-(U4: after a nibble mask; U5 / U6: rebuilt from the nibbles and the high-bit plane, blocks.five_bit_codes_ir /
-six_bit_codes_ir).
+(U4: after a nibble mask; U5 / U6: rebuilt from the nibbles and the high-bit plane, blocks.plane_codes_ir).
 (Byte rows, one byte of 64 rows per load, needed 8 byte/word unpacks per 4 loads and a reordering of the sums
 per block: docs/kernels.md, "Scales in registers, codes in quads".)
 """
@@ -29,9 +28,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .blocks import (DECODE_PREFETCH_LINES, R, _block_size, _epilogue_ir, _finish_tile, _load_scales,
-                     _prefetch_l2, _prefetch_scales, _quantize_activations, _scale_lines, _splat_ir, five_bit_codes_ir,
-                     six_bit_quad_ir)
+from .blocks import (DECODE_PREFETCH_LINES, PLANES, R, _block_size, _epilogue_ir, _finish_tile, _load_scales,
+                     _prefetch_l2, _prefetch_scales, _quantize_activations, _scale_lines, _splat_ir, plane_codes_ir)
 from .repack import KIND_I8, KIND_U4, KIND_U5, KIND_U6
 
 USABLE = R == 64   # the micro-kernels hold one tile's 64 rows in 4 zmm registers of 16 int32 lanes
@@ -92,17 +90,14 @@ def _make_block_dots(kind: int, n_rows: int):
             x80 = builder.bitcast(_splat(-0x7F7F7F80), _VB)            # 0x80 in every byte
 
             def code_vectors():   # (activation word k, code vectors of weights 4k..4k+3 of rows 16q.., q < 4)
-                if kind == KIND_U6:   # rebuilt from the block's 3 quads (nibbles, nibbles, 2-bit plane)
-                    w = [[quad(g, q) for g in range(3)] for q in range(4)]
-                    for k in range(4):
-                        yield k, [six_bit_quad_ir(builder, w[q], k) for q in range(4)]
-                    return
-                if kind == KIND_U5:   # rebuilt from the block's 5 quads (4 of nibbles, the 1-bit plane)
-                    planes = [quad(4, q) for q in range(4)]
-                    for g in range(4):
+                if kind in (KIND_U5, KIND_U6):   # rebuilt from the nibble quads and the plane's (blocks.PLANES)
+                    bits = 5 if kind == KIND_U5 else 6
+                    n_codes, n = PLANES[bits]
+                    planes = [quad(n, q) for q in range(4)]
+                    for g in range(n):   # nibble quad g: its low nibbles are code vector g, its high ones g + n
                         w = [quad(g, q) for q in range(4)]
-                        for k in (g, 4 + g):
-                            yield k, [five_bit_codes_ir(builder, w[q], planes[q], k >= 4, k) for q in range(4)]
+                        for k in range(g, n_codes // 4, n):
+                            yield k, [plane_codes_ir(builder, w[q], planes[q], k >= n, k, bits) for q in range(4)]
                     return
                 for g in range(groups):
                     w = [quad(g, q) for q in range(4)]

@@ -28,8 +28,8 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .gemv_vnni import R, USABLE, _I32, _VB, _VF, _VI, _const, _split_activations, _splat
-from .blocks import (PREFETCH_LINES, _block_size, _epilogue_ir, _finish_tile, _load_scales, _quantize_activations,
-                     _splat_ir, five_bit_quad_ir, six_bit_quad_ir)
+from .blocks import (PLANES, PREFETCH_LINES, _block_size, _epilogue_ir, _finish_tile, _load_scales,
+                     _quantize_activations, _splat_ir, plane_quad_ir)
 from .repack import KIND_I8, KIND_U4, KIND_U5, KIND_U6
 
 __all__ = ["USABLE", "GROUP", "gemv_batch_vnni"]
@@ -50,7 +50,7 @@ def _make_stage(kind: int):
     """An intrinsic staging one U4, U5 or U6 block (flat codes[cbase:], 16, 20 or 12 bytes of R rows in repack.py's
     quads) in `scratch` as vectors (word k, quarter q) at byte (4k + q) * 64: int32 lane l holds weights 4k..4k+3
     of row 16q + l. U4: word k < 4 the low nibbles of bytes 4k..4k+3, word 4 + k their high nibbles; U5 / U6: the
-    codes rebuilt from the nibbles and the high-bit plane (blocks.five_bit_codes_ir / six_bit_codes_ir). Done once
+    codes rebuilt from the nibbles and the high-bit plane (blocks.plane_codes_ir). Done once
     for all the tokens; I8 quads are already that operand and are read where they are."""
     @intrinsic
     def stage(typingctx, scratch, codes, cbase):
@@ -71,15 +71,12 @@ def _make_stage(kind: int):
                 builder.store(v, out, align=64)
 
             for q in range(4):
-                if kind == KIND_U6:
-                    w = [load(g, q) for g in range(3)]
-                    for k in range(4):
-                        store(k, q, six_bit_quad_ir(builder, w, k))
-                    continue
-                if kind == KIND_U5:
-                    w = [load(g, q) for g in range(5)]
-                    for k in range(8):
-                        store(k, q, five_bit_quad_ir(builder, w, k))
+                if kind in (KIND_U5, KIND_U6):
+                    bits = 5 if kind == KIND_U5 else 6
+                    n_codes, n = PLANES[bits]
+                    w = [load(g, q) for g in range(n + 1)]
+                    for k in range(n_codes // 4):
+                        store(k, q, plane_quad_ir(builder, w, k, bits))
                     continue
                 for g in range(4):
                     v = load(g, q)

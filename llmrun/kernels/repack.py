@@ -26,9 +26,9 @@ compiled kernel):
       than byte rows on an AVX2 target, so hosts that run them keep byte rows.
 The high-bit planes of U5 and U6 are arranged so that, in either layout, one shift and one mask of a 64-byte
 vector give the high bits of 64 codes (shifts of 32-bit lanes: bits crossing from a neighbouring byte are masked
-off), so the kernels rebuild a block's codes in registers or a small scratch (blocks.five_bit_codes_ir,
-six_bit_codes_ir) and multiply them as I8 codes (the VNNI kernels as U4's: codes below 64 are valid s8), the
-same integers as when these types were held in I8. H16 and F32 rows stay row-major. Nothing is dequantized to a
+off), so the kernels rebuild a block's codes in registers or a small scratch (blocks.plane_codes_ir) and multiply
+them as I8 codes (the VNNI kernels as U4's: codes below 64 are valid s8), the same integers as when these types
+were held in I8. H16 and F32 rows stay row-major. Nothing is dequantized to a
 float32 copy: U4 keeps 4 bits per weight, U5 5, U6 6, I8 8 bits, H16 16 bits (prefill widens one chunk of rows at
 a time, gemm_blas.py).
 """
