@@ -138,8 +138,9 @@ def plane_quad_ir(builder, quads, k, bits):
 def _make_plane_rows(bits: int):
     """An intrinsic (dst, src, off, doff): dst's rows j < C from element doff of its data (uint8 [.., 32, R]) = code j
     of R rows of a U5 / U6 block (C = 32 / 16 codes) whose byte rows start at element off of src's data (the
-    matrix's byte rows, or dst itself after _code_rows: in the order below no row is read after it is
-    overwritten). Generic LLVM vectors, lowered for any ISA (numba loops on uint8 widen to int64)."""
+    matrix's byte rows, or dst itself after _code_rows: step i reads and writes only rows i mod 4, all its reads
+    first, so no row is read after it is overwritten). Generic LLVM vectors, lowered for any ISA (numba loops on
+    uint8 widen to int64)."""
     n_codes, n = PLANES[bits]
 
     @intrinsic
@@ -172,6 +173,15 @@ _five_bit_rows, _six_bit_rows = _make_plane_rows(5), _make_plane_rows(6)
 
 
 @njit(inline="always")
+def _plane_rows(kind, dst, src, off, doff):
+    """_five_bit_rows or _six_bit_rows, by code kind."""
+    if kind == KIND_U5:
+        _five_bit_rows(dst, src, off, doff)
+    else:
+        _six_bit_rows(dst, src, off, doff)
+
+
+@njit(inline="always")
 def _block_size(kind, n_lines):
     """Weights per block of a tiled matrix whose blocks hold n_lines bytes of each row."""
     return 32 if kind == KIND_U4 or kind == KIND_U5 else 16 if kind == KIND_U6 else n_lines
@@ -181,7 +191,7 @@ def _block_size(kind, n_lines):
 def _block_rows(rows, codes, byte_rows, t, b, kind):
     """(src, tile, block): where the portable loops read block b of tile t as byte rows (src [tiles, nblk, lines,
     R]): the matrix's own byte rows, or staged in `rows` (uint8 [2, 1, 32, R]) from quads (_code_rows) and, for U5
-    and U6, as I8 byte rows of their codes (_five_bit_rows, _six_bit_rows): one row per code, so the I8 loops read
+    and U6, as I8 byte rows of their codes (_plane_rows): one row per code, so the I8 loops read
     them. Called for b = 0, 1, .. of a tile in order: U5 / U6 byte rows are staged one block ahead, into the other
     half of `rows`, so that the loops do not read the rows just stored (U6, one-token decode on an AVX2 target: 1.12
     -> 1.06x the time of the I8 layout's)."""
@@ -189,25 +199,15 @@ def _block_rows(rows, codes, byte_rows, t, b, kind):
     zero = np.intp(0)   # (np.intp throughout: a parfor's index may be unsigned, and uint64 | int64 types as float)
     if quads:
         _code_rows(rows, codes, t, b)
-    if kind == KIND_U5:   # codes 0..31 into the other half of `rows` (quads) or one block ahead (byte rows)
+    if kind == KIND_U5 or kind == KIND_U6:
         if quads:
-            _five_bit_rows(rows, rows, 0, 32 * R)
-            return rows, np.intp(1), zero
-        first = (np.intp(t) * byte_rows.shape[1]) * byte_rows.shape[2] * R
-        if b == 0:
-            _five_bit_rows(rows, byte_rows, first, 0)
-        if b + 1 < byte_rows.shape[1]:
-            _five_bit_rows(rows, byte_rows, first + (b + 1) * byte_rows.shape[2] * R, ((b + 1) & 1) * 32 * R)
-        return rows, np.intp(b & 1), zero
-    if kind == KIND_U6:
-        if quads:
-            _six_bit_rows(rows, rows, 0, 0)
+            _plane_rows(kind, rows, rows, 0, 0)
             return rows, zero, zero
         first = (np.intp(t) * byte_rows.shape[1]) * byte_rows.shape[2] * R
         if b == 0:
-            _six_bit_rows(rows, byte_rows, first, 0)
+            _plane_rows(kind, rows, byte_rows, first, 0)
         if b + 1 < byte_rows.shape[1]:
-            _six_bit_rows(rows, byte_rows, first + (b + 1) * byte_rows.shape[2] * R, ((b + 1) & 1) * 32 * R)
+            _plane_rows(kind, rows, byte_rows, first + (b + 1) * byte_rows.shape[2] * R, ((b + 1) & 1) * 32 * R)
         return rows, np.intp(b & 1), zero
     if quads:
         return rows, zero, zero
