@@ -212,20 +212,24 @@ def _unpacked_as_i8(raw, qt, cols, quads):
 
 
 def test_five_bit_layout():
-    """repack.py's U5 bytes, bit by bit as its doc says (byte j < 16: code j low nibble, code j + 16 high; byte
-    16 + i: bit 4 of code 4k + i at bit k), and back."""
-    from llmrun.kernels.repack import five_bit_codes, pack_five_bit
+    """repack.py's U5 bytes of Q5_0 rows, bit by bit as its doc says (byte j < 16: code j low nibble, code j + 16
+    high; byte 16 + i: bit 4 of code 4k + i at bit k), against the codes ggml's block holds (docs/formats.md: qs
+    nibbles, bit j of qh), and back."""
+    from llmrun.kernels import repack
     rng = np.random.default_rng(4)
-    q = rng.integers(0, 32, (50, 32)).astype(np.uint8)
-    q[0] = np.arange(32)   # every code value somewhere
-    q[1] = 31 - q[0]
-    b = pack_five_bit(q)
-    assert b.shape == (50, 20) and b.dtype == np.uint8
-    for j in range(32):
-        nib = (b[:, j % 16] >> (4 * (j // 16))) & 15
-        hb = (b[:, 16 + j % 4] >> (j // 4)) & 1
-        np.testing.assert_array_equal(nib | (hb << 4), q[:, j])
-    np.testing.assert_array_equal(five_bit_codes(b), q)
+    raw, qt = _random_rows(rng, "q5_0", 50, 256)
+    blocks = raw.reshape(50, 8, 22)
+    qh = blocks[..., 2:6].copy().view("<u4")[..., 0]
+    qs = blocks[..., 6:22]
+    j = np.arange(32)
+    q = ((qs[..., j % 16] >> (4 * (j // 16))) & 15) | (((qh[..., None] >> j) & 1) << 4).astype(np.uint8)
+    fam, b, *_ = repack._unpack(raw, 256, int(qt))
+    assert fam == repack.U5 and b.shape == (50, 8, 20) and b.dtype == np.uint8
+    for c in range(32):
+        nib = (b[..., c % 16] >> (4 * (c // 16))) & 15
+        hb = (b[..., 16 + c % 4] >> (c // 4)) & 1
+        np.testing.assert_array_equal(nib | (hb << 4), q[..., c])
+    np.testing.assert_array_equal(repack.five_bit_codes(b), q)
 
 
 @pytest.mark.parametrize("quads", [True, False])

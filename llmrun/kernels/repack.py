@@ -138,22 +138,35 @@ def six_bit_codes(c: np.ndarray) -> np.ndarray:
     return lo | (hb.reshape(c.shape[:-1] + (16,)) << 4)
 
 
-# U5 (module doc): bit 4 of code 4k + i is bit k of the 1-bit plane's byte i, k = 0..7.
+# U5 (module doc): bit 4 of code 4k + i is bit k of the 1-bit plane's byte i, k = 0..7. _PLANE_BITS[m, v]: where
+# the bits v of byte m of a 32-bit word of high bits (bit j = code j's) land in the plane read as a little-endian
+# uint32: code j = 8m + p goes to byte j % 4, bit j // 4 (a table lookup per byte, not 32 shifts per block).
 _BIT_SHIFTS = np.arange(8, dtype=np.uint8)
 
 
-def pack_five_bit(q: np.ndarray) -> np.ndarray:
-    """Codes 0..31 [..., 32] -> U5 bytes [..., 20]: U4's nibble bytes (byte j: code j low, code j + 16 high),
-    then the 1-bit plane (4 bytes)."""
-    q = q.astype(np.uint8)
-    lo = q & 15
-    hb = (q >> 4).reshape(q.shape[:-1] + (8, 4))                # [k][i]: code 4k + i
-    plane = np.bitwise_or.reduce(hb << _BIT_SHIFTS[:, None], axis=-2)
-    return np.concatenate([lo[..., :16] | (lo[..., 16:] << 4), plane], axis=-1).astype(np.uint8)
+def _plane_bits_table() -> np.ndarray:
+    table = np.zeros((4, 256), np.uint32)
+    v = np.arange(256)
+    for j in range(32):
+        table[j // 8, (v >> (j % 8)) & 1 == 1] |= np.uint32(1 << (8 * (j % 4) + j // 4))
+    return table
+
+
+_PLANE_BITS = _plane_bits_table()
+
+
+def _five_bit_plane(high: np.ndarray) -> np.ndarray:
+    """uint32 words of high bits [...] (bit j: bit 4 of code j of a 32-block, ggml's Q5_0 / Q5_1 qh) -> U5's 1-bit
+    plane [..., 4]."""
+    high = high.astype(np.uint32)
+    plane = _PLANE_BITS[0][high & 255]
+    for m in range(1, 4):
+        plane |= _PLANE_BITS[m][(high >> np.uint32(8 * m)) & 255]
+    return plane.astype("<u4")[..., None].view(np.uint8)
 
 
 def five_bit_codes(c: np.ndarray) -> np.ndarray:
-    """U5 bytes [..., 20] -> codes 0..31 [..., 32] (pack_five_bit's inverse)."""
+    """U5 bytes [..., 20] (module doc) -> codes 0..31 [..., 32]."""
     c = c.astype(np.uint8)
     lo = np.concatenate([c[..., :16] & 15, c[..., :16] >> 4], axis=-1)
     hb = (c[..., None, 16:20] >> _BIT_SHIFTS[:, None]) & 1      # [k][i]
@@ -200,13 +213,12 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
     if qtype in (GGMLType.Q5_0, GGMLType.Q5_1):
         off = 2 if qtype == GGMLType.Q5_0 else 4
         qh = np.ascontiguousarray(b[..., off:off + 4]).view("<u4")[..., 0]
-        qs = b[..., off + 4:off + 20]
-        high = ((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
-        q = np.concatenate([qs & 15, qs >> 4], axis=-1) | high
+        # ggml's qs bytes are U4's nibble bytes already (docs/formats.md): only the high bits move
+        codes = np.concatenate([b[..., off + 4:off + 20], _five_bit_plane(qh)], axis=-1)
         d = _f16_bits(b[..., 0:2])
         if qtype == GGMLType.Q5_0:
-            return U5, pack_five_bit(q), d, None, 32, 16
-        return U5, pack_five_bit(q), d, _f16_bits(b[..., 2:4]), 32, 0
+            return U5, codes, d, None, 32, 16
+        return U5, codes, d, _f16_bits(b[..., 2:4]), 32, 0
     if qtype in (GGMLType.Q4_K, GGMLType.Q5_K):
         d = fp16_values(b[..., 0:2])
         dmin = fp16_values(b[..., 2:4])
@@ -214,16 +226,16 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
         qs_off = 16 if qtype == GGMLType.Q4_K else 48
         qs = b[..., qs_off:qs_off + 128].reshape(rows, -1, 4, 1, 32)
         q = np.concatenate([qs & 15, qs >> 4], axis=3).reshape(rows, -1, 8, 32)  # sub-block 2c, 2c+1
-        if qtype == GGMLType.Q5_K:
-            qh = b[..., 16:48].reshape(rows, -1, 1, 32)
-            bits = ((qh >> np.arange(8, dtype=np.uint8).reshape(1, 1, 8, 1)) & 1) << 4
-            q = q | bits
         nblk = q.shape[1] * 8
         sc, mn = sc.reshape(rows, nblk), mn.reshape(rows, nblk)
-        q = q.reshape(rows, nblk, 32)
+        nibbles = _pack_nibbles(q.reshape(rows, nblk, 32))
         if qtype == GGMLType.Q4_K:
-            return U4, _pack_nibbles(q), (d, sc), (-dmin, mn), 32, 0
-        return U5, pack_five_bit(q), (d, sc), (-dmin, mn), 32, 0
+            return U4, nibbles, (d, sc), (-dmin, mn), 32, 0
+        # bit s of qh[l] is bit 4 of code l of sub-block s: packed over l, one word of high bits per sub-block
+        qh = b[..., 16:48].reshape(rows, -1, 1, 32)
+        high = np.packbits((qh >> _BIT_SHIFTS.reshape(8, 1)) & 1, axis=-1, bitorder="little").view("<u4")
+        plane = _five_bit_plane(high.reshape(rows, nblk))
+        return U5, np.concatenate([nibbles, plane], axis=-1), (d, sc), (-dmin, mn), 32, 0
     if qtype == GGMLType.Q6_K:
         ql = b[..., 0:128].reshape(rows, -1, 2, 2, 32)       # [h][half][l]: ql[64h + 32*half + l]
         qh = b[..., 128:192].reshape(rows, -1, 2, 1, 32)     # qh[32h + l]
