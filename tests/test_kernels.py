@@ -92,10 +92,11 @@ def test_matvec_batch_rows_equal_matvec(name):
 
 # Repacked bytes per weight vs ggml's (the RSS bound after load: file + KV cache + 15 %). Q4_0, Q4_1 and Q8_0 keep
 # ggml's exact size (codes + half scales); Q4_K adds ~0.25 bit and Q6_K ~0.06 bit (the super-block scale as
-# float32). Q5_0 and Q5_1 (U5) keep ggml's exact size too, Q5_K adds ~0.25 bit; Q3_K and Q2_K are held in U6
-# (6-bit codes: 3.44 -> 6.63 bits, 2.63 -> 7.25); IQ4_NL in I8 (its codes are table values).
+# float32). Q5_0 and Q5_1 (U5) keep ggml's exact size too, Q5_K adds ~0.25 bit; Q3_K and Q2_K are held in U4 with
+# 16-weight blocks (4-bit codes and int8 sub-block scales: 3.44 -> 4.63 bits, 2.63 -> 5.25); IQ4_NL in I8 (its
+# codes are table values).
 _MAX_SIZE_RATIO = {"q4_0": 1.0, "q4_1": 1.0, "q8_0": 1.0, "q5_0": 1.0, "q5_1": 1.0, "iq4_nl": 1.9,
-                   "q4_k": 1.06, "q5_k": 1.05, "q6_k": 1.01, "q3_k": 1.93, "q2_k": 2.77}
+                   "q4_k": 1.06, "q5_k": 1.05, "q6_k": 1.01, "q3_k": 1.35, "q2_k": 2.0}
 
 
 @pytest.mark.parametrize("name", list(_MAX_SIZE_RATIO))
@@ -195,16 +196,17 @@ def test_six_bit_layout():
     np.testing.assert_array_equal(six_bit_codes(b), q)
 
 
-_PACKED = {"q6_k": "u6", "q3_k": "u6", "q2_k": "u6", "q5_0": "u5", "q5_1": "u5", "q5_k": "u5"}   # the types
-# whose codes are held in fewer than 8 bits with a high-bit plane (repack.py)
+_PACKED = {"q6_k": "u6", "q5_0": "u5", "q5_1": "u5", "q5_k": "u5",   # the types whose codes are held in fewer
+           "q3_k": "u4", "q2_k": "u4", "q4_k": "u4"}              # than 8 bits (repack.py), U4 in 16- and 32-blocks
 
 
 def _unpacked_as_i8(raw, qt, cols, quads):
-    """The same rows packed as before U5 / U6: family I8, one byte per code (the same zero point, scales and
-    blocks), tiled like the packed matrix: the layout whose kernels the packed ones must reproduce bit for bit."""
+    """The same rows with one byte per code: family I8 (the same zero point, scales and blocks), tiled like the
+    packed matrix: the layout whose kernels the packed ones must reproduce bit for bit."""
     from llmrun.kernels import repack
     fam, codes, d, m, bs, zero = repack._unpack(raw, cols, int(qt))
-    codes = repack.five_bit_codes(codes) if fam == repack.U5 else repack.six_bit_codes(codes)
+    codes = (repack.five_bit_codes(codes) if fam == repack.U5 else repack.six_bit_codes(codes) if fam == repack.U6
+             else np.concatenate([codes & 15, codes >> 4], axis=-1))
     n_pad = -(-raw.shape[0] // repack.TILE_ROWS) * repack.TILE_ROWS
     return repack.PackedMatrix(repack.I8, raw.shape[0], cols, repack._tile_codes(codes, n_pad, quads),
                                repack._tile_any(d, n_pad), repack._tile_any(m, n_pad), bs, zero=zero,
@@ -235,7 +237,8 @@ def test_five_bit_layout():
 @pytest.mark.parametrize("quads", [True, False])
 @pytest.mark.parametrize("name", list(_PACKED))
 def test_packed_codes_give_i8_bits_on_every_path(name, quads):
-    """Every type held as U5 (20 bytes per 32 codes) or U6 (12 bytes per 16) gives, on every product path, exactly
+    """Every type held as U5 (20 bytes per 32 codes), U6 (12 bytes per 16) or U4 (a byte per two codes, in 32- and
+    16-weight blocks) gives, on every product path, exactly
     the bits of the same codes held one per byte (I8): decode (VNNI or portable, both layouts), batched decode
     (T = 2..9), both prefill paths, the widening kernel's float32 weights (equal to gguf-py's dequantization) and
     embedding rows."""
@@ -247,7 +250,7 @@ def test_packed_codes_give_i8_bits_on_every_path(name, quads):
     packed = pack_matrix(raw, int(qt), cols, quads=quads)
     i8 = _unpacked_as_i8(raw, qt, cols, quads)
     assert packed.family == _PACKED[name] and i8.family == "i8" and packed.bs == i8.bs
-    bits = 5 if packed.family == "u5" else 6
+    bits = {"u4": 4, "u5": 5, "u6": 6}[packed.family]
     assert packed.codes.nbytes * 8 == i8.codes.nbytes * bits
     X = (rng.standard_normal((9, cols)) * np.exp(rng.uniform(-3, 3, (9, cols)))).astype(np.float32)
     X[0, :16] = 0   # a zero block

@@ -183,8 +183,9 @@ def _plane_rows(kind, dst, src, off, doff):
 
 @njit(inline="always")
 def _block_size(kind, n_lines):
-    """Weights per block of a tiled matrix whose blocks hold n_lines bytes of each row."""
-    return 32 if kind == KIND_U4 or kind == KIND_U5 else 16 if kind == KIND_U6 else n_lines
+    """Weights per block of a tiled matrix whose blocks hold n_lines bytes of each row (U4: two codes a byte, 32- or
+    16-weight blocks)."""
+    return 2 * n_lines if kind == KIND_U4 else 32 if kind == KIND_U5 else 16 if kind == KIND_U6 else n_lines
 
 
 @njit(inline="always")

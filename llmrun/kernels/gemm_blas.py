@@ -20,6 +20,18 @@ from .repack import KIND_U4, TILED, PackedMatrix
 CHUNK_FLOATS = 1 << 20      # widened weights per chunk (4 MiB)
 
 
+@njit(inline="always", fastmath=True)
+def _widen_nibbles(out, src, st, sb, i, c0, dv, mv, zf, half):
+    """out[i, c0 + j (+ half), r] = the weights of a U4 block of 2 * half: byte j holds weights j (low nibble) and
+    j + half (high)."""
+    for j in range(half):
+        for r in range(R):
+            v = src[st, sb, j, r]
+            # uint8 casts keep the nibble arithmetic 8/32-bit wide (else int64 lanes: 2x slower)
+            out[i, c0 + j, r] = (np.float32(np.uint8(v & 15)) - zf) * dv[r] + mv[r]
+            out[i, c0 + j + half, r] = (np.float32(np.uint8(v >> 4)) - zf) * dv[r] + mv[r]
+
+
 @njit(parallel=True, fastmath=True, cache=True, nogil=True)   # nogil: prefill runs it from several threads
 def _widen(codes, kind, d, m, two_level, has_m, zero, t0, t1, out):
     """Tiles t0..t1 (any code kind, repack.KIND_*) -> float32 out[t - t0, col, r] (each tile's W.T, contiguous:
@@ -37,13 +49,10 @@ def _widen(codes, kind, d, m, two_level, has_m, zero, t0, t1, out):
             _load_scales_scalar(d, two_level, t, b, dv)
             if has_m:
                 _load_scales_scalar(m, two_level, t, b, mv)
-            if kind == KIND_U4:   # byte j: weights j (low nibble) and j + 16 (high)
-                for j in range(16):
-                    for r in range(R):
-                        v = src[st, sb, j, r]
-                        # uint8 casts keep the nibble arithmetic 8/32-bit wide (else int64 lanes: 2x slower)
-                        out[t - t0, b * 32 + j, r] = (np.float32(np.uint8(v & 15)) - zf) * dv[r] + mv[r]
-                        out[t - t0, b * 32 + j + 16, r] = (np.float32(np.uint8(v >> 4)) - zf) * dv[r] + mv[r]
+            if kind == KIND_U4 and bs == 32:   # (a literal half: as a runtime bs / 2 this loop ran 1.15x slower)
+                _widen_nibbles(out, src, st, sb, t - t0, b * 32, dv, mv, zf, 16)
+            elif kind == KIND_U4:
+                _widen_nibbles(out, src, st, sb, t - t0, b * 16, dv, mv, zf, 8)
             else:
                 for j in range(bs):
                     for r in range(R):

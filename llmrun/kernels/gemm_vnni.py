@@ -82,7 +82,7 @@ def _make_pairs(kind: int, n_quads: int):
     (2p, 2p + 1) of row r, zero point removed, in one int32 word. From repack.py's quads (flat codes[cbase:],
     one 64-byte vector = bytes 4g..4g+3 of 16 rows): bytes widened to int16 in place, so each row's 64 bits
     hold pairs 2g and 2g + 1, which one two-source dword permute per pair separates (U4: the low nibbles give
-    pairs 2g, 2g + 1, the high nibbles 8 + 2g, 9 + 2g; U5 / U6: code vector k, rebuilt from the 5 / 3 quads as
+    pairs 2g, 2g + 1, the high nibbles 2n + 2g, 2n + 2g + 1 for n quads; U5 / U6: code vector k, rebuilt from the 5 / 3 quads as
     blocks.plane_codes_ir says, gives pairs 2k, 2k + 1). A numba loop over the quads'
     interleaved bytes did not vectorize (7x slower than over the byte rows of the layout before)."""
     i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
@@ -130,10 +130,10 @@ def _make_pairs(kind: int, n_quads: int):
             for g in range(n_quads):
                 for q in range(R // 16):
                     v = load(g, q)
-                    if kind == KIND_U4:
+                    if kind == KIND_U4:   # high nibbles: the block's second half, 2 * n_quads pairs on
                         split(builder.and_(v, nib), 2 * g, q)
                         high = builder.bitcast(builder.lshr(builder.bitcast(v, vi), ir.Constant(vi, [4] * 16)), vb)
-                        split(builder.and_(high, nib), 8 + 2 * g, q)
+                        split(builder.and_(high, nib), 2 * n_quads + 2 * g, q)
                     else:
                         split(v, 2 * g, q)
             return context.get_dummy_value()
@@ -141,7 +141,8 @@ def _make_pairs(kind: int, n_quads: int):
     return pairs
 
 
-_pairs_u4, _pairs_u5, _pairs_u6 = _make_pairs(KIND_U4, 4), _make_pairs(KIND_U5, 5), _make_pairs(KIND_U6, 3)
+_pairs_u4_32, _pairs_u4_16 = _make_pairs(KIND_U4, 4), _make_pairs(KIND_U4, 2)
+_pairs_u5, _pairs_u6 = _make_pairs(KIND_U5, 5), _make_pairs(KIND_U6, 3)
 _pairs_i8_32, _pairs_i8_16 = _make_pairs(KIND_I8, 8), _make_pairs(KIND_I8, 4)
 
 
@@ -172,7 +173,7 @@ def _igemm(codes, kind, d, m, two_level, has_m, zero, xp, xd, xsum, Y):
     [nblk, Tp, bs/2], Tp a multiple of TOKENS_PER_CALL (padding tokens zero); xd, xsum [nblk, Tp]
     (_quantize_token_blocks)."""
     n_tiles, nblk, n_quads = codes.shape[0], codes.shape[1], codes.shape[2]
-    n_pairs = 16 if kind == KIND_U4 or kind == KIND_U5 else 8 if kind == KIND_U6 else 2 * n_quads
+    n_pairs = 4 * n_quads if kind == KIND_U4 else 16 if kind == KIND_U5 else 8 if kind == KIND_U6 else 2 * n_quads
     T, Tp, words = Y.shape[0], xp.shape[1], xp.shape[2]
     xflat, xdf, xsf = xp.reshape(-1), xd.reshape(-1), xsum.reshape(-1)
     z = np.int32(zero)
@@ -184,8 +185,10 @@ def _igemm(codes, kind, d, m, two_level, has_m, zero, xp, xd, xsum, Y):
         mv = np.zeros(R, np.float32)
         for b in range(nblk):
             cbase = (t * nblk + b) * n_quads * R * 4
-            if kind == KIND_U4:
-                _pairs_u4(wp, flat, cbase, z)
+            if kind == KIND_U4 and n_quads == 4:
+                _pairs_u4_32(wp, flat, cbase, z)
+            elif kind == KIND_U4:
+                _pairs_u4_16(wp, flat, cbase, z)
             elif kind == KIND_U6:
                 _pairs_u6(wp, flat, cbase, z)
             elif kind == KIND_U5:

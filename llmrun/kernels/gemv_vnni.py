@@ -101,9 +101,9 @@ def _make_block_dots(kind: int, n_rows: int):
                     return
                 for g in range(groups):
                     w = [quad(g, q) for q in range(4)]
-                    if kind == KIND_U4:   # low nibbles: weights 4g..4g+3, high nibbles: 16+4g..16+4g+3
+                    if kind == KIND_U4:   # low nibbles: weights 4g..4g+3, high: the block's second half's
                         yield g, [builder.and_(v, nib) for v in w]
-                        yield 4 + g, [builder.and_(builder.bitcast(builder.lshr(builder.bitcast(v, _VI), _splat(4)),
+                        yield groups + g, [builder.and_(builder.bitcast(builder.lshr(builder.bitcast(v, _VI), _splat(4)),
                                                                    _VB), nib) for v in w]
                     else:
                         yield g, w
@@ -130,7 +130,8 @@ def _make_block_dots(kind: int, n_rows: int):
     return block_dots
 
 
-_u4_dots = _make_block_dots(KIND_U4, 16)
+_u4_dots32 = _make_block_dots(KIND_U4, 16)
+_u4_dots16 = _make_block_dots(KIND_U4, 8)
 _u5_dots = _make_block_dots(KIND_U5, 20)
 _u6_dots = _make_block_dots(KIND_U6, 12)
 _i8_dots32 = _make_block_dots(KIND_I8, 32)
@@ -195,8 +196,10 @@ def _gemv_vnni(codes, kind, d, m, two_level, has_m, zero, x, y, accumulate):
             if has_m:
                 _prefetch_scales(m_lines, two_level, t, b, nblk, group)
                 _load_scales(m, two_level, t, b, mv)
-            if kind == KIND_U4:
-                _u4_dots(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
+            if kind == KIND_U4 and n_rows == 16:
+                _u4_dots32(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
+            elif kind == KIND_U4:
+                _u4_dots16(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
             elif kind == KIND_U6:
                 _u6_dots(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
             elif kind == KIND_U5:

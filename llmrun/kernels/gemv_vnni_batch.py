@@ -46,10 +46,11 @@ def _aligned(context, builder, ty, arr):
     return builder.inttoptr(p, ir.IntType(8).as_pointer())
 
 
-def _make_stage(kind: int):
+def _make_stage(kind: int, nibble_quads: int = 4):
     """An intrinsic staging one U4, U5 or U6 block (flat codes[cbase:], 16, 20 or 12 bytes of R rows in repack.py's
     quads) in `scratch` as vectors (word k, quarter q) at byte (4k + q) * 64: int32 lane l holds weights 4k..4k+3
-    of row 16q + l. U4: word k < 4 the low nibbles of bytes 4k..4k+3, word 4 + k their high nibbles; U5 / U6: the
+    of row 16q + l. U4 (4 nibble quads a 32-weight block, 2 a 16-weight one): word k < n the low nibbles of bytes
+    4k..4k+3, word n + k their high nibbles; U5 / U6: the
     codes rebuilt from the nibbles and the high-bit plane (blocks.plane_codes_ir). Done once
     for all the tokens; I8 quads are already that operand and are read where they are."""
     @intrinsic
@@ -78,17 +79,18 @@ def _make_stage(kind: int):
                     for k in range(n_codes // 4):
                         store(k, q, plane_quad_ir(builder, w, k, bits))
                     continue
-                for g in range(4):
+                for g in range(nibble_quads):
                     v = load(g, q)
                     high = builder.bitcast(builder.lshr(builder.bitcast(v, _VI), _splat(4)), _VB)
                     store(g, q, builder.and_(v, nib))
-                    store(4 + g, q, builder.and_(high, nib))
+                    store(nibble_quads + g, q, builder.and_(high, nib))
             return context.get_dummy_value()
         return sig, codegen
     return stage
 
 
-_stage_u4, _stage_u5, _stage_u6 = _make_stage(KIND_U4), _make_stage(KIND_U5), _make_stage(KIND_U6)
+_stage_u4_32, _stage_u4_16 = _make_stage(KIND_U4), _make_stage(KIND_U4, 2)
+_stage_u5, _stage_u6 = _make_stage(KIND_U5), _make_stage(KIND_U6)
 
 
 def _make_block_dots(staged: bool, words: int, n_rows: int, n_tok: int):
@@ -196,8 +198,9 @@ _i8_16_1, _i8_16_2, _i8_16_3, _i8_16_4 = _d_i8_16
 @njit(inline="always")
 def _dots(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase, kind, n_rows, g):
     """The micro-kernel for this code kind, block shape and g (1..GROUP) tokens (numba wants each intrinsic
-    named)."""
-    if kind == KIND_U4:
+    named). Staged 16-weight blocks (U6; U4's, Q3_K and Q2_K) share one micro-kernel: 4 code words, the n_rows
+    only shaping its prefetches of later lines."""
+    if kind == KIND_U4 and n_rows == 16:
         if g == 4:
             _u4_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
         elif g == 3:
@@ -215,7 +218,7 @@ def _dots(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, c
             _u5_2(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
         else:
             _u5_1(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
-    elif kind == KIND_U6:
+    elif kind == KIND_U6 or kind == KIND_U4:
         if g == 4:
             _u6_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
         elif g == 3:
@@ -285,8 +288,10 @@ def gemv_batch_vnni(codes, kind, d, m, two_level, has_m, zero, X, Y, accumulate)
         for b in range(nblk):
             cbase = (t * nblk + b) * n_rows * R
             ahead = min(cbase + PREFETCH_LINES * R, last - (n_rows - 1) * R)
-            if kind == KIND_U4:   # (I8 quads are read where they are)
-                _stage_u4(scratch, flat, cbase)
+            if kind == KIND_U4 and n_rows == 16:   # (I8 quads are read where they are)
+                _stage_u4_32(scratch, flat, cbase)
+            elif kind == KIND_U4:
+                _stage_u4_16(scratch, flat, cbase)
             elif kind == KIND_U6:
                 _stage_u6(scratch, flat, cbase)
             elif kind == KIND_U5:

@@ -6,10 +6,11 @@ row and an integer zero point per matrix, so that `w = d*(q - zero) + m`. Signed
 ...) are stored with their codes shifted to unsigned: the kernels then see only non-negative bytes
 (which LLVM multiplies with vpmaddwd) and subtract the zero point exactly, in integers.
 
-  U4   4-bit codes, two per byte (byte j of a 32-block: code j low, code j+16 high)   Q4_0 Q4_1 Q4_K
+  U4   4-bit codes, two per byte (byte j of a 32-block: code j low, code j+16 high;     Q4_0 Q4_1 Q4_K
+       of a 16-block: code j low, code j+8 high)                                       Q3_K Q2_K (16)
   U5   5-bit codes of a 32-block in 20 bytes: U4's 16 nibble bytes and a 1-bit plane   Q5_0 Q5_1 Q5_K
        (byte 16+i: bit 4 of code 4k+i at bit k)
-  U6   6-bit codes of a 16-block in 12 bytes: a nibble plane (bytes j < 8: code j low,   Q6_K Q3_K Q2_K
+  U6   6-bit codes of a 16-block in 12 bytes: a nibble plane (bytes j < 8: code j low,   Q6_K
        code j+8 high) and a 2-bit plane (byte 8+i: code 4g+i's bits 4-5 at bits 2g)
   I8   8-bit codes, one per byte, bs = 32 (the kernels take 16 too)                     Q8_0 IQ4_NL
   H16  raw 16-bit floats (kind 0 = IEEE half, 1 = bfloat16), no scales                 F16 BF16
@@ -30,7 +31,9 @@ off), so the kernels rebuild a block's codes in registers or a small scratch (bl
 them as I8 codes (the VNNI kernels as U4's: codes below 64 are valid s8), the same integers as when these types
 were held in I8. H16 and F32 rows stay row-major. Nothing is dequantized to a
 float32 copy: U4 keeps 4 bits per weight, U5 5, U6 6, I8 8 bits, H16 16 bits (prefill widens one chunk of rows at
-a time, gemm_blas.py).
+a time, gemm_blas.py). Q3_K's 3-bit and Q2_K's 2-bit codes take U4's nibbles (4.63 and 5.25 bits per weight with
+their scales, for ggml's 3.44 and 2.63): every U4 kernel already multiplies nibbles, and a 16-weight block is
+only a block with half the nibble bytes (blocks._block_size).
 """
 from __future__ import annotations
 
@@ -61,10 +64,10 @@ QUADS = TILE_ROWS == 64 and VNNI_TARGET
 
 # The ggml types the engine runs and the family each is reduced to (module doc).
 FAMILY = {GGMLType.F32: FP32, GGMLType.F16: H16, GGMLType.BF16: H16,
-          GGMLType.Q4_0: U4, GGMLType.Q4_1: U4, GGMLType.Q4_K: U4,
+          GGMLType.Q4_0: U4, GGMLType.Q4_1: U4, GGMLType.Q4_K: U4, GGMLType.Q3_K: U4, GGMLType.Q2_K: U4,
           GGMLType.Q8_0: I8, GGMLType.IQ4_NL: I8,
           GGMLType.Q5_0: U5, GGMLType.Q5_1: U5, GGMLType.Q5_K: U5,
-          GGMLType.Q6_K: U6, GGMLType.Q3_K: U6, GGMLType.Q2_K: U6}
+          GGMLType.Q6_K: U6}
 ENGINE_TYPES = frozenset(FAMILY)
 
 
@@ -112,8 +115,9 @@ def _split_blocks(raw: np.ndarray, n_cols: int, qtype: int) -> np.ndarray:
 
 
 def _pack_nibbles(q: np.ndarray) -> np.ndarray:
-    """Codes 0..15 [rows, nblk32, 32] -> bytes [rows, nblk32, 16] (low = code j, high = code j+16)."""
-    return (q[..., :16] | (q[..., 16:] << 4)).astype(np.uint8)
+    """Codes 0..15 [rows, nblk, bs] -> U4 bytes [rows, nblk, bs / 2] (low = code j, high = code j + bs / 2)."""
+    half = q.shape[-1] // 2
+    return (q[..., :half] | (q[..., half:] << 4)).astype(np.uint8)
 
 
 # U6 (module doc): the 2-bit plane's byte i holds bits 4-5 of code 4g + i at bits 2g..2g+1, g = 0..3.
@@ -258,7 +262,7 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
         c = ((low4 | (hi2 << 4)).astype(np.int16) - 32).astype(np.int8)
         d = fp16_values(b[..., 108:110])
         nblk = q.shape[1] * 16
-        return U6, pack_six_bit(q.reshape(rows, nblk, 16)), (d, c.reshape(rows, nblk)), None, 16, 4
+        return U4, _pack_nibbles(q.reshape(rows, nblk, 16)), (d, c.reshape(rows, nblk)), None, 16, 4
     if qtype == GGMLType.Q2_K:
         sc = b[..., 0:16]
         q = _two_bit_plane(b[..., 16:80])
@@ -267,7 +271,7 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
         nblk = q.shape[1] * 16
         dd = (d, (sc & 15).reshape(rows, nblk))
         mm = (-dmin, (sc >> 4).reshape(rows, nblk))
-        return U6, pack_six_bit(q.reshape(rows, nblk, 16)), dd, mm, 16, 0
+        return U4, _pack_nibbles(q.reshape(rows, nblk, 16)), dd, mm, 16, 0
     raise ModelError(f"tensor type {qtype} is not supported by the engine")
 
 
