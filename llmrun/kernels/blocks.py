@@ -32,6 +32,10 @@ PREFETCH_LINES = 32
 # whole-model decode products 0.74-0.92x the time at 1 and 2 threads on Q4_0, Q4_1, Q8_0 and Q4_K_M models
 # (same-process A/B, the EPYC VM, 2026-12-02).
 DECODE_PREFETCH_LINES = 128
+# The batched decode kernel (gemv_vnni_batch.py, 2-8 tokens a block) likewise wants its lines in L2 (prefetcht1)
+# rather than L1, from half that distance: against 32 lines into L1, whole steps of 2 rows took 0.80-0.87x the
+# time (SmolLM2 Q4_1, TinyLlama-shaped Q4_0, 2 threads), steps of 4 rows 0.9-1.05x (2026-12-03, a loaded host).
+BATCH_PREFETCH_LINES = 64
 
 
 def _make_prefetch(locality: int):

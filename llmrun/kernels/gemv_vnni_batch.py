@@ -28,7 +28,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .gemv_vnni import R, USABLE, _I32, _VB, _VF, _VI, _const, _split_activations, _splat
-from .blocks import (PLANES, PREFETCH_LINES, _block_size, _epilogue_ir, _finish_tile, _load_scales,
+from .blocks import (BATCH_PREFETCH_LINES, PLANES, _block_size, _epilogue_ir, _finish_tile, _load_scales,
                      _quantize_activations, _splat_ir, plane_quad_ir)
 from .repack import KIND_I8, KIND_U4, KIND_U5, KIND_U6
 
@@ -134,7 +134,8 @@ def _make_block_dots(staged: bool, words: int, n_rows: int, n_tok: int):
             def prefetch(step):   # the step-th of `steps` shares of the n_rows lines of the later block
                 for j in range(step * n_rows // steps, (step + 1) * n_rows // steps):
                     ptr = builder.bitcast(builder.gep(pf0, [_const(j * R)]), ir.PointerType())
-                    builder.call(pf_fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+                    # locality 2: prefetcht1, into L2 (blocks.BATCH_PREFETCH_LINES)
+                    builder.call(pf_fn, [ptr, ir.Constant(_I32, 0), ir.Constant(_I32, 2), ir.Constant(_I32, 1)])
 
             flip = builder.bitcast(_splat(-0x7F7F7F80), _VB)   # 0x80 in every byte
 
@@ -287,7 +288,7 @@ def gemv_batch_vnni(codes, kind, d, m, two_level, has_m, zero, X, Y, accumulate)
         mv = np.zeros(R, np.float32)   # zeros without offsets
         for b in range(nblk):
             cbase = (t * nblk + b) * n_rows * R
-            ahead = min(cbase + PREFETCH_LINES * R, last - (n_rows - 1) * R)
+            ahead = min(cbase + BATCH_PREFETCH_LINES * R, last - (n_rows - 1) * R)
             if kind == KIND_U4 and n_rows == 16:   # (I8 quads are read where they are)
                 _stage_u4_32(scratch, flat, cbase)
             elif kind == KIND_U4:
