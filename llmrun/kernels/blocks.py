@@ -33,8 +33,8 @@ PREFETCH_LINES = 32
 # (same-process A/B, the EPYC VM, 2026-12-02).
 DECODE_PREFETCH_LINES = 128
 # The batched decode kernel (gemv_vnni_batch.py, 2-8 tokens a block) likewise wants its lines in L2 (prefetcht1)
-# rather than L1, from half that distance: against 32 lines into L1, whole steps of 2 rows took 0.80-0.87x the
-# time (SmolLM2 Q4_1, TinyLlama-shaped Q4_0, 2 threads), steps of 4 rows 0.9-1.05x (2026-12-03, a loaded host).
+# rather than L1, from half that distance: against 32 lines into L1, whole steps of 2 rows took 0.74-0.95x the
+# time (SmolLM2 Q4_1, TinyLlama-shaped Q4_0, 2 threads), steps of 4 rows 0.92-1.08x (2026-12-03, a loaded host).
 BATCH_PREFETCH_LINES = 64
 
 
