@@ -206,7 +206,7 @@ def _unpacked_as_i8(raw, qt, cols, quads):
     from llmrun.kernels import repack
     fam, codes, d, m, bs, zero = repack._unpack(raw, cols, int(qt))
     codes = (repack.five_bit_codes(codes) if fam == repack.U5 else repack.six_bit_codes(codes) if fam == repack.U6
-             else np.concatenate([codes & 15, codes >> 4], axis=-1))
+             else repack.nibble_codes(codes))
     n_pad = -(-raw.shape[0] // repack.TILE_ROWS) * repack.TILE_ROWS
     return repack.PackedMatrix(repack.I8, raw.shape[0], cols, repack._tile_codes(codes, n_pad, quads),
                                repack._tile_any(d, n_pad), repack._tile_any(m, n_pad), bs, zero=zero,

@@ -28,7 +28,8 @@ from .blocks import R, _scale_args, _scales_f32
 from .gemm_blas import _matmul_widened
 from .gemm_vnni import _matmul_vnni
 from .gemv import _gemv, _gemv_batch, _gemv_h16
-from .repack import FP32, H16, TILED, U4, U5, U6, VNNI_TARGET, PackedMatrix, five_bit_codes, six_bit_codes
+from .repack import (FP32, H16, TILED, U4, U5, U6, VNNI_TARGET, PackedMatrix, five_bit_codes, nibble_codes,
+                     six_bit_codes)
 
 FEW_TOKENS = 3              # up to this many tokens, run the decode kernel per token instead
 
@@ -119,7 +120,7 @@ def dequantize_rows(pm: PackedMatrix, rows) -> np.ndarray:
         return u.view(np.float16).astype(np.float32)
     c = pm.codes[t, :, :, lane].reshape(len(rows), pm.codes.shape[1], -1)   # [n, nblk, bytes] (from quads)
     if pm.family == U4:
-        q = np.concatenate([c & 15, c >> 4], axis=-1).astype(np.float32)
+        q = nibble_codes(c).astype(np.float32)
     elif pm.family == U5:
         q = five_bit_codes(c).astype(np.float32)
     elif pm.family == U6:

@@ -120,6 +120,12 @@ def _pack_nibbles(q: np.ndarray) -> np.ndarray:
     return (q[..., :half] | (q[..., half:] << 4)).astype(np.uint8)
 
 
+def nibble_codes(c: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Bytes -> their low nibbles then their high nibbles along `axis` (_pack_nibbles' inverse on the last axis;
+    ggml's nibble bytes read the same way)."""
+    return np.concatenate([c & 15, c >> 4], axis=axis)
+
+
 # U6 (module doc): the 2-bit plane's byte i holds bits 4-5 of code 4g + i at bits 2g..2g+1, g = 0..3.
 _PLANE_SHIFTS = np.array([0, 2, 4, 6], np.uint8)
 
@@ -137,7 +143,7 @@ def pack_six_bit(q: np.ndarray) -> np.ndarray:
 def six_bit_codes(c: np.ndarray) -> np.ndarray:
     """U6 bytes [..., 12] -> codes 0..63 [..., 16] (pack_six_bit's inverse)."""
     c = c.astype(np.uint8)
-    lo = np.concatenate([c[..., :8] & 15, c[..., :8] >> 4], axis=-1)
+    lo = nibble_codes(c[..., :8])
     hb = (c[..., None, 8:12] >> _PLANE_SHIFTS[:, None]) & 3      # [g][i]
     return lo | (hb.reshape(c.shape[:-1] + (16,)) << 4)
 
@@ -172,7 +178,7 @@ def _five_bit_plane(high: np.ndarray) -> np.ndarray:
 def five_bit_codes(c: np.ndarray) -> np.ndarray:
     """U5 bytes [..., 20] (module doc) -> codes 0..31 [..., 32]."""
     c = c.astype(np.uint8)
-    lo = np.concatenate([c[..., :16] & 15, c[..., :16] >> 4], axis=-1)
+    lo = nibble_codes(c[..., :16])
     hb = (c[..., None, 16:20] >> _BIT_SHIFTS[:, None]) & 1      # [k][i]
     return lo | (hb.reshape(c.shape[:-1] + (32,)) << 4)
 
@@ -212,7 +218,7 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
         return I8, b[..., 2:34] ^ np.uint8(0x80), _f16_bits(b[..., 0:2]), None, 32, 128   # int8 + 128
     if qtype == GGMLType.IQ4_NL:
         qs = b[..., 2:18]
-        q = np.concatenate([qs & 15, qs >> 4], axis=-1)
+        q = nibble_codes(qs)
         return I8, (IQ4_NL_VALUES[q].astype(np.int16) + 128).astype(np.uint8), _f16_bits(b[..., 0:2]), None, 32, 128
     if qtype in (GGMLType.Q5_0, GGMLType.Q5_1):
         off = 2 if qtype == GGMLType.Q5_0 else 4
@@ -229,7 +235,7 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
         sc, mn = _kquant_scales_mins(b[..., 4:16])
         qs_off = 16 if qtype == GGMLType.Q4_K else 48
         qs = b[..., qs_off:qs_off + 128].reshape(rows, -1, 4, 1, 32)
-        q = np.concatenate([qs & 15, qs >> 4], axis=3).reshape(rows, -1, 8, 32)  # sub-block 2c, 2c+1
+        q = nibble_codes(qs, axis=3).reshape(rows, -1, 8, 32)  # sub-block 2c, 2c+1
         nblk = q.shape[1] * 8
         sc, mn = sc.reshape(rows, nblk), mn.reshape(rows, nblk)
         nibbles = _pack_nibbles(q.reshape(rows, nblk, 32))
@@ -243,7 +249,7 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
     if qtype == GGMLType.Q6_K:
         ql = b[..., 0:128].reshape(rows, -1, 2, 2, 32)       # [h][half][l]: ql[64h + 32*half + l]
         qh = b[..., 128:192].reshape(rows, -1, 2, 1, 32)     # qh[32h + l]
-        lo = np.concatenate([ql & 15, ql >> 4], axis=3)      # [h][quarter][l]: weights 128h + 32*quarter + l
+        lo = nibble_codes(ql, axis=3)      # [h][quarter][l]: weights 128h + 32*quarter + l
         hb = (qh >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)) & 3
         q = lo | (hb << 4)                                    # 0..63, weight = q - 32
         sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8)
@@ -256,7 +262,7 @@ def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
         hbit = (hmask[..., None, :] >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1  # [8][32]: weight 32k + l
         q = low | (hbit << 2)                                 # 0..7, weight = q - 4
         s = b[..., 96:108]
-        low4 = np.concatenate([s[..., 0:8] & 15, s[..., 0:8] >> 4], axis=-1)            # codes j = 0..15
+        low4 = nibble_codes(s[..., 0:8])            # codes j = 0..15
         hi2 = (s[..., 8:12, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3             # [j%4][j/4]
         hi2 = np.swapaxes(hi2, -1, -2).reshape(rows, -1, 16)                             # index j
         c = ((low4 | (hi2 << 4)).astype(np.int16) - 32).astype(np.int8)
