@@ -14,15 +14,16 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# In a fresh process on a copy of the package: is repack's tiling kernel (one cheap compile) in the cache?
+# In a fresh process on a copy of the package: is ops.swiglu (one cheap compile) in the cache?
 _PROBE = r"""
 import sys
-from llmrun.kernels import repack, warmup
+from llmrun.kernels import ops, warmup
 from numba import types
-sig = (types.Array(types.uint8, 3, "C"), types.Array(types.uint8, 4, "C"))
-cached = warmup.is_cached(repack._rows_to_tiles, sig)
+f32_2 = types.Array(types.float32, 2, "C")
+sig = (f32_2, types.int64, f32_2)
+cached = warmup.is_cached(ops.swiglu, sig)
 if sys.argv[1] == "compile":
-    repack._rows_to_tiles.compile(sig)
+    ops.swiglu.compile(sig)
 print("cached" if cached else "missing")
 """
 

@@ -179,21 +179,58 @@ def test_quads_and_byte_rows_give_the_same_bits(name):
     np.testing.assert_array_equal(matvec(quads, X[0]).view(np.uint32), matvec(byte_rows, X[0]).view(np.uint32))
 
 
+def _row_bytes(pm):
+    """A byte-rows PackedMatrix's codes as bytes per row and block [n_rows, nblk, bytes] (repack.py's layout)."""
+    t, nblk, n, R, _ = pm.codes.shape
+    return pm.codes[..., 0].transpose(0, 3, 1, 2).reshape(t * R, nblk, n)[:pm.n_rows]
+
+
 def test_six_bit_layout():
-    """repack.py's U6 bytes, bit by bit as its doc says (byte j < 8: code j low nibble, code j + 8 high; byte 8 + i:
-    bits 4-5 of code 4g + i at bits 2g), and back."""
-    from llmrun.kernels.repack import pack_six_bit, six_bit_codes
+    """repack.py's U6 bytes of Q6_K rows, bit by bit as its doc says (byte j < 8: code j low nibble, code j + 8
+    high; byte 8 + i: bits 4-5 of code 4g + i at bits 2g), against the codes ggml's block holds (docs/formats.md:
+    weight 128h + 32c + l = nibble c // 2 of ql[64h + 32 (c % 2) + l], bits 2c of qh[32h + l]), and back."""
+    from llmrun.kernels.repack import six_bit_codes
     rng = np.random.default_rng(3)
-    q = rng.integers(0, 64, (50, 16)).astype(np.uint8)
-    q[0] = np.arange(16) * 4 + 3   # every code value somewhere
-    q[1] = 63 - q[0]
-    b = pack_six_bit(q)
-    assert b.shape == (50, 12) and b.dtype == np.uint8
+    raw, qt = _random_rows(rng, "q6_k", 50, 256)
+    ql, qh = raw[:, 0:128], raw[:, 128:192]
+    w = np.arange(256)
+    h, c, l = w // 128, (w // 32) % 4, w % 32
+    q = ((ql[:, 64 * h + 32 * (c % 2) + l] >> (4 * (c // 2))) & 15) | (((qh[:, 32 * h + l] >> (2 * c)) & 3) << 4)
+    q = q.reshape(50, 16, 16).astype(np.uint8)
+    b = _row_bytes(pack_matrix(raw, int(qt), 256, quads=False))
+    assert b.shape == (50, 16, 12) and b.dtype == np.uint8
     for j in range(16):
-        nib = (b[:, j % 8] >> (4 * (j // 8))) & 15
-        hb = (b[:, 8 + j % 4] >> (2 * (j // 4))) & 3
-        np.testing.assert_array_equal(nib | (hb << 4), q[:, j])
+        nib = (b[..., j % 8] >> (4 * (j // 8))) & 15
+        hb = (b[..., 8 + j % 4] >> (2 * (j // 4))) & 3
+        np.testing.assert_array_equal(nib | (hb << 4), q[..., j])
     np.testing.assert_array_equal(six_bit_codes(b), q)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_packing_in_parts_is_packing_the_whole(name):
+    """Fused tensors (Q, K and V) are packed part by part at row offsets that are not tile multiples: the same
+    PackedMatrix as packing their concatenated rows, in both code layouts."""
+    rng = np.random.default_rng(7)
+    raw, qt = _random_rows(rng, name, 250, 512)
+    for quads in (True, False):
+        whole = pack_matrix(raw, int(qt), 512, quads=quads)
+        parts = pack_matrix([raw[:100], raw[100:130], raw[130:]], int(qt), 512, quads=quads)
+        for f in ("family", "n_rows", "n_cols", "bs", "zero", "kind", "src_type"):
+            assert getattr(parts, f) == getattr(whole, f)
+        for f in ("codes", "d", "m"):
+            a, b = getattr(whole, f), getattr(parts, f)
+            assert type(a) is type(b)
+            a, b = (a, b) if isinstance(a, tuple) else ((a,), (b,)) if a is not None else ((), ())
+            assert len(a) == len(b)
+            for x, y in zip(a, b):
+                assert x.dtype == y.dtype and x.shape == y.shape
+                np.testing.assert_array_equal(x.view(np.uint8), y.view(np.uint8))
+
+
+def test_rows_of_the_wrong_length_are_a_model_error():
+    from llmrun.errors import ModelError
+    with pytest.raises(ModelError, match="take 144 bytes"):
+        pack_matrix(np.zeros((4, 140), np.uint8), int(gguf.GGMLQuantizationType.Q4_K), 256)
 
 
 _PACKED = {"q6_k": "u6", "q5_0": "u5", "q5_1": "u5", "q5_k": "u5",   # the types whose codes are held in fewer
@@ -204,13 +241,13 @@ def _unpacked_as_i8(raw, qt, cols, quads):
     """The same rows with one byte per code: family I8 (the same zero point, scales and blocks), tiled like the
     packed matrix: the layout whose kernels the packed ones must reproduce bit for bit."""
     from llmrun.kernels import repack
-    fam, codes, d, m, bs, zero = repack._unpack(raw, cols, int(qt))
-    codes = (repack.five_bit_codes(codes) if fam == repack.U5 else repack.six_bit_codes(codes) if fam == repack.U6
-             else repack.nibble_codes(codes))
-    n_pad = -(-raw.shape[0] // repack.TILE_ROWS) * repack.TILE_ROWS
-    return repack.PackedMatrix(repack.I8, raw.shape[0], cols, repack._tile_codes(codes, n_pad, quads),
-                               repack._tile_any(d, n_pad), repack._tile_any(m, n_pad), bs, zero=zero,
-                               src_type=int(qt))
+    pm = pack_matrix(raw, int(qt), cols, quads=quads)
+    t, nblk, n, R, E = pm.codes.shape
+    rows = pm.codes.transpose(0, 1, 3, 2, 4).reshape(t, nblk, R, n * E)     # byte j of row r: [t, b, r, j]
+    codes = (repack.five_bit_codes(rows) if pm.family == repack.U5 else repack.six_bit_codes(rows)
+             if pm.family == repack.U6 else repack.nibble_codes(rows))     # [t, b, r, bs]
+    tiled = np.ascontiguousarray(codes.reshape(t, nblk, R, pm.bs // E, E).transpose(0, 1, 3, 2, 4))
+    return repack.PackedMatrix(repack.I8, pm.n_rows, cols, tiled, pm.d, pm.m, pm.bs, zero=pm.zero, src_type=int(qt))
 
 
 def test_five_bit_layout():
@@ -225,8 +262,9 @@ def test_five_bit_layout():
     qs = blocks[..., 6:22]
     j = np.arange(32)
     q = ((qs[..., j % 16] >> (4 * (j // 16))) & 15) | (((qh[..., None] >> j) & 1) << 4).astype(np.uint8)
-    fam, b, *_ = repack._unpack(raw, 256, int(qt))
-    assert fam == repack.U5 and b.shape == (50, 8, 20) and b.dtype == np.uint8
+    pm = pack_matrix(raw, int(qt), 256, quads=False)
+    b = _row_bytes(pm)
+    assert pm.family == repack.U5 and b.shape == (50, 8, 20) and b.dtype == np.uint8
     for c in range(32):
         nib = (b[..., c % 16] >> (4 * (c // 16))) & 15
         hb = (b[..., 16 + c % 4] >> (c // 4)) & 1

@@ -77,14 +77,12 @@ class Weights:
                 groups.append([ti])
         packed = []
         for g in groups:
-            raw = g[0].data if len(g) == 1 else np.concatenate([ti.data for ti in g], axis=0)
-            try:
-                packed.append(pack_matrix(raw, int(g[0].ggml_type), g[0].shape[-1]))
+            try:   # fused tensors are packed part by part into one set of tiles (no concatenated copy)
+                packed.append(pack_matrix([ti.data for ti in g], int(g[0].ggml_type), g[0].shape[-1]))
             except ModelError as e:
                 raise ModelError(f"{self.reader.path}: tensor {g[0].name} ({g[0].ggml_type.name.lower()}): {e}") \
                     from None
             check_matrix(self.reader.path, "/".join(ti.name for ti in g), packed[-1])
-            del raw
             for ti in g:
                 if isinstance(ti.data, np.ndarray) and not ti.data.flags.owndata:   # a view into the mmap
                     drop_file_pages(ti.data)   # its repacked copy is what the kernels read

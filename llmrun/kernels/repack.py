@@ -40,10 +40,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from ..errors import ModelError
-from ..ggml import GGML_BLOCK, IQ4_NL_VALUES, GGMLType, fp16_values
+from ..ggml import GGML_BLOCK, IQ4_NL_VALUES, GGMLType
 from ..runtime import cpu_target_has
 
 # Rows per tile. The kernels (blocks.py and the product files beside it) compile it in as a constant (a change
@@ -104,25 +104,9 @@ class PackedMatrix:
         return sum(a.nbytes for a in arrays)
 
 
-def _f16_bits(raw: np.ndarray) -> np.ndarray:
-    """Little-endian half bytes [..., 2] -> their uint16 bits [...] (kept as halves: exact and compact)."""
-    return np.ascontiguousarray(raw).view("<u2")[..., 0]
-
-
-def _split_blocks(raw: np.ndarray, n_cols: int, qtype: int) -> np.ndarray:
-    blck, size = GGML_BLOCK[qtype]
-    return raw.reshape(raw.shape[0], n_cols // blck, size)
-
-
-def _pack_nibbles(q: np.ndarray) -> np.ndarray:
-    """Codes 0..15 [rows, nblk, bs] -> U4 bytes [rows, nblk, bs / 2] (low = code j, high = code j + bs / 2)."""
-    half = q.shape[-1] // 2
-    return (q[..., :half] | (q[..., half:] << 4)).astype(np.uint8)
-
-
 def nibble_codes(c: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Bytes -> their low nibbles then their high nibbles along `axis` (_pack_nibbles' inverse on the last axis;
-    ggml's nibble bytes read the same way)."""
+    """Bytes -> their low nibbles then their high nibbles along `axis` (U4 bytes -> codes on the last axis; ggml's
+    nibble bytes read the same way)."""
     return np.concatenate([c & 15, c >> 4], axis=axis)
 
 
@@ -130,49 +114,16 @@ def nibble_codes(c: np.ndarray, axis: int = -1) -> np.ndarray:
 _PLANE_SHIFTS = np.array([0, 2, 4, 6], np.uint8)
 
 
-def pack_six_bit(q: np.ndarray) -> np.ndarray:
-    """Codes 0..63 [..., 16] -> U6 bytes [..., 12]: nibble bytes j < 8 (code j low, code j + 8 high), then the
-    2-bit plane."""
-    q = q.astype(np.uint8)
-    lo = q & 15
-    hb = (q >> 4).reshape(q.shape[:-1] + (4, 4))                # [g][i]: code 4g + i
-    plane = np.bitwise_or.reduce(hb << _PLANE_SHIFTS[:, None], axis=-2)
-    return np.concatenate([lo[..., :8] | (lo[..., 8:] << 4), plane], axis=-1).astype(np.uint8)
-
-
 def six_bit_codes(c: np.ndarray) -> np.ndarray:
-    """U6 bytes [..., 12] -> codes 0..63 [..., 16] (pack_six_bit's inverse)."""
+    """U6 bytes [..., 12] (module doc) -> codes 0..63 [..., 16]."""
     c = c.astype(np.uint8)
     lo = nibble_codes(c[..., :8])
     hb = (c[..., None, 8:12] >> _PLANE_SHIFTS[:, None]) & 3      # [g][i]
     return lo | (hb.reshape(c.shape[:-1] + (16,)) << 4)
 
 
-# U5 (module doc): bit 4 of code 4k + i is bit k of the 1-bit plane's byte i, k = 0..7. _PLANE_BITS[m, v]: where
-# the bits v of byte m of a 32-bit word of high bits (bit j = code j's) land in the plane read as a little-endian
-# uint32: code j = 8m + p goes to byte j % 4, bit j // 4 (a table lookup per byte, not 32 shifts per block).
+# U5 (module doc): bit 4 of code 4k + i is bit k of the 1-bit plane's byte i, k = 0..7.
 _BIT_SHIFTS = np.arange(8, dtype=np.uint8)
-
-
-def _plane_bits_table() -> np.ndarray:
-    table = np.zeros((4, 256), np.uint32)
-    v = np.arange(256)
-    for j in range(32):
-        table[j // 8, (v >> (j % 8)) & 1 == 1] |= np.uint32(1 << (8 * (j % 4) + j // 4))
-    return table
-
-
-_PLANE_BITS = _plane_bits_table()
-
-
-def _five_bit_plane(high: np.ndarray) -> np.ndarray:
-    """uint32 words of high bits [...] (bit j: bit 4 of code j of a 32-block, ggml's Q5_0 / Q5_1 qh) -> U5's 1-bit
-    plane [..., 4]."""
-    high = high.astype(np.uint32)
-    plane = _PLANE_BITS[0][high & 255]
-    for m in range(1, 4):
-        plane |= _PLANE_BITS[m][(high >> np.uint32(8 * m)) & 255]
-    return plane.astype("<u4")[..., None].view(np.uint8)
 
 
 def five_bit_codes(c: np.ndarray) -> np.ndarray:
@@ -183,201 +134,273 @@ def five_bit_codes(c: np.ndarray) -> np.ndarray:
     return lo | (hb.reshape(c.shape[:-1] + (32,)) << 4)
 
 
-def _kquant_scales_mins(sc: np.ndarray):
-    """Q4_K/Q5_K 12-byte 6-bit packing [..., 12] -> scales, mins [..., 8] (docs/formats.md §3.2)."""
-    sc = sc.astype(np.uint8)
-    s = np.empty(sc.shape[:-1] + (8,), np.uint8)
-    mn = np.empty_like(s)
-    s[..., :4] = sc[..., 0:4] & 63
-    mn[..., :4] = sc[..., 4:8] & 63
-    s[..., 4:] = (sc[..., 8:12] & 15) | ((sc[..., 0:4] >> 6) << 4)
-    mn[..., 4:] = (sc[..., 8:12] >> 4) | ((sc[..., 4:8] >> 6) << 4)
-    return s, mn
+# ------------------------------------------------------------------------------------------- the kernel
+# ggml type codes as compile-time constants of the kernel below
+_Q4_0, _Q4_1, _Q5_0, _Q5_1, _Q8_0, _IQ4_NL = (int(GGMLType.Q4_0), int(GGMLType.Q4_1), int(GGMLType.Q5_0),
+                                               int(GGMLType.Q5_1), int(GGMLType.Q8_0), int(GGMLType.IQ4_NL))
+_Q2_K, _Q3_K, _Q4_K, _Q5_K, _Q6_K = (int(GGMLType.Q2_K), int(GGMLType.Q3_K), int(GGMLType.Q4_K),
+                                     int(GGMLType.Q5_K), int(GGMLType.Q6_K))
+_IQ4_NL_CODES = (IQ4_NL_VALUES.astype(np.int16) + 128).astype(np.uint8)   # IQ4_NL's values as I8 codes
 
 
-def _two_bit_plane(qs: np.ndarray) -> np.ndarray:
-    """Q2_K/Q3_K low bits qs [..., 64] -> codes [..., 256]: weight 128h+32s+l = bits 2s.. of qs[32h+l]."""
-    q = qs.reshape(qs.shape[:-1] + (2, 1, 32))
-    shifts = np.array([0, 2, 4, 6], np.uint8).reshape(1, 4, 1)
-    return ((q >> shifts) & 3).reshape(qs.shape[:-1] + (256,))
+@dataclass(frozen=True)
+class _Layout:
+    """How one quantized type is held: family, weights per block, code bytes per block and row, zero point,
+    whether its block scales are two-level (K-quants: a half per 256 weights times a small integer per block),
+    whether those sub-block scales are signed, and whether it has offsets."""
+    family: str
+    bs: int
+    code_bytes: int
+    zero: int
+    two_level: bool = False
+    signed_sub: bool = False
+    has_m: bool = False
 
 
-def _unpack(raw: np.ndarray, n_cols: int, qtype: int):
-    """Raw rows of one type -> (family, codes [rows, nblk, ...], d, m, bs, zero) before tiling."""
-    rows = raw.shape[0]
-    if qtype == GGMLType.F32:
-        return FP32, raw.view("<f4").reshape(rows, n_cols), None, None, 1, 0
-    if qtype in (GGMLType.F16, GGMLType.BF16):
-        return H16, raw.view("<u2").reshape(rows, n_cols), None, None, 1, 0
-    b = _split_blocks(raw, n_cols, qtype)
-    if qtype == GGMLType.Q4_0:
-        return U4, b[..., 2:18], _f16_bits(b[..., 0:2]), None, 32, 8
-    if qtype == GGMLType.Q4_1:
-        return U4, b[..., 4:20], _f16_bits(b[..., 0:2]), _f16_bits(b[..., 2:4]), 32, 0
-    if qtype == GGMLType.Q8_0:
-        return I8, b[..., 2:34] ^ np.uint8(0x80), _f16_bits(b[..., 0:2]), None, 32, 128   # int8 + 128
-    if qtype == GGMLType.IQ4_NL:
-        qs = b[..., 2:18]
-        q = nibble_codes(qs)
-        return I8, (IQ4_NL_VALUES[q].astype(np.int16) + 128).astype(np.uint8), _f16_bits(b[..., 0:2]), None, 32, 128
-    if qtype in (GGMLType.Q5_0, GGMLType.Q5_1):
-        off = 2 if qtype == GGMLType.Q5_0 else 4
-        qh = np.ascontiguousarray(b[..., off:off + 4]).view("<u4")[..., 0]
-        # ggml's qs bytes are U4's nibble bytes already (docs/formats.md): only the high bits move
-        codes = np.concatenate([b[..., off + 4:off + 20], _five_bit_plane(qh)], axis=-1)
-        d = _f16_bits(b[..., 0:2])
-        if qtype == GGMLType.Q5_0:
-            return U5, codes, d, None, 32, 16
-        return U5, codes, d, _f16_bits(b[..., 2:4]), 32, 0
-    if qtype in (GGMLType.Q4_K, GGMLType.Q5_K):
-        d = fp16_values(b[..., 0:2])
-        dmin = fp16_values(b[..., 2:4])
-        sc, mn = _kquant_scales_mins(b[..., 4:16])
-        qs_off = 16 if qtype == GGMLType.Q4_K else 48
-        qs = b[..., qs_off:qs_off + 128].reshape(rows, -1, 4, 1, 32)
-        q = nibble_codes(qs, axis=3).reshape(rows, -1, 8, 32)  # sub-block 2c, 2c+1
-        nblk = q.shape[1] * 8
-        sc, mn = sc.reshape(rows, nblk), mn.reshape(rows, nblk)
-        nibbles = _pack_nibbles(q.reshape(rows, nblk, 32))
-        if qtype == GGMLType.Q4_K:
-            return U4, nibbles, (d, sc), (-dmin, mn), 32, 0
-        # bit s of qh[l] is bit 4 of code l of sub-block s: packed over l, one word of high bits per sub-block
-        qh = b[..., 16:48].reshape(rows, -1, 1, 32)
-        high = np.packbits((qh >> _BIT_SHIFTS.reshape(8, 1)) & 1, axis=-1, bitorder="little").view("<u4")
-        plane = _five_bit_plane(high.reshape(rows, nblk))
-        return U5, np.concatenate([nibbles, plane], axis=-1), (d, sc), (-dmin, mn), 32, 0
-    if qtype == GGMLType.Q6_K:
-        ql = b[..., 0:128].reshape(rows, -1, 2, 2, 32)       # [h][half][l]: ql[64h + 32*half + l]
-        qh = b[..., 128:192].reshape(rows, -1, 2, 1, 32)     # qh[32h + l]
-        lo = nibble_codes(ql, axis=3)      # [h][quarter][l]: weights 128h + 32*quarter + l
-        hb = (qh >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 1, 4, 1)) & 3
-        q = lo | (hb << 4)                                    # 0..63, weight = q - 32
-        sc = np.ascontiguousarray(b[..., 192:208]).view(np.int8)
-        d = fp16_values(b[..., 208:210])
-        nblk = q.shape[1] * 16
-        return U6, pack_six_bit(q.reshape(rows, nblk, 16)), (d, sc.reshape(rows, nblk)), None, 16, 32
-    if qtype == GGMLType.Q3_K:
-        hmask = b[..., 0:32]
-        low = _two_bit_plane(b[..., 32:96]).reshape(rows, -1, 8, 32)
-        hbit = (hmask[..., None, :] >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1  # [8][32]: weight 32k + l
-        q = low | (hbit << 2)                                 # 0..7, weight = q - 4
-        s = b[..., 96:108]
-        low4 = nibble_codes(s[..., 0:8])            # codes j = 0..15
-        hi2 = (s[..., 8:12, None] >> np.array([0, 2, 4, 6], np.uint8)) & 3             # [j%4][j/4]
-        hi2 = np.swapaxes(hi2, -1, -2).reshape(rows, -1, 16)                             # index j
-        c = ((low4 | (hi2 << 4)).astype(np.int16) - 32).astype(np.int8)
-        d = fp16_values(b[..., 108:110])
-        nblk = q.shape[1] * 16
-        return U4, _pack_nibbles(q.reshape(rows, nblk, 16)), (d, c.reshape(rows, nblk)), None, 16, 4
-    if qtype == GGMLType.Q2_K:
-        sc = b[..., 0:16]
-        q = _two_bit_plane(b[..., 16:80])
-        d = fp16_values(b[..., 80:82])
-        dmin = fp16_values(b[..., 82:84])
-        nblk = q.shape[1] * 16
-        dd = (d, (sc & 15).reshape(rows, nblk))
-        mm = (-dmin, (sc >> 4).reshape(rows, nblk))
-        return U4, _pack_nibbles(q.reshape(rows, nblk, 16)), dd, mm, 16, 0
-    raise ModelError(f"tensor type {qtype} is not supported by the engine")
-
-
-@njit(cache=True, nogil=True)
-def _rows_to_tiles(src, out):
-    """src [n_rows, M, E] -> out [tiles, M, TILE_ROWS, E]: out[t, c, r] = src[t*TILE_ROWS + r, c], zero past
-    n_rows, for elements of E = 1, 2 or 4 bytes: one compiled kernel for codes, scales and offsets."""
-    E = src.shape[2]
-    if E == 1:
-        _move_rows(src[:, :, 0], out[:, :, :, 0])
-    elif E == 2:
-        _move_rows(src[:, :, 0], out[:, :, :, 0])
-        _move_rows(src[:, :, 1], out[:, :, :, 1])
-    else:
-        for e in range(E):
-            _move_rows(src[:, :, e], out[:, :, :, e])
+_LAYOUTS = {
+    GGMLType.Q4_0: _Layout(U4, 32, 16, 8), GGMLType.Q4_1: _Layout(U4, 32, 16, 0, has_m=True),
+    GGMLType.Q8_0: _Layout(I8, 32, 32, 128), GGMLType.IQ4_NL: _Layout(I8, 32, 32, 128),
+    GGMLType.Q5_0: _Layout(U5, 32, 20, 16), GGMLType.Q5_1: _Layout(U5, 32, 20, 0, has_m=True),
+    GGMLType.Q4_K: _Layout(U4, 32, 16, 0, two_level=True, has_m=True),
+    GGMLType.Q5_K: _Layout(U5, 32, 20, 0, two_level=True, has_m=True),
+    GGMLType.Q6_K: _Layout(U6, 16, 12, 32, two_level=True, signed_sub=True),
+    GGMLType.Q3_K: _Layout(U4, 16, 8, 4, two_level=True, signed_sub=True),
+    GGMLType.Q2_K: _Layout(U4, 16, 8, 0, two_level=True, has_m=True),
+}
 
 
 @njit(nogil=True)
-def _move_rows(src, out):
-    n_rows = src.shape[0]
-    for t in range(out.shape[0]):
-        for c in range(out.shape[1]):
-            for r in range(TILE_ROWS):
-                row = t * TILE_ROWS + r
-                out[t, c, r] = src[row, c] if row < n_rows else 0
+def _b(raw, i, o):
+    """Byte raw[i, o] as an int64 (numba types uint8-with-int64 arithmetic as floats)."""
+    return np.int64(raw[i, o])
 
 
-def _tile(a: np.ndarray, n_rows_padded: int) -> np.ndarray:
-    """[rows, nblk, ...] -> [tiles, nblk, ..., TILE_ROWS] (rows zero-padded to a whole tile)."""
-    inner = a.shape[1:]
-    src = np.ascontiguousarray(a).reshape(a.shape[0], -1)
-    out = np.empty((n_rows_padded // TILE_ROWS, src.shape[1], TILE_ROWS), a.dtype)
-    size = a.dtype.itemsize
-    # (a numpy moveaxis copy took half of the load time)
-    _rows_to_tiles(src.view(np.uint8).reshape(src.shape + (size,)), out.view(np.uint8).reshape(out.shape + (size,)))
-    return out.reshape((out.shape[0],) + inner + (TILE_ROWS,))
+@njit(nogil=True)
+def _half(raw, i, o):
+    """The little-endian 16 bits at raw[i, o:o + 2]."""
+    return np.uint16(_b(raw, i, o) | (_b(raw, i, o + 1) << 8))
 
 
-def _tile_codes(codes: np.ndarray, n_rows_padded: int, quads: bool) -> np.ndarray:
-    """Codes [rows, nblk, bytes] -> [tiles, nblk, bytes/E, TILE_ROWS, E] (module doc): quads are tiled as 4-byte
-    words."""
-    if not quads:
-        tiled = _tile(codes, n_rows_padded)                    # [tiles, nblk, bytes, TILE_ROWS]
-        return tiled.reshape(tiled.shape + (1,))
-    words = np.ascontiguousarray(codes).view("<u4")            # [rows, nblk, bytes/4]
-    tiled = _tile(words, n_rows_padded)                        # [tiles, nblk, bytes/4, TILE_ROWS]
-    return tiled.view(np.uint8).reshape(tiled.shape + (4,))
+@njit(nogil=True)
+def _put(codes, t, b, j, r, v):
+    """Byte j of block b of row r of tile t (module doc: quads when E = 4, byte rows when E = 1)."""
+    e = codes.shape[4]                  # 4 or 1: j // e = j >> (e >> 1), without a branch
+    codes[t, b, j >> (e >> 1), r, j & (e - 1)] = v
 
 
-def _tile_any(a, n_rows_padded):
-    """_tile for an array, a (super, sub) scale pair or None."""
-    if a is None:
-        return None
-    if isinstance(a, tuple):
-        return tuple(_tile_any(x, n_rows_padded) for x in a)
-    if a.dtype == np.float64:
-        a = a.astype(np.float32)
-    return _tile(np.ascontiguousarray(a), n_rows_padded)
+@njit(nogil=True)
+def _put_plane(codes, t, b, j0, r, high):
+    """U5's 1-bit plane (module doc) of a 32-block whose codes' bit 4 are the bits of `high` (bit j: code j's) at
+    bytes j0..j0 + 3: byte j0 + i holds code 4k + i's at bit k."""
+    for i in range(4):
+        v = 0
+        for k in range(8):
+            v |= ((high >> (4 * k + i)) & 1) << k
+        _put(codes, t, b, j0 + i, r, np.uint8(v))
 
 
-def _join_any(parts):
-    """Concatenate the tiled pieces of consecutive row steps (arrays, pairs or None)."""
-    if parts[0] is None:
-        return None
-    if isinstance(parts[0], tuple):
-        return tuple(_join_any([p[i] for p in parts]) for i in range(len(parts[0])))
-    return np.ascontiguousarray(np.concatenate(parts) if len(parts) > 1 else parts[0])
+@njit(nogil=True)
+def _put_nibble_block16(codes, t, b, r, q):
+    """A 16-block's codes q[0:16] (< 16) as U4 bytes: byte i = code i low, code i + 8 high."""
+    for i in range(8):
+        _put(codes, t, b, i, r, np.uint8(q[i] | (q[i + 8] << 4)))
 
 
-# Rows converted per step, to bound the temporaries numpy needs while unpacking a big tensor.
-_ROWS_PER_STEP = 2048
+@njit(nogil=True)
+def _pack_tile(raw, qtype, row0, t, ra, rb, codes, sub_d, sub_m, half_d, half_m, q):
+    """Rows ra..rb-1 of tile t from raw's rows (tile row r = raw row t * TILE_ROWS + r - row0); q: a 16-byte
+    scratch. Blocks outer, rows inner: one block of 64 rows is a few KB of output, written while it is in L1."""
+    nblk = codes.shape[1]
+    base = t * TILE_ROWS - row0
+    if qtype == _Q4_0 or qtype == _Q4_1 or qtype == _Q8_0 or qtype == _IQ4_NL:
+        # d, [m], then the codes: ggml's nibble bytes are U4's (docs/formats.md); Q8_0's int8 shift to I8 codes
+        size = 18 if qtype == _Q4_0 or qtype == _IQ4_NL else 20 if qtype == _Q4_1 else 34
+        qo = 4 if qtype == _Q4_1 else 2
+        for b in range(nblk):
+            o = b * size
+            for r in range(ra, rb):
+                i = base + r
+                half_d[t, b, r] = _half(raw, i, o)
+                if qtype == _Q4_1:
+                    half_m[t, b, r] = _half(raw, i, o + 2)
+                if qtype == _Q8_0:
+                    for j in range(32):
+                        _put(codes, t, b, j, r, np.uint8(_b(raw, i, o + qo + j) ^ 0x80))
+                elif qtype == _IQ4_NL:
+                    for j in range(16):
+                        v = _b(raw, i, o + qo + j)
+                        _put(codes, t, b, j, r, _IQ4_NL_CODES[v & 15])
+                        _put(codes, t, b, j + 16, r, _IQ4_NL_CODES[v >> 4])
+                else:
+                    for j in range(16):
+                        _put(codes, t, b, j, r, np.uint8(_b(raw, i, o + qo + j)))
+    elif qtype == _Q5_0 or qtype == _Q5_1:
+        size = 22 if qtype == _Q5_0 else 24
+        ho = 2 if qtype == _Q5_0 else 4      # qh, a little-endian uint32 (bit j: bit 4 of code j), then qs
+        for b in range(nblk):
+            o = b * size
+            for r in range(ra, rb):
+                i = base + r
+                half_d[t, b, r] = _half(raw, i, o)
+                if qtype == _Q5_1:
+                    half_m[t, b, r] = _half(raw, i, o + 2)
+                high = 0
+                for k in range(4):
+                    high |= np.int64(_b(raw, i, o + ho + k)) << (8 * k)
+                for j in range(16):
+                    _put(codes, t, b, j, r, np.uint8(_b(raw, i, o + ho + 4 + j)))
+                _put_plane(codes, t, b, 16, r, high)
+    elif qtype == _Q4_K or qtype == _Q5_K:
+        # super-block: d, dmin, 12 bytes of 6-bit scales and mins (docs/formats.md), [qh,] qs
+        size = 144 if qtype == _Q4_K else 176
+        qs = 16 if qtype == _Q4_K else 48
+        for sb in range(nblk // 8):
+            o = sb * size
+            for r in range(ra, rb):
+                i = base + r
+                half_d[t, sb, r] = _half(raw, i, o)
+                half_m[t, sb, r] = _half(raw, i, o + 2)
+                for s in range(8):
+                    b = 8 * sb + s
+                    if s < 4:
+                        sub_d[t, b, r] = _b(raw, i, o + 4 + s) & 63
+                        sub_m[t, b, r] = _b(raw, i, o + 8 + s) & 63
+                    else:
+                        sub_d[t, b, r] = (_b(raw, i, o + 8 + s) & 15) | ((_b(raw, i, o + s) >> 6) << 4)
+                        sub_m[t, b, r] = (_b(raw, i, o + 8 + s) >> 4) | ((_b(raw, i, o + 4 + s) >> 6) << 4)
+                    # sub-block s = the low (even s) or high nibbles of qs[32 (s // 2):][:32]
+                    src, sh = o + qs + 32 * (s >> 1), 4 * (s & 1)
+                    for j in range(16):
+                        lo = (_b(raw, i, src + j) >> sh) & 15
+                        hi = (_b(raw, i, src + j + 16) >> sh) & 15
+                        _put(codes, t, b, j, r, np.uint8(lo | (hi << 4)))
+                    if qtype == _Q5_K:
+                        high = 0      # bit s of qh[l]: bit 4 of code l of sub-block s
+                        for j in range(32):
+                            high |= np.int64((_b(raw, i, o + 16 + j) >> s) & 1) << j
+                        _put_plane(codes, t, b, 16, r, high)
+    elif qtype == _Q6_K:
+        # ql[128], qh[64], 16 int8 scales, d: weight 128h + 32c + l = low nibble (c < 2) or high nibble of
+        # ql[64h + 32 (c % 2) + l], bits 4-5 from bits 2c of qh[32h + l]
+        for sb in range(nblk // 16):
+            o = sb * 210
+            for r in range(ra, rb):
+                i = base + r
+                half_d[t, sb, r] = _half(raw, i, o + 208)
+                for k in range(16):
+                    b = 16 * sb + k
+                    sub_d[t, b, r] = _b(raw, i, o + 192 + k)
+                    h, c, l0 = k >> 3, (k >> 1) & 3, 16 * (k & 1)
+                    for j in range(16):
+                        lo = (_b(raw, i, o + 64 * h + 32 * (c & 1) + l0 + j) >> (4 * (c >> 1))) & 15
+                        hb = (_b(raw, i, o + 128 + 32 * h + l0 + j) >> (2 * c)) & 3
+                        q[j] = lo | (hb << 4)
+                    for j in range(8):
+                        _put(codes, t, b, j, r, np.uint8((q[j] & 15) | ((q[j + 8] & 15) << 4)))
+                    for g in range(4):
+                        v = 0
+                        for p in range(4):
+                            v |= ((q[4 * p + g] >> 4) & 3) << (2 * p)
+                        _put(codes, t, b, 8 + g, r, np.uint8(v))
+    elif qtype == _Q3_K or qtype == _Q2_K:
+        # 2-bit codes: weight 128h + 32s + l = bits 2s of qs[32h + l]; Q3_K adds bit 2 = bit w // 32 of hmask[w % 32]
+        size = 110 if qtype == _Q3_K else 84
+        qs = 32 if qtype == _Q3_K else 16
+        for sb in range(nblk // 16):
+            o = sb * size
+            for r in range(ra, rb):
+                i = base + r
+                if qtype == _Q3_K:
+                    half_d[t, sb, r] = _half(raw, i, o + 108)
+                else:
+                    half_d[t, sb, r] = _half(raw, i, o + 80)
+                    half_m[t, sb, r] = _half(raw, i, o + 82)
+                for k in range(16):
+                    b = 16 * sb + k
+                    if qtype == _Q3_K:   # 6-bit scales: low 4 bits in bytes 0-7, high 2 in bytes 8-11, minus 32
+                        low4 = _b(raw, i, o + 96 + k) & 15 if k < 8 else _b(raw, i, o + 96 + k - 8) >> 4
+                        hi2 = (_b(raw, i, o + 104 + (k & 3)) >> (2 * (k >> 2))) & 3
+                        sub_d[t, b, r] = np.uint8(((low4 | (hi2 << 4)) - 32) & 255)
+                    else:
+                        sub_d[t, b, r] = _b(raw, i, o + k) & 15
+                        sub_m[t, b, r] = _b(raw, i, o + k) >> 4
+                    for j in range(16):
+                        w = 16 * k + j
+                        v = (_b(raw, i, o + qs + 32 * (w >> 7) + (w & 31)) >> (2 * ((w >> 5) & 3))) & 3
+                        if qtype == _Q3_K:
+                            v |= ((_b(raw, i, o + (w & 31)) >> (w >> 5)) & 1) << 2
+                        q[j] = v
+                    _put_nibble_block16(codes, t, b, r, q)
 
 
-def pack_matrix(raw: np.ndarray, qtype: int, n_cols: int, quads: bool = QUADS) -> PackedMatrix:
-    """ggml rows (uint8 [n_rows, row_nbytes]) of type `qtype` -> PackedMatrix (tiled codes in quads or byte rows:
-    module doc)."""
+@njit(parallel=True, cache=True, nogil=True)
+def _pack_rows(raw, qtype, row0, codes, sub_d, sub_m, half_d, half_m):
+    """ggml rows raw (uint8 [n, row bytes], read-only) of type qtype -> output rows row0..row0 + n of the tiles:
+    codes [tiles, nblk, bytes / E, R, E], sub-block scales / offsets uint8 [tiles, nblk, R] (K-quants), halves
+    uint16 [tiles, nblk, R] (half-scaled types) or [tiles, nblk / G, R] (K-quants' super-block d and dmin).
+    Outputs a type has no use for are ignored. One thread per tile: tiles never share bytes."""
+    n = raw.shape[0]
+    t0 = row0 // TILE_ROWS
+    t1 = (row0 + n + TILE_ROWS - 1) // TILE_ROWS
+    for t in prange(t0, t1):
+        ra = max(row0, t * TILE_ROWS) - t * TILE_ROWS
+        rb = min(row0 + n, (t + 1) * TILE_ROWS) - t * TILE_ROWS
+        q = np.empty(16, np.uint8)
+        _pack_tile(raw, qtype, row0, t, ra, rb, codes, sub_d, sub_m, half_d, half_m, q)
+
+
+def _read_only(part: np.ndarray) -> np.ndarray:
+    """A C-contiguous read-only uint8 view (one compiled signature for file pages and arrays alike)."""
+    v = np.ascontiguousarray(np.asarray(part, dtype=np.uint8)).view()
+    v.flags.writeable = False
+    return v
+
+
+def pack_matrix(raw, qtype: int, n_cols: int, quads: bool = QUADS) -> PackedMatrix:
+    """ggml rows (uint8 [n_rows, row_nbytes], or a list of such parts stacked in order, e.g. Q, K and V) of type
+    `qtype` -> PackedMatrix (tiled codes in quads or byte rows: module doc)."""
+    parts = list(raw) if isinstance(raw, (list, tuple)) else [raw]
     qtype = int(qtype)
     if qtype not in ENGINE_TYPES:
         raise ModelError(f"type code {qtype} is not supported by the engine")
     qtype = GGMLType(qtype)
-    blck = qtype.block_size
+    blck, size = GGML_BLOCK[qtype]
     if n_cols % blck:
         raise ModelError(f"{qtype.lower} row length {n_cols} is not a multiple of {blck}")
-    n_rows = raw.shape[0]
-    kind = 1 if qtype == GGMLType.BF16 else 0
+    row_bytes = n_cols // blck * size
+    parts = [_read_only(p) for p in parts]
+    for p in parts:
+        if p.ndim != 2 or p.shape[1] != row_bytes:
+            raise ModelError(f"{qtype.lower} rows of {n_cols} weights take {row_bytes} bytes, got shape "
+                             f"{list(p.shape)}")
+    n_rows = sum(p.shape[0] for p in parts)
     if qtype in (GGMLType.F32, GGMLType.F16, GGMLType.BF16):
         # float rows stay row-major (BLAS reads them directly / after a per-chunk widening)
-        family, codes, _, _, _, _ = _unpack(np.ascontiguousarray(raw), n_cols, qtype)
-        return PackedMatrix(family, n_rows, n_cols, np.array(codes), None, None, 1, kind=kind,
-                            src_type=int(qtype))
-    n_pad = -(-n_rows // TILE_ROWS) * TILE_ROWS
-    parts: list[tuple] = []
-    family = bs = None
-    step = _ROWS_PER_STEP  # a multiple of TILE_ROWS, so tiles never straddle steps
-    for r0 in range(0, n_rows, step):
-        chunk = np.asarray(raw[r0:r0 + step])
-        family, codes, d, m, bs, zero = _unpack(chunk, n_cols, qtype)
-        rows_here = min(step, n_pad - r0)
-        parts.append((_tile_codes(codes, rows_here, quads),) + tuple(_tile_any(a, rows_here) for a in (d, m)))
-
-    codes, d, m = (_join_any([p[i] for p in parts]) for i in range(3))
-    return PackedMatrix(family, n_rows, n_cols, codes, d, m, bs, zero=zero, kind=kind, src_type=int(qtype))
+        rows = np.concatenate(parts) if len(parts) > 1 else np.array(parts[0])
+        if qtype == GGMLType.F32:
+            return PackedMatrix(FP32, n_rows, n_cols, rows.view("<f4"), None, None, 1, src_type=int(qtype))
+        return PackedMatrix(H16, n_rows, n_cols, rows.view("<u2"), None, None, 1,
+                            kind=1 if qtype == GGMLType.BF16 else 0, src_type=int(qtype))
+    lay = _LAYOUTS[qtype]
+    tiles, nblk, E = -(-n_rows // TILE_ROWS), n_cols // lay.bs, 4 if quads else 1
+    n_half = n_cols // blck if lay.two_level else nblk     # one half per super-block or per block
+    codes = np.zeros((tiles, nblk, lay.code_bytes // E, TILE_ROWS, E), np.uint8)
+    half_d = np.zeros((tiles, n_half, TILE_ROWS), np.uint16)
+    unused_u16, unused_u8 = np.zeros((1, 1, 1), np.uint16), np.zeros((1, 1, 1), np.uint8)
+    half_m = np.zeros_like(half_d) if lay.has_m else unused_u16
+    sub_d = np.zeros((tiles, nblk, TILE_ROWS), np.uint8) if lay.two_level else unused_u8
+    sub_m = np.zeros_like(sub_d) if lay.two_level and lay.has_m else unused_u8
+    row0 = 0
+    for p in parts:
+        _pack_rows(p, int(qtype), row0, codes, sub_d, sub_m, half_d, half_m)
+        row0 += p.shape[0]
+    if not lay.two_level:
+        d, m = half_d, half_m if lay.has_m else None
+    else:
+        d = (half_d.view(np.float16).astype(np.float32), sub_d.view(np.int8) if lay.signed_sub else sub_d)
+        m = None
+        if lay.has_m:
+            super_m = -half_m.view(np.float16).astype(np.float32)
+            super_m[-1, :, n_rows - (tiles - 1) * TILE_ROWS:] = 0.0     # padding rows: +0.0, not -0.0
+            m = (super_m, sub_m)
+    return PackedMatrix(lay.family, n_rows, n_cols, codes, d, m, lay.bs, zero=lay.zero, src_type=int(qtype))

@@ -60,7 +60,8 @@ def _units() -> dict[str, Unit]:
     from . import gemm_blas, gemm_vnni, gemv, gemv_vnni, gemv_vnni_batch, kv_formats, ops, repack, token_draw
 
     f32_1, f32_2, f32_3, f32_4 = (_array(np.float32, n) for n in (1, 2, 3, 4))
-    u8_3, u8_4, u16_2 = _array(np.uint8, 3), _array(np.uint8, 4), _array(np.uint16, 2)
+    u8_3, u16_2, u16_3 = _array(np.uint8, 3), _array(np.uint16, 2), _array(np.uint16, 3)
+    raw_rows = types.Array(types.uint8, 2, "C", readonly=True)   # a GGUF tensor's rows (repack.pack_matrix)
     quads = _array(np.uint8, 5)   # tiled codes (repack.py), with their kind (repack.KIND_*)
     i16_3, i32_3, i64_1 = _array(np.int16, 3), _array(np.int32, 3), _array(np.int64, 1)
     i64, f32, f64, b1 = types.int64, types.float32, types.float64, types.boolean
@@ -74,7 +75,7 @@ def _units() -> dict[str, Unit]:
         return _array(np.float32 if kind == "f32" else np.uint16, ndim)
 
     units = [
-        Unit("repack", 0.5, lambda: [(repack._rows_to_tiles, (u8_3, u8_4))]),
+        Unit("repack", 7.0, lambda: [(repack._pack_rows, (raw_rows, i64, i64, quads, u8_3, u8_3, u16_3, u16_3))]),
         Unit("graph", 1.0, lambda: [
             (ops.rmsnorm, (f32_2, f32_1, f32, f32_2)),
             (ops.head_rmsnorm, (f32_2, i64, i64, f32_1, f32)),
