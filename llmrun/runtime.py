@@ -43,6 +43,14 @@ When llmrun.kernels or llmrun.quants is first imported (before their kernels are
       digest of contents (not of times) also keeps valid the cache that a wheel build compiled (setup.py):
       installing changes the files' times, not their bytes. Numba's other caches are left alone.
 
+Every forward (engine/model.py) runs on ONE long-lived thread of the process, the compute thread (on_compute_thread),
+whichever thread asked for it: libgomp keeps the OpenMP team of each thread that starts parallel regions, and once
+two teams exist (the main thread's and, say, the server's scheduler's or an app's worker thread's) it counts more
+threads than cores and stops spinning between regions, so every region pays a wake-up: SmolLM2's decode ran at
+42-58 tok/s from a second thread instead of 145-180 (2026-12-04, 2-vCPU EPYC). A caller interrupted while it
+waits (Ctrl-C) gets its KeyboardInterrupt once the forward in flight has finished (the KV cache is never left
+half-written by a step still running).
+
 Per forward call (engine/model.py), numba's thread count (numba.set_num_threads is per OS thread): the threads
 asked for, but no more than the cores other processes left free over the last quarter second (free_threads:
 /proc/stat's busy time minus this process's own CPU time; after a pause of over a second, the other processes'
@@ -58,6 +66,7 @@ import functools
 import hashlib
 import mmap
 import os
+import queue
 import sys
 import threading
 import time
@@ -338,3 +347,55 @@ def drop_file_pages(raw) -> None:
     hi = end // page * page
     if hi > lo:
         libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), ctypes.c_int(_MADV_DONTNEED))
+
+
+# ------------------------------------------------------------------------------------------ the compute thread
+class _ComputeThread:
+    """One daemon thread running the calls handed to it, in order (module doc)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+
+    def _serve(self) -> None:
+        while True:
+            fn, args, done, box = self._calls.get()
+            try:
+                box["value"] = fn(*args)
+            except BaseException as e:   # handed back to the caller, whatever it is
+                box["error"] = e
+            finally:
+                done.set()
+            del fn, args, box
+
+    def run(self, fn, *args):
+        if threading.current_thread() is self._thread:   # a call made from a call already here
+            return fn(*args)
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._serve, name="llmrun-compute", daemon=True)
+                self._thread.start()
+        done, box = threading.Event(), {}
+        self._calls.put((fn, args, done, box))
+        try:
+            done.wait()
+        except BaseException:        # interrupted while waiting: let the step finish first
+            while not done.is_set():
+                try:
+                    done.wait()
+                except BaseException:
+                    pass
+            raise
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
+
+
+_COMPUTE = _ComputeThread()
+
+
+def on_compute_thread(fn, *args):
+    """fn(*args) on the compute thread (module doc), its result or its exception here."""
+    return _COMPUTE.run(fn, *args)
+

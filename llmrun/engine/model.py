@@ -21,7 +21,7 @@ from ..errors import ContextFullError, ModelError
 from ..kernels import ops, warmup
 from ..kernels.kv_formats import take
 from ..kernels.qmatmul import dequantize_rows, matmul, matvec, matvec_batch
-from ..runtime import free_threads
+from ..runtime import free_threads, on_compute_thread
 from .hparams import HParams, LlamaHParams  # noqa: F401  (LlamaHParams: the older name)
 from .kv_cache import KVCache, LayerCache, layer_capacity, new_k, new_v
 from .load_checks import check_logits
@@ -201,6 +201,10 @@ class LlamaModel(ModelLoading):
                  hidden: bool = False) -> np.ndarray | None:
         """Each sequence's tokens (at most _max_batch each) after its cache's; logits (or final-normed hidden
         states) for "all" rows (one sequence), each sequence's "last" row, or None."""
+        return on_compute_thread(self._forward_here, caches, seqs, logits, hidden)
+
+    def _forward_here(self, caches: list[KVCache], seqs: list[np.ndarray], logits: str | None,
+                      hidden: bool) -> np.ndarray | None:
         hp = self.hparams
         self._use_free_threads()
         # Rows: the one-token sequences first (decode, batched), then each longer chunk.

@@ -37,14 +37,16 @@ only a block with half the nibble bytes (blocks._block_size).
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
-from numba import njit, prange
+import numba
+from numba import njit
 
 from ..errors import ModelError
 from ..ggml import GGML_BLOCK, IQ4_NL_VALUES, GGMLType
-from ..runtime import cpu_target_has
+from ..runtime import cpu_target_has, free_threads
 
 # Rows per tile. The kernels (blocks.py and the product files beside it) compile it in as a constant (a change
 # recompiles them all: numba's cache is keyed by all the kernel sources, runtime.py).
@@ -333,20 +335,38 @@ def _pack_tile(raw, qtype, row0, t, ra, rb, codes, sub_d, sub_m, half_d, half_m,
                     _put_nibble_block16(codes, t, b, r, q)
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _pack_rows(raw, qtype, row0, codes, sub_d, sub_m, half_d, half_m):
-    """ggml rows raw (uint8 [n, row bytes], read-only) of type qtype -> output rows row0..row0 + n of the tiles:
-    codes [tiles, nblk, bytes / E, R, E], sub-block scales / offsets uint8 [tiles, nblk, R] (K-quants), halves
-    uint16 [tiles, nblk, R] (half-scaled types) or [tiles, nblk / G, R] (K-quants' super-block d and dmin).
-    Outputs a type has no use for are ignored. One thread per tile: tiles never share bytes."""
+@njit(cache=True, nogil=True)
+def _pack_rows(raw, qtype, row0, t_lo, t_hi, codes, sub_d, sub_m, half_d, half_m):
+    """ggml rows raw (uint8 [n, row bytes], read-only) of type qtype -> the parts of tiles t_lo..t_hi-1 that hold
+    output rows row0..row0 + n: codes [tiles, nblk, bytes / E, R, E], sub-block scales / offsets uint8 [tiles,
+    nblk, R] (K-quants), halves uint16 [tiles, nblk, R] (half-scaled types) or [tiles, nblk / G, R] (K-quants'
+    super-block d and dmin). Outputs a type has no use for are ignored."""
     n = raw.shape[0]
-    t0 = row0 // TILE_ROWS
-    t1 = (row0 + n + TILE_ROWS - 1) // TILE_ROWS
-    for t in prange(t0, t1):
+    q = np.empty(16, np.uint8)
+    for t in range(t_lo, t_hi):
         ra = max(row0, t * TILE_ROWS) - t * TILE_ROWS
         rb = min(row0 + n, (t + 1) * TILE_ROWS) - t * TILE_ROWS
-        q = np.empty(16, np.uint8)
         _pack_tile(raw, qtype, row0, t, ra, rb, codes, sub_d, sub_m, half_d, half_m, q)
+
+
+def _pack_part(raw, qtype: int, row0: int, outputs: tuple) -> None:
+    """_pack_rows over the tiles of one part, split among threads: Python threads around a serial nogil kernel,
+    not a numba parallel region. (An OpenMP team started in the loading thread made every parallel region that
+    another thread starts later, the server's scheduler thread's decode, run at a third of its speed.) Tiles never
+    share bytes, so the threads need no locks."""
+    t0 = row0 // TILE_ROWS
+    t1 = (row0 + raw.shape[0] + TILE_ROWS - 1) // TILE_ROWS
+    n = max(1, min(free_threads(numba.get_num_threads()), (t1 - t0) // 4))   # >= 4 tiles a thread
+    bounds = [t0 + (t1 - t0) * k // n for k in range(n + 1)]
+    threads = [threading.Thread(target=_pack_rows, args=(raw, qtype, row0, bounds[k], bounds[k + 1], *outputs))
+               for k in range(1, n)]
+    for th in threads:
+        th.start()
+    try:
+        _pack_rows(raw, qtype, row0, bounds[0], bounds[1], *outputs)
+    finally:
+        for th in threads:
+            th.join()
 
 
 def _read_only(part: np.ndarray) -> np.ndarray:
@@ -392,7 +412,7 @@ def pack_matrix(raw, qtype: int, n_cols: int, quads: bool = QUADS) -> PackedMatr
     sub_m = np.zeros_like(sub_d) if lay.two_level and lay.has_m else unused_u8
     row0 = 0
     for p in parts:
-        _pack_rows(p, int(qtype), row0, codes, sub_d, sub_m, half_d, half_m)
+        _pack_part(p, int(qtype), row0, (codes, sub_d, sub_m, half_d, half_m))
         row0 += p.shape[0]
     if not lay.two_level:
         d, m = half_d, half_m if lay.has_m else None

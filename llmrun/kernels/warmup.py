@@ -75,7 +75,8 @@ def _units() -> dict[str, Unit]:
         return _array(np.float32 if kind == "f32" else np.uint16, ndim)
 
     units = [
-        Unit("repack", 7.0, lambda: [(repack._pack_rows, (raw_rows, i64, i64, quads, u8_3, u8_3, u16_3, u16_3))]),
+        Unit("repack", 4.5, lambda: [(repack._pack_rows, (raw_rows, i64, i64, i64, i64, quads, u8_3, u8_3, u16_3,
+                                                        u16_3))]),
         Unit("graph", 1.0, lambda: [
             (ops.rmsnorm, (f32_2, f32_1, f32, f32_2)),
             (ops.head_rmsnorm, (f32_2, i64, i64, f32_1, f32)),
