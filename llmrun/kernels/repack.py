@@ -248,7 +248,7 @@ def _pack_tile(raw, qtype, row0, t, ra, rb, codes, sub_d, sub_m, half_d, half_m,
                     half_m[t, b, r] = _half(raw, i, o + 2)
                 high = 0
                 for k in range(4):
-                    high |= np.int64(_b(raw, i, o + ho + k)) << (8 * k)
+                    high |= _b(raw, i, o + ho + k) << (8 * k)
                 for j in range(16):
                     _put(codes, t, b, j, r, np.uint8(_b(raw, i, o + ho + 4 + j)))
                 _put_plane(codes, t, b, 16, r, high)
@@ -279,7 +279,7 @@ def _pack_tile(raw, qtype, row0, t, ra, rb, codes, sub_d, sub_m, half_d, half_m,
                     if qtype == _Q5_K:
                         high = 0      # bit s of qh[l]: bit 4 of code l of sub-block s
                         for j in range(32):
-                            high |= np.int64((_b(raw, i, o + 16 + j) >> s) & 1) << j
+                            high |= ((_b(raw, i, o + 16 + j) >> s) & 1) << j
                         _put_plane(codes, t, b, 16, r, high)
     elif qtype == _Q6_K:
         # ql[128], qh[64], 16 int8 scales, d: weight 128h + 32c + l = low nibble (c < 2) or high nibble of
