@@ -92,11 +92,11 @@ def test_matvec_batch_rows_equal_matvec(name):
 
 # Repacked bytes per weight vs ggml's (the RSS bound after load: file + KV cache + 15 %). Q4_0, Q4_1 and Q8_0 keep
 # ggml's exact size (codes + half scales); Q4_K adds ~0.25 bit and Q6_K ~0.06 bit (the super-block scale as
-# float32). Q5_0 and Q5_1 (U5) keep ggml's exact size too, Q5_K adds ~0.25 bit; Q3_K and Q2_K are held in U4 with
-# 16-weight blocks (4-bit codes and int8 sub-block scales: 3.44 -> 4.63 bits, 2.63 -> 5.25); IQ4_NL in I8 (its
-# codes are table values).
+# float32). Q5_0 and Q5_1 (U5) keep ggml's exact size too, Q5_K adds ~0.25 bit; Q3_K is held in U4 with 16-weight
+# blocks (4-bit codes and int8 sub-block scales: 3.44 -> 4.63 bits), Q2_K in U2 (2-bit codes, int8 sub-block
+# scales and offsets: 2.63 -> 3.25 bits); IQ4_NL in I8 (its codes are table values).
 _MAX_SIZE_RATIO = {"q4_0": 1.0, "q4_1": 1.0, "q8_0": 1.0, "q5_0": 1.0, "q5_1": 1.0, "iq4_nl": 1.9,
-                   "q4_k": 1.06, "q5_k": 1.05, "q6_k": 1.01, "q3_k": 1.35, "q2_k": 2.0}
+                   "q4_k": 1.06, "q5_k": 1.05, "q6_k": 1.01, "q3_k": 1.35, "q2_k": 1.24}
 
 
 @pytest.mark.parametrize("name", list(_MAX_SIZE_RATIO))
@@ -234,7 +234,7 @@ def test_rows_of_the_wrong_length_are_a_model_error():
 
 
 _PACKED = {"q6_k": "u6", "q5_0": "u5", "q5_1": "u5", "q5_k": "u5",   # the types whose codes are held in fewer
-           "q3_k": "u4", "q2_k": "u4", "q4_k": "u4"}              # than 8 bits (repack.py), U4 in 16- and 32-blocks
+           "q3_k": "u4", "q2_k": "u2", "q4_k": "u4"}              # than 8 bits (repack.py), U4 in 16- and 32-blocks
 
 
 def _unpacked_as_i8(raw, qt, cols, quads):
@@ -245,7 +245,8 @@ def _unpacked_as_i8(raw, qt, cols, quads):
     t, nblk, n, R, E = pm.codes.shape
     rows = pm.codes.transpose(0, 1, 3, 2, 4).reshape(t, nblk, R, n * E)     # byte j of row r: [t, b, r, j]
     codes = (repack.five_bit_codes(rows) if pm.family == repack.U5 else repack.six_bit_codes(rows)
-             if pm.family == repack.U6 else repack.nibble_codes(rows))     # [t, b, r, bs]
+             if pm.family == repack.U6 else repack.crumb_codes(rows) if pm.family == repack.U2
+             else repack.nibble_codes(rows))     # [t, b, r, bs]
     tiled = np.ascontiguousarray(codes.reshape(t, nblk, R, pm.bs // E, E).transpose(0, 1, 3, 2, 4))
     return repack.PackedMatrix(repack.I8, pm.n_rows, cols, tiled, pm.d, pm.m, pm.bs, zero=pm.zero, src_type=int(qt))
 
@@ -272,11 +273,29 @@ def test_five_bit_layout():
     np.testing.assert_array_equal(repack.five_bit_codes(b), q)
 
 
+def test_two_bit_layout():
+    """repack.py's U2 bytes of Q2_K rows, bit by bit as its doc says (byte i: code 4k + i at bits 2k), against the
+    codes ggml's block holds (docs/formats.md: weight 128h + 32s + l = bits 2s of qs[32h + l]), and back."""
+    from llmrun.kernels import repack
+    rng = np.random.default_rng(5)
+    raw, qt = _random_rows(rng, "q2_k", 50, 512)
+    qs = raw.reshape(50, 2, 84)[..., 16:80]
+    w = np.arange(256)
+    q = (qs[..., 32 * (w // 128) + w % 32] >> (2 * ((w // 32) % 4))) & 3     # [row, super-block, weight]
+    q = q.reshape(50, 32, 16).astype(np.uint8)
+    pm = pack_matrix(raw, int(qt), 512, quads=False)
+    b = _row_bytes(pm)
+    assert pm.family == repack.U2 and b.shape == (50, 32, 4) and b.dtype == np.uint8
+    for c in range(16):
+        np.testing.assert_array_equal((b[..., c % 4] >> (2 * (c // 4))) & 3, q[..., c])
+    np.testing.assert_array_equal(repack.crumb_codes(b), q)
+
+
 @pytest.mark.parametrize("quads", [True, False])
 @pytest.mark.parametrize("name", list(_PACKED))
 def test_packed_codes_give_i8_bits_on_every_path(name, quads):
-    """Every type held as U5 (20 bytes per 32 codes), U6 (12 bytes per 16) or U4 (a byte per two codes, in 32- and
-    16-weight blocks) gives, on every product path, exactly
+    """Every type held as U5 (20 bytes per 32 codes), U6 (12 bytes per 16), U4 (a byte per two codes, in 32- and
+    16-weight blocks) or U2 (4 bytes per 16 codes) gives, on every product path, exactly
     the bits of the same codes held one per byte (I8): decode (VNNI or portable, both layouts), batched decode
     (T = 2..9), both prefill paths, the widening kernel's float32 weights (equal to gguf-py's dequantization) and
     embedding rows."""
@@ -288,7 +307,7 @@ def test_packed_codes_give_i8_bits_on_every_path(name, quads):
     packed = pack_matrix(raw, int(qt), cols, quads=quads)
     i8 = _unpacked_as_i8(raw, qt, cols, quads)
     assert packed.family == _PACKED[name] and i8.family == "i8" and packed.bs == i8.bs
-    bits = {"u4": 4, "u5": 5, "u6": 6}[packed.family]
+    bits = {"u2": 2, "u4": 4, "u5": 5, "u6": 6}[packed.family]
     assert packed.codes.nbytes * 8 == i8.codes.nbytes * bits
     X = (rng.standard_normal((9, cols)) * np.exp(rng.uniform(-3, 3, (9, cols)))).astype(np.float32)
     X[0, :16] = 0   # a zero block

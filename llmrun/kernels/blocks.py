@@ -1,5 +1,5 @@
 """What every U4/U5/U6/I8 product kernel shares: the block scales, the activations' int16 quantization, the epilogue,
-the staging of codes (quads to byte rows, U5's and U6's planes to codes).
+the staging of codes (quads to byte rows, U5's and U6's planes and U2's 2-bit fields to codes).
 
 The product kernels (gemv.py, gemv_vnni.py, gemm_vnni.py, gemm_blas.py, qmatmul.py's batched decode) differ in
 how they form a block's integer dot products; what they read besides the codes and how a block's sums become
@@ -15,7 +15,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .repack import KIND_U4, KIND_U5, KIND_U6, TILE_ROWS, PackedMatrix
+from .repack import KIND_U2, KIND_U4, KIND_U5, KIND_U6, TILE_ROWS, PackedMatrix
 from .strict import fma_ir
 
 R = TILE_ROWS
@@ -176,27 +176,63 @@ def _make_plane_rows(bits: int):
 _five_bit_rows, _six_bit_rows = _make_plane_rows(5), _make_plane_rows(6)
 
 
+def crumb_codes_ir(builder, v, k):
+    """Code vector k of a U2 block (repack.py): bits 2k..2k+1 of every byte of v (its 4 bytes of codes in quads:
+    codes 4k..4k+3 of 16 rows; a byte row: code i + 4k of R rows). One shift of 32-bit lanes and one mask."""
+    vb = v.type
+    vi = ir.VectorType(ir.IntType(32), vb.count // 4)
+    if k:
+        v = builder.bitcast(builder.lshr(builder.bitcast(v, vi), ir.Constant(vi, [2 * k] * vi.count)), vb)
+    return builder.and_(v, ir.Constant(vb, [3] * vb.count))
+
+
+@intrinsic
+def _crumb_rows(typingctx, dst, src, off, doff):
+    """_make_plane_rows' staging for U2: dst's rows j < 16 from element doff = code j of R rows of a U2 block whose 4
+    byte rows start at element off of src (step i reads row i, then writes rows i + 4k: never a row read later)."""
+    sig = types.void(dst, src, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        dp = builder.gep(context.make_array(signature.args[0])(context, builder, args[0]).data, [args[3]])
+        sp = context.make_array(signature.args[1])(context, builder, args[1]).data
+        vb, i64 = ir.VectorType(ir.IntType(8), R), ir.IntType(64)
+
+        def row(base, j, off):
+            return builder.bitcast(builder.gep(base, [builder.add(off, ir.Constant(i64, j * R))]), vb.as_pointer())
+
+        zero = ir.Constant(i64, 0)
+        for i in range(4):
+            v = builder.load(row(sp, i, args[2]), align=1)
+            for k in (3, 2, 1, 0):
+                builder.store(crumb_codes_ir(builder, v, k), row(dp, i + 4 * k, zero), align=1)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
 @njit(inline="always")
 def _plane_rows(kind, dst, src, off, doff):
-    """_five_bit_rows or _six_bit_rows, by code kind."""
+    """_five_bit_rows, _six_bit_rows or _crumb_rows, by code kind."""
     if kind == KIND_U5:
         _five_bit_rows(dst, src, off, doff)
-    else:
+    elif kind == KIND_U6:
         _six_bit_rows(dst, src, off, doff)
+    else:
+        _crumb_rows(dst, src, off, doff)
 
 
 @njit(inline="always")
 def _block_size(kind, n_lines):
     """Weights per block of a tiled matrix whose blocks hold n_lines bytes of each row (U4: two codes a byte, 32- or
-    16-weight blocks)."""
-    return 2 * n_lines if kind == KIND_U4 else 32 if kind == KIND_U5 else 16 if kind == KIND_U6 else n_lines
+    16-weight blocks; U2: four)."""
+    return (2 * n_lines if kind == KIND_U4 else 32 if kind == KIND_U5 else 16 if kind == KIND_U6 or kind == KIND_U2
+            else n_lines)
 
 
 @njit(inline="always")
 def _block_rows(rows, codes, byte_rows, t, b, kind):
     """(src, tile, block): where the portable loops read block b of tile t as byte rows (src [tiles, nblk, lines,
-    R]): the matrix's own byte rows, or staged in `rows` (uint8 [2, 1, 32, R]) from quads (_code_rows) and, for U5
-    and U6, as I8 byte rows of their codes (_plane_rows): one row per code, so the I8 loops read
+    R]): the matrix's own byte rows, or staged in `rows` (uint8 [2, 1, 32, R]) from quads (_code_rows) and, for U5,
+    U6 and U2, as I8 byte rows of their codes (_plane_rows): one row per code, so the I8 loops read
     them. Called for b = 0, 1, .. of a tile in order: U5 / U6 byte rows are staged one block ahead, into the other
     half of `rows`, so that the loops do not read the rows just stored (U6, one-token decode on an AVX2 target: 1.12
     -> 1.06x the time of the I8 layout's)."""
@@ -204,7 +240,7 @@ def _block_rows(rows, codes, byte_rows, t, b, kind):
     zero = np.intp(0)   # (np.intp throughout: a parfor's index may be unsigned, and uint64 | int64 types as float)
     if quads:
         _code_rows(rows, codes, t, b)
-    if kind == KIND_U5 or kind == KIND_U6:
+    if kind == KIND_U5 or kind == KIND_U6 or kind == KIND_U2:
         if quads:
             _plane_rows(kind, rows, rows, 0, 0)
             return rows, zero, zero

@@ -11,8 +11,9 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .blocks import PLANES, R, _epilogue_ir, _load_scales_scalar, _quantize_block, _scale_args, _splat_ir, plane_quad_ir
-from .repack import KIND_I8, KIND_U4, KIND_U5, KIND_U6, PackedMatrix
+from .blocks import (PLANES, R, _epilogue_ir, _load_scales_scalar, _quantize_block, _scale_args, _splat_ir,
+                     crumb_codes_ir, plane_quad_ir)
+from .repack import KIND_I8, KIND_U2, KIND_U4, KIND_U5, KIND_U6, PackedMatrix
 
 # Many tokens through tiled codes: an integer GEMM. Activations are quantized per weight block to int16 (as for
 # decode: ~250x finer than ggml's int8 activations), codes minus their zero point are unpacked once per
@@ -83,7 +84,7 @@ def _make_pairs(kind: int, n_quads: int):
     one 64-byte vector = bytes 4g..4g+3 of 16 rows): bytes widened to int16 in place, so each row's 64 bits
     hold pairs 2g and 2g + 1, which one two-source dword permute per pair separates (U4: the low nibbles give
     pairs 2g, 2g + 1, the high nibbles 2n + 2g, 2n + 2g + 1 for n quads; U5 / U6: code vector k, rebuilt from the 5 / 3 quads as
-    blocks.plane_codes_ir says, gives pairs 2k, 2k + 1). A numba loop over the quads'
+    blocks.plane_codes_ir says, gives pairs 2k, 2k + 1; U2: the 2-bit fields k of its one quad, pairs 2k, 2k + 1). A numba loop over the quads'
     interleaved bytes did not vectorize (7x slower than over the byte rows of the layout before)."""
     i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
     vb, vh, vi = ir.VectorType(i8, 64), ir.VectorType(i16, 32), ir.VectorType(i32, 16)
@@ -127,6 +128,12 @@ def _make_pairs(kind: int, n_quads: int):
                     for k in range(n_codes // 4):
                         split(plane_quad_ir(builder, w, k, bits), 2 * k, q)
                 return context.get_dummy_value()
+            if kind == KIND_U2:
+                for q in range(R // 16):
+                    v = load(0, q)
+                    for k in range(4):
+                        split(crumb_codes_ir(builder, v, k), 2 * k, q)
+                return context.get_dummy_value()
             for g in range(n_quads):
                 for q in range(R // 16):
                     v = load(g, q)
@@ -142,7 +149,7 @@ def _make_pairs(kind: int, n_quads: int):
 
 
 _pairs_u4_32, _pairs_u4_16 = _make_pairs(KIND_U4, 4), _make_pairs(KIND_U4, 2)
-_pairs_u5, _pairs_u6 = _make_pairs(KIND_U5, 5), _make_pairs(KIND_U6, 3)
+_pairs_u5, _pairs_u6, _pairs_u2 = _make_pairs(KIND_U5, 5), _make_pairs(KIND_U6, 3), _make_pairs(KIND_U2, 1)
 _pairs_i8_32, _pairs_i8_16 = _make_pairs(KIND_I8, 8), _make_pairs(KIND_I8, 4)
 
 
@@ -173,7 +180,8 @@ def _igemm(codes, kind, d, m, two_level, has_m, zero, xp, xd, xsum, Y):
     [nblk, Tp, bs/2], Tp a multiple of TOKENS_PER_CALL (padding tokens zero); xd, xsum [nblk, Tp]
     (_quantize_token_blocks)."""
     n_tiles, nblk, n_quads = codes.shape[0], codes.shape[1], codes.shape[2]
-    n_pairs = 4 * n_quads if kind == KIND_U4 else 16 if kind == KIND_U5 else 8 if kind == KIND_U6 else 2 * n_quads
+    n_pairs = (4 * n_quads if kind == KIND_U4 else 16 if kind == KIND_U5 else 8 if kind == KIND_U6 or kind == KIND_U2
+               else 2 * n_quads)
     T, Tp, words = Y.shape[0], xp.shape[1], xp.shape[2]
     xflat, xdf, xsf = xp.reshape(-1), xd.reshape(-1), xsum.reshape(-1)
     z = np.int32(zero)
@@ -193,6 +201,8 @@ def _igemm(codes, kind, d, m, two_level, has_m, zero, xp, xd, xsum, Y):
                 _pairs_u6(wp, flat, cbase, z)
             elif kind == KIND_U5:
                 _pairs_u5(wp, flat, cbase, z)
+            elif kind == KIND_U2:
+                _pairs_u2(wp, flat, cbase, z)
             elif n_quads == 8:
                 _pairs_i8_32(wp, flat, cbase, z)
             else:

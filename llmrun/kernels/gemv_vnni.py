@@ -6,7 +6,7 @@ with an int16 activation: ~10 instructions per 64 products, bound by instruction
 products per instruction, but on bytes. The int16 activation codes x (exactly blocks._quantize_activations')
 are therefore split into two bytes, x = 256*xh + xl with xh = x >> 8 (signed) and xl = x & 255 (unsigned):
 
-  U4, U5 and U6 codes c in 0..15, 0..31, 0..63 (valid as u8 and as s8):
+  U2, U4, U5 and U6 codes c in 0..3, 0..15, 0..31, 0..63 (valid as u8 and as s8):
       sum c*x = 256 * dpbusd(u8 c, s8 xh) + dpbusd(u8 xl, s8 c)
   I8 codes c in 0..255 (u8; c - 128 = c ^ 0x80 is an s8):
       sum c*x = 256 * dpbusd(u8 c, s8 xh) + dpbusd(u8 xl, s8 c ^ 0x80) + 128 * sum xl
@@ -16,7 +16,8 @@ float epilogue (blocks._epilogue_ir, as blocks._add_block runs it) adds them to 
 micro-kernel, so every output is bit-identical to gemv.py's (tested).
 
 The codes are in repack.py's quads: one 64-byte load is bytes 4k..4k+3 of 16 rows, exactly vpdpbusd's operand
-(U4: after a nibble mask; U5 / U6: rebuilt from the nibbles and the high-bit plane, blocks.plane_codes_ir).
+(U4: after a nibble mask; U2: a shift and a mask, blocks.crumb_codes_ir; U5 / U6: rebuilt from the nibbles and
+the high-bit plane, blocks.plane_codes_ir).
 (Byte rows, one byte of 64 rows per load, needed 8 byte/word unpacks per 4 loads and a reordering of the sums
 per block: docs/kernels.md, "Scales in registers, codes in quads".)
 """
@@ -29,8 +30,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .blocks import (DECODE_PREFETCH_LINES, PLANES, R, _block_size, _epilogue_ir, _finish_tile, _load_scales,
-                     _prefetch_l2, _prefetch_scales, _quantize_activations, _scale_lines, _splat_ir, plane_codes_ir)
-from .repack import KIND_I8, KIND_U4, KIND_U5, KIND_U6
+                     _prefetch_l2, _prefetch_scales, _quantize_activations, _scale_lines, _splat_ir, crumb_codes_ir,
+                     plane_codes_ir)
+from .repack import KIND_I8, KIND_U2, KIND_U4, KIND_U5, KIND_U6
 
 USABLE = R == 64   # the micro-kernels hold one tile's 64 rows in 4 zmm registers of 16 int32 lanes
 
@@ -99,6 +101,11 @@ def _make_block_dots(kind: int, n_rows: int):
                         for k in range(g, n_codes // 4, n):
                             yield k, [plane_codes_ir(builder, w[q], planes[q], k >= n, k, bits) for q in range(4)]
                     return
+                if kind == KIND_U2:   # one quad: its 2-bit fields k are code vectors k
+                    w = [quad(0, q) for q in range(4)]
+                    for k in range(4):
+                        yield k, [crumb_codes_ir(builder, v, k) for v in w]
+                    return
                 for g in range(groups):
                     w = [quad(g, q) for q in range(4)]
                     if kind == KIND_U4:   # low nibbles: weights 4g..4g+3, high: the block's second half's
@@ -134,6 +141,7 @@ _u4_dots32 = _make_block_dots(KIND_U4, 16)
 _u4_dots16 = _make_block_dots(KIND_U4, 8)
 _u5_dots = _make_block_dots(KIND_U5, 20)
 _u6_dots = _make_block_dots(KIND_U6, 12)
+_u2_dots = _make_block_dots(KIND_U2, 4)
 _i8_dots32 = _make_block_dots(KIND_I8, 32)
 _i8_dots16 = _make_block_dots(KIND_I8, 16)
 
@@ -204,6 +212,8 @@ def _gemv_vnni(codes, kind, d, m, two_level, has_m, zero, x, y, accumulate):
                 _u6_dots(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
             elif kind == KIND_U5:
                 _u5_dots(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
+            elif kind == KIND_U2:
+                _u2_dots(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
             elif n_rows == 32:
                 _i8_dots32(acc, flat, cbase, xh, xl, b * words, bias[b], dv, mv, xd[b], xs[b])
             else:

@@ -5,11 +5,11 @@ One token (gemv_vnni.py) pays, per block, the loads (and for U4 the nibble split
 products; only the products depend on the token. Here every token's products read a block's code vectors (4
 weights of one row per 32-bit lane) from L1: I8 quads where they are stored (repack.py), U4 codes after their
 nibbles are split ONCE into a small scratch (2 KiB), U6 codes after they are rebuilt from their two planes once
-into it (1 KiB):
+into it (1 KiB), U2 codes after their 2-bit fields are split once into it (1 KiB):
 
   hi = sum dpbusd(u8 c, s8 xh)   then   s = (hi << 8) + sum dpbusd(u8 xl, s8 c') (+ 128 * sum xl for I8)
 
-with c' = c (U4, U5, U6) or c ^ 0x80 (I8), gemv_vnni.py's identity with the high byte's sums shifted before the low
+with c' = c (U2, U4, U5, U6) or c ^ 0x80 (I8), gemv_vnni.py's identity with the high byte's sums shifted before the low
 byte's are added (int32 arithmetic wraps alike in any order: the same integers). So one accumulator per 16
 rows and token (4 per token), and up to GROUP tokens share each code vector loaded from the scratch; T > GROUP
 tokens loop over groups of GROUP within the block while it sits in L1. The integer block sums are the
@@ -29,8 +29,8 @@ from numba.extending import intrinsic
 
 from .gemv_vnni import R, USABLE, _I32, _VB, _VF, _VI, _const, _split_activations, _splat
 from .blocks import (BATCH_PREFETCH_LINES, PLANES, _block_size, _epilogue_ir, _finish_tile, _load_scales,
-                     _quantize_activations, _splat_ir, plane_quad_ir)
-from .repack import KIND_I8, KIND_U4, KIND_U5, KIND_U6
+                     _quantize_activations, _splat_ir, crumb_codes_ir, plane_quad_ir)
+from .repack import KIND_I8, KIND_U2, KIND_U4, KIND_U5, KIND_U6
 
 __all__ = ["USABLE", "GROUP", "gemv_batch_vnni"]
 
@@ -47,10 +47,10 @@ def _aligned(context, builder, ty, arr):
 
 
 def _make_stage(kind: int, nibble_quads: int = 4):
-    """An intrinsic staging one U4, U5 or U6 block (flat codes[cbase:], 16, 20 or 12 bytes of R rows in repack.py's
-    quads) in `scratch` as vectors (word k, quarter q) at byte (4k + q) * 64: int32 lane l holds weights 4k..4k+3
+    """An intrinsic staging one U4, U5, U6 or U2 block (flat codes[cbase:], 16, 20, 12 or 4 bytes of R rows in
+    repack.py's quads) in `scratch` as vectors (word k, quarter q) at byte (4k + q) * 64: int32 lane l holds weights 4k..4k+3
     of row 16q + l. U4 (4 nibble quads a 32-weight block, 2 a 16-weight one): word k < n the low nibbles of bytes
-    4k..4k+3, word n + k their high nibbles; U5 / U6: the
+    4k..4k+3, word n + k their high nibbles; U2: word k the 2-bit fields k of its one quad; U5 / U6: the
     codes rebuilt from the nibbles and the high-bit plane (blocks.plane_codes_ir). Done once
     for all the tokens; I8 quads are already that operand and are read where they are."""
     @intrinsic
@@ -72,6 +72,11 @@ def _make_stage(kind: int, nibble_quads: int = 4):
                 builder.store(v, out, align=64)
 
             for q in range(4):
+                if kind == KIND_U2:   # its one quad's 2-bit fields: code words 0..3
+                    v = load(0, q)
+                    for k in range(4):
+                        store(k, q, crumb_codes_ir(builder, v, k))
+                    continue
                 if kind in (KIND_U5, KIND_U6):
                     bits = 5 if kind == KIND_U5 else 6
                     n_codes, n = PLANES[bits]
@@ -90,7 +95,7 @@ def _make_stage(kind: int, nibble_quads: int = 4):
 
 
 _stage_u4_32, _stage_u4_16 = _make_stage(KIND_U4), _make_stage(KIND_U4, 2)
-_stage_u5, _stage_u6 = _make_stage(KIND_U5), _make_stage(KIND_U6)
+_stage_u5, _stage_u6, _stage_u2 = _make_stage(KIND_U5), _make_stage(KIND_U6), _make_stage(KIND_U2)
 
 
 def _make_block_dots(staged: bool, words: int, n_rows: int, n_tok: int):
@@ -187,11 +192,13 @@ def _make_block_dots(staged: bool, words: int, n_rows: int, n_tok: int):
 _d_u4 = [_make_block_dots(True, 8, 16, n) for n in range(1, GROUP + 1)]
 _d_u5 = [_make_block_dots(True, 8, 20, n) for n in range(1, GROUP + 1)]
 _d_u6 = [_make_block_dots(True, 4, 12, n) for n in range(1, GROUP + 1)]
+_d_u2 = [_make_block_dots(True, 4, 4, n) for n in range(1, GROUP + 1)]
 _d_i8_32 = [_make_block_dots(False, 8, 32, n) for n in range(1, GROUP + 1)]
 _d_i8_16 = [_make_block_dots(False, 4, 16, n) for n in range(1, GROUP + 1)]
 _u4_1, _u4_2, _u4_3, _u4_4 = _d_u4
 _u5_1, _u5_2, _u5_3, _u5_4 = _d_u5
 _u6_1, _u6_2, _u6_3, _u6_4 = _d_u6
+_u2_1, _u2_2, _u2_3, _u2_4 = _d_u2
 _i8_32_1, _i8_32_2, _i8_32_3, _i8_32_4 = _d_i8_32
 _i8_16_1, _i8_16_2, _i8_16_3, _i8_16_4 = _d_i8_16
 
@@ -219,6 +226,15 @@ def _dots(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, c
             _u5_2(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
         else:
             _u5_1(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
+    elif kind == KIND_U2:
+        if g == 4:
+            _u2_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
+        elif g == 3:
+            _u2_3(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
+        elif g == 2:
+            _u2_2(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
+        else:
+            _u2_1(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
     elif kind == KIND_U6 or kind == KIND_U4:
         if g == 4:
             _u6_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
@@ -297,6 +313,8 @@ def gemv_batch_vnni(codes, kind, d, m, two_level, has_m, zero, X, Y, accumulate)
                 _stage_u6(scratch, flat, cbase)
             elif kind == KIND_U5:
                 _stage_u5(scratch, flat, cbase)
+            elif kind == KIND_U2:
+                _stage_u2(scratch, flat, cbase)
             _load_scales(d, two_level, t, b, dv)   # once for all the tokens
             if has_m:
                 _load_scales(m, two_level, t, b, mv)

@@ -6,7 +6,7 @@ int8, which is where llama.cpp loses fidelity. The innermost loops run over the 
 LLVM vectorizes them without horizontal reductions.
 
 Two shapes:
-  gemv  one token (decode). U4/U5/U6/I8: codes are consumed straight from memory and multiplied with int16
+  gemv  one token (decode). U2/U4/U5/U6/I8: codes are consumed straight from memory and multiplied with int16
         activations (per-block scale) in integer arithmetic, per-block partial sums (gemv.py); on AVX-512 VNNI
         hosts the same integers through vpdpbusd (gemv_vnni.py, bit-identical). H16: each row converted to
         float32 in a small buffer and dotted in float32 (gemv.py).
@@ -28,8 +28,8 @@ from .blocks import R, _scale_args, _scales_f32
 from .gemm_blas import _matmul_widened
 from .gemm_vnni import _matmul_vnni
 from .gemv import _gemv, _gemv_batch, _gemv_h16
-from .repack import (FP32, H16, TILED, U4, U5, U6, VNNI_TARGET, PackedMatrix, five_bit_codes, nibble_codes,
-                     six_bit_codes)
+from .repack import (FP32, H16, TILED, U2, U4, U5, U6, VNNI_TARGET, PackedMatrix, crumb_codes, five_bit_codes,
+                     nibble_codes, six_bit_codes)
 
 FEW_TOKENS = 3              # up to this many tokens, run the decode kernel per token instead
 
@@ -125,6 +125,8 @@ def dequantize_rows(pm: PackedMatrix, rows) -> np.ndarray:
         q = five_bit_codes(c).astype(np.float32)
     elif pm.family == U6:
         q = six_bit_codes(c).astype(np.float32)
+    elif pm.family == U2:
+        q = crumb_codes(c).astype(np.float32)
     else:
         q = c.astype(np.float32)
     q -= pm.zero

@@ -7,7 +7,8 @@ row and an integer zero point per matrix, so that `w = d*(q - zero) + m`. Signed
 (which LLVM multiplies with vpmaddwd) and subtract the zero point exactly, in integers.
 
   U4   4-bit codes, two per byte (byte j of a 32-block: code j low, code j+16 high;     Q4_0 Q4_1 Q4_K
-       of a 16-block: code j low, code j+8 high)                                       Q3_K Q2_K (16)
+       of a 16-block: code j low, code j+8 high)                                       Q3_K (16)
+  U2   2-bit codes of a 16-block in 4 bytes (byte i: code 4k + i at bits 2k, k < 4)   Q2_K
   U5   5-bit codes of a 32-block in 20 bytes: U4's 16 nibble bytes and a 1-bit plane   Q5_0 Q5_1 Q5_K
        (byte 16+i: bit 4 of code 4k+i at bit k)
   U6   6-bit codes of a 16-block in 12 bytes: a nibble plane (bytes j < 8: code j low,   Q6_K
@@ -16,7 +17,7 @@ row and an integer zero point per matrix, so that `w = d*(q - zero) + m`. Signed
   H16  raw 16-bit floats (kind 0 = IEEE half, 1 = bfloat16), no scales                 F16 BF16
   F32  raw float32, no scales                                                           F32
 
-For U4, U5, U6 and I8 (the tiled families), rows are grouped into tiles of TILE_ROWS and the kernels' innermost
+For U2, U4, U5, U6 and I8 (the tiled families), rows are grouped into tiles of TILE_ROWS and the kernels' innermost
 loops run over a tile's independent output rows, without reductions (docs/kernels.md). Codes are uint8 [tile,
 block, n, R, E], byte j of row r at [t, b, j // E, r, j % E], in one of two layouts, both of one array type (one
 compiled kernel):
@@ -25,15 +26,15 @@ compiled kernel):
   byte rows (E = 1, elsewhere): one 64-byte run is byte j of 64 rows, which the portable loops (gemv.py)
       vectorize over; they read quads through a shuffle into byte rows (blocks._code_rows), 15-48 % slower
       than byte rows on an AVX2 target, so hosts that run them keep byte rows.
-The high-bit planes of U5 and U6 are arranged so that, in either layout, one shift and one mask of a 64-byte
-vector give the high bits of 64 codes (shifts of 32-bit lanes: bits crossing from a neighbouring byte are masked
+The high-bit planes of U5 and U6, and U2's 2-bit fields, are arranged so that, in either layout, one shift and
+one mask of a 64-byte vector give the (high) bits of 64 codes (shifts of 32-bit lanes: bits crossing from a neighbouring byte are masked
 off), so the kernels rebuild a block's codes in registers or a small scratch (blocks.plane_codes_ir) and multiply
 them as I8 codes (the VNNI kernels as U4's: codes below 64 are valid s8), the same integers as when these types
 were held in I8. H16 and F32 rows stay row-major. Nothing is dequantized to a
-float32 copy: U4 keeps 4 bits per weight, U5 5, U6 6, I8 8 bits, H16 16 bits (prefill widens one chunk of rows at
-a time, gemm_blas.py). Q3_K's 3-bit and Q2_K's 2-bit codes take U4's nibbles (4.63 and 5.25 bits per weight with
-their scales, for ggml's 3.44 and 2.63): every U4 kernel already multiplies nibbles, and a 16-weight block is
-only a block with half the nibble bytes (blocks._block_size).
+float32 copy: U2 keeps 2 bits per weight, U4 4, U5 5, U6 6, I8 8 bits, H16 16 bits (prefill widens one chunk of
+rows at a time, gemm_blas.py). Q2_K is 3.25 bits per weight with its int8 sub-block scales and offsets (ggml's 2.63).
+Q3_K's 3-bit codes take U4's nibbles (4.63 bits per weight with their scales, for ggml's 3.44): every U4 kernel
+already multiplies nibbles, and a 16-weight block is only a block with half the nibble bytes (blocks._block_size).
 """
 from __future__ import annotations
 
@@ -52,12 +53,12 @@ from ..runtime import cpu_target_has, free_threads
 # recompiles them all: numba's cache is keyed by all the kernel sources, runtime.py).
 TILE_ROWS = 64
 
-U4, U5, U6, I8, H16, FP32 = "u4", "u5", "u6", "i8", "h16", "f32"
-TILED = (U4, U5, U6, I8)   # the families in row tiles, read by the integer product kernels
+U2, U4, U5, U6, I8, H16, FP32 = "u2", "u4", "u5", "u6", "i8", "h16", "f32"
+TILED = (U2, U4, U5, U6, I8)   # the families in row tiles, read by the integer product kernels
 
 # The product kernels' code-kind argument (one int: one compiled signature for every tiled family).
-KIND_I8, KIND_U4, KIND_U6, KIND_U5 = 0, 1, 2, 3
-CODE_KIND = {I8: KIND_I8, U4: KIND_U4, U6: KIND_U6, U5: KIND_U5}
+KIND_I8, KIND_U4, KIND_U6, KIND_U5, KIND_U2 = 0, 1, 2, 3, 4
+CODE_KIND = {I8: KIND_I8, U4: KIND_U4, U6: KIND_U6, U5: KIND_U5, U2: KIND_U2}
 
 # The code layout (module doc) the kernels this host runs read fastest: quads where the VNNI kernels run (on the
 # CPU numba compiles for, which NUMBA_CPU_FEATURES may set apart from the host's), byte rows elsewhere.
@@ -66,7 +67,7 @@ QUADS = TILE_ROWS == 64 and VNNI_TARGET
 
 # The ggml types the engine runs and the family each is reduced to (module doc).
 FAMILY = {GGMLType.F32: FP32, GGMLType.F16: H16, GGMLType.BF16: H16,
-          GGMLType.Q4_0: U4, GGMLType.Q4_1: U4, GGMLType.Q4_K: U4, GGMLType.Q3_K: U4, GGMLType.Q2_K: U4,
+          GGMLType.Q4_0: U4, GGMLType.Q4_1: U4, GGMLType.Q4_K: U4, GGMLType.Q3_K: U4, GGMLType.Q2_K: U2,
           GGMLType.Q8_0: I8, GGMLType.IQ4_NL: I8,
           GGMLType.Q5_0: U5, GGMLType.Q5_1: U5, GGMLType.Q5_K: U5,
           GGMLType.Q6_K: U6}
@@ -79,7 +80,8 @@ class PackedMatrix:
     family: str
     n_rows: int
     n_cols: int
-    codes: np.ndarray          # U4 uint8 [tiles, nblk, 16/E, R, E]; U6 [tiles, nblk, 12/E, R, E];
+    codes: np.ndarray          # U4 uint8 [tiles, nblk, 16/E, R, E] (8/E: 16-blocks); U6 [tiles, nblk, 12/E, R, E];
+                               # U5 [tiles, nblk, 20/E, R, E]; U2 [tiles, nblk, 4/E, R, E];
                                # I8 [tiles, nblk, bs/E, R, E] (E: doc);
                                # H16 uint16 [n_rows, n_cols]; F32 float32 [n_rows, n_cols] (row-major)
     d: np.ndarray | tuple | None  # (tiled) per-block scales: uint16 half bits [tiles, nblk, R] when the format's
@@ -95,7 +97,7 @@ class PackedMatrix:
 
     @property
     def code_kind(self) -> int:
-        """The product kernels' `kind` argument (KIND_I8 / KIND_U4 / KIND_U6)."""
+        """The product kernels' `kind` argument (KIND_I8 / KIND_U4 / KIND_U6 / KIND_U5 / KIND_U2)."""
         return CODE_KIND[self.family]
 
     @property
@@ -122,6 +124,16 @@ def six_bit_codes(c: np.ndarray) -> np.ndarray:
     lo = nibble_codes(c[..., :8])
     hb = (c[..., None, 8:12] >> _PLANE_SHIFTS[:, None]) & 3      # [g][i]
     return lo | (hb.reshape(c.shape[:-1] + (16,)) << 4)
+
+
+# U2 (module doc): code 4k + i is bits 2k..2k+1 of byte i, k = 0..3.
+_CRUMB_SHIFTS = np.array([0, 2, 4, 6], np.uint8)
+
+
+def crumb_codes(c: np.ndarray) -> np.ndarray:
+    """U2 bytes [..., 4] (module doc) -> codes 0..3 [..., 16]."""
+    c = c.astype(np.uint8)
+    return ((c[..., None, :] >> _CRUMB_SHIFTS[:, None]) & 3).reshape(c.shape[:-1] + (16,))
 
 
 # U5 (module doc): bit 4 of code 4k + i is bit k of the 1-bit plane's byte i, k = 0..7.
@@ -167,7 +179,7 @@ _LAYOUTS = {
     GGMLType.Q5_K: _Layout(U5, 32, 20, 0, two_level=True, has_m=True),
     GGMLType.Q6_K: _Layout(U6, 16, 12, 32, two_level=True, signed_sub=True),
     GGMLType.Q3_K: _Layout(U4, 16, 8, 4, two_level=True, signed_sub=True),
-    GGMLType.Q2_K: _Layout(U4, 16, 8, 0, two_level=True, has_m=True),
+    GGMLType.Q2_K: _Layout(U2, 16, 4, 0, two_level=True, has_m=True),
 }
 
 
@@ -206,6 +218,13 @@ def _put_nibble_block16(codes, t, b, r, q):
     """A 16-block's codes q[0:16] (< 16) as U4 bytes: byte i = code i low, code i + 8 high."""
     for i in range(8):
         _put(codes, t, b, i, r, np.uint8(q[i] | (q[i + 8] << 4)))
+
+
+@njit(nogil=True)
+def _put_crumb_block16(codes, t, b, r, q):
+    """A 16-block's codes q[0:16] (< 4) as U2 bytes: byte i = codes i, i + 4, i + 8, i + 12 at bits 0, 2, 4, 6."""
+    for i in range(4):
+        _put(codes, t, b, i, r, np.uint8(q[i] | (q[i + 4] << 2) | (q[i + 8] << 4) | (q[i + 12] << 6)))
 
 
 @njit(nogil=True)
@@ -332,7 +351,10 @@ def _pack_tile(raw, qtype, row0, t, ra, rb, codes, sub_d, sub_m, half_d, half_m,
                         if qtype == _Q3_K:
                             v |= ((_b(raw, i, o + (w & 31)) >> (w >> 5)) & 1) << 2
                         q[j] = v
-                    _put_nibble_block16(codes, t, b, r, q)
+                    if qtype == _Q3_K:
+                        _put_nibble_block16(codes, t, b, r, q)
+                    else:
+                        _put_crumb_block16(codes, t, b, r, q)
 
 
 @njit(cache=True, nogil=True)
