@@ -206,8 +206,8 @@ _i8_16_1, _i8_16_2, _i8_16_3, _i8_16_4 = _d_i8_16
 @njit(inline="always")
 def _dots(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase, kind, n_rows, g):
     """The micro-kernel for this code kind, block shape and g (1..GROUP) tokens (numba wants each intrinsic
-    named). Staged 16-weight blocks (U6; U4's, Q3_K and Q2_K) share one micro-kernel: 4 code words, the n_rows
-    only shaping its prefetches of later lines."""
+    named). Staged 16-weight blocks (U6; U4's, Q3_K) share one micro-kernel: 4 code words, the n_rows only shaping
+    its prefetches of later lines; U2 (Q2_K) has its own, prefetching its 4 lines a block instead of 12."""
     if kind == KIND_U4 and n_rows == 16:
         if g == 4:
             _u4_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)

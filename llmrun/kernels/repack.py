@@ -1,6 +1,6 @@
 """Load-time layouts: ggml's quantized rows -> row tiles the matmul kernels stream through.
 
-Every ggml type is reduced to one of six *families*, each holding weights as small unsigned integers
+Every ggml type is reduced to one of seven *families*, each holding weights as small unsigned integers
 (or raw floats) plus one float32 scale `d` and one float32 offset `m` per block of `bs` weights of a
 row and an integer zero point per matrix, so that `w = d*(q - zero) + m`. Signed formats (Q8_0, Q6_K,
 ...) are stored with their codes shifted to unsigned: the kernels then see only non-negative bytes
