@@ -83,9 +83,10 @@ def _make_pairs(kind: int, n_quads: int):
     (2p, 2p + 1) of row r, zero point removed, in one int32 word. From repack.py's quads (flat codes[cbase:],
     one 64-byte vector = bytes 4g..4g+3 of 16 rows): bytes widened to int16 in place, so each row's 64 bits
     hold pairs 2g and 2g + 1, which one two-source dword permute per pair separates (U4: the low nibbles give
-    pairs 2g, 2g + 1, the high nibbles 2n + 2g, 2n + 2g + 1 for n quads; U5 / U6: code vector k, rebuilt from the 5 / 3 quads as
-    blocks.plane_codes_ir says, gives pairs 2k, 2k + 1; U2: the 2-bit fields k of its one quad, pairs 2k, 2k + 1). A numba loop over the quads'
-    interleaved bytes did not vectorize (7x slower than over the byte rows of the layout before)."""
+    pairs 2g, 2g + 1, the high nibbles 2n + 2g, 2n + 2g + 1 for n quads; U5 / U6: code vector k, rebuilt from
+    the 5 / 3 quads as blocks.plane_codes_ir says, gives pairs 2k, 2k + 1; U2: the 2-bit fields k of its one quad,
+    pairs 2k, 2k + 1). A numba loop over the quads' interleaved bytes did not vectorize (7x slower than over the
+    byte rows of the layout before)."""
     i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
     vb, vh, vi = ir.VectorType(i8, 64), ir.VectorType(i16, 32), ir.VectorType(i32, 16)
 

@@ -1,8 +1,8 @@
 """One-token products (decode) and several decode tokens at once, portable Numba: U2, U4, U5, U6, I8 and H16 weights.
 
 U4/I8: codes are consumed straight from memory and multiplied with the int16 activations (blocks.py) in
-integer arithmetic, per-block partial sums finished by blocks._add_block; U5 / U6 / U2 blocks are first staged as I8 byte
-rows of their codes (blocks._block_rows: the same integers). On AVX-512 VNNI hosts the one-token
+integer arithmetic, per-block partial sums finished by blocks._add_block; U5 / U6 / U2 blocks are first staged as
+I8 byte rows of their codes (blocks._block_rows: the same integers). On AVX-512 VNNI hosts the one-token
 product runs in gemv_vnni.py and the batched one in qmatmul.py instead, on the same integers (bit-identical).
 H16: each row converted to float32 in a small buffer and dotted in float32.
 """

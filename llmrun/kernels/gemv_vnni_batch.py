@@ -48,11 +48,11 @@ def _aligned(context, builder, ty, arr):
 
 def _make_stage(kind: int, nibble_quads: int = 4):
     """An intrinsic staging one U4, U5, U6 or U2 block (flat codes[cbase:], 16, 20, 12 or 4 bytes of R rows in
-    repack.py's quads) in `scratch` as vectors (word k, quarter q) at byte (4k + q) * 64: int32 lane l holds weights 4k..4k+3
-    of row 16q + l. U4 (4 nibble quads a 32-weight block, 2 a 16-weight one): word k < n the low nibbles of bytes
-    4k..4k+3, word n + k their high nibbles; U2: word k the 2-bit fields k of its one quad; U5 / U6: the
-    codes rebuilt from the nibbles and the high-bit plane (blocks.plane_codes_ir). Done once
-    for all the tokens; I8 quads are already that operand and are read where they are."""
+    repack.py's quads) in `scratch` as vectors (word k, quarter q) at byte (4k + q) * 64: int32 lane l holds
+    weights 4k..4k+3 of row 16q + l. U4 (4 nibble quads a 32-weight block, 2 a 16-weight one): word k < n the low
+    nibbles of bytes 4k..4k+3, word n + k their high nibbles; U2: word k the 2-bit fields k of its one quad;
+    U5 / U6: the codes rebuilt from the nibbles and the high-bit plane (blocks.plane_codes_ir). Done once for all
+    the tokens; I8 quads are already that operand and are read where they are."""
     @intrinsic
     def stage(typingctx, scratch, codes, cbase):
         sig = types.void(scratch, codes, types.intp)
@@ -98,8 +98,9 @@ _stage_u4_32, _stage_u4_16 = _make_stage(KIND_U4), _make_stage(KIND_U4, 2)
 _stage_u5, _stage_u6, _stage_u2 = _make_stage(KIND_U5), _make_stage(KIND_U6), _make_stage(KIND_U2)
 
 
-def _make_block_dots(staged: bool, words: int, n_rows: int, n_tok: int):
-    """An intrinsic adding one block to the float rows of tokens i0..i0+n_tok-1: the integer sums s_i[r] = sum over
+def _make_block_dots(staged: bool, words: int, n_rows: int):
+    """An intrinsic adding one block to the float rows of tokens i0..i0+n_tok-1 (n_tok 1..GROUP, one unrolled body
+    for each): the integer sums s_i[r] = sum over
     the block of codes(row r) * x_i, from the block's code vectors (staged: U4 / U5 / U6 codes in `scratch` by _stage_u4
     / _stage_u5 / _stage_u6; else I8, the quads at codes[cbase:] themselves), then acc[(i0 + i) * R + r] = the epilogue
     (blocks._epilogue_ir) of s_i[r] with the block's scales dv / offsets mv [R] and token i's dx = xd[bo + i],
@@ -112,9 +113,9 @@ def _make_block_dots(staged: bool, words: int, n_rows: int, n_tok: int):
     so that the requests to memory are spread over the block's work instead of one burst."""
 
     @intrinsic
-    def block_dots(typingctx, acc, i0, scratch, xh, xl, xo, bias, bo, codes, ahead, dv, mv, xd, xs, cbase):
+    def block_dots(typingctx, acc, i0, scratch, xh, xl, xo, bias, bo, codes, ahead, dv, mv, xd, xs, cbase, n_tok):
         sig = types.void(acc, types.intp, scratch, xh, xl, types.intp, bias, types.intp, codes, types.intp, dv, mv,
-                         xd, xs, types.intp)
+                         xd, xs, types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
             ap, xhp, xlp, bp, dvp, mvp, xdp, xsp = (
@@ -154,114 +155,77 @@ def _make_block_dots(staged: bool, words: int, n_rows: int, n_tok: int):
             def rows(base, q, vty):   # 16 consecutive floats at base + 16q
                 return builder.bitcast(builder.gep(base, [_const(16 * q)]), vty.as_pointer())
 
-            acc = [[ir.Constant(_VI, [0] * 16) for _ in range(4)] for _ in range(n_tok)]
-            for k in range(words):       # the high bytes: codes unsigned, xh signed
-                prefetch(k)
-                xk = [builder.bitcast(broadcast(xh0, i * words + k), _VB) for i in range(n_tok)]
-                for q in range(4):
-                    c = code(k, q)
-                    for i in range(n_tok):
-                        acc[i][q] = builder.call(dpbusd, [acc[i][q], c, xk[i]])
-            acc = [[builder.shl(a, _splat(8)) for a in row] for row in acc]
-            # a compiler barrier: else LLVM merges the two passes' loads of each code vector and keeps all of
-            # them live across the block (spilled to the stack) instead of reloading them from L1
-            builder.call(ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "", "~{memory}", side_effect=True), [])
-            for k in range(words):       # the low bytes: xl unsigned, codes signed
-                prefetch(words + k)
-                xk = [builder.bitcast(broadcast(xl0, i * words + k), _VB) for i in range(n_tok)]
-                for q in range(4):
-                    c = code(k, q) if staged else builder.xor(code(k, q), flip)
-                    for i in range(n_tok):
-                        acc[i][q] = builder.call(dpbusd, [acc[i][q], xk[i], c])
-            dvs = [builder.load(rows(dvp, q, _VF), align=4) for q in range(4)]
-            mvs = [builder.load(rows(mvp, q, _VF), align=4) for q in range(4)]
-            for i in range(n_tok):
-                bias_i = broadcast(b0, i)
-                dx, sx = broadcast(xd0, i, _VF), broadcast(xs0, i, _VF)
-                row = builder.gep(a0, [_const(i * R)])
-                for q in range(4):
-                    f = builder.sitofp(builder.add(acc[i][q], bias_i), _VF)
-                    ptr = rows(row, q, _VF)
-                    builder.store(_epilogue_ir(builder, builder.load(ptr, align=4), dvs[q], dx, f, mvs[q], sx), ptr,
-                                  align=4)
+            def emit(n_tok):   # the micro-kernel for n_tok tokens, unrolled
+                acc = [[ir.Constant(_VI, [0] * 16) for _ in range(4)] for _ in range(n_tok)]
+                for k in range(words):       # the high bytes: codes unsigned, xh signed
+                    prefetch(k)
+                    xk = [builder.bitcast(broadcast(xh0, i * words + k), _VB) for i in range(n_tok)]
+                    for q in range(4):
+                        c = code(k, q)
+                        for i in range(n_tok):
+                            acc[i][q] = builder.call(dpbusd, [acc[i][q], c, xk[i]])
+                acc = [[builder.shl(a, _splat(8)) for a in row] for row in acc]
+                # a compiler barrier: else LLVM merges the two passes' loads of each code vector and keeps all of
+                # them live across the block (spilled to the stack) instead of reloading them from L1
+                builder.call(ir.InlineAsm(ir.FunctionType(ir.VoidType(), []), "", "~{memory}", side_effect=True), [])
+                for k in range(words):       # the low bytes: xl unsigned, codes signed
+                    prefetch(words + k)
+                    xk = [builder.bitcast(broadcast(xl0, i * words + k), _VB) for i in range(n_tok)]
+                    for q in range(4):
+                        c = code(k, q) if staged else builder.xor(code(k, q), flip)
+                        for i in range(n_tok):
+                            acc[i][q] = builder.call(dpbusd, [acc[i][q], xk[i], c])
+                dvs = [builder.load(rows(dvp, q, _VF), align=4) for q in range(4)]
+                mvs = [builder.load(rows(mvp, q, _VF), align=4) for q in range(4)]
+                for i in range(n_tok):
+                    bias_i = broadcast(b0, i)
+                    dx, sx = broadcast(xd0, i, _VF), broadcast(xs0, i, _VF)
+                    row = builder.gep(a0, [_const(i * R)])
+                    for q in range(4):
+                        f = builder.sitofp(builder.add(acc[i][q], bias_i), _VF)
+                        ptr = rows(row, q, _VF)
+                        out = _epilogue_ir(builder, builder.load(ptr, align=4), dvs[q], dx, f, mvs[q], sx)
+                        builder.store(out, ptr, align=4)
+            # one unrolled body per token count, chosen by a switch on the runtime n_tok (1..GROUP)
+            done = builder.append_basic_block("tokens_done")
+            bodies = [builder.append_basic_block(f"tokens_{n}") for n in range(1, GROUP + 1)]
+            sw = builder.switch(args[15], bodies[-1])
+            for n, block in enumerate(bodies, 1):
+                sw.add_case(ir.Constant(args[15].type, n), block)
+                builder.position_at_end(block)
+                emit(n)
+                builder.branch(done)
+            builder.position_at_end(done)
             return context.get_dummy_value()
         return sig, codegen
     return block_dots
 
 
-_d_u4 = [_make_block_dots(True, 8, 16, n) for n in range(1, GROUP + 1)]
-_d_u5 = [_make_block_dots(True, 8, 20, n) for n in range(1, GROUP + 1)]
-_d_u6 = [_make_block_dots(True, 4, 12, n) for n in range(1, GROUP + 1)]
-_d_u2 = [_make_block_dots(True, 4, 4, n) for n in range(1, GROUP + 1)]
-_d_i8_32 = [_make_block_dots(False, 8, 32, n) for n in range(1, GROUP + 1)]
-_d_i8_16 = [_make_block_dots(False, 4, 16, n) for n in range(1, GROUP + 1)]
-_u4_1, _u4_2, _u4_3, _u4_4 = _d_u4
-_u5_1, _u5_2, _u5_3, _u5_4 = _d_u5
-_u6_1, _u6_2, _u6_3, _u6_4 = _d_u6
-_u2_1, _u2_2, _u2_3, _u2_4 = _d_u2
-_i8_32_1, _i8_32_2, _i8_32_3, _i8_32_4 = _d_i8_32
-_i8_16_1, _i8_16_2, _i8_16_3, _i8_16_4 = _d_i8_16
+_u4 = _make_block_dots(True, 8, 16)
+_u5 = _make_block_dots(True, 8, 20)
+_u6 = _make_block_dots(True, 4, 12)
+_u2 = _make_block_dots(True, 4, 4)
+_i8_32 = _make_block_dots(False, 8, 32)
+_i8_16 = _make_block_dots(False, 4, 16)
 
 
 @njit(inline="always")
 def _dots(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase, kind, n_rows, g):
-    """The micro-kernel for this code kind, block shape and g (1..GROUP) tokens (numba wants each intrinsic
+    """The micro-kernel for this code kind and block shape, for g (1..GROUP) tokens (numba wants each intrinsic
     named). Staged 16-weight blocks (U6; U4's, Q3_K) share one micro-kernel: 4 code words, the n_rows only shaping
     its prefetches of later lines; U2 (Q2_K) has its own, prefetching its 4 lines a block instead of 12."""
     if kind == KIND_U4 and n_rows == 16:
-        if g == 4:
-            _u4_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
-        elif g == 3:
-            _u4_3(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
-        elif g == 2:
-            _u4_2(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
-        else:
-            _u4_1(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
+        _u4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase, g)
     elif kind == KIND_U5:
-        if g == 4:
-            _u5_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
-        elif g == 3:
-            _u5_3(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
-        elif g == 2:
-            _u5_2(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
-        else:
-            _u5_1(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
+        _u5(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase, g)
     elif kind == KIND_U2:
-        if g == 4:
-            _u2_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
-        elif g == 3:
-            _u2_3(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
-        elif g == 2:
-            _u2_2(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
-        else:
-            _u2_1(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
+        _u2(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase, g)
     elif kind == KIND_U6 or kind == KIND_U4:
-        if g == 4:
-            _u6_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
-        elif g == 3:
-            _u6_3(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
-        elif g == 2:
-            _u6_2(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
-        else:
-            _u6_1(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
+        _u6(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase, g)
     elif n_rows == 32:
-        if g == 4:
-            _i8_32_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
-        elif g == 3:
-            _i8_32_3(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
-        elif g == 2:
-            _i8_32_2(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
-        else:
-            _i8_32_1(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
+        _i8_32(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase, g)
     else:
-        if g == 4:
-            _i8_16_4(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
-        elif g == 3:
-            _i8_16_3(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
-        elif g == 2:
-            _i8_16_2(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
-        else:
-            _i8_16_1(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase)
+        _i8_16(acc, i0, scratch, xh, xl, xo, bias, bo, flat, ahead, dv, mv, xd, xs, cbase, g)
 
 
 @njit(parallel=True, fastmath=True, cache=True)

@@ -26,11 +26,11 @@ compiled kernel):
   byte rows (E = 1, elsewhere): one 64-byte run is byte j of 64 rows, which the portable loops (gemv.py)
       vectorize over; they read quads through a shuffle into byte rows (blocks._code_rows), 15-48 % slower
       than byte rows on an AVX2 target, so hosts that run them keep byte rows.
-The high-bit planes of U5 and U6, and U2's 2-bit fields, are arranged so that, in either layout, one shift and
-one mask of a 64-byte vector give the (high) bits of 64 codes (shifts of 32-bit lanes: bits crossing from a neighbouring byte are masked
-off), so the kernels rebuild a block's codes in registers or a small scratch (blocks.plane_codes_ir) and multiply
-them as I8 codes (the VNNI kernels as U4's: codes below 64 are valid s8), the same integers as when these types
-were held in I8. H16 and F32 rows stay row-major. Nothing is dequantized to a
+The high-bit planes of U5 and U6, and U2's 2-bit fields, are arranged so that, in either layout, one shift and one
+mask of a 64-byte vector give the (high) bits of 64 codes (shifts of 32-bit lanes: bits crossing from a neighbouring
+byte are masked off), so the kernels rebuild a block's codes in registers or a small scratch (blocks.plane_codes_ir,
+blocks.crumb_codes_ir) and multiply them as I8 codes (the VNNI kernels as U4's: codes below 64 are valid s8), the
+same integers as when these types were held in I8. H16 and F32 rows stay row-major. Nothing is dequantized to a
 float32 copy: U2 keeps 2 bits per weight, U4 4, U5 5, U6 6, I8 8 bits, H16 16 bits (prefill widens one chunk of
 rows at a time, gemm_blas.py). Q2_K is 3.25 bits per weight with its int8 sub-block scales and offsets (ggml's 2.63).
 Q3_K's 3-bit codes take U4's nibbles (4.63 bits per weight with their scales, for ggml's 3.44): every U4 kernel

@@ -6,9 +6,10 @@ folder is read-only). Left to itself, a cold first run compiled the kernels one 
 first forward, silently, and each further quant type compiled every product kernel again. Instead:
 
 * every kernel has exactly ONE signature: one dtype per argument, the scale layouts of all the quant types of a
-  family share one argument layout (blocks.py), and the tiled families (U2, U4, U5, U6, I8) share each product kernel (an
-  int `kind` argument, repack.KIND_*). The registry below spells them out, in units (one or two kernels compiled
-  together); tests/test_kernel_warmup.py runs models of every type and checks that nothing else gets compiled.
+  family share one argument layout (blocks.py), and the tiled families (U2, U4, U5, U6, I8) share each product
+  kernel (an int `kind` argument, repack.KIND_*). The registry below spells them out, in units (one or two
+  kernels compiled together); tests/test_kernel_warmup.py runs models of every type and checks that nothing else
+  gets compiled.
 * ``start(units)``, at the beginning of a model load, looks the signatures up in numba's cache index (no
   compiling). If some are missing it prints ONE line on stderr and starts worker processes
   (``python -m llmrun.kernels.warmup --queue DIR UNIT...``), one per core but one, that take the missing units
