@@ -88,7 +88,7 @@ def check_matrix(where: str, name: str, pm) -> None:
     arrays = []
     for part in (pm.d, pm.m):
         if isinstance(part, tuple):
-            arrays.append(part[0])          # float32 super-block scales (the sub-scales are small integers)
+            arrays.append(part[0])          # half super-block scales (the sub-scales are small integers)
         elif part is not None:
             arrays.append(part)
     if pm.family in ("h16", "f32"):

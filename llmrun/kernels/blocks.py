@@ -257,22 +257,22 @@ def _block_rows(rows, codes, byte_rows, t, b, kind):
 
 # ---------------------------------------------------------------------------------------- block scales
 # Scales d and offsets m are stored as half bits (uint16) when the format's own scales are halves (exact, half
-# the bytes to stream) or in two levels (K-quants: a float32 super-block scale times a small integer sub-block
-# scale, exact in float32). They reach every kernel in ONE argument layout, a triple
-#   (half bits uint16 [tiles, nblk, R], super-block scales float32 [tiles, nblk/G, R], sub-block scales int8
-#    [tiles, nblk, R])
+# the bytes to stream) or in two levels (K-quants: the file's half super-block scale times a small integer
+# sub-block scale, exact in float32). They reach every kernel in ONE argument layout, a triple
+#   (half bits uint16 [tiles, nblk, R], super-block scales as half bits uint16 [tiles, nblk/G, R], sub-block
+#    scales int8 [tiles, nblk, R])
 # of which a matrix uses the first part (two_level False) or the other two; the unused parts are dummies. So each
 # kernel has one signature for every quant type of its family: each further quant type used to cost one more
 # compile of each kernel (~3 s apiece, kernels/warmup.py). The branch is once per block, outside the inner loops.
 _DUMMY_HALF = np.zeros((1, 1, R), np.uint16)
-_DUMMY_SUPER = np.zeros((1, 1, R), np.float32)
+_DUMMY_SUPER = np.zeros((1, 1, R), np.uint16)
 _DUMMY_SUB = np.zeros((1, 1, R), np.int8)
 
 
 def _make_scale_loader(two_level: bool):
     """An intrinsic out[:R] = the scales of block b of tile t as float32, from a kernel scale triple (below):
-    two_level False: halves src[0][t, b, :R] widened (vcvtph2ps: exact); True: src[1][t, g, :R] *
-    float32(src[2][t, b, :R]) (g = the super-block, which holds a power of two of blocks: one rounding).
+    two_level False: halves src[0][t, b, :R] widened (vcvtph2ps: exact); True: the halves src[1][t, g, :R] widened
+    times float32(src[2][t, b, :R]) (g = the super-block, which holds a power of two of blocks: one rounding).
     In LLVM IR because the numba loops they replace compiled to ~450 scalar instructions per block (behind an
     aliasing check: as many as the block's products), and taking an array out of the tuple in numba code cost
     two reference-count calls per block."""
@@ -307,7 +307,8 @@ def _make_scale_loader(two_level: bool):
                     f"llvm.cttz.i{n_sub.type.width}")
                 no = ir.Constant(ir.IntType(1), 0)
                 g = builder.ashr(b_, builder.sub(builder.call(cttz, [n_sub, no]), builder.call(cttz, [n_sup, no])))
-                x = builder.load(builder.bitcast(row(1, t_, g), vf.as_pointer()), align=4)
+                x = builder.fpext(builder.load(builder.bitcast(row(1, t_, g), ir.VectorType(ir.HalfType(), R)
+                                                               .as_pointer()), align=2), vf)
                 y = builder.load(builder.bitcast(row(2, t_, b_), ir.VectorType(ir.IntType(8), R).as_pointer()),
                                  align=1)
                 builder.store(builder.fmul(x, builder.sitofp(y, vf)), builder.bitcast(dst, vf.as_pointer()),
@@ -353,13 +354,13 @@ def _scale_lines(src, two_level):
 def _prefetch_scales(lines, two_level, t, b, nblk, group):
     """Prefetch the scales of block b + SCALES_AHEAD of tile t (lines: _scale_lines; group: blocks per super-block):
     halves two lines a block; K-quants one line of int8 sub-scales a block and, at each super-block's start, the
-    next super-block's four lines of float32 scales. Clamped inside the arrays."""
+    next super-block's two lines of half scales. Clamped inside the arrays."""
     per, sup = lines
     if two_level:
         _prefetch(per, min((t * nblk + b + SCALES_AHEAD) * R, per.shape[0] - 1))
         if b % group == 0:
-            nxt = (t * (nblk // group) + b // group + 1) * R * 4
-            for j in range(4):
+            nxt = (t * (nblk // group) + b // group + 1) * R * 2
+            for j in range(2):
                 _prefetch(sup, min(nxt + 64 * j, sup.shape[0] - 1))
     else:
         o = (t * nblk + b + SCALES_AHEAD) * R * 2
@@ -378,8 +379,12 @@ def _load_scales_scalar(src, two_level, t, b, out):
         sup = src[1]
         sub = src[2]
         g = b // (sub.shape[1] // sup.shape[1])
+        bits = out.view(np.uint32)
+        for r in range(R):   # the half's bits in float32's place; times 2**112 below: its exact value
+            h = np.uint32(sup[t, g, r])
+            bits[r] = ((h & np.uint32(0x8000)) << 16) | ((h & np.uint32(0x7FFF)) << 13)
         for r in range(R):
-            out[r] = sup[t, g, r] * np.float32(sub[t, b, r])
+            out[r] = (out[r] * F16_TO_F32) * np.float32(sub[t, b, r])
     else:
         half = src[0]
         bits = out.view(np.uint32)
@@ -404,7 +409,8 @@ def _scales_f32(a, t, lane) -> np.ndarray:
     if isinstance(a, tuple):
         sup, sub = a
         g = sub.shape[1] // sup.shape[1]
-        return np.repeat(sup[t, :, lane], g, axis=1) * sub[t, :, lane].astype(np.float32)
+        return np.repeat(sup[t, :, lane].view(np.float16).astype(np.float32), g, axis=1) * sub[t, :, lane].astype(
+            np.float32)
     a = a[t, :, lane]
     return a.view(np.float16).astype(np.float32) if a.dtype == np.uint16 else a
 

@@ -32,8 +32,8 @@ byte are masked off), so the kernels rebuild a block's codes in registers or a s
 blocks.crumb_codes_ir) and multiply them as I8 codes (the VNNI kernels as U4's: codes below 64 are valid s8), the
 same integers as when these types were held in I8. H16 and F32 rows stay row-major. Nothing is dequantized to a
 float32 copy: U2 keeps 2 bits per weight, U4 4, U5 5, U6 6, I8 8 bits, H16 16 bits (prefill widens one chunk of
-rows at a time, gemm_blas.py). Q2_K is 3.25 bits per weight with its int8 sub-block scales and offsets (ggml's 2.63).
-Q3_K's 3-bit codes take U4's nibbles (4.63 bits per weight with their scales, for ggml's 3.44): every U4 kernel
+rows at a time, gemm_blas.py). Q2_K is 3.13 bits per weight with its int8 sub-block scales and offsets (ggml's 2.63).
+Q3_K's 3-bit codes take U4's nibbles (4.56 bits per weight with their scales, for ggml's 3.44): every U4 kernel
 already multiplies nibbles, and a 16-weight block is only a block with half the nibble bytes (blocks._block_size).
 """
 from __future__ import annotations
@@ -85,9 +85,10 @@ class PackedMatrix:
                                # I8 [tiles, nblk, bs/E, R, E] (E: doc);
                                # H16 uint16 [n_rows, n_cols]; F32 float32 [n_rows, n_cols] (row-major)
     d: np.ndarray | tuple | None  # (tiled) per-block scales: uint16 half bits [tiles, nblk, R] when the format's
-                               # scales are halves (exact, 16 bits per block); K-quants: a pair (float32 super-block
-                               # scale [tiles, nblk/G, R], int8/uint8 sub-block scale [tiles, nblk, R]) whose product
-                               # is the block scale (exact in float32; ~8 bits per block instead of 32)
+                               # scales are halves (exact, 16 bits per block); K-quants: a pair (the file's half
+                               # super-block scale as uint16 bits [tiles, nblk/G, R], int8/uint8 sub-block scale
+                               # [tiles, nblk, R]) whose product is the block scale (exact in float32; ~8 bits per
+                               # block instead of 32)
     m: np.ndarray | tuple | None  # offsets, stored like d, or None when every offset is zero (nothing read)
     bs: int = 1                # weights per scale block (U4: 32, U6: 16, I8: 32 or 16)
     zero: int = 0              # integer zero point of the codes: w = d*(q - zero) + m (exact in the kernels)
@@ -439,10 +440,10 @@ def pack_matrix(raw, qtype: int, n_cols: int, quads: bool = QUADS) -> PackedMatr
     if not lay.two_level:
         d, m = half_d, half_m if lay.has_m else None
     else:
-        d = (half_d.view(np.float16).astype(np.float32), sub_d.view(np.int8) if lay.signed_sub else sub_d)
+        d = (half_d, sub_d.view(np.int8) if lay.signed_sub else sub_d)
         m = None
         if lay.has_m:
-            super_m = -half_m.view(np.float16).astype(np.float32)
-            super_m[-1, :, n_rows - (tiles - 1) * TILE_ROWS:] = 0.0     # padding rows: +0.0, not -0.0
+            super_m = half_m ^ np.uint16(0x8000)       # -dmin: w = d*q - dmin*m (docs/formats.md)
+            super_m[-1, :, n_rows - (tiles - 1) * TILE_ROWS:] = 0     # padding rows: +0.0, not -0.0
             m = (super_m, sub_m)
     return PackedMatrix(lay.family, n_rows, n_cols, codes, d, m, lay.bs, zero=lay.zero, src_type=int(qtype))

@@ -67,7 +67,7 @@ def _units() -> dict[str, Unit]:
     i16_3, i32_3, i64_1 = _array(np.int16, 3), _array(np.int32, 3), _array(np.int64, 1)
     i64, f32, f64, b1 = types.int64, types.float32, types.float64, types.boolean
     # a family's block scales or offsets: (half bits, super-block scales, sub-block scales), blocks.py
-    sc = types.Tuple((_array(np.uint16, 3), f32_3, _array(np.int8, 3)))
+    sc = types.Tuple((_array(np.uint16, 3), _array(np.uint16, 3), _array(np.int8, 3)))
     scales = (sc, sc, b1, b1, i64)          # d, m, two_level, has_m, zero
 
     def cache(kind, ndim):   # a KV cache of one type (kv_formats.py)
