@@ -369,6 +369,18 @@ def _prefetch_scales(lines, two_level, t, b, nblk, group):
 
 
 @njit(inline="always", fastmath=True)
+def _widen_halves(half, t, i, out):
+    """out[:R] = the halves half[t, i, :R] as float32, exactly: each half's bits moved into float32's place, then
+    rebiased by 2**112 (also for subnormal halves)."""
+    bits = out.view(np.uint32)
+    for r in range(R):
+        h = np.uint32(half[t, i, r])
+        bits[r] = ((h & np.uint32(0x8000)) << 16) | ((h & np.uint32(0x7FFF)) << 13)
+    for r in range(R):
+        out[r] *= F16_TO_F32
+
+
+@njit(inline="always", fastmath=True)
 def _load_scales_scalar(src, two_level, t, b, out):
     """_load_scales in numba loops (the same values: halves and their products are exact), for the portable kernels
     and the prefill GEMM (gemm_vnni.py). The GEMM's micro-kernel reloads a block's scales for every group of
@@ -378,21 +390,11 @@ def _load_scales_scalar(src, two_level, t, b, out):
     if two_level:
         sup = src[1]
         sub = src[2]
-        g = b // (sub.shape[1] // sup.shape[1])
-        bits = out.view(np.uint32)
-        for r in range(R):   # the half's bits in float32's place; times 2**112 below: its exact value
-            h = np.uint32(sup[t, g, r])
-            bits[r] = ((h & np.uint32(0x8000)) << 16) | ((h & np.uint32(0x7FFF)) << 13)
+        _widen_halves(sup, t, b // (sub.shape[1] // sup.shape[1]), out)
         for r in range(R):
-            out[r] = (out[r] * F16_TO_F32) * np.float32(sub[t, b, r])
+            out[r] *= np.float32(sub[t, b, r])
     else:
-        half = src[0]
-        bits = out.view(np.uint32)
-        for r in range(R):
-            h = np.uint32(half[t, b, r])
-            bits[r] = ((h & np.uint32(0x8000)) << 16) | ((h & np.uint32(0x7FFF)) << 13)
-        for r in range(R):
-            out[r] *= F16_TO_F32
+        _widen_halves(src[0], t, b, out)
 
 
 def _kernel_scales(a):

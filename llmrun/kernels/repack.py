@@ -115,26 +115,23 @@ def nibble_codes(c: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.concatenate([c & 15, c >> 4], axis=axis)
 
 
-# U6 (module doc): the 2-bit plane's byte i holds bits 4-5 of code 4g + i at bits 2g..2g+1, g = 0..3.
-_PLANE_SHIFTS = np.array([0, 2, 4, 6], np.uint8)
+# The 2-bit fields of a byte: U6's plane (module doc: byte i holds bits 4-5 of code 4g + i at bits 2g..2g+1) and
+# U2's codes (code 4k + i at bits 2k..2k+1 of byte i).
+_TWO_BIT_SHIFTS = np.array([0, 2, 4, 6], np.uint8)
 
 
 def six_bit_codes(c: np.ndarray) -> np.ndarray:
     """U6 bytes [..., 12] (module doc) -> codes 0..63 [..., 16]."""
     c = c.astype(np.uint8)
     lo = nibble_codes(c[..., :8])
-    hb = (c[..., None, 8:12] >> _PLANE_SHIFTS[:, None]) & 3      # [g][i]
+    hb = (c[..., None, 8:12] >> _TWO_BIT_SHIFTS[:, None]) & 3      # [g][i]
     return lo | (hb.reshape(c.shape[:-1] + (16,)) << 4)
-
-
-# U2 (module doc): code 4k + i is bits 2k..2k+1 of byte i, k = 0..3.
-_CRUMB_SHIFTS = np.array([0, 2, 4, 6], np.uint8)
 
 
 def crumb_codes(c: np.ndarray) -> np.ndarray:
     """U2 bytes [..., 4] (module doc) -> codes 0..3 [..., 16]."""
     c = c.astype(np.uint8)
-    return ((c[..., None, :] >> _CRUMB_SHIFTS[:, None]) & 3).reshape(c.shape[:-1] + (16,))
+    return ((c[..., None, :] >> _TWO_BIT_SHIFTS[:, None]) & 3).reshape(c.shape[:-1] + (16,))
 
 
 # U5 (module doc): bit 4 of code 4k + i is bit k of the 1-bit plane's byte i, k = 0..7.
@@ -443,7 +440,7 @@ def pack_matrix(raw, qtype: int, n_cols: int, quads: bool = QUADS) -> PackedMatr
         d = (half_d, sub_d.view(np.int8) if lay.signed_sub else sub_d)
         m = None
         if lay.has_m:
-            super_m = half_m ^ np.uint16(0x8000)       # -dmin: w = d*q - dmin*m (docs/formats.md)
-            super_m[-1, :, n_rows - (tiles - 1) * TILE_ROWS:] = 0     # padding rows: +0.0, not -0.0
-            m = (super_m, sub_m)
+            half_m ^= np.uint16(0x8000)       # -dmin (sign bit): w = d*q - dmin*m (docs/formats.md)
+            half_m[-1, :, n_rows - (tiles - 1) * TILE_ROWS:] = 0     # padding rows: +0.0, not -0.0
+            m = (half_m, sub_m)
     return PackedMatrix(lay.family, n_rows, n_cols, codes, d, m, lay.bs, zero=lay.zero, src_type=int(qtype))
